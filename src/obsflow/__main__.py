@@ -1,0 +1,3 @@
+from obsflow.cli import main
+
+main()

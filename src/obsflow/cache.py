@@ -1,0 +1,51 @@
+"""The cache: fast local storage between receipt and the archive (and, later, pipelines).
+
+Files are written to ``cache/.tmp/`` first and moved to their place,
+``cache/{instrument}/{night}/{archive_id}``, only inside the catalog transaction that
+records them (see :meth:`obsflow.catalog.Catalog.record_cached`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import date
+from pathlib import Path
+
+from obsflow.storage import check_key
+
+TMP = ".tmp"
+
+
+class Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / TMP
+
+    @staticmethod
+    def key(instrument: str, night: date, archive_id: str) -> str:
+        """The relative path of a file in the cache (and in archive storage)."""
+        return str(check_key(f"{instrument}/{night.isoformat()}/{archive_id}"))
+
+    def path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).parts)
+
+    def temp_file(self) -> Path:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        return self.tmp / f"{uuid.uuid4().hex}.part"
+
+    def place(self, temp: Path, key: str) -> Path:
+        """Move a finished temp file to its place (atomic rename on one file system)."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, target)
+        return target
+
+    def clean_temp(self) -> int:
+        """Remove temp files left by a crash; return how many."""
+        removed = 0
+        if self.tmp.is_dir():
+            for leftover in self.tmp.glob("*.part"):
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed

@@ -1,0 +1,417 @@
+"""The catalog: the archive's source of truth, in SQLite (default) or PostgreSQL.
+
+:class:`Catalog` owns the engine, applies the Alembic migrations, and offers the
+few operations the stations need: receipt records a cached file and its ingest
+request in one transaction (:meth:`Catalog.record_cached`) or a rejection;
+the ingest queue lives in :mod:`obsflow.catalog.queue`; ``find``/``show``/``status``
+read through :meth:`Catalog.find`, :meth:`Catalog.ledger`, :meth:`Catalog.counts`.
+
+SQLite runs in WAL mode with a busy timeout, and write transactions start with
+``BEGIN IMMEDIATE`` so that a read-then-write transaction never fails on a
+snapshot upgrade while another process (the daemon, ``obsflow ingest``) writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    create_engine,
+    event,
+    exists,
+    func,
+    insert,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from obsflow.catalog import schema
+from obsflow.catalog.records import FileQuery, FileRecord, LedgerEntry
+from obsflow.errors import CatalogError
+from obsflow.states import FileState, LedgerEvent, RequestState
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+__all__ = ["Catalog", "FileQuery", "FileRecord", "LedgerEntry", "NewFile"]
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """Everything receipt knows about a file it is about to record."""
+
+    product: str | None
+    instrument: str | None
+    level: int | None
+    original_name: str
+    source_path: str
+    size: int
+    sha256: str
+    start: datetime | None = None
+    stop: datetime | None = None
+    start_mjd: float | None = None
+    stop_mjd: float | None = None
+    night: date | None = None
+    exptime: float | None = None
+    ra: float | None = None
+    dec: float | None = None
+    object: str | None = None
+    frame_type: str | None = None
+    filter: str | None = None
+    program: str | None = None
+    observer: str | None = None
+    telescope: str | None = None
+    proprietary_until: datetime | None = None
+    tags: tuple[str, ...] = ()
+    keywords: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What :meth:`Catalog.record_cached` did: a new row, or found the same bytes already."""
+
+    file_id: int
+    archive_id: str
+    duplicate: bool
+    superseded: str | None = None
+    """The archive ID of the older version this file replaces, if any."""
+
+
+class Catalog:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+
+    @classmethod
+    def open(cls, url: str, *, migrate: bool = True) -> Catalog:
+        """Connect to ``url`` and bring its schema up to date."""
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+            _configure_sqlite(engine)
+        else:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        catalog = cls(engine)
+        if migrate:
+            catalog.migrate()
+        return catalog
+
+    def migrate(self) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        try:
+            with self.engine.begin() as conn:
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+        except OperationalError as exc:
+            raise CatalogError(f"cannot open the catalog at {self.engine.url!r}: {exc.orig}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(obsflow_immediate=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    # ------------------------------------------------------------ receipt
+
+    def live_by_sha(self, sha256: str) -> tuple[int, str | None] | None:
+        """(id, archive ID) of the live (not rejected) row holding these bytes, if any."""
+        files = schema.files
+        with self.read() as conn:
+            row = conn.execute(
+                select(files.c.id, files.c.archive_id).where(
+                    files.c.sha256 == sha256, files.c.state != FileState.REJECTED
+                )
+            ).first()
+        return (row.id, row.archive_id) if row else None
+
+    def record_cached(
+        self,
+        new: NewFile,
+        make_archive_id: Callable[[int], str],
+        cache_path: Callable[[str], str],
+        place: Callable[[str], None],
+        ledger: Mapping[LedgerEvent, datetime],
+        now: datetime,
+    ) -> Recorded:
+        """Record a file in the cache with its ingest request, in ONE transaction.
+
+        ``make_archive_id(bump)`` gives candidate IDs (bump 0, 1, ... past collisions);
+        ``place(archive_id)`` moves the bytes into the cache and runs inside the
+        transaction after every insert succeeded, so a row never exists without its
+        bytes. The same bytes already live → ``duplicate`` and nothing is written.
+        """
+        files = schema.files
+        for _attempt in range(20):
+            try:
+                with self.write() as conn:
+                    same = conn.execute(
+                        select(files.c.id, files.c.archive_id).where(
+                            files.c.sha256 == new.sha256, files.c.state != FileState.REJECTED
+                        )
+                    ).first()
+                    if same is not None:
+                        return Recorded(same.id, same.archive_id, duplicate=True)
+                    archive_id = self._free_archive_id(conn, make_archive_id)
+                    older = conn.execute(
+                        select(files.c.id, files.c.archive_id, files.c.version).where(
+                            files.c.instrument == new.instrument,
+                            files.c.original_name == new.original_name,
+                            files.c.state != FileState.REJECTED,
+                            files.c.superseded_by.is_(None),
+                        )
+                    ).first()
+                    values = _file_values(new)
+                    values.update(
+                        archive_id=archive_id,
+                        state=FileState.CACHED.value,
+                        cache_path=cache_path(archive_id),
+                        version=older.version + 1 if older else 1,
+                    )
+                    file_id = conn.execute(insert(files).values(**values)).inserted_primary_key[0]
+                    if older is not None:
+                        conn.execute(
+                            update(files).where(files.c.id == older.id).values(superseded_by=file_id)
+                        )
+                    self._insert_details(conn, file_id, new, ledger)
+                    conn.execute(
+                        insert(schema.ingest_requests).values(
+                            file_id=file_id,
+                            state=RequestState.PENDING.value,
+                            attempts=0,
+                            next_attempt_at=now,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+                    place(archive_id)
+                    return Recorded(
+                        file_id, archive_id, duplicate=False,
+                        superseded=older.archive_id if older else None,
+                    )
+            except IntegrityError:
+                # Another writer took this archive ID or these bytes between our read and
+                # our insert (PostgreSQL); look again.
+                log.debug("catalog race on %s; retrying", new.original_name)
+        raise CatalogError(f"could not record {new.original_name}: too many concurrent conflicts")
+
+    @staticmethod
+    def _free_archive_id(conn: Connection, make: Callable[[int], str]) -> str:
+        files = schema.files
+        for bump in range(10_000):
+            candidate = make(bump)
+            if not conn.execute(select(exists().where(files.c.archive_id == candidate))).scalar():
+                return candidate
+        raise CatalogError(f"no free archive ID near {make(0)}")
+
+    @staticmethod
+    def _insert_details(
+        conn: Connection, file_id: int, new: NewFile, ledger: Mapping[LedgerEvent, datetime]
+    ) -> None:
+        if new.tags:
+            conn.execute(
+                insert(schema.tags), [{"file_id": file_id, "tag": t} for t in dict.fromkeys(new.tags)]
+            )
+        if new.keywords:
+            conn.execute(
+                insert(schema.keywords),
+                [
+                    {"file_id": file_id, "name": k, **_keyword_value(v)}
+                    for k, v in new.keywords.items()
+                ],
+            )
+        if ledger:
+            conn.execute(
+                insert(schema.ledger),
+                [{"file_id": file_id, "event": e.value, "at": at} for e, at in ledger.items()],
+            )
+
+    def record_rejected(
+        self,
+        new: NewFile,
+        reason: str,
+        quarantine_path: str | None,
+        ledger: Mapping[LedgerEvent, datetime],
+    ) -> int:
+        """Record a refused file (state ``rejected``) with its reason; return its row ID."""
+        with self.write() as conn:
+            values = _file_values(new)
+            values.update(
+                state=FileState.REJECTED.value, reason=reason, quarantine_path=quarantine_path
+            )
+            file_id: int = conn.execute(insert(schema.files).values(**values)).inserted_primary_key[0]
+            self._insert_details(conn, file_id, NewFile(**{**new.__dict__, "tags": ()}), ledger)
+            return file_id
+
+    def rejected_before(self, sha256: str, original_name: str) -> str | None:
+        """The quarantine path of an earlier rejection of these very bytes under this name."""
+        files = schema.files
+        with self.read() as conn:
+            row = conn.execute(
+                select(files.c.quarantine_path).where(
+                    files.c.sha256 == sha256,
+                    files.c.original_name == original_name,
+                    files.c.state == FileState.REJECTED,
+                )
+            ).first()
+        return None if row is None else (row.quarantine_path or "")
+
+    # ------------------------------------------------------------ queries
+
+    def find(self, query: FileQuery) -> list[FileRecord]:
+        files = schema.files
+        stmt = select(files)
+        conditions = []
+        for name in ("product", "instrument", "object", "archive_id", "original_name", "night"):
+            value = getattr(query, name)
+            if value is not None:
+                conditions.append(files.c[name] == value)
+        if query.state is not None:
+            conditions.append(files.c.state == query.state.value)
+        if query.since is not None:
+            conditions.append(files.c.stop_utc >= query.since)
+        if query.until is not None:
+            conditions.append(files.c.start_utc <= query.until)
+        if query.tag is not None:
+            tags = schema.tags
+            conditions.append(
+                files.c.id.in_(select(tags.c.file_id).where(tags.c.tag == query.tag))
+            )
+        if not query.include_superseded:
+            conditions.append(files.c.superseded_by.is_(None))
+        stmt = stmt.where(and_(true(), *conditions)).order_by(files.c.start_utc, files.c.id)
+        if query.limit is not None:
+            stmt = stmt.limit(query.limit)
+        with self.read() as conn:
+            rows = conn.execute(stmt).all()
+            return self._records(conn, rows)
+
+    def get(self, archive_id: str) -> FileRecord | None:
+        found = self.find(FileQuery(archive_id=archive_id))
+        return found[0] if found else None
+
+    def get_by_id(self, file_id: int) -> FileRecord | None:
+        with self.read() as conn:
+            rows = conn.execute(select(schema.files).where(schema.files.c.id == file_id)).all()
+            records = self._records(conn, rows)
+        return records[0] if records else None
+
+    def _records(self, conn: Connection, rows: Sequence[Row[Any]]) -> list[FileRecord]:
+        if not rows:
+            return []
+        ids = [r.id for r in rows]
+        tags: dict[int, list[str]] = {}
+        words: dict[int, dict[str, Any]] = {}
+        for chunk in _chunks(ids, 500):
+            for t in conn.execute(
+                select(schema.tags).where(schema.tags.c.file_id.in_(chunk)).order_by(schema.tags.c.tag)
+            ):
+                tags.setdefault(t.file_id, []).append(t.tag)
+            for k in conn.execute(select(schema.keywords).where(schema.keywords.c.file_id.in_(chunk))):
+                words.setdefault(k.file_id, {})[k.name] = _keyword_from_row(k)
+        return [_record(r, tags.get(r.id, ()), words.get(r.id, {})) for r in rows]
+
+    def ledger(self, file_id: int) -> list[LedgerEntry]:
+        led = schema.ledger
+        with self.read() as conn:
+            rows = conn.execute(select(led).where(led.c.file_id == file_id).order_by(led.c.at))
+            return [LedgerEntry(LedgerEvent(r.event), r.at) for r in rows]
+
+    def counts(self) -> dict[FileState, int]:
+        files = schema.files
+        with self.read() as conn:
+            rows = conn.execute(select(files.c.state, func.count()).group_by(files.c.state)).all()
+        return {FileState(state): count for state, count in rows}
+
+
+def _file_values(new: NewFile) -> dict[str, Any]:
+    values = {k: v for k, v in new.__dict__.items() if k not in ("tags", "keywords")}
+    values["start_utc"] = values.pop("start")
+    values["stop_utc"] = values.pop("stop")
+    return values
+
+
+def _keyword_value(value: Any) -> dict[str, Any]:
+    """Keyword values keep their FITS type; numbers are also stored as floats for ranges."""
+    if isinstance(value, bool):
+        return {"kind": "b", "value_text": "T" if value else "F", "value_num": float(value)}
+    if isinstance(value, int):
+        return {"kind": "i", "value_text": str(value), "value_num": float(value)}
+    if isinstance(value, float):
+        return {"kind": "f", "value_text": repr(value), "value_num": value}
+    if value is None:
+        return {"kind": "n", "value_text": None, "value_num": None}
+    return {"kind": "s", "value_text": str(value), "value_num": None}
+
+
+def _keyword_from_row(row: Row[Any]) -> Any:
+    kind, text = row.kind, row.value_text
+    if kind == "b":
+        return text == "T"
+    if kind == "i":
+        return int(text)
+    if kind == "f":
+        return float(text)
+    return None if kind == "n" else text
+
+
+def _record(row: Row[Any], tags: Sequence[str], words: Mapping[str, Any]) -> FileRecord:
+    m = row._mapping
+    return FileRecord(
+        **{k: m[k] for k in _RECORD_COLUMNS},
+        state=FileState(m["state"]),
+        start=m["start_utc"],
+        stop=m["stop_utc"],
+        tags=tuple(tags),
+        keywords=dict(words),
+    )
+
+
+_RECORD_COLUMNS = [
+    c.name for c in schema.files.columns if c.name not in ("state", "start_utc", "stop_utc")
+]
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see below)
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("obsflow_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

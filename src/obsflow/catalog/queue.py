@@ -1,0 +1,203 @@
+"""The durable ingest queue, kept in the catalog next to the files it moves.
+
+A request is *leased* by one ingestor for ``lease_seconds``; a lease that expires
+(its ingestor crashed) makes the request available again, so nothing is lost.
+Each lease counts as an attempt; a request that has used ``max_attempts`` ends
+``failed`` (the file too, with the error), visible and retryable, and never
+blocks the requests behind it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from sqlalchemy import and_, func, or_, select, update
+
+from obsflow.catalog import Catalog, schema
+from obsflow.catalog.records import RequestRecord
+from obsflow.states import FileState, LedgerEvent, RequestState
+
+requests = schema.ingest_requests
+files = schema.files
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One leased request and what the ingestor needs to carry it out."""
+
+    request_id: int
+    file_id: int
+    attempts: int
+    owner: str
+    archive_id: str
+    instrument: str
+    night: date
+    sha256: str
+    size: int
+    cache_path: str
+
+
+class IngestQueue:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def lease(self, owner: str, now: datetime, lease_seconds: float, limit: int) -> list[Lease]:
+        """Lease up to ``limit`` due requests (pending, or whose lease has expired)."""
+        due = or_(
+            and_(requests.c.state == RequestState.PENDING, requests.c.next_attempt_at <= now),
+            and_(requests.c.state == RequestState.LEASED, requests.c.lease_expires < now),
+        )
+        pick = select(requests.c.id).where(due).order_by(requests.c.next_attempt_at, requests.c.id)
+        pick = pick.limit(limit)
+        if not self.catalog.is_sqlite:
+            pick = pick.with_for_update(skip_locked=True)
+        with self.catalog.write() as conn:
+            ids = list(conn.execute(pick).scalars())
+            if not ids:
+                return []
+            conn.execute(
+                update(requests)
+                .where(requests.c.id.in_(ids))
+                .values(
+                    state=RequestState.LEASED.value,
+                    lease_owner=owner,
+                    lease_expires=now + timedelta(seconds=lease_seconds),
+                    attempts=requests.c.attempts + 1,
+                    updated_at=now,
+                )
+            )
+            rows = conn.execute(
+                select(
+                    requests.c.id, requests.c.file_id, requests.c.attempts, files.c.archive_id,
+                    files.c.instrument, files.c.night, files.c.sha256, files.c.size,
+                    files.c.cache_path,
+                )
+                .join(files, files.c.id == requests.c.file_id)
+                .where(requests.c.id.in_(ids))
+                .order_by(requests.c.id)
+            ).all()
+        return [
+            Lease(r.id, r.file_id, r.attempts, owner, r.archive_id, r.instrument, r.night,
+                  r.sha256, r.size, r.cache_path)
+            for r in rows
+        ]
+
+    def complete(self, leases: list[tuple[Lease, str]], now: datetime) -> None:
+        """Mark each (lease, archive path) archived, with its ledger stamp, in one transaction.
+
+        Completing is idempotent: a request whose lease expired and was completed by
+        another ingestor stays done (the archived bytes are the same, by checksum).
+        """
+        if not leases:
+            return
+        with self.catalog.write() as conn:
+            for lease, archive_path in leases:
+                conn.execute(
+                    update(requests)
+                    .where(requests.c.id == lease.request_id)
+                    .values(state=RequestState.DONE.value, lease_owner=None, lease_expires=None,
+                            last_error=None, updated_at=now)
+                )
+                conn.execute(
+                    update(files)
+                    .where(files.c.id == lease.file_id)
+                    .values(state=FileState.ARCHIVED.value, archive_path=archive_path, reason=None)
+                )
+            existing = set(
+                conn.execute(
+                    select(schema.ledger.c.file_id).where(
+                        schema.ledger.c.file_id.in_([lease.file_id for lease, _ in leases]),
+                        schema.ledger.c.event == LedgerEvent.ARCHIVED,
+                    )
+                ).scalars()
+            )
+            stamps = [
+                {"file_id": lease.file_id, "event": LedgerEvent.ARCHIVED.value, "at": now}
+                for lease, _ in leases
+                if lease.file_id not in existing
+            ]
+            if stamps:
+                conn.execute(schema.ledger.insert(), stamps)
+
+    def fail(
+        self,
+        lease: Lease,
+        error: str,
+        now: datetime,
+        *,
+        max_attempts: int,
+        backoff_seconds: float,
+        backoff_max_seconds: float,
+    ) -> RequestState:
+        """Record a failed attempt: back to pending after a back-off, or failed for good."""
+        final = lease.attempts >= max_attempts
+        delay = min(backoff_max_seconds, backoff_seconds * 2 ** (lease.attempts - 1))
+        delay *= random.uniform(0.8, 1.2)  # jitter keeps retries of many files apart
+        state = RequestState.FAILED if final else RequestState.PENDING
+        with self.catalog.write() as conn:
+            conn.execute(
+                update(requests)
+                .where(requests.c.id == lease.request_id, requests.c.state == RequestState.LEASED)
+                .values(state=state.value, lease_owner=None, lease_expires=None, last_error=error,
+                        next_attempt_at=now + timedelta(seconds=delay), updated_at=now)
+            )
+            if final:
+                conn.execute(
+                    update(files)
+                    .where(files.c.id == lease.file_id, files.c.state == FileState.CACHED)
+                    .values(state=FileState.FAILED.value, reason=error)
+                )
+        return state
+
+    def release(self, leases: list[Lease], now: datetime) -> None:
+        """Give leases back unfinished (a clean shutdown): pending, the attempt not counted."""
+        if not leases:
+            return
+        with self.catalog.write() as conn:
+            conn.execute(
+                update(requests)
+                .where(requests.c.id.in_([x.request_id for x in leases]),
+                       requests.c.state == RequestState.LEASED)
+                .values(state=RequestState.PENDING.value, lease_owner=None, lease_expires=None,
+                        attempts=requests.c.attempts - 1, next_attempt_at=now, updated_at=now)
+            )
+
+    def retry_failed(self, now: datetime) -> int:
+        """Put every failed request back in the queue with fresh attempts; return how many."""
+        with self.catalog.write() as conn:
+            failed = list(conn.execute(
+                select(requests.c.file_id).where(requests.c.state == RequestState.FAILED)
+            ).scalars())
+            if not failed:
+                return 0
+            conn.execute(
+                update(requests)
+                .where(requests.c.state == RequestState.FAILED)
+                .values(state=RequestState.PENDING.value, attempts=0, next_attempt_at=now,
+                        updated_at=now)
+            )
+            conn.execute(
+                update(files)
+                .where(files.c.id.in_(failed), files.c.state == FileState.FAILED)
+                .values(state=FileState.CACHED.value)
+            )
+        return len(failed)
+
+    def depth(self) -> dict[RequestState, int]:
+        with self.catalog.read() as conn:
+            rows = conn.execute(
+                select(requests.c.state, func.count()).group_by(requests.c.state)
+            ).all()
+        return {RequestState(s): n for s, n in rows}
+
+    def requests_for(self, file_ids: list[int]) -> list[RequestRecord]:
+        out: list[RequestRecord] = []
+        with self.catalog.read() as conn:
+            for start in range(0, len(file_ids), 500):
+                chunk = file_ids[start : start + 500]
+                for r in conn.execute(select(requests).where(requests.c.file_id.in_(chunk))):
+                    out.append(RequestRecord(r.id, r.file_id, RequestState(r.state), r.attempts,
+                                             r.next_attempt_at, r.last_error))
+        return out

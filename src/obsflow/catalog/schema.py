@@ -1,0 +1,148 @@
+"""The catalog's tables (SQLAlchemy Core). Alembic migrations create them; keep both in step."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, stored naive UTC on every engine."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given to the catalog; expected UTC")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("archive_id", String(96), unique=True),
+    Column("product", String(64), index=True),
+    Column("instrument", String(64), index=True),
+    Column("level", Integer),
+    Column("original_name", String(255), nullable=False, index=True),
+    Column("source_path", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("reason", Text),
+    Column("start_utc", UTCDateTime),
+    Column("stop_utc", UTCDateTime),
+    Column("start_mjd", Float),
+    Column("stop_mjd", Float),
+    Column("night", Date, index=True),
+    Column("exptime", Float),
+    Column("ra", Float),
+    Column("dec", Float),
+    Column("object", String(128), index=True),
+    Column("frame_type", String(32)),
+    Column("filter", String(32)),
+    Column("program", String(64), index=True),
+    Column("observer", String(128)),
+    Column("telescope", String(64)),
+    Column("proprietary_until", UTCDateTime),
+    Column("cache_path", Text),
+    Column("archive_path", Text),
+    Column("quarantine_path", Text),
+    Column("version", Integer, nullable=False, server_default=text("1")),
+    Column("superseded_by", Integer, ForeignKey("files.id")),
+    Index("ix_files_product_start", "product", "start_utc"),
+    Index("ix_files_start_stop", "start_utc", "stop_utc"),
+    # one live row per content: the same bytes received twice make no second row
+    Index(
+        "uq_files_sha256_live",
+        "sha256",
+        unique=True,
+        sqlite_where=text("state <> 'rejected'"),
+        postgresql_where=text("state <> 'rejected'"),
+    ),
+    Index("ix_files_sha256", "sha256"),
+)
+
+keywords = Table(
+    "keywords",
+    metadata,
+    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(72), primary_key=True),
+    Column("kind", String(1), nullable=False),  # s(tring) i(nt) f(loat) b(ool) n(one)
+    Column("value_text", Text),
+    Column("value_num", Float),
+    Index("ix_keywords_name_text", "name", "value_text"),
+    Index("ix_keywords_name_num", "name", "value_num"),
+)
+
+tags = Table(
+    "tags",
+    metadata,
+    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("tag", String(64), primary_key=True),
+    Index("ix_tags_tag", "tag"),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("event", String(16), primary_key=True),
+    Column("at", UTCDateTime, nullable=False),
+    Index("ix_ledger_event_at", "event", "at"),
+)
+
+ingest_requests = Table(
+    "ingest_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("file_id", Integer, ForeignKey("files.id"), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("lease_owner", String(64)),
+    Column("lease_expires", UTCDateTime),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("last_error", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("file_id"),
+    Index("ix_ingest_requests_state_next", "state", "next_attempt_at"),
+)

@@ -1,0 +1,325 @@
+"""The ``obsflow`` command. Settings are read here, once, and passed down."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from datetime import date, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from obsflow import __version__
+from obsflow.app import Site, ingest_paths, open_site
+from obsflow.catalog.records import FileQuery, FileRecord
+from obsflow.errors import ConfigError, ObsflowError, SiteError
+from obsflow.metadata import parse_time
+from obsflow.receipt import Outcome
+from obsflow.registry import load_registry
+from obsflow.settings import Settings, load_settings
+from obsflow.site import init_site
+from obsflow.states import FileState
+
+app = typer.Typer(
+    help="obsflow: telescope frames from the instrument to the archive, with no operator.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+registry_app = typer.Typer(help="Check and inspect the registry.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+out = Console()
+err = Console(stderr=True)
+
+SiteOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--site",
+        envvar="OBSFLOW_SITE",
+        help="The site directory (else $OBSFLOW_SITE, else the current directory).",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _settings(site: Path | None) -> Settings:
+    return load_settings(site or Path.cwd())
+
+
+def _open(site: Path | None) -> Site:
+    return open_site(_settings(site))
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    if version:
+        out.print(f"obsflow {__version__}")
+        raise typer.Exit()
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(name)s: %(message)s", datefmt="[%X]",
+        handlers=[RichHandler(console=err, show_path=False)],
+    )
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="The directory to make a site of.")],
+) -> None:
+    """Create a site: settings, the example registry, and its directories."""
+    site = init_site(directory)
+    out.print(f"Created an obsflow site in [bold]{site}[/]")
+    out.print(f"  settings: {site / 'obsflow.yaml'}\n  registry: {site / 'registry'}")
+    out.print(f"Next: obsflow --help, or 'export OBSFLOW_SITE={site}'")
+
+
+@registry_app.command("check")
+def registry_check(site: SiteOption = None) -> None:
+    """Validate every registry file; print each problem as file:line: what, expected."""
+    settings = _settings(site)
+    registry = load_registry(settings.registry)
+    out.print(
+        f"[green]registry OK[/]: {len(registry.instruments)} instrument(s), "
+        f"{len(registry.products)} product(s), {len(registry.pipelines)} pipeline(s), "
+        f"{len(registry.profiles)} profile(s) in {settings.registry}"
+    )
+
+
+def _expand(paths: list[Path], recursive: bool) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.iterdir()
+            yield from sorted(p for p in found if p.is_file() and not p.name.startswith("."))
+        else:
+            yield path
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories to ingest.")],
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into directories.")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once files are cached and queued.")] = False,
+    site: SiteOption = None,
+) -> None:
+    """Receive files into the cache and (unless --no-wait) archive them."""
+    with _site(site) as s:
+        files = list(_expand(paths, recursive))
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as progress:
+            task = progress.add_task("receiving", total=len(files))
+            summary = ingest_paths(
+                s, files, wait=not no_wait, on_received=lambda r: progress.advance(task)
+            )
+            progress.update(task, description="archiving")
+        cached = summary.of(Outcome.CACHED)
+        table = Table(title="obsflow ingest", show_header=False)
+        table.add_row("received", str(len(summary.received)))
+        table.add_row("new, cached", str(len(cached)))
+        if not no_wait:
+            table.add_row("archived", str(len(summary.ingest.archived)))
+        table.add_row("duplicate", str(len(summary.of(Outcome.DUPLICATE))))
+        table.add_row("rejected", str(len(summary.of(Outcome.REJECTED))))
+        table.add_row("ignored (no product)", str(len(summary.of(Outcome.IGNORED))))
+        table.add_row("vanished or still changing", str(len(summary.of(Outcome.VANISHED))))
+        out.print(table)
+        for r in summary.of(Outcome.REJECTED):
+            err.print(f"[red]rejected[/] {r.path}: {r.reason}")
+        for r in summary.of(Outcome.VANISHED):
+            err.print(f"[yellow]not received[/] {r.path}: {r.reason}")
+        errors = dict(summary.ingest.errors)
+        for archive_id, error in errors.items():
+            err.print(f"[red]not archived yet[/] {archive_id}: {error} (it stays cached and queued)")
+        out.print(f"site: {s.settings.site}")
+        if summary.of(Outcome.REJECTED) or (errors and not no_wait):
+            raise typer.Exit(1)
+
+
+def _time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an ISO date-time", param_hint=option) from None
+
+
+@app.command()
+def find(
+    product: Annotated[str | None, typer.Option(help="Product ID.")] = None,
+    instrument: Annotated[str | None, typer.Option(help="Instrument name.")] = None,
+    since: Annotated[str | None, typer.Option(help="Overlapping this time or later (ISO, UTC).")] = None,
+    until: Annotated[str | None, typer.Option(help="Overlapping this time or earlier (ISO, UTC).")] = None,
+    night: Annotated[str | None, typer.Option(help="Observing night, YYYY-MM-DD.")] = None,
+    tag: Annotated[str | None, typer.Option(help="A tag.")] = None,
+    object_: Annotated[str | None, typer.Option("--object", help="OBJECT name.")] = None,
+    state: Annotated[FileState | None, typer.Option(help="File state.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many.")] = None,
+    as_json: JsonOption = False,
+    site: SiteOption = None,
+) -> None:
+    """Find files in the catalog."""
+    try:
+        night_date = date.fromisoformat(night) if night else None
+    except ValueError:
+        raise typer.BadParameter(f"{night!r} is not YYYY-MM-DD", param_hint="--night") from None
+    query = FileQuery(product=product, instrument=instrument, since=_time(since, "--since"),
+                      until=_time(until, "--until"), night=night_date, tag=tag, object=object_,
+                      state=state, limit=limit)
+    with _site(site) as s:
+        records = s.catalog.find(query)
+        if as_json:
+            print(json.dumps([_file_json(s, r) for r in records], indent=1))
+            return
+        table = Table(title=f"{len(records)} file(s)")
+        for column in ("archive ID", "product", "state", "start (UTC)", "object", "type",
+                       "filter", "original name"):
+            table.add_column(column)
+        for r in records:
+            table.add_row(r.archive_id or "-", r.product or "-", r.state.value,
+                          r.start.strftime("%Y-%m-%d %H:%M:%S") if r.start else "-",
+                          r.object or "", r.frame_type or "", r.filter or "", r.original_name)
+        out.print(table)
+
+
+def _file_json(s: Site, record: FileRecord) -> dict[str, Any]:
+    data = record.to_json()
+    key = record.archive_path
+    data["archive_path"] = s.storage.describe(key) if key else None
+    data["cache_path"] = str(s.cache.path(record.cache_path)) if record.cache_path else None
+    if record.quarantine_path:
+        data["quarantine_path"] = str(s.settings.quarantine / record.quarantine_path)
+    return data
+
+
+@app.command()
+def show(
+    archive_id: Annotated[str, typer.Argument(help="Archive ID (or original file name).")],
+    as_json: JsonOption = False,
+    site: SiteOption = None,
+) -> None:
+    """Show one file: metadata, tags, keywords, ledger and ingest request."""
+    with _site(site) as s:
+        record = s.catalog.get(archive_id)
+        if record is None:
+            versions = s.catalog.find(FileQuery(original_name=archive_id))
+            record = versions[-1] if versions else None
+        if record is None:
+            err.print(f"[red]no file[/] with archive ID or name {archive_id!r}")
+            raise typer.Exit(1)
+        ledger = s.catalog.ledger(record.id)
+        requests = s.queue.requests_for([record.id])
+        data = _file_json(s, record)
+        data["ledger"] = [{"event": e.event.value, "at": e.at.isoformat()} for e in ledger]
+        data["ingest"] = (
+            {"state": requests[0].state.value, "attempts": requests[0].attempts,
+             "last_error": requests[0].last_error} if requests else None
+        )
+        if as_json:
+            print(json.dumps(data, indent=1))
+            return
+        table = Table(title=record.archive_id or record.original_name, show_header=False)
+        for key, value in data.items():
+            if key in ("ledger", "keywords", "ingest"):
+                continue
+            table.add_row(key, "" if value is None else str(value))
+        for key, value in record.keywords.items():
+            table.add_row(f"keyword {key}", str(value))
+        if data["ingest"]:
+            table.add_row("ingest", json.dumps(data["ingest"]))
+        out.print(table)
+        first = ledger[0].at if ledger else None
+        ledger_table = Table(title="ledger")
+        ledger_table.add_column("event")
+        ledger_table.add_column("at (UTC)")
+        ledger_table.add_column("since first", justify="right")
+        for entry in ledger:
+            since = (entry.at - first).total_seconds() if first else 0.0
+            ledger_table.add_row(entry.event.value, entry.at.isoformat(), f"{since:.3f} s")
+        out.print(ledger_table)
+
+
+@app.command()
+def status(as_json: JsonOption = False, site: SiteOption = None) -> None:
+    """Counts of files by state, and the ingest queue's depth."""
+    with _site(site) as s:
+        counts = s.catalog.counts()
+        depth = s.queue.depth()
+        data = {
+            "files": {state.value: counts.get(state, 0) for state in FileState},
+            "queue": {state.value: n for state, n in depth.items()},
+            "queue_depth": sum(n for st, n in depth.items() if st.value in ("pending", "leased")),
+        }
+        if as_json:
+            print(json.dumps(data, indent=1))
+            return
+        table = Table(title=f"obsflow status: {s.settings.site}", show_header=False)
+        for state, n in data["files"].items():
+            table.add_row(f"files {state}", str(n))
+        table.add_row("ingest queue depth", str(data["queue_depth"]))
+        out.print(table)
+
+
+@app.command()
+def retry(site: SiteOption = None) -> None:
+    """Put every failed ingest request back in the queue (after fixing the cause)."""
+    with _site(site) as s:
+        n = s.ingestor().retry_failed()
+        out.print(f"{n} failed request(s) queued again; run 'obsflow ingest' or the daemon")
+
+
+@app.command()
+def simulate(
+    frames: Annotated[int, typer.Option(min=1, help="How many frames.")] = 20,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write (default: the site's incoming).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    size: Annotated[int, typer.Option(min=16, max=8192, help="Frame width and height in pixels.")] = 512,
+    site: SiteOption = None,
+) -> None:
+    """Write one simulated night of raw OFCAM frames (biases, flats, a star field)."""
+    from obsflow.simulate import simulate_night  # numpy/astropy only when simulating
+
+    target = out_dir or _settings(site).incoming
+    written = simulate_night(target, frames, seed=seed, shape=(size, size))
+    out.print(f"wrote {len(written)} frame(s) to {target}")
+
+
+class _site:
+    """Open the site for one command and close it after."""
+
+    def __init__(self, site: Path | None) -> None:
+        self.site = _open(site)
+
+    def __enter__(self) -> Site:
+        return self.site
+
+    def __exit__(self, *exc: object) -> None:
+        self.site.close()
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        err.print("[red]configuration error[/]")
+        for problem in exc.problems:
+            err.print(str(problem), markup=False, highlight=False)
+        sys.exit(2)
+    except SiteError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except ObsflowError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(1)

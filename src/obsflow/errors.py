@@ -1,0 +1,115 @@
+"""Every error obsflow raises on purpose, as one small tree.
+
+::
+
+    ObsflowError
+    ├── ConfigError            a settings or registry file is wrong (file:line: what, expected)
+    │   ├── SettingsError      obsflow.yaml
+    │   └── RegistryError      a registry YAML file; may hold many problems at once
+    ├── ReceiptError           a file was refused at receipt; it goes to quarantine
+    │   ├── FitsError          not FITS, truncated, header without END, bad card
+    │   ├── MetadataError      a required keyword is missing or cannot be parsed
+    │   ├── RecognitionError   the filename matches no product, or two (ambiguous)
+    │   └── VanishedError      the file disappeared or changed while being received
+    ├── CatalogError           the catalog database cannot be reached or migrated
+    ├── StorageError           archive storage could not store or verify a file
+    └── SiteError              the site directory is missing or not a site
+
+Messages name the culprit (the file and line, the path, the product, the archive ID)
+so that an operator can act on the message alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ObsflowError(Exception):
+    """The root of every error obsflow raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in one configuration file, at one line."""
+
+    file: Path
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else f"{self.file}"
+        return f"{where}: {self.message}"
+
+
+class ConfigError(ObsflowError):
+    """A configuration file (settings or registry) is wrong.
+
+    Holds every problem found, each as ``file:line: what is wrong, what was expected``.
+    """
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class SettingsError(ConfigError):
+    """The site's ``obsflow.yaml`` is wrong."""
+
+
+class RegistryError(ConfigError):
+    """One or more registry files are wrong."""
+
+
+class ReceiptError(ObsflowError):
+    """A file was refused at receipt. ``reason`` is a short machine-readable code."""
+
+    reason: str = "refused"
+
+    def __init__(self, path: Path | str, detail: str) -> None:
+        self.path = Path(path)
+        self.detail = detail
+        super().__init__(f"{self.path}: {detail}")
+
+
+class FitsError(ReceiptError):
+    """The bytes are not a complete, well-formed FITS file."""
+
+    reason = "invalid-fits"
+
+
+class MetadataError(ReceiptError):
+    """A required header keyword is missing or its value cannot be parsed."""
+
+    reason = "bad-metadata"
+
+
+class RecognitionError(ReceiptError):
+    """The filename matches no registered product, or more than one."""
+
+    reason = "unrecognised"
+
+
+class AmbiguousError(RecognitionError):
+    """The filename matches two or more products."""
+
+    reason = "ambiguous"
+
+
+class VanishedError(ReceiptError):
+    """The file disappeared, or kept changing, while it was being received."""
+
+    reason = "vanished"
+
+
+class CatalogError(ObsflowError):
+    """The catalog database cannot be reached, migrated or written."""
+
+
+class StorageError(ObsflowError):
+    """Archive storage could not store, read or verify a file."""
+
+
+class SiteError(ObsflowError):
+    """The site directory is missing, or is not an obsflow site."""

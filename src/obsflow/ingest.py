@@ -1,0 +1,123 @@
+"""The ingestor: takes requests from the durable queue and moves files into the archive.
+
+For each leased request: copy the cached file into archive storage
+(``{instrument}/{night}/{archive_id}``; atomic and fsynced by the storage), read the
+stored copy back and compare its sha256, and only then mark the file ``archived``
+(with its ledger stamp) in the catalog. A failure is recorded on the request and
+retried after a back-off; the file stays in the cache and its request in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from obsflow.cache import Cache
+from obsflow.catalog import Catalog
+from obsflow.catalog.queue import IngestQueue, Lease
+from obsflow.errors import StorageError
+from obsflow.receipt import Clock, utcnow
+from obsflow.settings import Ingest as IngestSettings
+from obsflow.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestReport:
+    archived: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    """(archive ID, error) of each attempt that failed."""
+
+    def add(self, other: IngestReport) -> None:
+        self.archived += other.archived
+        self.errors += other.errors
+
+
+class Ingestor:
+    def __init__(
+        self,
+        catalog: Catalog,
+        storage: Storage,
+        cache: Cache,
+        settings: IngestSettings,
+        *,
+        clock: Clock = utcnow,
+        owner: str | None = None,
+    ) -> None:
+        self.queue = IngestQueue(catalog)
+        self.storage = storage
+        self.cache = cache
+        self.settings = settings
+        self.clock = clock
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+    def run_once(self, limit: int | None = None) -> IngestReport:
+        """Lease one batch of due requests and carry each out; report what happened."""
+        report = IngestReport()
+        leases = self.queue.lease(
+            self.owner, self.clock(), self.settings.lease_seconds, limit or self.settings.batch
+        )
+        done: list[tuple[Lease, str]] = []
+        for lease in leases:
+            try:
+                done.append((lease, self._archive(lease)))
+            except (StorageError, OSError) as exc:
+                error = str(exc)
+                state = self.queue.fail(
+                    lease, error, self.clock(),
+                    max_attempts=self.settings.max_attempts,
+                    backoff_seconds=self.settings.backoff_seconds,
+                    backoff_max_seconds=self.settings.backoff_max_seconds,
+                )
+                log.warning("ingest of %s failed (attempt %d, now %s): %s", lease.archive_id,
+                            lease.attempts, state, error, extra={"archive_id": lease.archive_id})
+                report.errors.append((lease.archive_id, error))
+        self.queue.complete(done, self.clock())
+        for lease, _ in done:
+            log.info("archived %s", lease.archive_id, extra={"archive_id": lease.archive_id})
+            report.archived.append(lease.archive_id)
+        return report
+
+    def _archive(self, lease: Lease) -> str:
+        key = Cache.key(lease.instrument, lease.night, lease.archive_id)
+        if self.storage.exists(key) and self.storage.sha256(key) == lease.sha256:
+            return key  # an earlier attempt stored it and died before recording it
+        source = self.cache.path(lease.cache_path)
+        if not source.is_file():
+            raise StorageError(f"{lease.archive_id}: its cached copy {source} is missing")
+        self.storage.put(source, key)
+        stored = self.storage.sha256(key)
+        if stored != lease.sha256:
+            self.storage.delete(key)
+            raise StorageError(
+                f"{lease.archive_id}: the archived copy at {self.storage.describe(key)} has "
+                f"sha256 {stored[:12]}…, expected {lease.sha256[:12]}…; removed it"
+            )
+        return key
+
+    def run(self, stop: threading.Event, idle: Callable[[], bool] | None = None,
+            poll_seconds: float = 0.2) -> IngestReport:
+        """Work until ``stop`` is set (or, with ``idle``, until a pass finds nothing and
+        ``idle()`` says there will be nothing more)."""
+        total = IngestReport()
+        while not stop.is_set():
+            report = self.run_once()
+            total.add(report)
+            if not report.archived and not report.errors:
+                if idle is not None and idle():
+                    break
+                stop.wait(poll_seconds)
+        return total
+
+    def retry_failed(self) -> int:
+        return self.queue.retry_failed(self.clock())
+
+    def now(self) -> datetime:
+        return self.clock()

@@ -1,0 +1,318 @@
+"""Receipt: one path in, one outcome out; the file is cached, refused, or left alone.
+
+The way of one file through receipt::
+
+    recognise the name (registry) → wait until complete (size and mtime settled)
+    → read the primary header once, walk the HDUs (complete, valid FITS)
+    → map header keywords to metadata (instrument) → stream the bytes through
+    sha256 into a cache temp file → ONE catalog transaction: archive ID, file row,
+    tags, keywords, ledger, ingest request, and the move into the cache.
+
+A refused file is copied to ``quarantine/`` with a ``.reason.json`` beside it and
+recorded ``rejected``; the source is never removed before it is safely in the
+cache or in quarantine (and only when ``receipt.remove_source`` says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import BinaryIO
+
+from obsflow import fitsheader, metadata
+from obsflow.cache import Cache
+from obsflow.catalog import Catalog, NewFile
+from obsflow.errors import (
+    AmbiguousError,
+    FitsError,
+    ReceiptError,
+    RecognitionError,
+    VanishedError,
+)
+from obsflow.registry import Recognised, Registry
+from obsflow.settings import Settings
+from obsflow.states import LedgerEvent
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Outcome(StrEnum):
+    CACHED = "cached"  # new: in the cache, queued for the archive
+    DUPLICATE = "duplicate"  # these bytes were received before; nothing written
+    REJECTED = "rejected"  # refused: in quarantine with its reason
+    IGNORED = "ignored"  # the name matches no product (and the site ignores such files)
+    VANISHED = "vanished"  # gone, or still changing; a later trigger or scan retries it
+
+
+@dataclass(frozen=True)
+class Received:
+    path: Path
+    outcome: Outcome
+    archive_id: str | None = None
+    file_id: int | None = None
+    product: str | None = None
+    reason: str | None = None
+    superseded: str | None = None
+    size: int = 0
+
+
+class Receiver:
+    """Receives files for one site. Thread-safe: workers may call :meth:`receive` at once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        catalog: Catalog,
+        cache: Cache,
+        *,
+        clock: Clock = utcnow,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.catalog = catalog
+        self.cache = cache
+        self.clock = clock
+        self.sleep = sleep
+
+    def receive(self, path: Path) -> Received:
+        """Receive one file; never raises for a bad file (it is quarantined instead)."""
+        received_at = self.clock()
+        try:
+            recognised = self.registry.recognise(path.name)
+        except AmbiguousError as exc:
+            return self._quarantine(path, exc, None, received_at)
+        except RecognitionError as exc:
+            if self.settings.receipt.unmatched == "quarantine":
+                return self._quarantine(path, exc, None, received_at)
+            log.info("ignored %s: %s", path, exc.detail)
+            return Received(path, Outcome.IGNORED, reason=exc.detail)
+        try:
+            stat = self._settle(path)
+            return self._take(path, recognised, stat, received_at)
+        except VanishedError as exc:
+            log.warning("%s", exc)
+            return Received(path, Outcome.VANISHED, product=recognised.product.id, reason=exc.detail)
+        except ReceiptError as exc:
+            return self._quarantine(path, exc, recognised, received_at)
+
+    # ---------------------------------------------------------------- steps
+
+    def _settle(self, path: Path) -> os.stat_result:
+        """Wait until the file has not changed for ``settle_seconds``; return its stat."""
+        settle = self.settings.receipt.settle_seconds
+        give_up = time.monotonic() + self.settings.receipt.max_wait_seconds
+        stat = _stat(path)
+        while True:
+            age = time.time() - stat.st_mtime
+            if age >= settle:
+                return stat
+            if time.monotonic() > give_up:
+                raise VanishedError(path, f"still changing after "
+                                    f"{self.settings.receipt.max_wait_seconds:g} s")
+            self.sleep(max(0.01, min(settle - age, settle / 4)))
+            again = _stat(path)
+            if (again.st_size, again.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+                stat = again
+
+    def _take(
+        self, path: Path, recognised: Recognised, stat: os.stat_result, received_at: datetime
+    ) -> Received:
+        product = recognised.product
+        instrument = self.registry.instrument_of(product)
+        temp = self.cache.temp_file()
+        try:
+            try:
+                src = path.open("rb")
+            except FileNotFoundError:
+                raise VanishedError(path, "the file disappeared before it could be read") from None
+            with src:
+                size = os.fstat(src.fileno()).st_size
+                if size != stat.st_size:
+                    raise VanishedError(path, "the file changed size while being received")
+                first, header = _read_primary_header(src, size, path)
+                fitsheader.walk_hdus(src, size, name=path)
+                meta = metadata.extract(header.cards, product, instrument, recognised.groups, path)
+                validated_at = self.clock()
+                sha256 = _stream_to(src, first, temp)
+            after = _stat(path)
+            if (after.st_size, after.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+                raise VanishedError(path, "the file changed while being received")
+            new = NewFile(
+                product=product.id,
+                instrument=instrument.name,
+                level=product.level,
+                original_name=path.name,
+                source_path=str(path),
+                size=size,
+                sha256=sha256,
+                start=meta.start,
+                stop=meta.stop,
+                start_mjd=metadata.mjd(meta.start),
+                stop_mjd=metadata.mjd(meta.stop),
+                night=meta.night,
+                exptime=meta.exptime,
+                ra=meta.ra,
+                dec=meta.dec,
+                object=meta.object,
+                frame_type=meta.frame_type,
+                filter=meta.filter,
+                program=meta.program,
+                observer=meta.observer,
+                telescope=meta.telescope,
+                proprietary_until=meta.proprietary_until,
+                tags=product.tags,
+                keywords=meta.keywords,
+            )
+            now = self.clock()
+            recorded = self.catalog.record_cached(
+                new,
+                make_archive_id=lambda bump: metadata.archive_id(
+                    instrument, meta.date_obs, meta.night, bump
+                ),
+                cache_path=lambda aid: Cache.key(instrument.name, meta.night, aid),
+                place=lambda aid: _place(self.cache, temp, Cache.key(instrument.name, meta.night, aid)),
+                ledger={
+                    LedgerEvent.ACQUIRED: datetime.fromtimestamp(stat.st_mtime, UTC),
+                    LedgerEvent.RECEIVED: received_at,
+                    LedgerEvent.VALIDATED: validated_at,
+                    LedgerEvent.CACHED: now,
+                },
+                now=now,
+            )
+        finally:
+            temp.unlink(missing_ok=True)
+        if recorded.duplicate:
+            log.info("duplicate %s: same bytes as %s", path, recorded.archive_id)
+            return Received(path, Outcome.DUPLICATE, recorded.archive_id, recorded.file_id,
+                            product.id, reason=f"same bytes as {recorded.archive_id}", size=size)
+        log.info("cached %s as %s", path.name, recorded.archive_id,
+                 extra={"archive_id": recorded.archive_id, "product": product.id})
+        self._remove_source(path)
+        return Received(path, Outcome.CACHED, recorded.archive_id, recorded.file_id, product.id,
+                        superseded=recorded.superseded, size=size)
+
+    def _quarantine(
+        self, path: Path, error: ReceiptError, recognised: Recognised | None, received_at: datetime
+    ) -> Received:
+        """Copy a refused file to quarantine with its reason, and record it ``rejected``."""
+        product = recognised.product if recognised else None
+        reason = f"{error.reason}: {error.detail}"
+        log.warning("rejected %s: %s", path, error.detail)
+        try:
+            with path.open("rb") as f:
+                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+                size = os.fstat(f.fileno()).st_size
+        except OSError as exc:
+            log.warning("cannot quarantine %s: %s", path, exc)
+            return Received(path, Outcome.VANISHED, product=product.id if product else None,
+                            reason=f"{reason} (and it could not be read: {exc})")
+        if self.catalog.rejected_before(sha256, path.name) is not None:
+            return Received(path, Outcome.REJECTED, product=product.id if product else None,
+                            reason=reason, size=size)
+        folder = self.settings.quarantine / received_at.strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = _unique(folder / path.name)
+        temp = folder / f".{target.name}.part"
+        shutil.copyfile(path, temp)
+        os.replace(temp, target)
+        note = {
+            "file": str(path),
+            "reason": error.reason,
+            "detail": error.detail,
+            "product": product.id if product else None,
+            "sha256": sha256,
+            "size": size,
+            "received_at": received_at.isoformat(),
+        }
+        target.with_name(target.name + ".reason.json").write_text(json.dumps(note, indent=2) + "\n")
+        relative = str(target.relative_to(self.settings.quarantine))
+        self.catalog.record_rejected(
+            NewFile(
+                product=product.id if product else None,
+                instrument=product.instrument if product else None,
+                level=product.level if product else None,
+                original_name=path.name,
+                source_path=str(path),
+                size=size,
+                sha256=sha256,
+            ),
+            reason,
+            relative,
+            {LedgerEvent.RECEIVED: received_at, LedgerEvent.REJECTED: self.clock()},
+        )
+        self._remove_source(path)
+        return Received(path, Outcome.REJECTED, product=product.id if product else None,
+                        reason=reason, size=size)
+
+    def _remove_source(self, path: Path) -> None:
+        if self.settings.receipt.remove_source:
+            path.unlink(missing_ok=True)
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise VanishedError(path, "the file disappeared before it could be received") from None
+
+
+def _read_primary_header(
+    src: BinaryIO, size: int, path: Path
+) -> tuple[bytes, fitsheader.Header]:
+    """Read from the start until the primary header's END card; return the bytes read."""
+    if size == 0:
+        raise FitsError(path, "empty file (0 bytes)")
+    buf = bytearray()
+    while True:
+        chunk = src.read(CHUNK)
+        if not chunk:
+            raise FitsError(path, "header has no END card")
+        buf += chunk
+        header = fitsheader.parse_header(buf, name=path)
+        if header is not None:
+            return bytes(buf), header
+
+
+def _stream_to(src: BinaryIO, first: bytes, temp: Path) -> str:
+    """Copy the whole file into ``temp`` (already-read ``first`` bytes, then the rest)."""
+    digest = hashlib.sha256(first)
+    src.seek(len(first))
+    with temp.open("wb") as dst:
+        dst.write(first)
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return digest.hexdigest()
+
+
+def _place(cache: Cache, temp: Path, key: str) -> None:
+    cache.place(temp, key)
+
+
+def _unique(path: Path) -> Path:
+    if not path.exists():
+        return path
+    for n in range(1, 100_000):
+        candidate = path.with_name(f"{path.name}.{n}")
+        if not candidate.exists():
+            return candidate
+    raise FitsError(path, "too many quarantined files of this name")

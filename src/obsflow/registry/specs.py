@@ -1,0 +1,306 @@
+"""The registry's typed, frozen specs: what a YAML file may say, and nothing more.
+
+A registry file is a mapping with any of these sections::
+
+    instrument: {...}        # one InstrumentSpec
+    products:   [{...}, ...] # ProductSpec
+    pipelines:  [{...}, ...] # PipelineSpec
+    profiles:   [{...}, ...] # ProfileSpec
+
+Unknown keys are errors. Cross-references (a product's instrument, a pipeline's
+products and profile, a step's ``needs``) are checked by the loader, which knows
+every file.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from obsflow import expression
+
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")]
+Keyword = Annotated[str, Field(pattern=r"^[A-Z0-9_-]{1,8}$|^HIERARCH [A-Z0-9_ .-]+$")]
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Source(BaseModel):
+    """Where a spec was written: its file and the line it starts on."""
+
+    model_config = ConfigDict(frozen=True)
+    file: Path
+    line: int | None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}" if self.line else str(self.file)
+
+
+# ---------------------------------------------------------------- instrument
+
+
+class KeywordMap(Spec):
+    """Which header keyword holds each standard piece of metadata, for one instrument.
+
+    ``time_obs`` is for instruments whose DATE-OBS holds only the date and another
+    keyword (e.g. ``UTC`` or ``UT``) the time of day.
+    """
+
+    date_obs: Keyword = "DATE-OBS"
+    time_obs: Keyword | None = None
+    exptime: Keyword | None = "EXPTIME"
+    ra: Keyword | None = "RA"
+    dec: Keyword | None = "DEC"
+    object: Keyword | None = "OBJECT"
+    frame_type: Keyword | None = "IMAGETYP"
+    filter: Keyword | None = "FILTER"
+    program: Keyword | None = None
+    observer: Keyword | None = "OBSERVER"
+    telescope: Keyword | None = "TELESCOP"
+
+
+ARCHIVE_ID_FIELDS = {
+    "prefix": "OF",
+    "instrument": "OFCAM",
+    "yyyymmdd": "20261122",
+    "yyyy": 2026,
+    "mm": 11,
+    "dd": 22,
+    "hh": 5,
+    "mi": 0,
+    "ss": 0,
+    "seconds_of_day": 18000,
+    "hundredths": 0,
+    "night": "20261121",
+}
+
+
+class InstrumentSpec(Spec):
+    name: Identifier
+    description: str = ""
+    keywords: KeywordMap = KeywordMap()
+    required: tuple[Keyword, ...] = ()
+    """Header keywords a frame must carry; one missing sends the frame to quarantine."""
+    archive_id: str = "{prefix}.{yyyymmdd}.{seconds_of_day:05d}.{hundredths:02d}.fits"
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,16}$")]
+    proprietary_months: int = Field(default=18, ge=0, le=1200)
+    program_proprietary_months: dict[str, Annotated[int, Field(ge=0, le=1200)]] = {}
+    """Per-program exceptions to ``proprietary_months`` (e.g. ``ENG: 0``)."""
+    utc_offset_hours: float = Field(default=0.0, ge=-14, le=14)
+    """The site's offset from UTC; the night is the local date on which it began."""
+    source: Source | None = None
+
+    @field_validator("archive_id")
+    @classmethod
+    def _archive_id_template(cls, value: str) -> str:
+        names = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        unknown = names - set(ARCHIVE_ID_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {sorted(unknown)} in archive_id; "
+                f"expected some of: {', '.join(ARCHIVE_ID_FIELDS)}"
+            )
+        if "hundredths" not in names:
+            raise ValueError(
+                "archive_id must contain {hundredths...} so two frames of one second differ"
+            )
+        value.format(**ARCHIVE_ID_FIELDS)
+        if "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError("archive_id must be a plain file name (no '/', no leading '.')")
+        return value
+
+
+# ------------------------------------------------------------------- product
+
+
+class TimeFrom(StrEnum):
+    EXPOSURE = "exposure"  # start = the instrument's date_obs; stop = start + exptime
+    HEADER = "header"  # start and stop from named header keywords
+    FILENAME = "filename"  # start (and stop) from the filename's named groups
+
+
+class TimeRule(Spec):
+    """How to get a product's start and stop time."""
+
+    from_: TimeFrom = Field(default=TimeFrom.EXPOSURE, alias="from")
+    start: str | None = None
+    """HEADER: a keyword. FILENAME: a template over the groups, e.g. ``{date}{time}``."""
+    stop: str | None = None
+    format: str | None = None
+    """FILENAME: the strptime format of the filled template, e.g. ``%Y%m%d%H%M%S``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TimeRule:
+        if self.from_ is TimeFrom.EXPOSURE and (self.start or self.stop or self.format):
+            raise ValueError("'from: exposure' takes no start, stop or format")
+        if self.from_ is TimeFrom.HEADER and not self.start:
+            raise ValueError("'from: header' needs 'start: KEYWORD'")
+        if self.from_ is TimeFrom.FILENAME and not (self.start and self.format):
+            raise ValueError("'from: filename' needs 'start: {group}...' and 'format: %Y...'")
+        if self.format:
+            try:
+                datetime.now(UTC).strftime(self.format)
+            except ValueError as exc:
+                raise ValueError(f"bad time format {self.format!r}: {exc}") from exc
+        return self
+
+
+class ProductSpec(Spec):
+    id: Identifier
+    level: int = Field(ge=0, le=3)
+    instrument: Identifier
+    filename: str
+    """A regular expression the whole file name must match; named groups are kept."""
+    description: str = ""
+    time: TimeRule = TimeRule()
+    keywords: tuple[Keyword, ...] = ()
+    """Header keywords archived as searchable metadata for this product."""
+    tags: tuple[Annotated[str, Field(pattern=r"^[\w.:-]{1,64}$")], ...] = ()
+    source: Source | None = None
+
+    @field_validator("filename")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+        return value
+
+
+# ------------------------------------------------------------------ pipeline
+
+
+class GroupBy(StrEnum):
+    FILE = "file"
+    OBSERVATION = "observation"
+    NIGHT = "night"
+    FILTER = "filter"
+    PROGRAM = "program"
+    OBJECT = "object"
+    FRAME_TYPE = "frame_type"
+    WINDOW = "window"
+
+
+def _check_expression(value: str | None) -> str | None:
+    if value is not None:
+        expression.parse(value)
+    return value
+
+
+class InputSpec(Spec):
+    product: Identifier
+    name: Identifier
+    """The parameter name the profile uses for these inputs."""
+    where: str | None = None
+    """A condition each input must meet, e.g. ``frame_type == 'FLAT' and filter == group.filter``."""
+    min: int = Field(default=1, ge=0)
+    max: int | None = Field(default=None, ge=1)
+    optional: bool = False
+
+    _where = field_validator("where")(_check_expression)
+
+    @model_validator(mode="after")
+    def _counts(self) -> InputSpec:
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) is smaller than min ({self.min})")
+        return self
+
+
+class GroupSpec(Spec):
+    by: tuple[GroupBy, ...] = (GroupBy.FILE,)
+    window_seconds: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _window(self) -> GroupSpec:
+        if (GroupBy.WINDOW in self.by) != (self.window_seconds is not None):
+            raise ValueError("'by: [window]' and 'window_seconds' go together")
+        return self
+
+
+class Kickoff(StrEnum):
+    READY = "ready"  # as soon as every required input is present
+    DEADLINE = "deadline"  # at the deadline, with what is there (flagged degraded)
+
+
+class KickoffSpec(Spec):
+    rule: Kickoff = Kickoff.READY
+    deadline: Literal["night_end", "last_input"] | None = None
+    after_minutes: float = Field(default=0, ge=0)
+    degraded_ok: bool = False
+    """At the deadline, run with the inputs present even if counts are short."""
+
+    @model_validator(mode="after")
+    def _deadline(self) -> KickoffSpec:
+        if self.rule is Kickoff.DEADLINE and self.deadline is None:
+            raise ValueError("'rule: deadline' needs 'deadline: night_end|last_input'")
+        return self
+
+
+class OutputSpec(Spec):
+    product: Identifier
+    name: str
+    """The output file name template, e.g. ``ofc_{night}_mbias_{filter}.fits``."""
+
+
+class OnNewInput(StrEnum):
+    IGNORE = "ignore"
+    RERUN = "rerun"
+
+
+class PipelineSpec(Spec):
+    id: Identifier
+    description: str = ""
+    profile: Identifier
+    inputs: tuple[InputSpec, ...] = Field(min_length=1)
+    group: GroupSpec = GroupSpec()
+    kickoff: KickoffSpec = KickoffSpec()
+    outputs: tuple[OutputSpec, ...] = ()
+    on_new_input: OnNewInput = OnNewInput.IGNORE
+    parameters: dict[str, str | int | float | bool] = {}
+    source: Source | None = None
+
+
+# ------------------------------------------------------------------- profile
+
+
+class StepSpec(Spec):
+    name: Identifier
+    command: tuple[str, ...] = Field(min_length=1)
+    """argv; ``{parameter}`` placeholders are filled by the builder."""
+    image: str | None = None
+    """A container image to run ``command`` in (a later release runs containers)."""
+    needs: tuple[Identifier, ...] = ()
+    when: str | None = None
+    timeout: float = Field(default=3600, gt=0)
+    retries: int = Field(default=0, ge=0, le=10)
+    env: dict[str, str] = {}
+    outputs: tuple[str, ...] = ()
+
+    _when = field_validator("when")(_check_expression)
+
+
+class ProfileSpec(Spec):
+    id: Identifier
+    description: str = ""
+    steps: tuple[StepSpec, ...] = Field(min_length=1)
+    source: Source | None = None
+
+
+class RegistryFile(Spec):
+    """The sections one registry file may hold."""
+
+    instrument: InstrumentSpec | None = None
+    products: tuple[ProductSpec, ...] = ()
+    pipelines: tuple[PipelineSpec, ...] = ()
+    profiles: tuple[ProfileSpec, ...] = ()

@@ -1,0 +1,133 @@
+"""The site's settings: read once from ``SITE/obsflow.yaml`` into one frozen object.
+
+Nothing else in obsflow reads the environment or a settings file; the CLI resolves
+the site directory (``--site``, else ``$OBSFLOW_SITE``, else the current directory),
+calls :func:`load_settings` and passes the result down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from obsflow import yamlfile
+from obsflow.errors import Problem, SettingsError, SiteError
+
+SETTINGS_FILE = "obsflow.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Paths(_Section):
+    """Where the site keeps its files; relative paths are relative to the site."""
+
+    incoming: Path = Path("incoming")
+    cache: Path = Path("cache")
+    archive: Path = Path("archive")
+    quarantine: Path = Path("quarantine")
+    registry: Path = Path("registry")
+
+
+class Catalog(_Section):
+    url: str = "sqlite:///catalog.db"
+    """SQLAlchemy URL; a relative SQLite path is relative to the site."""
+
+
+class Workers(_Section):
+    receipt: int = Field(default=2, ge=1, le=256)
+    ingest: int = Field(default=2, ge=1, le=256)
+
+
+class Receipt(_Section):
+    settle_seconds: float = Field(default=1.0, ge=0)
+    """A file counts as complete when its size and mtime have not changed for this long."""
+    max_wait_seconds: float = Field(default=300.0, gt=0)
+    """Give up on a file that is still changing after this long (it is tried again later)."""
+    unmatched: Literal["ignore", "quarantine"] = "ignore"
+    """What to do with a file whose name matches no product."""
+    remove_source: bool = False
+    """Delete the source once it is safely in the cache or quarantine."""
+
+
+class Ingest(_Section):
+    max_attempts: int = Field(default=5, ge=1)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    backoff_seconds: float = Field(default=2.0, ge=0)
+    backoff_max_seconds: float = Field(default=600.0, ge=0)
+    batch: int = Field(default=16, ge=1, le=1000)
+
+
+class _SettingsFile(_Section):
+    paths: Paths = Paths()
+    catalog: Catalog = Catalog()
+    workers: Workers = Workers()
+    receipt: Receipt = Receipt()
+    ingest: Ingest = Ingest()
+
+
+class Settings(_Section):
+    """Everything a site is configured with, paths resolved to absolute ones."""
+
+    site: Path
+    incoming: Path
+    cache: Path
+    archive: Path
+    quarantine: Path
+    registry: Path
+    catalog_url: str
+    workers: Workers
+    receipt: Receipt
+    ingest: Ingest
+
+
+def load_settings(site: Path) -> Settings:
+    """Read ``site/obsflow.yaml`` once; raise :class:`SettingsError` with ``file:line``."""
+    site = site.resolve()
+    path = site / SETTINGS_FILE
+    if not path.is_file():
+        raise SiteError(f"{site}: not an obsflow site (no {SETTINGS_FILE}); run 'obsflow init {site}'")
+    doc, problems = yamlfile.read(path)
+    if doc is not None and not problems:
+        if doc.data is None or doc.data == {}:
+            return from_file(site, _SettingsFile())
+        if not isinstance(doc.data, dict):
+            problems.append(Problem(path, 1, "expected a mapping of settings sections"))
+        else:
+            parsed, problems = yamlfile.validate(_SettingsFile, doc)
+            if parsed is not None:
+                return from_file(site, parsed)
+    raise SettingsError(problems)
+
+
+def from_file(site: Path, parsed: _SettingsFile) -> Settings:
+    paths = parsed.paths
+    return Settings(
+        site=site,
+        incoming=site / paths.incoming,
+        cache=site / paths.cache,
+        archive=site / paths.archive,
+        quarantine=site / paths.quarantine,
+        registry=site / paths.registry,
+        catalog_url=_resolve_sqlite(parsed.catalog.url, site),
+        workers=parsed.workers,
+        receipt=parsed.receipt,
+        ingest=parsed.ingest,
+    )
+
+
+def defaults(site: Path) -> Settings:
+    """The settings of a site whose ``obsflow.yaml`` says nothing."""
+    return from_file(site.resolve(), _SettingsFile())
+
+
+def _resolve_sqlite(url: str, site: Path) -> str:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////"):
+        rest = url[len(prefix) :]
+        if rest and rest != ":memory:":
+            return prefix + str(site / rest)
+    return url

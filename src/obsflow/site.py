@@ -1,0 +1,73 @@
+"""A site: one directory holding settings, registry, cache, archive, quarantine, catalog.
+
+``obsflow init DIR`` lays one out::
+
+    DIR/
+      obsflow.yaml      settings (paths, catalog URL, workers, receipt, ingest)
+      registry/         instruments, products, pipelines, profiles (YAML)
+      incoming/         where instruments write (watched by triggers)
+      cache/            files between receipt and the archive
+      archive/          permanent storage: {instrument}/{night}/{archive_id}
+      quarantine/       refused files, each with a .reason.json
+      catalog.db        the SQLite catalog (unless catalog.url says otherwise)
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from obsflow.errors import SiteError
+from obsflow.settings import SETTINGS_FILE, load_settings
+
+SETTINGS_TEMPLATE = """\
+# obsflow site settings. Relative paths are relative to this directory.
+paths:
+  incoming: incoming      # where instruments write new frames
+  cache: cache            # fast local storage between receipt and the archive
+  archive: archive        # permanent storage: {instrument}/{night}/{archive_id}
+  quarantine: quarantine  # refused files, each with a .reason.json beside it
+  registry: registry      # instruments, products, pipelines, profiles (YAML)
+
+catalog:
+  # SQLite in this directory by default; for PostgreSQL e.g.
+  # postgresql+psycopg://obsflow@dbhost/obsflow
+  url: sqlite:///catalog.db
+
+workers:
+  receipt: 2              # files received at once
+  ingest: 2               # files moved into the archive at once
+
+receipt:
+  settle_seconds: 1.0     # a file is complete when unchanged for this long
+  max_wait_seconds: 300
+  unmatched: ignore       # a name matching no product: ignore | quarantine
+  remove_source: false    # delete the source once it is safely cached
+
+ingest:
+  max_attempts: 5         # then the file is marked failed (obsflow retry puts it back)
+  lease_seconds: 120      # work of a crashed ingestor is retried after this
+  backoff_seconds: 2      # first retry delay; doubles each attempt
+  backoff_max_seconds: 600
+  batch: 16
+"""
+
+
+def example_registry() -> Path:
+    """The example registry shipped with obsflow (an imaging camera, OFCAM)."""
+    return Path(str(resources.files("obsflow") / "examples" / "registry"))
+
+
+def init_site(directory: Path, *, registry: Path | None = None) -> Path:
+    """Create a site in ``directory`` (empty or new); return its absolute path."""
+    directory = directory.resolve()
+    if (directory / SETTINGS_FILE).exists():
+        raise SiteError(f"{directory}: already an obsflow site ({SETTINGS_FILE} exists)")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SETTINGS_FILE).write_text(SETTINGS_TEMPLATE)
+    shutil.copytree(registry or example_registry(), directory / "registry", dirs_exist_ok=True)
+    settings = load_settings(directory)
+    for path in (settings.incoming, settings.cache, settings.archive, settings.quarantine):
+        path.mkdir(parents=True, exist_ok=True)
+    return directory

@@ -1,0 +1,142 @@
+"""Archive storage: where files live for good. One small interface, one local backend.
+
+A backend must make :meth:`Storage.put` atomic (a reader never sees a partial
+object under a key) and durable when it returns, and must read the stored bytes
+back for :meth:`Storage.sha256` rather than trusting what it was given: the
+ingestor marks a file archived only when the stored copy's checksum matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from obsflow.errors import StorageError
+
+CHUNK = 1 << 20
+
+
+def check_key(key: str) -> PurePosixPath:
+    """A storage key is a relative POSIX path with no '..', '.', or empty parts."""
+    path = PurePosixPath(key)
+    if (
+        not key
+        or path.is_absolute()
+        or "\\" in key
+        or any(part in ("", ".", "..") or part.startswith(".") for part in key.split("/"))
+    ):
+        raise StorageError(f"invalid storage key {key!r}: expected a relative path inside the archive")
+    return path
+
+
+class Storage(ABC):
+    """Permanent archive storage, addressed by relative keys like ``OFCAM/2026-11-21/OF...fits``."""
+
+    @abstractmethod
+    def put(self, source: Path, key: str) -> None:
+        """Store the bytes of ``source`` under ``key``, atomically and durably."""
+
+    @abstractmethod
+    def sha256(self, key: str) -> str:
+        """The hex sha256 of the bytes stored under ``key`` (read back from storage)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """Open the stored bytes for reading."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key`` if present (used to drop a copy that failed verification)."""
+
+    @abstractmethod
+    def describe(self, key: str) -> str:
+        """A human-readable location of ``key`` (for messages and ``show``)."""
+
+
+class LocalStorage(Storage):
+    """A directory tree on a local or shared file system."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).parts)
+
+    def put(self, source: Path, key: str) -> None:
+        target = self.path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temp = target.parent / f".{target.name}.{uuid.uuid4().hex}.part"
+            try:
+                with source.open("rb") as src, temp.open("wb") as dst:
+                    _copy(src, dst)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                os.replace(temp, target)
+            finally:
+                temp.unlink(missing_ok=True)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot store {key} under {self.root}: {exc}") from exc
+
+    def sha256(self, key: str) -> str:
+        try:
+            with self.path(key).open("rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as exc:
+            raise StorageError(f"cannot read {key} back from {self.root}: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self.path(key).open("rb")
+        except OSError as exc:
+            raise StorageError(f"cannot open {key} in {self.root}: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key} from {self.root}: {exc}") from exc
+
+    def describe(self, key: str) -> str:
+        return str(self.path(key))
+
+
+def _copy(src: BinaryIO, dst: BinaryIO) -> None:
+    # copy_file_range lets the kernel copy without passing the bytes through Python.
+    try:
+        size = os.fstat(src.fileno()).st_size
+        offset = 0
+        while offset < size:
+            sent = os.copy_file_range(src.fileno(), dst.fileno(), size - offset)
+            if sent == 0:
+                break
+            offset += sent
+        if offset == size:
+            return
+        src.seek(offset)
+        dst.seek(offset)
+    except (AttributeError, OSError):
+        src.seek(0)
+        dst.seek(0)
+        dst.truncate()
+    while chunk := src.read(CHUNK):
+        dst.write(chunk)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
