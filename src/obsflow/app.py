@@ -33,8 +33,14 @@ class Site:
     clock: Clock
 
     def ingestor(self, owner: str | None = None) -> Ingestor:
-        return Ingestor(self.catalog, self.storage, self.cache, self.settings.ingest,
-                        clock=self.clock, owner=owner)
+        return Ingestor(
+            self.catalog,
+            self.storage,
+            self.cache,
+            self.settings.ingest,
+            clock=self.clock,
+            owner=owner,
+        )
 
     @property
     def queue(self) -> IngestQueue:
@@ -57,8 +63,15 @@ def open_site(
     cache = Cache(settings.cache)
     cache.clean_temp()
     receiver = Receiver(settings, registry, catalog, cache, clock=clock)
-    return Site(settings, registry, catalog, cache, storage or LocalStorage(settings.archive),
-                receiver, clock)
+    return Site(
+        settings,
+        registry,
+        catalog,
+        cache,
+        storage or LocalStorage(settings.archive),
+        receiver,
+        clock,
+    )
 
 
 @dataclass

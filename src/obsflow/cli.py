@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +26,7 @@ from obsflow.receipt import Outcome
 from obsflow.registry import load_registry
 from obsflow.settings import Settings, load_settings
 from obsflow.site import init_site
-from obsflow.states import FileState
+from obsflow.states import FileState, RequestState
 
 app = typer.Typer(
     help="obsflow: telescope frames from the instrument to the archive, with no operator.",
@@ -55,13 +56,11 @@ def _settings(site: Path | None) -> Settings:
     return load_settings(site or Path.cwd())
 
 
-def _open(site: Path | None) -> Site:
-    return open_site(_settings(site))
-
-
 @app.callback()
 def _main(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log output.")
+    ] = 0,
     version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
 ) -> None:
     if version:
@@ -69,7 +68,9 @@ def _main(
         raise typer.Exit()
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(
-        level=level, format="%(name)s: %(message)s", datefmt="[%X]",
+        level=level,
+        format="%(name)s: %(message)s",
+        datefmt="[%X]",
         handlers=[RichHandler(console=err, show_path=False)],
     )
 
@@ -109,15 +110,23 @@ def _expand(paths: list[Path], recursive: bool) -> Iterator[Path]:
 @app.command()
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Files or directories to ingest.")],
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into directories.")] = False,
-    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once files are cached and queued.")] = False,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Descend into directories.")
+    ] = False,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Return once files are cached and queued.")
+    ] = False,
     site: SiteOption = None,
 ) -> None:
     """Receive files into the cache and (unless --no-wait) archive them."""
     with _site(site) as s:
         files = list(_expand(paths, recursive))
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn())
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, console=err, transient=True) as progress:
             task = progress.add_task("receiving", total=len(files))
             summary = ingest_paths(
@@ -141,7 +150,9 @@ def ingest(
             err.print(f"[yellow]not received[/] {r.path}: {r.reason}")
         errors = dict(summary.ingest.errors)
         for archive_id, error in errors.items():
-            err.print(f"[red]not archived yet[/] {archive_id}: {error} (it stays cached and queued)")
+            err.print(
+                f"[red]not archived yet[/] {archive_id}: {error} (it stays cached and queued)"
+            )
         out.print(f"site: {s.settings.site}")
         if summary.of(Outcome.REJECTED) or (errors and not no_wait):
             raise typer.Exit(1)
@@ -160,8 +171,12 @@ def _time(value: str | None, option: str) -> datetime | None:
 def find(
     product: Annotated[str | None, typer.Option(help="Product ID.")] = None,
     instrument: Annotated[str | None, typer.Option(help="Instrument name.")] = None,
-    since: Annotated[str | None, typer.Option(help="Overlapping this time or later (ISO, UTC).")] = None,
-    until: Annotated[str | None, typer.Option(help="Overlapping this time or earlier (ISO, UTC).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Overlapping this time or later (ISO, UTC).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Overlapping this time or earlier (ISO, UTC).")
+    ] = None,
     night: Annotated[str | None, typer.Option(help="Observing night, YYYY-MM-DD.")] = None,
     tag: Annotated[str | None, typer.Option(help="A tag.")] = None,
     object_: Annotated[str | None, typer.Option("--object", help="OBJECT name.")] = None,
@@ -175,22 +190,45 @@ def find(
         night_date = date.fromisoformat(night) if night else None
     except ValueError:
         raise typer.BadParameter(f"{night!r} is not YYYY-MM-DD", param_hint="--night") from None
-    query = FileQuery(product=product, instrument=instrument, since=_time(since, "--since"),
-                      until=_time(until, "--until"), night=night_date, tag=tag, object=object_,
-                      state=state, limit=limit)
+    query = FileQuery(
+        product=product,
+        instrument=instrument,
+        since=_time(since, "--since"),
+        until=_time(until, "--until"),
+        night=night_date,
+        tag=tag,
+        object=object_,
+        state=state,
+        limit=limit,
+    )
     with _site(site) as s:
         records = s.catalog.find(query)
         if as_json:
             print(json.dumps([_file_json(s, r) for r in records], indent=1))
             return
         table = Table(title=f"{len(records)} file(s)")
-        for column in ("archive ID", "product", "state", "start (UTC)", "object", "type",
-                       "filter", "original name"):
+        for column in (
+            "archive ID",
+            "product",
+            "state",
+            "start (UTC)",
+            "object",
+            "type",
+            "filter",
+            "original name",
+        ):
             table.add_column(column)
         for r in records:
-            table.add_row(r.archive_id or "-", r.product or "-", r.state.value,
-                          r.start.strftime("%Y-%m-%d %H:%M:%S") if r.start else "-",
-                          r.object or "", r.frame_type or "", r.filter or "", r.original_name)
+            table.add_row(
+                r.archive_id or "-",
+                r.product or "-",
+                r.state.value,
+                r.start.strftime("%Y-%m-%d %H:%M:%S") if r.start else "-",
+                r.object or "",
+                r.frame_type or "",
+                r.filter or "",
+                r.original_name,
+            )
         out.print(table)
 
 
@@ -224,8 +262,13 @@ def show(
         data = _file_json(s, record)
         data["ledger"] = [{"event": e.event.value, "at": e.at.isoformat()} for e in ledger]
         data["ingest"] = (
-            {"state": requests[0].state.value, "attempts": requests[0].attempts,
-             "last_error": requests[0].last_error} if requests else None
+            {
+                "state": requests[0].state.value,
+                "attempts": requests[0].attempts,
+                "last_error": requests[0].last_error,
+            }
+            if requests
+            else None
         )
         if as_json:
             print(json.dumps(data, indent=1))
@@ -257,18 +300,20 @@ def status(as_json: JsonOption = False, site: SiteOption = None) -> None:
     with _site(site) as s:
         counts = s.catalog.counts()
         depth = s.queue.depth()
-        data = {
-            "files": {state.value: counts.get(state, 0) for state in FileState},
-            "queue": {state.value: n for state, n in depth.items()},
-            "queue_depth": sum(n for st, n in depth.items() if st.value in ("pending", "leased")),
-        }
+        files = {state.value: counts.get(state, 0) for state in FileState}
+        queue_depth = depth.get(RequestState.PENDING, 0) + depth.get(RequestState.LEASED, 0)
         if as_json:
+            data = {
+                "files": files,
+                "queue": {state.value: n for state, n in depth.items()},
+                "queue_depth": queue_depth,
+            }
             print(json.dumps(data, indent=1))
             return
         table = Table(title=f"obsflow status: {s.settings.site}", show_header=False)
-        for state, n in data["files"].items():
-            table.add_row(f"files {state}", str(n))
-        table.add_row("ingest queue depth", str(data["queue_depth"]))
+        for state_name, n in files.items():
+            table.add_row(f"files {state_name}", str(n))
+        table.add_row("ingest queue depth", str(queue_depth))
         out.print(table)
 
 
@@ -283,9 +328,13 @@ def retry(site: SiteOption = None) -> None:
 @app.command()
 def simulate(
     frames: Annotated[int, typer.Option(min=1, help="How many frames.")] = 20,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write (default: the site's incoming).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Where to write (default: the site's incoming).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    size: Annotated[int, typer.Option(min=16, max=8192, help="Frame width and height in pixels.")] = 512,
+    size: Annotated[
+        int, typer.Option(min=16, max=8192, help="Frame width and height in pixels.")
+    ] = 512,
     site: SiteOption = None,
 ) -> None:
     """Write one simulated night of raw OFCAM frames (biases, flats, a star field)."""
@@ -296,17 +345,14 @@ def simulate(
     out.print(f"wrote {len(written)} frame(s) to {target}")
 
 
-class _site:
+@contextmanager
+def _site(site: Path | None) -> Iterator[Site]:
     """Open the site for one command and close it after."""
-
-    def __init__(self, site: Path | None) -> None:
-        self.site = _open(site)
-
-    def __enter__(self) -> Site:
-        return self.site
-
-    def __exit__(self, *exc: object) -> None:
-        self.site.close()
+    opened = open_site(_settings(site))
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def main() -> None:

@@ -212,6 +212,9 @@ def _cards(text: str) -> dict[str, HeaderValue]:
     for i in range(0, len(text), _CARD):
         card = text[i : i + _CARD]
         key = card[:8].rstrip().upper()
+        if key in _COMMENTARY:
+            long_key = None
+            continue
         if key == "CONTINUE":
             rest = card[8:].strip()
             piece = "" if not rest or rest[0] == "/" else _string(rest)
@@ -226,8 +229,6 @@ def _cards(text: str) -> dict[str, HeaderValue]:
         long_key = None
         if card[8:10] == "= ":
             field = card[10:]
-        elif key in _COMMENTARY:
-            continue
         elif key == "HIERARCH" and (eq := card.find("=", 9)) > 0:
             key = card[9:eq].strip().upper()
             field = card[eq + 1 :]
@@ -264,17 +265,20 @@ def _scalar(s: str) -> HeaderValue:
         return int(s)
     if not s:
         return None
-    if s == "T" or s == "F":
-        return s == "T"
+    if s == "T":
+        return True
+    if s == "F":
+        return False
     if s[0] in "+-" and s[1:].isdigit():
         return int(s)
-    if "D" in s or "d" in s:
-        s = s.replace("D", "E").replace("d", "e")
     if s[-1] in "0123456789." and "_" not in s:  # float() also takes inf, nan, 1_0
         try:
             return float(s)
         except ValueError:
-            pass
+            try:
+                return float(s.replace("D", "E").replace("d", "e"))  # Fortran exponent
+            except ValueError:
+                pass
     return s  # complex, or malformed: keep the raw text
 
 

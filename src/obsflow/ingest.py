@@ -71,13 +71,21 @@ class Ingestor:
             except (StorageError, OSError) as exc:
                 error = str(exc)
                 state = self.queue.fail(
-                    lease, error, self.clock(),
+                    lease,
+                    error,
+                    self.clock(),
                     max_attempts=self.settings.max_attempts,
                     backoff_seconds=self.settings.backoff_seconds,
                     backoff_max_seconds=self.settings.backoff_max_seconds,
                 )
-                log.warning("ingest of %s failed (attempt %d, now %s): %s", lease.archive_id,
-                            lease.attempts, state, error, extra={"archive_id": lease.archive_id})
+                log.warning(
+                    "ingest of %s failed (attempt %d, now %s): %s",
+                    lease.archive_id,
+                    lease.attempts,
+                    state,
+                    error,
+                    extra={"archive_id": lease.archive_id},
+                )
                 report.errors.append((lease.archive_id, error))
         self.queue.complete(done, self.clock())
         for lease, _ in done:
@@ -102,8 +110,12 @@ class Ingestor:
             )
         return key
 
-    def run(self, stop: threading.Event, idle: Callable[[], bool] | None = None,
-            poll_seconds: float = 0.2) -> IngestReport:
+    def run(
+        self,
+        stop: threading.Event,
+        idle: Callable[[], bool] | None = None,
+        poll_seconds: float = 0.2,
+    ) -> IngestReport:
         """Work until ``stop`` is set (or, with ``idle``, until a pass finds nothing and
         ``idle()`` says there will be nothing more)."""
         total = IngestReport()

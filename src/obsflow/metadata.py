@@ -55,8 +55,8 @@ def extract(
     missing = [k for k in instrument.required if k not in header]
     if missing:
         raise MetadataError(
-            path, f"required keyword(s) {', '.join(missing)} missing for instrument "
-            f"{instrument.name}"
+            path,
+            f"required keyword(s) {', '.join(missing)} missing for instrument {instrument.name}",
         )
     keys = instrument.keywords
     date_obs = _date_obs(header, keys.date_obs, keys.time_obs, path)
@@ -126,7 +126,9 @@ def _times(
     if rule.from_ is TimeFrom.HEADER:
         assert rule.start is not None
         start = _date_obs(header, rule.start, None, path)
-        stop = _date_obs(header, rule.stop, None, path) if rule.stop in header else start
+        stop = (
+            _date_obs(header, rule.stop, None, path) if rule.stop and rule.stop in header else start
+        )
         return start, max(start, stop)
     assert rule.start is not None and rule.format is not None
     start = _from_groups(rule.start, rule.format, groups, product, path)

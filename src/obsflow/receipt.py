@@ -108,7 +108,9 @@ class Receiver:
             return self._take(path, recognised, stat, received_at)
         except VanishedError as exc:
             log.warning("%s", exc)
-            return Received(path, Outcome.VANISHED, product=recognised.product.id, reason=exc.detail)
+            return Received(
+                path, Outcome.VANISHED, product=recognised.product.id, reason=exc.detail
+            )
         except ReceiptError as exc:
             return self._quarantine(path, exc, recognised, received_at)
 
@@ -124,8 +126,9 @@ class Receiver:
             if age >= settle:
                 return stat
             if time.monotonic() > give_up:
-                raise VanishedError(path, f"still changing after "
-                                    f"{self.settings.receipt.max_wait_seconds:g} s")
+                raise VanishedError(
+                    path, f"still changing after {self.settings.receipt.max_wait_seconds:g} s"
+                )
             self.sleep(max(0.01, min(settle - age, settle / 4)))
             again = _stat(path)
             if (again.st_size, again.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
@@ -187,7 +190,9 @@ class Receiver:
                     instrument, meta.date_obs, meta.night, bump
                 ),
                 cache_path=lambda aid: Cache.key(instrument.name, meta.night, aid),
-                place=lambda aid: _place(self.cache, temp, Cache.key(instrument.name, meta.night, aid)),
+                place=lambda aid: _place(
+                    self.cache, temp, Cache.key(instrument.name, meta.night, aid)
+                ),
                 ledger={
                     LedgerEvent.ACQUIRED: datetime.fromtimestamp(stat.st_mtime, UTC),
                     LedgerEvent.RECEIVED: received_at,
@@ -200,13 +205,31 @@ class Receiver:
             temp.unlink(missing_ok=True)
         if recorded.duplicate:
             log.info("duplicate %s: same bytes as %s", path, recorded.archive_id)
-            return Received(path, Outcome.DUPLICATE, recorded.archive_id, recorded.file_id,
-                            product.id, reason=f"same bytes as {recorded.archive_id}", size=size)
-        log.info("cached %s as %s", path.name, recorded.archive_id,
-                 extra={"archive_id": recorded.archive_id, "product": product.id})
+            return Received(
+                path,
+                Outcome.DUPLICATE,
+                recorded.archive_id,
+                recorded.file_id,
+                product.id,
+                reason=f"same bytes as {recorded.archive_id}",
+                size=size,
+            )
+        log.info(
+            "cached %s as %s",
+            path.name,
+            recorded.archive_id,
+            extra={"archive_id": recorded.archive_id, "product": product.id},
+        )
         self._remove_source(path)
-        return Received(path, Outcome.CACHED, recorded.archive_id, recorded.file_id, product.id,
-                        superseded=recorded.superseded, size=size)
+        return Received(
+            path,
+            Outcome.CACHED,
+            recorded.archive_id,
+            recorded.file_id,
+            product.id,
+            superseded=recorded.superseded,
+            size=size,
+        )
 
     def _quarantine(
         self, path: Path, error: ReceiptError, recognised: Recognised | None, received_at: datetime
@@ -221,11 +244,20 @@ class Receiver:
                 size = os.fstat(f.fileno()).st_size
         except OSError as exc:
             log.warning("cannot quarantine %s: %s", path, exc)
-            return Received(path, Outcome.VANISHED, product=product.id if product else None,
-                            reason=f"{reason} (and it could not be read: {exc})")
+            return Received(
+                path,
+                Outcome.VANISHED,
+                product=product.id if product else None,
+                reason=f"{reason} (and it could not be read: {exc})",
+            )
         if self.catalog.rejected_before(sha256, path.name) is not None:
-            return Received(path, Outcome.REJECTED, product=product.id if product else None,
-                            reason=reason, size=size)
+            return Received(
+                path,
+                Outcome.REJECTED,
+                product=product.id if product else None,
+                reason=reason,
+                size=size,
+            )
         folder = self.settings.quarantine / received_at.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
         target = _unique(folder / path.name)
@@ -258,8 +290,13 @@ class Receiver:
             {LedgerEvent.RECEIVED: received_at, LedgerEvent.REJECTED: self.clock()},
         )
         self._remove_source(path)
-        return Received(path, Outcome.REJECTED, product=product.id if product else None,
-                        reason=reason, size=size)
+        return Received(
+            path,
+            Outcome.REJECTED,
+            product=product.id if product else None,
+            reason=reason,
+            size=size,
+        )
 
     def _remove_source(self, path: Path) -> None:
         if self.settings.receipt.remove_source:
@@ -273,9 +310,7 @@ def _stat(path: Path) -> os.stat_result:
         raise VanishedError(path, "the file disappeared before it could be received") from None
 
 
-def _read_primary_header(
-    src: BinaryIO, size: int, path: Path
-) -> tuple[bytes, fitsheader.Header]:
+def _read_primary_header(src: BinaryIO, size: int, path: Path) -> tuple[bytes, fitsheader.Header]:
     """Read from the start until the primary header's END card; return the bytes read."""
     if size == 0:
         raise FitsError(path, "empty file (0 bytes)")

@@ -89,7 +89,9 @@ def load_settings(site: Path) -> Settings:
     site = site.resolve()
     path = site / SETTINGS_FILE
     if not path.is_file():
-        raise SiteError(f"{site}: not an obsflow site (no {SETTINGS_FILE}); run 'obsflow init {site}'")
+        raise SiteError(
+            f"{site}: not an obsflow site (no {SETTINGS_FILE}); run 'obsflow init {site}'"
+        )
     doc, problems = yamlfile.read(path)
     if doc is not None and not problems:
         if doc.data is None or doc.data == {}:

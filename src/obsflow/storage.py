@@ -29,7 +29,9 @@ def check_key(key: str) -> PurePosixPath:
         or "\\" in key
         or any(part in ("", ".", "..") or part.startswith(".") for part in key.split("/"))
     ):
-        raise StorageError(f"invalid storage key {key!r}: expected a relative path inside the archive")
+        raise StorageError(
+            f"invalid storage key {key!r}: expected a relative path inside the archive"
+        )
     return path
 
 

@@ -83,7 +83,9 @@ def _walk(
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
             line = key_node.start_mark.line + 1
             if key in seen:
-                problems.append(Problem(path, line, f"duplicate key {key!r}; expected each key once"))
+                problems.append(
+                    Problem(path, line, f"duplicate key {key!r}; expected each key once")
+                )
             seen.add(key)
             lines[(*loc, key)] = line
             _walk(value_node, (*loc, key), lines, problems, path)

@@ -117,7 +117,9 @@ class Catalog:
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")
         except OperationalError as exc:
-            raise CatalogError(f"cannot open the catalog at {self.engine.url!r}: {exc.orig}") from exc
+            raise CatalogError(
+                f"cannot open the catalog at {self.engine.url!r}: {exc.orig}"
+            ) from exc
 
     def close(self) -> None:
         self.engine.dispose()
@@ -125,8 +127,8 @@ class Catalog:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(obsflow_immediate=True)
+        with self.engine.connect() as plain:
+            conn = plain.execution_options(obsflow_immediate=True)
             with conn.begin():
                 yield conn
 
@@ -191,10 +193,12 @@ class Catalog:
                         cache_path=cache_path(archive_id),
                         version=older.version + 1 if older else 1,
                     )
-                    file_id = conn.execute(insert(files).values(**values)).inserted_primary_key[0]
+                    file_id = _insert_file(conn, values)
                     if older is not None:
                         conn.execute(
-                            update(files).where(files.c.id == older.id).values(superseded_by=file_id)
+                            update(files)
+                            .where(files.c.id == older.id)
+                            .values(superseded_by=file_id)
                         )
                     self._insert_details(conn, file_id, new, ledger)
                     conn.execute(
@@ -209,7 +213,9 @@ class Catalog:
                     )
                     place(archive_id)
                     return Recorded(
-                        file_id, archive_id, duplicate=False,
+                        file_id,
+                        archive_id,
+                        duplicate=False,
                         superseded=older.archive_id if older else None,
                     )
             except IntegrityError:
@@ -233,7 +239,8 @@ class Catalog:
     ) -> None:
         if new.tags:
             conn.execute(
-                insert(schema.tags), [{"file_id": file_id, "tag": t} for t in dict.fromkeys(new.tags)]
+                insert(schema.tags),
+                [{"file_id": file_id, "tag": t} for t in dict.fromkeys(new.tags)],
             )
         if new.keywords:
             conn.execute(
@@ -262,7 +269,7 @@ class Catalog:
             values.update(
                 state=FileState.REJECTED.value, reason=reason, quarantine_path=quarantine_path
             )
-            file_id: int = conn.execute(insert(schema.files).values(**values)).inserted_primary_key[0]
+            file_id = _insert_file(conn, values)
             self._insert_details(conn, file_id, NewFile(**{**new.__dict__, "tags": ()}), ledger)
             return file_id
 
@@ -297,9 +304,7 @@ class Catalog:
             conditions.append(files.c.start_utc <= query.until)
         if query.tag is not None:
             tags = schema.tags
-            conditions.append(
-                files.c.id.in_(select(tags.c.file_id).where(tags.c.tag == query.tag))
-            )
+            conditions.append(files.c.id.in_(select(tags.c.file_id).where(tags.c.tag == query.tag)))
         if not query.include_superseded:
             conditions.append(files.c.superseded_by.is_(None))
         stmt = stmt.where(and_(true(), *conditions)).order_by(files.c.start_utc, files.c.id)
@@ -327,10 +332,14 @@ class Catalog:
         words: dict[int, dict[str, Any]] = {}
         for chunk in _chunks(ids, 500):
             for t in conn.execute(
-                select(schema.tags).where(schema.tags.c.file_id.in_(chunk)).order_by(schema.tags.c.tag)
+                select(schema.tags)
+                .where(schema.tags.c.file_id.in_(chunk))
+                .order_by(schema.tags.c.tag)
             ):
                 tags.setdefault(t.file_id, []).append(t.tag)
-            for k in conn.execute(select(schema.keywords).where(schema.keywords.c.file_id.in_(chunk))):
+            for k in conn.execute(
+                select(schema.keywords).where(schema.keywords.c.file_id.in_(chunk))
+            ):
                 words.setdefault(k.file_id, {})[k.name] = _keyword_from_row(k)
         return [_record(r, tags.get(r.id, ()), words.get(r.id, {})) for r in rows]
 
@@ -345,6 +354,12 @@ class Catalog:
         with self.read() as conn:
             rows = conn.execute(select(files.c.state, func.count()).group_by(files.c.state)).all()
         return {FileState(state): count for state, count in rows}
+
+
+def _insert_file(conn: Connection, values: dict[str, Any]) -> int:
+    key = conn.execute(insert(schema.files).values(**values)).inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def _file_values(new: NewFile) -> dict[str, Any]:

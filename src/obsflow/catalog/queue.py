@@ -70,8 +70,14 @@ class IngestQueue:
             )
             rows = conn.execute(
                 select(
-                    requests.c.id, requests.c.file_id, requests.c.attempts, files.c.archive_id,
-                    files.c.instrument, files.c.night, files.c.sha256, files.c.size,
+                    requests.c.id,
+                    requests.c.file_id,
+                    requests.c.attempts,
+                    files.c.archive_id,
+                    files.c.instrument,
+                    files.c.night,
+                    files.c.sha256,
+                    files.c.size,
                     files.c.cache_path,
                 )
                 .join(files, files.c.id == requests.c.file_id)
@@ -79,8 +85,18 @@ class IngestQueue:
                 .order_by(requests.c.id)
             ).all()
         return [
-            Lease(r.id, r.file_id, r.attempts, owner, r.archive_id, r.instrument, r.night,
-                  r.sha256, r.size, r.cache_path)
+            Lease(
+                r.id,
+                r.file_id,
+                r.attempts,
+                owner,
+                r.archive_id,
+                r.instrument,
+                r.night,
+                r.sha256,
+                r.size,
+                r.cache_path,
+            )
             for r in rows
         ]
 
@@ -97,8 +113,13 @@ class IngestQueue:
                 conn.execute(
                     update(requests)
                     .where(requests.c.id == lease.request_id)
-                    .values(state=RequestState.DONE.value, lease_owner=None, lease_expires=None,
-                            last_error=None, updated_at=now)
+                    .values(
+                        state=RequestState.DONE.value,
+                        lease_owner=None,
+                        lease_expires=None,
+                        last_error=None,
+                        updated_at=now,
+                    )
                 )
                 conn.execute(
                     update(files)
@@ -140,8 +161,14 @@ class IngestQueue:
             conn.execute(
                 update(requests)
                 .where(requests.c.id == lease.request_id, requests.c.state == RequestState.LEASED)
-                .values(state=state.value, lease_owner=None, lease_expires=None, last_error=error,
-                        next_attempt_at=now + timedelta(seconds=delay), updated_at=now)
+                .values(
+                    state=state.value,
+                    lease_owner=None,
+                    lease_expires=None,
+                    last_error=error,
+                    next_attempt_at=now + timedelta(seconds=delay),
+                    updated_at=now,
+                )
             )
             if final:
                 conn.execute(
@@ -158,25 +185,39 @@ class IngestQueue:
         with self.catalog.write() as conn:
             conn.execute(
                 update(requests)
-                .where(requests.c.id.in_([x.request_id for x in leases]),
-                       requests.c.state == RequestState.LEASED)
-                .values(state=RequestState.PENDING.value, lease_owner=None, lease_expires=None,
-                        attempts=requests.c.attempts - 1, next_attempt_at=now, updated_at=now)
+                .where(
+                    requests.c.id.in_([x.request_id for x in leases]),
+                    requests.c.state == RequestState.LEASED,
+                )
+                .values(
+                    state=RequestState.PENDING.value,
+                    lease_owner=None,
+                    lease_expires=None,
+                    attempts=requests.c.attempts - 1,
+                    next_attempt_at=now,
+                    updated_at=now,
+                )
             )
 
     def retry_failed(self, now: datetime) -> int:
         """Put every failed request back in the queue with fresh attempts; return how many."""
         with self.catalog.write() as conn:
-            failed = list(conn.execute(
-                select(requests.c.file_id).where(requests.c.state == RequestState.FAILED)
-            ).scalars())
+            failed = list(
+                conn.execute(
+                    select(requests.c.file_id).where(requests.c.state == RequestState.FAILED)
+                ).scalars()
+            )
             if not failed:
                 return 0
             conn.execute(
                 update(requests)
                 .where(requests.c.state == RequestState.FAILED)
-                .values(state=RequestState.PENDING.value, attempts=0, next_attempt_at=now,
-                        updated_at=now)
+                .values(
+                    state=RequestState.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=now,
+                    updated_at=now,
+                )
             )
             conn.execute(
                 update(files)
@@ -198,6 +239,14 @@ class IngestQueue:
             for start in range(0, len(file_ids), 500):
                 chunk = file_ids[start : start + 500]
                 for r in conn.execute(select(requests).where(requests.c.file_id.in_(chunk))):
-                    out.append(RequestRecord(r.id, r.file_id, RequestState(r.state), r.attempts,
-                                             r.next_attempt_at, r.last_error))
+                    out.append(
+                        RequestRecord(
+                            r.id,
+                            r.file_id,
+                            RequestState(r.state),
+                            r.attempts,
+                            r.next_attempt_at,
+                            r.last_error,
+                        )
+                    )
         return out

@@ -56,7 +56,16 @@ def load_registry_files(root: Path) -> RegistryFiles:
             continue
         if parsed.instrument is not None:
             spec = _sourced(parsed.instrument, doc, ("instrument",))
-            _add(out.instruments, spec.name, spec, "instrument", doc, ("instrument",), where, problems)
+            _add(
+                out.instruments,
+                spec.name,
+                spec,
+                "instrument",
+                doc,
+                ("instrument",),
+                where,
+                problems,
+            )
         for kind, section, target in (
             ("product", "products", out.products),
             ("pipeline", "pipelines", out.pipelines),
@@ -65,7 +74,7 @@ def load_registry_files(root: Path) -> RegistryFiles:
             for index, item in enumerate(getattr(parsed, section)):
                 loc = (section, index)
                 spec = _sourced(item, doc, loc)
-                _add(target, spec.id, spec, kind, doc, loc, where, problems)  # type: ignore[arg-type]
+                _add(target, spec.id, spec, kind, doc, loc, where, problems)
     problems += _cross_check(out, where)
     if problems:
         raise RegistryError(problems)
@@ -90,8 +99,9 @@ def _add(
         first_doc, first_loc = where[(kind, key)]
         first = f"{first_doc.file}:{first_doc.line(first_loc)}"
         problems.append(
-            doc.problem(loc, f"duplicate {kind} ID {key!r}, first defined at {first}; "
-                        "expected each ID once")
+            doc.problem(
+                loc, f"duplicate {kind} ID {key!r}, first defined at {first}; expected each ID once"
+            )
         )
         return
     target[key] = spec
@@ -111,29 +121,49 @@ def _cross_check(
     for product in files.products.values():
         if product.instrument not in files.instruments:
             known = ", ".join(sorted(files.instruments)) or "none defined"
-            report("product", product.id, ("instrument",),
-                   f"product {product.id!r} names instrument {product.instrument!r}, "
-                   f"which is not registered; expected one of: {known}")
+            report(
+                "product",
+                product.id,
+                ("instrument",),
+                f"product {product.id!r} names instrument {product.instrument!r}, "
+                f"which is not registered; expected one of: {known}",
+            )
     for pipeline in files.pipelines.values():
         if pipeline.profile not in files.profiles:
-            report("pipeline", pipeline.id, ("profile",),
-                   f"pipeline {pipeline.id!r} names profile {pipeline.profile!r}, "
-                   "which is not registered")
+            report(
+                "pipeline",
+                pipeline.id,
+                ("profile",),
+                f"pipeline {pipeline.id!r} names profile {pipeline.profile!r}, "
+                "which is not registered",
+            )
         names: set[str] = set()
         for index, spec in enumerate(pipeline.inputs):
             if spec.product not in files.products:
-                report("pipeline", pipeline.id, ("inputs", index, "product"),
-                       f"pipeline {pipeline.id!r} takes product {spec.product!r}, "
-                       "which is not registered")
+                report(
+                    "pipeline",
+                    pipeline.id,
+                    ("inputs", index, "product"),
+                    f"pipeline {pipeline.id!r} takes product {spec.product!r}, "
+                    "which is not registered",
+                )
             if spec.name in names:
-                report("pipeline", pipeline.id, ("inputs", index, "name"),
-                       f"input name {spec.name!r} is used twice; expected unique names")
+                report(
+                    "pipeline",
+                    pipeline.id,
+                    ("inputs", index, "name"),
+                    f"input name {spec.name!r} is used twice; expected unique names",
+                )
             names.add(spec.name)
         for index, out in enumerate(pipeline.outputs):
             if out.product not in files.products:
-                report("pipeline", pipeline.id, ("outputs", index, "product"),
-                       f"pipeline {pipeline.id!r} outputs product {out.product!r}, "
-                       "which is not registered")
+                report(
+                    "pipeline",
+                    pipeline.id,
+                    ("outputs", index, "product"),
+                    f"pipeline {pipeline.id!r} outputs product {out.product!r}, "
+                    "which is not registered",
+                )
     for profile in files.profiles.values():
         problems += _check_steps(profile, where)
     return problems
@@ -148,22 +178,34 @@ def _check_steps(
     index_of: dict[str, int] = {}
     for index, step in enumerate(profile.steps):
         if step.name in index_of:
-            problems.append(doc.problem((*loc, "steps", index, "name"),
-                                        f"step name {step.name!r} is used twice in profile "
-                                        f"{profile.id!r}; expected unique step names"))
+            problems.append(
+                doc.problem(
+                    (*loc, "steps", index, "name"),
+                    f"step name {step.name!r} is used twice in profile "
+                    f"{profile.id!r}; expected unique step names",
+                )
+            )
         index_of.setdefault(step.name, index)
     for index, step in enumerate(profile.steps):
         for need in step.needs:
             if need not in index_of:
-                problems.append(doc.problem((*loc, "steps", index, "needs"),
-                                            f"step {step.name!r} needs {need!r}, which is not a "
-                                            f"step of profile {profile.id!r}"))
+                problems.append(
+                    doc.problem(
+                        (*loc, "steps", index, "needs"),
+                        f"step {step.name!r} needs {need!r}, which is not a "
+                        f"step of profile {profile.id!r}",
+                    )
+                )
     if not problems:
         cycle = _find_cycle({s.name: s.needs for s in profile.steps})
         if cycle:
-            problems.append(doc.problem((*loc, "steps"),
-                                        f"profile {profile.id!r} has a dependency cycle: "
-                                        f"{' -> '.join(cycle)}; expected 'needs' to form a DAG"))
+            problems.append(
+                doc.problem(
+                    (*loc, "steps"),
+                    f"profile {profile.id!r} has a dependency cycle: "
+                    f"{' -> '.join(cycle)}; expected 'needs' to form a DAG",
+                )
+            )
     return problems
 
 
@@ -176,7 +218,7 @@ def _find_cycle(needs: dict[str, tuple[str, ...]]) -> list[str] | None:
         stack.append(node)
         for nxt in needs.get(node, ()):
             if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt):], nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()

@@ -38,8 +38,8 @@ class Matcher:
             tag = f"_p{index}"
             names = _GROUP.findall(product.filename)
             self._names.append(names)
-            rule = _GROUP.sub(lambda m, t=tag: f"(?P<{t}_{m.group(1)}>", product.filename)
-            rule = _BACKREF.sub(lambda m, t=tag: f"(?P={t}_{m.group(1)})", rule)
+            rule = _GROUP.sub(f"(?P<{tag}_\\1>", product.filename)
+            rule = _BACKREF.sub(f"(?P={tag}_\\1)", rule)
             parts.append(f"(?=(?P<{tag}>(?:{rule})\\Z))?")
         self._regex = re.compile("".join(parts))
 

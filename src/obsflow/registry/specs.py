@@ -203,7 +203,7 @@ class InputSpec(Spec):
     name: Identifier
     """The parameter name the profile uses for these inputs."""
     where: str | None = None
-    """A condition each input must meet, e.g. ``frame_type == 'FLAT' and filter == group.filter``."""
+    """A condition each input must meet, e.g. ``frame_type == 'FLAT'``."""
     min: int = Field(default=1, ge=0)
     max: int | None = Field(default=None, ge=1)
     optional: bool = False
