@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date, datetime
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from obsflow import __version__
-from obsflow.app import Site, ingest_paths, open_site
+from obsflow.app import IngestSummary, Site, ingest_paths, open_site
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.errors import ConfigError, ObsflowError, SiteError
 from obsflow.metadata import parse_time
@@ -120,41 +121,83 @@ def ingest(
 ) -> None:
     """Receive files into the cache and (unless --no-wait) archive them."""
     with _site(site) as s:
-        files = list(_expand(paths, recursive))
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=err, transient=True) as progress:
-            task = progress.add_task("receiving", total=len(files))
-            summary = ingest_paths(
-                s, files, wait=not no_wait, on_received=lambda r: progress.advance(task)
-            )
-            progress.update(task, description="archiving")
-        cached = summary.of(Outcome.CACHED)
-        table = Table(title="obsflow ingest", show_header=False)
-        table.add_row("received", str(len(summary.received)))
-        table.add_row("new, cached", str(len(cached)))
-        if not no_wait:
-            table.add_row("archived", str(len(summary.ingest.archived)))
-        table.add_row("duplicate", str(len(summary.of(Outcome.DUPLICATE))))
-        table.add_row("rejected", str(len(summary.of(Outcome.REJECTED))))
-        table.add_row("ignored (no product)", str(len(summary.of(Outcome.IGNORED))))
-        table.add_row("vanished or still changing", str(len(summary.of(Outcome.VANISHED))))
-        out.print(table)
-        for r in summary.of(Outcome.REJECTED):
-            err.print(f"[red]rejected[/] {r.path}: {r.reason}")
-        for r in summary.of(Outcome.VANISHED):
-            err.print(f"[yellow]not received[/] {r.path}: {r.reason}")
-        errors = dict(summary.ingest.errors)
-        for archive_id, error in errors.items():
-            err.print(
-                f"[red]not archived yet[/] {archive_id}: {error} (it stays cached and queued)"
-            )
+        summary = _ingest(s, list(_expand(paths, recursive)), wait=not no_wait)
         out.print(f"site: {s.settings.site}")
-        if summary.of(Outcome.REJECTED) or (errors and not no_wait):
+        if summary.of(Outcome.REJECTED) or (summary.ingest.errors and not no_wait):
+            raise typer.Exit(1)
+
+
+def _ingest(s: Site, files: list[Path], *, wait: bool) -> IngestSummary:
+    """Ingest with a progress bar; print the summary table and every problem."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("receiving", total=len(files))
+        summary = ingest_paths(s, files, wait=wait, on_received=lambda r: progress.advance(task))
+    table = Table(title="obsflow ingest", show_header=False)
+    table.add_row("received", str(len(summary.received)))
+    table.add_row("new, cached", str(len(summary.of(Outcome.CACHED))))
+    if wait:
+        table.add_row("archived", str(len(summary.ingest.archived)))
+    table.add_row("duplicate", str(len(summary.of(Outcome.DUPLICATE))))
+    table.add_row("rejected", str(len(summary.of(Outcome.REJECTED))))
+    table.add_row("ignored (no product)", str(len(summary.of(Outcome.IGNORED))))
+    table.add_row("vanished or still changing", str(len(summary.of(Outcome.VANISHED))))
+    out.print(table)
+    for r in summary.of(Outcome.REJECTED):
+        err.print(f"[red]rejected[/] {r.path}: {r.reason}", highlight=False)
+    for r in summary.of(Outcome.VANISHED):
+        err.print(f"[yellow]not received[/] {r.path}: {r.reason}", highlight=False)
+    for archive_id, error in dict(summary.ingest.errors).items():
+        err.print(
+            f"[red]not archived yet[/] {archive_id}: {error} (it stays cached and queued)",
+            highlight=False,
+        )
+    return summary
+
+
+@app.command()
+def demo(
+    frames: Annotated[int, typer.Option(min=1, max=2000, help="Frames in the night.")] = 40,
+    size: Annotated[int, typer.Option(min=16, max=4096, help="Frame size in pixels.")] = 512,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Where to make the site (default: a temp dir).")
+    ] = None,
+) -> None:
+    """Make a site, simulate a night of OFCAM frames, ingest and archive them."""
+    from obsflow.simulate import simulate_night
+
+    root = init_site(directory or Path(tempfile.mkdtemp(prefix="obsflow-demo-")))
+    settings = load_settings(root)
+    out.rule("[bold]obsflow demo")
+    out.print(f"site: [bold]{root}[/]")
+    with err.status(f"simulating a night of {frames} frames ({size}x{size})..."):
+        written = simulate_night(settings.incoming, frames, shape=(size, size))
+    out.print(f"simulated {len(written)} raw frames into {settings.incoming}")
+    with _site(root) as s:
+        summary = _ingest(s, sorted(settings.incoming.glob("*.fits")), wait=True)
+        records = s.catalog.find(FileQuery())
+        night = Table(title="the night in the archive")
+        for column in ("frame type", "filter", "frames", "archived", "total exposure (s)"):
+            night.add_column(column)
+        groups: dict[tuple[str, str], list[FileRecord]] = {}
+        for r in records:
+            groups.setdefault((r.frame_type or "-", r.filter or "-"), []).append(r)
+        for (kind, band), members in sorted(groups.items()):
+            archived = sum(r.state is FileState.ARCHIVED for r in members)
+            exposure = sum(r.exptime or 0.0 for r in members)
+            night.add_row(kind, band, str(len(members)), str(archived), f"{exposure:.0f}")
+        out.print(night)
+        out.print(f"archive: {settings.archive}")
+        out.print(f"try:  obsflow --help;  export OBSFLOW_SITE={root}")
+        out.print("      obsflow find --product ofcam_raw --tag raw;  obsflow status")
+        if records:
+            out.print(f"      obsflow show {records[-1].archive_id}")
+        if summary.of(Outcome.REJECTED) or summary.ingest.errors:
             raise typer.Exit(1)
 
 

@@ -1,0 +1,173 @@
+"""The catalog on both engines: migrations, lookups, keyword types, one-transaction records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from obsflow.app import Site, ingest_paths
+from obsflow.catalog import Catalog, FileQuery, NewFile
+from obsflow.catalog.queue import IngestQueue
+from obsflow.states import FileState, LedgerEvent, RequestState
+
+T0 = datetime(2026, 11, 22, 5, 0, tzinfo=UTC)
+
+
+def _new(n: int, **changes: object) -> NewFile:
+    values: dict[str, object] = {
+        "product": "ofcam_raw",
+        "instrument": "OFCAM",
+        "level": 0,
+        "original_name": f"ofc_20261122_{n:04d}.fits",
+        "source_path": f"/in/ofc_20261122_{n:04d}.fits",
+        "size": 1000 + n,
+        "sha256": f"{n:064x}",
+        "start": T0 + timedelta(minutes=n),
+        "stop": T0 + timedelta(minutes=n, seconds=30),
+        "night": date(2026, 11, 21),
+        "object": "bias" if n % 2 else "NGC 1234 field",
+        "tags": ("raw",) if n % 3 else ("raw", "special"),
+        "keywords": {"AIRMASS": 1.25, "FRAMENUM": n, "SIMPLE": True, "OBSMODE": "img"},
+    }
+    values.update(changes)
+    return NewFile(**values)  # type: ignore[arg-type]
+
+
+def _record(catalog: Catalog, new: NewFile, placed: list[str] | None = None) -> str:
+    recorded = catalog.record_cached(
+        new,
+        make_archive_id=lambda bump: f"OF.{new.original_name}.{bump:02d}",
+        cache_path=lambda aid: f"OFCAM/2026-11-21/{aid}",
+        place=(placed.append if placed is not None else lambda aid: None),
+        ledger={LedgerEvent.CACHED: T0},
+        now=T0,
+    )
+    return recorded.archive_id
+
+
+@pytest.fixture
+def catalog(catalog_url: str) -> Iterator[Catalog]:
+    opened = Catalog.open(catalog_url)
+    yield opened
+    opened.close()
+
+
+def test_migrations_create_every_table_and_are_idempotent(catalog_url: str) -> None:
+    first = Catalog.open(catalog_url)
+    first.close()
+    second = Catalog.open(catalog_url)  # a second upgrade to head changes nothing
+    tables = set(inspect(second.engine).get_table_names())
+    second.close()
+    assert {"files", "keywords", "tags", "ledger", "ingest_requests", "alembic_version"} <= tables
+
+
+def test_lookups_by_every_filter(catalog: Catalog) -> None:
+    ids = [_record(catalog, _new(n)) for n in range(1, 7)]
+    assert len(set(ids)) == 6
+    assert len(catalog.find(FileQuery(product="ofcam_raw"))) == 6
+    assert catalog.find(FileQuery(product="other")) == []
+    assert len(catalog.find(FileQuery(instrument="OFCAM", night=date(2026, 11, 21)))) == 6
+    bias = catalog.find(FileQuery(object="bias"))
+    assert [r.original_name for r in bias] == [f"ofc_20261122_{n:04d}.fits" for n in (1, 3, 5)]
+    special = catalog.find(FileQuery(tag="special"))
+    assert [r.original_name for r in special] == [
+        "ofc_20261122_0003.fits",
+        "ofc_20261122_0006.fits",
+    ]
+    # time range: files whose [start, stop] overlaps [since, until]
+    window = catalog.find(
+        FileQuery(since=T0 + timedelta(minutes=2, seconds=15), until=T0 + timedelta(minutes=4))
+    )
+    assert [r.original_name[-9:-5] for r in window] == ["0002", "0003", "0004"]
+    assert catalog.find(FileQuery(state=FileState.ARCHIVED)) == []
+    assert len(catalog.find(FileQuery(state=FileState.CACHED, limit=2))) == 2
+
+
+def test_keywords_keep_their_types_and_tags_come_back(catalog: Catalog) -> None:
+    archive_id = _record(catalog, _new(3))
+    record = catalog.get(archive_id)
+    assert record is not None
+    assert record.keywords == {"AIRMASS": 1.25, "FRAMENUM": 3, "SIMPLE": True, "OBSMODE": "img"}
+    assert isinstance(record.keywords["FRAMENUM"], int)
+    assert record.tags == ("raw", "special")
+    assert record.start == T0 + timedelta(minutes=3)
+    assert record.start is not None and record.start.tzinfo is not None
+
+
+def test_record_cached_is_one_transaction_with_its_request(catalog: Catalog) -> None:
+    placed: list[str] = []
+    archive_id = _record(catalog, _new(1), placed)
+    assert placed == [archive_id]
+    record = catalog.get(archive_id)
+    assert record is not None
+    requests = IngestQueue(catalog).requests_for([record.id])
+    assert [(q.state, q.attempts) for q in requests] == [(RequestState.PENDING, 0)]
+
+    def fail(_aid: str) -> None:
+        raise OSError("disk full while placing in the cache")
+
+    with pytest.raises(OSError, match="disk full"):
+        catalog.record_cached(
+            _new(2),
+            make_archive_id=lambda bump: f"OF.two.{bump}",
+            cache_path=lambda aid: aid,
+            place=fail,
+            ledger={},
+            now=T0,
+        )
+    # nothing of file 2 was kept: no row, no request
+    assert catalog.find(FileQuery(original_name="ofc_20261122_0002.fits")) == []
+    assert sum(IngestQueue(catalog).depth().values()) == 1
+
+
+def test_same_bytes_are_a_duplicate_and_a_taken_archive_id_is_bumped(catalog: Catalog) -> None:
+    first = _record(catalog, _new(1))
+    again = catalog.record_cached(
+        _new(1, original_name="renamed.fits"),
+        make_archive_id=lambda bump: "never-used",
+        cache_path=lambda aid: aid,
+        place=lambda aid: None,
+        ledger={},
+        now=T0,
+    )
+    assert again.duplicate and again.archive_id == first
+    # a different file whose natural archive ID is taken gets the next one
+    second = catalog.record_cached(
+        _new(2),
+        make_archive_id=lambda bump: f"OF.ofc_20261122_0001.fits.{bump:02d}",
+        cache_path=lambda aid: aid,
+        place=lambda aid: None,
+        ledger={},
+        now=T0,
+    )
+    assert not second.duplicate
+    assert second.archive_id == "OF.ofc_20261122_0001.fits.01"
+
+
+def test_sqlite_catalog_is_in_wal_mode(tmp_path: Path) -> None:
+    catalog = Catalog.open(f"sqlite:///{tmp_path / 'c.db'}")
+    with catalog.read() as conn:
+        mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+    catalog.close()
+    assert mode == "wal"
+
+
+def test_two_processes_worth_of_sites_share_one_catalog(site: Site, frames: list[Path]) -> None:
+    """Receipt from two Site objects (as two processes would) never doubles a file."""
+    from obsflow.app import open_site
+
+    other = open_site(site.settings)
+    try:
+        first = ingest_paths(site, frames[:8], wait=False)
+        second = ingest_paths(other, frames[4:], wait=True)
+    finally:
+        other.close()
+    assert len(first.received) == 8
+    names = [r.original_name for r in site.catalog.find(FileQuery())]
+    assert sorted(names) == sorted(p.name for p in frames)
+    assert all(r.state is FileState.ARCHIVED for r in site.catalog.find(FileQuery()))
+    assert len(second.ingest.archived) == len(frames)

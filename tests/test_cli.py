@@ -1,0 +1,150 @@
+"""The obsflow command as a user runs it: real subprocesses, on each catalog engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from astropy.io import fits
+
+from tests.conftest import SiteFactory
+
+FIND_KEYS = {
+    "archive_id", "product", "instrument", "level", "original_name", "state", "sha256",
+    "size", "archive_path", "start", "stop",
+}  # fmt: skip
+
+
+def obsflow(
+    *args: str | Path, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "obsflow", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **env},
+        check=False,
+    )
+
+
+def as_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_ingest_find_show_status(make_site: SiteFactory, frames: list[Path]) -> None:
+    site = make_site().site
+    done = obsflow("ingest", "--site", site, frames[0].parent)
+    assert done.returncode == 0, done.stderr
+    assert "archived" in done.stdout
+
+    found = as_json(obsflow("find", "--site", site, "--json"))
+    assert len(found) == len(frames)
+    assert set(found[0]) >= FIND_KEYS
+    for row in found:
+        assert row["state"] == "archived"
+        archived = Path(row["archive_path"])
+        assert archived.is_file() and archived.is_relative_to(site / "archive")
+        assert archived.stat().st_size == row["size"]
+
+    flats = as_json(obsflow("find", "--site", site, "--json", "--object", "domeflat"))
+    assert flats and all(r["frame_type"] == "FLAT" for r in flats)
+    night = as_json(obsflow("find", "--site", site, "--json", "--night", "2026-11-21"))
+    assert len(night) == len(frames)
+    assert as_json(obsflow("find", "--site", site, "--json", "--night", "2026-11-22")) == []
+    raw = as_json(
+        obsflow("find", "--site", site, "--json", "--tag", "raw", "--product", "ofcam_raw")
+    )
+    assert len(raw) == len(frames)
+    first = min(found, key=lambda r: r["start"])
+    early = as_json(obsflow("find", "--site", site, "--json", "--until", first["start"]))
+    assert [r["archive_id"] for r in early] == [first["archive_id"]]
+
+    shown = as_json(obsflow("show", "--site", site, "--json", first["archive_id"]))
+    events = [e["event"] for e in shown["ledger"]]
+    assert events[0] == "acquired" and events[-1] == "archived"
+    assert shown["ingest"]["state"] == "done"
+    header = fits.getheader(first["archive_path"])
+    assert shown["keywords"]["FRAMENUM"] == header["FRAMENUM"]
+    by_name = as_json(obsflow("show", "--site", site, "--json", first["original_name"]))
+    assert by_name["archive_id"] == first["archive_id"]
+
+    status = as_json(obsflow("status", "--site", site, "--json"))
+    assert status["files"]["archived"] == len(frames)
+    assert status["queue_depth"] == 0
+
+
+def test_rejected_file_gives_exit_status_1_and_says_why(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    site = make_site().site
+    bad = frames[0].parent / "ofc_20261122_0999.fits"
+    bad.write_bytes(b"this is not a FITS file at all\n" * 100)
+    result = obsflow("ingest", "--site", site, frames[0].parent)
+    assert result.returncode == 1
+    assert "ofc_20261122_0999.fits" in result.stderr
+    assert "not a FITS file" in result.stderr
+    status = as_json(obsflow("status", "--site", site, "--json"))
+    assert status["files"] == {
+        "cached": 0, "archived": len(frames), "failed": 0, "rejected": 1,
+    }  # fmt: skip
+
+
+def test_no_wait_queues_and_a_later_ingest_drains_the_queue(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    site = make_site().site
+    queued = obsflow("ingest", "--no-wait", "--site", site, *frames)
+    assert queued.returncode == 0, queued.stderr
+    status = as_json(obsflow("status", "--site", site, "--json"))
+    assert status["files"]["cached"] == len(frames)
+    assert status["queue_depth"] == len(frames)
+    again = obsflow("ingest", "--site", site, *frames[:1])  # a duplicate; the run drains
+    assert again.returncode == 0, again.stderr
+    status = as_json(obsflow("status", "--site", site, "--json"))
+    assert status["files"]["archived"] == len(frames)
+    assert status["queue_depth"] == 0
+
+
+def test_site_from_environment_and_a_clear_error_without_one(
+    make_site: SiteFactory, tmp_path: Path
+) -> None:
+    site = make_site().site
+    assert obsflow("status", "--json", OBSFLOW_SITE=str(site)).returncode == 0
+    empty = tmp_path / "not-a-site"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "OBSFLOW_SITE"}
+    result = subprocess.run(
+        [sys.executable, "-m", "obsflow", "status"],
+        capture_output=True, text=True, cwd=empty, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "not an obsflow site" in result.stderr and "obsflow init" in result.stderr
+
+
+def test_bad_arguments_are_refused_clearly(make_site: SiteFactory) -> None:
+    site = make_site().site
+    bad_time = obsflow("find", "--site", site, "--since", "last tuesday")
+    assert bad_time.returncode == 2 and "ISO" in bad_time.stderr
+    missing = obsflow("show", "--site", site, "OF.19990101.00000.00.fits")
+    assert missing.returncode == 1 and "no file" in missing.stderr
+
+
+def test_simulate_writes_a_night_the_registry_recognises(
+    make_site: SiteFactory, tmp_path: Path
+) -> None:
+    site = make_site().site
+    out = tmp_path / "sim"
+    result = obsflow("simulate", "--site", site, "--frames", "5", "--size", "32", "--out", out)
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.glob("*.fits"))
+    assert len(names) == 5
+    done = obsflow("ingest", "--site", site, out)
+    assert done.returncode == 0, done.stderr
+    assert len(as_json(obsflow("find", "--site", site, "--json"))) == 5
