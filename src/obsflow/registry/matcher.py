@@ -1,16 +1,27 @@
-"""Recognition: one compiled regular expression for every product's filename rule.
+"""Recognition: every product's filename rule compiled into one matcher.
 
-Each product's rule becomes an optional lookahead at the start of the name,
-``(?=(?P<_p7>RULE)\\Z)?``, its named groups renamed ``_p7_NAME``. One ``match``
-call therefore tries every product inside the regex engine (C, no Python loop
-per product) and still sees *every* product that matches, which is how an
-ambiguous name is detected. Building this ourselves is ~50 lines; no library
-offers multi-pattern matching with named groups and all-matches semantics.
+Two ideas keep the cost of recognising a name nearly flat with hundreds of products
+(``benchmarks/recognise.py``):
+
+1. *Prefix dispatch.* Most rules start with literal text (``ofc_``, ``KB.``).
+   The literal prefix of each rule is read conservatively from its source; a name
+   is only tried against the products whose prefix it starts with (a dictionary
+   lookup per distinct prefix length) and the products with no literal prefix.
+2. *One alternation per candidate set.* The candidates' rules are joined into one
+   regex of branches ``(?P<_p7>RULE)`` (named groups renamed ``_p7_NAME``) and
+   matched with ``fullmatch``; ``lastgroup`` names the product without a Python
+   loop. The same alternation in reverse order finds the *last* matching product:
+   if first and last differ, two products claim the name, and it is refused as
+   ambiguous, naming both. Compiled alternations are cached per candidate set.
+
+No library offers multi-pattern matching with named groups and ambiguity
+detection, hence these ~100 lines.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +30,8 @@ from obsflow.registry.specs import ProductSpec
 
 _GROUP = re.compile(r"\(\?P<([A-Za-z_]\w*)>")
 _BACKREF = re.compile(r"\(\?P=([A-Za-z_]\w*)\)")
+_META = set(".^$*+?{}[]|()\\")
+_QUANTIFIERS = set("*?{+")
 
 
 @dataclass(frozen=True)
@@ -27,34 +40,108 @@ class Recognised:
     groups: Mapping[str, str]
 
 
+def literal_prefix(rule: str) -> str:
+    """The text every name matching ``rule`` starts with ('' when unsure)."""
+    if _has_top_level_alternation(rule) or rule.startswith("(?"):
+        return ""  # flags like (?i) or alternatives: no safe prefix
+    out: list[str] = []
+    i = 1 if rule.startswith("^") else 0
+    while i < len(rule):
+        char = rule[i]
+        if char == "\\" and i + 1 < len(rule) and not rule[i + 1].isalnum():
+            literal, i = rule[i + 1], i + 2
+        elif char not in _META:
+            literal, i = char, i + 1
+        else:
+            break
+        if i < len(rule) and rule[i] in _QUANTIFIERS:
+            break  # this character may be absent or repeated: stop before it
+        out.append(literal)
+    return "".join(out)
+
+
+def _has_top_level_alternation(rule: str) -> bool:
+    depth, i, in_class = 0, 0, False
+    while i < len(rule):
+        char = rule[i]
+        if char == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            return True
+        i += 1
+    return False
+
+
 class Matcher:
-    """Recognise a file name as exactly one product."""
+    """Recognise a file name as exactly one product. Thread-safe."""
 
     def __init__(self, products: Sequence[ProductSpec]) -> None:
         self._products = tuple(products)
-        self._names: list[list[str]] = []
-        parts = []
+        self._names = [_GROUP.findall(p.filename) for p in self._products]
+        self._branches = []
         for index, product in enumerate(self._products):
             tag = f"_p{index}"
-            names = _GROUP.findall(product.filename)
-            self._names.append(names)
             rule = _GROUP.sub(f"(?P<{tag}_\\1>", product.filename)
             rule = _BACKREF.sub(f"(?P={tag}_\\1)", rule)
-            parts.append(f"(?=(?P<{tag}>(?:{rule})\\Z))?")
-        self._regex = re.compile("".join(parts))
+            self._branches.append(f"(?P<{tag}>{rule})")
+        by_prefix: dict[int, dict[str, list[int]]] = {}
+        self._unprefixed: tuple[int, ...] = ()
+        unprefixed = []
+        for index, product in enumerate(self._products):
+            prefix = literal_prefix(product.filename)
+            if prefix:
+                by_prefix.setdefault(len(prefix), {}).setdefault(prefix, []).append(index)
+            else:
+                unprefixed.append(index)
+        self._unprefixed = tuple(unprefixed)
+        self._by_prefix = {n: {p: tuple(ix) for p, ix in d.items()} for n, d in by_prefix.items()}
+        self._compiled: dict[tuple[int, ...], tuple[re.Pattern[str], re.Pattern[str]]] = {}
+        self._lock = threading.Lock()
+
+    def _candidates(self, name: str) -> tuple[int, ...]:
+        found: list[int] = list(self._unprefixed)
+        for length, table in self._by_prefix.items():
+            found.extend(table.get(name[:length], ()))
+        return tuple(sorted(found))
+
+    def _patterns(self, candidates: tuple[int, ...]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+        patterns = self._compiled.get(candidates)
+        if patterns is None:
+            branches = [self._branches[i] for i in candidates]
+            patterns = (re.compile("|".join(branches)), re.compile("|".join(reversed(branches))))
+            with self._lock:
+                self._compiled[candidates] = patterns
+        return patterns
 
     def recognise(self, name: str) -> Recognised:
         """The one product ``name`` belongs to; raise if none or several match."""
-        match = self._regex.match(name)
-        found = [
-            i for i in range(len(self._products)) if match and match.group(f"_p{i}") is not None
-        ]
-        if not found:
+        candidates = self._candidates(name)
+        if not candidates:
             raise RecognitionError(name, "the file name matches no registered product")
-        if len(found) > 1:
-            ids = " and ".join(repr(self._products[i].id) for i in found)
+        forward, backward = self._patterns(candidates)
+        first = forward.fullmatch(name)
+        if first is None or first.lastgroup is None:
+            raise RecognitionError(name, "the file name matches no registered product")
+        index = _index(first.lastgroup)
+        last = backward.fullmatch(name)
+        assert last is not None and last.lastgroup is not None
+        other = _index(last.lastgroup)
+        if other != index:
+            ids = f"{self._products[index].id!r} and {self._products[other].id!r}"
             raise AmbiguousError(name, f"the file name is ambiguous: it matches products {ids}")
-        index = found[0]
-        assert match is not None
-        groups = {n: match.group(f"_p{index}_{n}") for n in self._names[index]}
+        groups = {n: first.group(f"_p{index}_{n}") for n in self._names[index]}
         return Recognised(self._products[index], {k: v for k, v in groups.items() if v is not None})
+
+
+def _index(group: str) -> int:
+    # lastgroup is the group that closed last: the branch's own, outermost _pN group
+    return int(group[2:])
