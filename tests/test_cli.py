@@ -134,6 +134,8 @@ def test_bad_arguments_are_refused_clearly(make_site: SiteFactory) -> None:
     assert bad_time.returncode == 2 and "ISO" in bad_time.stderr
     missing = obsflow("show", "--site", site, "OF.19990101.00000.00.fits")
     assert missing.returncode == 1 and "no file" in missing.stderr
+    typo = obsflow("ingest", "--site", site, site / "incomming")
+    assert typo.returncode == 2 and "no such file or directory" in typo.stderr
 
 
 def test_simulate_writes_a_night_the_registry_recognises(

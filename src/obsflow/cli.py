@@ -120,6 +120,11 @@ def ingest(
     site: SiteOption = None,
 ) -> None:
     """Receive files into the cache and (unless --no-wait) archive them."""
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise typer.BadParameter(
+            "no such file or directory: " + ", ".join(map(str, missing)), param_hint="PATHS"
+        )
     with _site(site) as s:
         summary = _ingest(s, list(_expand(paths, recursive)), wait=not no_wait)
         out.print(f"site: {s.settings.site}")

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from obsflow import expression
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")]
-Keyword = Annotated[str, Field(pattern=r"^[A-Z0-9_-]{1,8}$|^HIERARCH [A-Z0-9_ .-]+$")]
+Keyword = Annotated[str, Field(pattern=r"^[A-Z0-9_-]{1,8}$|^HIERARCH [A-Z0-9_ .-]{1,60}$")]
 
 
 class Spec(BaseModel):
