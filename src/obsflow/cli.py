@@ -38,8 +38,9 @@ app = typer.Typer(
 registry_app = typer.Typer(help="Check and inspect the registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
 
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: a message (file:line: ..., a path) is never broken across lines
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 SiteOption = Annotated[
     Path | None,

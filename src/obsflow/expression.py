@@ -111,7 +111,9 @@ def _eval(node: ast.expr, values: Mapping[str, object]) -> Any:
         return all(results) if isinstance(node.op, ast.And) else any(results)
     if isinstance(node, ast.UnaryOp):
         operand = _eval(node.operand, values)
-        return (not operand) if isinstance(node.op, ast.Not) else -operand
+        if isinstance(node.op, ast.Not):
+            return not operand
+        return -operand if isinstance(operand, int | float) else None
     if isinstance(node, ast.Compare):
         left = _eval(node.left, values)
         for op, right_node in zip(node.ops, node.comparators, strict=True):

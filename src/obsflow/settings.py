@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.engine import make_url
 
 from obsflow import yamlfile
 from obsflow.errors import Problem, SettingsError, SiteError
@@ -67,6 +68,11 @@ class _SettingsFile(_Section):
     workers: Workers = Workers()
     receipt: Receipt = Receipt()
     ingest: Ingest = Ingest()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_section_means_defaults(cls, value: object) -> object:
+        return {} if value is None else value
 
 
 class Settings(_Section):
@@ -127,9 +133,10 @@ def defaults(site: Path) -> Settings:
 
 
 def _resolve_sqlite(url: str, site: Path) -> str:
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith("sqlite:////"):
-        rest = url[len(prefix) :]
-        if rest and rest != ":memory:":
-            return prefix + str(site / rest)
+    """A relative SQLite database path (any driver) is relative to the site."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    relative = database not in ("", ":memory:") and not Path(database).is_absolute()
+    if parsed.get_backend_name() == "sqlite" and relative:
+        return parsed.set(database=str(site / database)).render_as_string(hide_password=False)
     return url

@@ -103,11 +103,18 @@ def validate(model: type[M], doc: Located, loc: Loc = ()) -> tuple[M | None, lis
     try:
         return model.model_validate(data), []
     except ValidationError as exc:
+        errors = exc.errors(include_url=False)
         problems = []
-        for error in exc.errors(include_url=False):
+        for error in errors:
+            if error["type"] == "too_short" and _has_error_below(error["loc"], errors):
+                continue  # the items were dropped for their own errors, reported already
             where: Loc = (*loc, *error["loc"])
             problems.append(doc.problem(where, _message(model, error, where)))
         return None, problems
+
+
+def _has_error_below(loc: tuple[Any, ...], errors: list[Any]) -> bool:
+    return any(len(e["loc"]) > len(loc) and tuple(e["loc"][: len(loc)]) == loc for e in errors)
 
 
 def _message(model: type[BaseModel], error: Any, where: Loc) -> str:
@@ -115,7 +122,8 @@ def _message(model: type[BaseModel], error: Any, where: Loc) -> str:
     field = ".".join(str(p) for p in where) or "the document"
     if kind == "extra_forbidden":
         owner = _owner(model, error["loc"][:-1])
-        allowed = ", ".join(sorted(owner.model_fields)) if owner else "the documented keys"
+        fields = sorted(f for f in owner.model_fields if f != "source") if owner else []
+        allowed = ", ".join(fields) or "the documented keys"
         return f"unknown key {where[-1]!r}; expected one of: {allowed}"
     if kind == "missing":
         return f"missing required key {field!r}"

@@ -55,34 +55,68 @@ def load_registry_files(root: Path) -> RegistryFiles:
         if parsed is None:
             continue
         if parsed.instrument is not None:
-            spec = _sourced(parsed.instrument, doc, ("instrument",))
-            _add(
-                out.instruments,
-                spec.name,
-                spec,
-                "instrument",
-                doc,
-                ("instrument",),
-                where,
-                problems,
+            spec, found = _item(InstrumentSpec, doc, ("instrument",))
+            problems += found
+            if spec is not None:
+                _add(
+                    out.instruments,
+                    spec.name,
+                    spec,
+                    "instrument",
+                    doc,
+                    ("instrument",),
+                    where,
+                    problems,
+                )
+        for index in range(len(parsed.products)):
+            _collect(
+                ProductSpec, doc, ("products", index), "product", out.products, where, problems
             )
-        for kind, section, target in (
-            ("product", "products", out.products),
-            ("pipeline", "pipelines", out.pipelines),
-            ("profile", "profiles", out.profiles),
-        ):
-            for index, item in enumerate(getattr(parsed, section)):
-                loc = (section, index)
-                spec = _sourced(item, doc, loc)
-                _add(target, spec.id, spec, kind, doc, loc, where, problems)
+        for index in range(len(parsed.pipelines)):
+            _collect(
+                PipelineSpec, doc, ("pipelines", index), "pipeline", out.pipelines, where, problems
+            )
+        for index in range(len(parsed.profiles)):
+            _collect(
+                ProfileSpec, doc, ("profiles", index), "profile", out.profiles, where, problems
+            )
     problems += _cross_check(out, where)
     if problems:
         raise RegistryError(problems)
     return out
 
 
-def _sourced(spec: S, doc: yamlfile.Located, loc: tuple[str | int, ...]) -> S:
-    return spec.model_copy(update={"source": Source(file=doc.file, line=doc.line(loc))})
+Identified = TypeVar("Identified", ProductSpec, PipelineSpec, ProfileSpec)
+
+
+def _collect(
+    model: type[Identified],
+    doc: yamlfile.Located,
+    loc: tuple[str | int, ...],
+    kind: str,
+    target: dict[str, Identified],
+    where: dict[tuple[str, str], tuple[yamlfile.Located, tuple[str | int, ...]]],
+    problems: list[Problem],
+) -> None:
+    item, found = _item(model, doc, loc)
+    problems += found
+    if item is not None:
+        _add(target, item.id, item, kind, doc, loc, where, problems)
+
+
+def _item(
+    model: type[S], doc: yamlfile.Located, loc: tuple[str | int, ...]
+) -> tuple[S | None, list[Problem]]:
+    """Validate one spec on its own (so one typo does not hide its neighbours)."""
+    raw = doc.data
+    for part in loc:
+        raw = raw[part]
+    if isinstance(raw, dict) and "source" in raw:
+        return None, [doc.problem((*loc, "source"), "unknown key 'source'; it is set by obsflow")]
+    spec, problems = yamlfile.validate(model, doc, loc)
+    if spec is None:
+        return None, problems
+    return spec.model_copy(update={"source": Source(file=doc.file, line=doc.line(loc))}), []
 
 
 def _add(

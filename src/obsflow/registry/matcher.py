@@ -26,12 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from obsflow.errors import AmbiguousError, RecognitionError
+from obsflow.registry import rules
 from obsflow.registry.specs import ProductSpec
-
-_GROUP = re.compile(r"\(\?P<([A-Za-z_]\w*)>")
-_BACKREF = re.compile(r"\(\?P=([A-Za-z_]\w*)\)")
-_META = set(".^$*+?{}[]|()\\")
-_QUANTIFIERS = set("*?{+")
 
 
 @dataclass(frozen=True)
@@ -40,64 +36,18 @@ class Recognised:
     groups: Mapping[str, str]
 
 
-def literal_prefix(rule: str) -> str:
-    """The text every name matching ``rule`` starts with ('' when unsure)."""
-    if _has_top_level_alternation(rule) or rule.startswith("(?"):
-        return ""  # flags like (?i) or alternatives: no safe prefix
-    out: list[str] = []
-    i = 1 if rule.startswith("^") else 0
-    while i < len(rule):
-        char = rule[i]
-        if char == "\\" and i + 1 < len(rule) and not rule[i + 1].isalnum():
-            literal, i = rule[i + 1], i + 2
-        elif char not in _META:
-            literal, i = char, i + 1
-        else:
-            break
-        if i < len(rule) and rule[i] in _QUANTIFIERS:
-            break  # this character may be absent or repeated: stop before it
-        out.append(literal)
-    return "".join(out)
-
-
-def _has_top_level_alternation(rule: str) -> bool:
-    depth, i, in_class = 0, 0, False
-    while i < len(rule):
-        char = rule[i]
-        if char == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        elif char == "|" and depth == 0:
-            return True
-        i += 1
-    return False
-
-
 class Matcher:
     """Recognise a file name as exactly one product. Thread-safe."""
 
     def __init__(self, products: Sequence[ProductSpec]) -> None:
         self._products = tuple(products)
-        self._names = [_GROUP.findall(p.filename) for p in self._products]
-        self._branches = []
-        for index, product in enumerate(self._products):
-            tag = f"_p{index}"
-            rule = _GROUP.sub(f"(?P<{tag}_\\1>", product.filename)
-            rule = _BACKREF.sub(f"(?P={tag}_\\1)", rule)
-            self._branches.append(f"(?P<{tag}>{rule})")
+        self._names = [rules.group_names(p.filename) for p in self._products]
+        self._branches = [rules.branch(p.filename, f"_p{i}") for i, p in enumerate(self._products)]
         by_prefix: dict[int, dict[str, list[int]]] = {}
         self._unprefixed: tuple[int, ...] = ()
         unprefixed = []
         for index, product in enumerate(self._products):
-            prefix = literal_prefix(product.filename)
+            prefix = rules.literal_prefix(product.filename)
             if prefix:
                 by_prefix.setdefault(len(prefix), {}).setdefault(prefix, []).append(index)
             else:

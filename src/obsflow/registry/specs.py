@@ -14,16 +14,16 @@ every file.
 
 from __future__ import annotations
 
-import re
 import string
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from obsflow import expression
+from obsflow.registry import rules
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")]
 Keyword = Annotated[str, Field(pattern=r"^[A-Z0-9_-]{1,8}$|^HIERARCH [A-Z0-9_ .-]{1,60}$")]
@@ -171,10 +171,7 @@ class ProductSpec(Spec):
     @field_validator("filename")
     @classmethod
     def _regex(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+        rules.check(value)
         return value
 
 
@@ -298,9 +295,9 @@ class ProfileSpec(Spec):
 
 
 class RegistryFile(Spec):
-    """The sections one registry file may hold."""
+    """The sections one registry file may hold; the loader validates each item on its own."""
 
-    instrument: InstrumentSpec | None = None
-    products: tuple[ProductSpec, ...] = ()
-    pipelines: tuple[PipelineSpec, ...] = ()
-    profiles: tuple[ProfileSpec, ...] = ()
+    instrument: dict[str, Any] | None = None
+    products: tuple[Any, ...] = ()
+    pipelines: tuple[Any, ...] = ()
+    profiles: tuple[Any, ...] = ()
