@@ -31,7 +31,7 @@ not kept.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -51,14 +51,18 @@ _XTENSION = b"XTENSION= "
 
 
 @dataclass(frozen=True)
-class Header:
-    """One parsed FITS header: its keyword values and the bytes it and its data occupy."""
+class Header(Mapping[str, HeaderValue]):
+    """One parsed FITS header: its keyword values and the bytes it and its data occupy.
+
+    A read-only mapping whose lookups ignore case and a ``HIERARCH`` prefix, so a
+    registry may name ``HIERARCH ESO DET DIT`` or ``ESO DET DIT`` alike.
+    """
 
     cards: Mapping[str, HeaderValue]
     size: int  # bytes of the header in the file, padding to BLOCK included
     data_size: int  # bytes of the data unit that follows, padding to BLOCK included
 
-    def get(self, key: str, default: HeaderValue = None) -> HeaderValue:
+    def get(self, key: str, default: HeaderValue = None) -> HeaderValue:  # type: ignore[override]
         return self.cards.get(_norm(key), default)
 
     def __contains__(self, key: object) -> bool:
@@ -66,6 +70,12 @@ class Header:
 
     def __getitem__(self, key: str) -> HeaderValue:
         return self.cards[_norm(key)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cards)
+
+    def __len__(self) -> int:
+        return len(self.cards)
 
 
 def _norm(key: str) -> str:

@@ -19,8 +19,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,14 +28,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from obsflow import fitsheader, metadata
 from obsflow.cache import Cache
 from obsflow.catalog import Catalog, NewFile
 from obsflow.errors import (
     AmbiguousError,
+    CatalogError,
     FitsError,
     ReceiptError,
     RecognitionError,
+    StorageError,
     VanishedError,
 )
 from obsflow.registry import Recognised, Registry
@@ -57,6 +61,7 @@ class Outcome(StrEnum):
     REJECTED = "rejected"  # refused: in quarantine with its reason
     IGNORED = "ignored"  # the name matches no product (and the site ignores such files)
     VANISHED = "vanished"  # gone, or still changing; a later trigger or scan retries it
+    ERROR = "error"  # the site could not take it (cache, catalog); the source is untouched
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,11 @@ class Receiver:
         try:
             stat = self._settle(path)
             return self._take(path, recognised, stat, received_at)
+        except (OSError, CatalogError, StorageError, SQLAlchemyError) as exc:
+            # the site, not the file, is at fault (cache full, catalog down): the source is
+            # untouched and a later trigger or scan will offer it again
+            log.error("could not receive %s: %s", path, exc)
+            return Received(path, Outcome.ERROR, product=recognised.product.id, reason=str(exc))
         except VanishedError as exc:
             log.warning("%s", exc)
             return Received(
@@ -117,22 +127,29 @@ class Receiver:
     # ---------------------------------------------------------------- steps
 
     def _settle(self, path: Path) -> os.stat_result:
-        """Wait until the file has not changed for ``settle_seconds``; return its stat."""
+        """Wait until the file has not changed for ``settle_seconds``; return its stat.
+
+        Quiet time is measured on this machine's monotonic clock from the last change
+        seen, so an instrument whose clock runs ahead (a future mtime) cannot stall it;
+        an mtime already older than the settle time counts as quiet time.
+        """
         settle = self.settings.receipt.settle_seconds
         give_up = time.monotonic() + self.settings.receipt.max_wait_seconds
         stat = _stat(path)
+        age = time.time() - stat.st_mtime
+        quiet_since = time.monotonic() - (min(age, settle) if age > 0 else 0.0)
         while True:
-            age = time.time() - stat.st_mtime
-            if age >= settle:
+            quiet = time.monotonic() - quiet_since
+            if quiet >= settle:
                 return stat
             if time.monotonic() > give_up:
                 raise VanishedError(
                     path, f"still changing after {self.settings.receipt.max_wait_seconds:g} s"
                 )
-            self.sleep(max(0.01, min(settle - age, settle / 4)))
+            self.sleep(max(0.01, min(settle - quiet, settle / 4)))
             again = _stat(path)
             if (again.st_size, again.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-                stat = again
+                stat, quiet_since = again, time.monotonic()
 
     def _take(
         self, path: Path, recognised: Recognised, stat: os.stat_result, received_at: datetime
@@ -151,7 +168,7 @@ class Receiver:
                     raise VanishedError(path, "the file changed size while being received")
                 first, header = _read_primary_header(src, size, path)
                 fitsheader.walk_hdus(src, size, name=path)
-                meta = metadata.extract(header.cards, product, instrument, recognised.groups, path)
+                meta = metadata.extract(header, product, instrument, recognised.groups, path)
                 validated_at = self.clock()
                 sha256 = _stream_to(src, first, temp)
             after = _stat(path)
@@ -205,6 +222,7 @@ class Receiver:
             temp.unlink(missing_ok=True)
         if recorded.duplicate:
             log.info("duplicate %s: same bytes as %s", path, recorded.archive_id)
+            self._remove_source(path)
             return Received(
                 path,
                 Outcome.DUPLICATE,
@@ -234,50 +252,60 @@ class Receiver:
     def _quarantine(
         self, path: Path, error: ReceiptError, recognised: Recognised | None, received_at: datetime
     ) -> Received:
-        """Copy a refused file to quarantine with its reason, and record it ``rejected``."""
+        """Copy a refused file to quarantine with its reason, and record it ``rejected``.
+
+        Safe when several workers quarantine files of one name at once: each copies to
+        its own temp file, claims a free name with an exclusive link, and the catalog's
+        unique (sha256, name) index for rejected rows lets only one record the same file.
+        """
         product = recognised.product if recognised else None
+        product_id = product.id if product else None
         reason = f"{error.reason}: {error.detail}"
         log.warning("rejected %s: %s", path, error.detail)
-        try:
-            with path.open("rb") as f:
-                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-                size = os.fstat(f.fileno()).st_size
-        except OSError as exc:
-            log.warning("cannot quarantine %s: %s", path, exc)
-            return Received(
-                path,
-                Outcome.VANISHED,
-                product=product.id if product else None,
-                reason=f"{reason} (and it could not be read: {exc})",
-            )
-        if self.catalog.rejected_before(sha256, path.name) is not None:
-            return Received(
-                path,
-                Outcome.REJECTED,
-                product=product.id if product else None,
-                reason=reason,
-                size=size,
-            )
         folder = self.settings.quarantine / received_at.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
-        target = _unique(folder / path.name)
-        temp = folder / f".{target.name}.part"
-        shutil.copyfile(path, temp)
-        os.replace(temp, target)
-        note = {
-            "file": str(path),
-            "reason": error.reason,
-            "detail": error.detail,
-            "product": product.id if product else None,
-            "sha256": sha256,
-            "size": size,
-            "received_at": received_at.isoformat(),
-        }
-        target.with_name(target.name + ".reason.json").write_text(json.dumps(note, indent=2) + "\n")
-        relative = str(target.relative_to(self.settings.quarantine))
-        self.catalog.record_rejected(
+        temp = folder / f".{uuid.uuid4().hex}.part"
+        try:
+            try:
+                with path.open("rb") as src:
+                    sha256 = _stream_to(src, b"", temp)
+            except OSError as exc:
+                log.warning("cannot quarantine %s: %s", path, exc)
+                return Received(
+                    path,
+                    Outcome.VANISHED,
+                    product=product_id,
+                    reason=f"{reason} (and it could not be read: {exc})",
+                )
+            size = temp.stat().st_size
+            rejected = Received(
+                path, Outcome.REJECTED, product=product_id, reason=reason, size=size
+            )
+            if self.catalog.rejected_before(sha256, path.name) is not None:
+                self._remove_source(path)
+                return rejected
+            target = _claim(temp, folder / path.name)
+        finally:
+            temp.unlink(missing_ok=True)
+        note = target.with_name(target.name + ".reason.json")
+        note.write_text(
+            json.dumps(
+                {
+                    "file": str(path),
+                    "reason": error.reason,
+                    "detail": error.detail,
+                    "product": product_id,
+                    "sha256": sha256,
+                    "size": size,
+                    "received_at": received_at.isoformat(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        recorded = self.catalog.record_rejected(
             NewFile(
-                product=product.id if product else None,
+                product=product_id,
                 instrument=product.instrument if product else None,
                 level=product.level if product else None,
                 original_name=path.name,
@@ -286,17 +314,14 @@ class Receiver:
                 sha256=sha256,
             ),
             reason,
-            relative,
+            str(target.relative_to(self.settings.quarantine)),
             {LedgerEvent.RECEIVED: received_at, LedgerEvent.REJECTED: self.clock()},
         )
+        if recorded is None:  # another worker recorded these very bytes first
+            target.unlink(missing_ok=True)
+            note.unlink(missing_ok=True)
         self._remove_source(path)
-        return Received(
-            path,
-            Outcome.REJECTED,
-            product=product.id if product else None,
-            reason=reason,
-            size=size,
-        )
+        return rejected
 
     def _remove_source(self, path: Path) -> None:
         if self.settings.receipt.remove_source:
@@ -343,11 +368,13 @@ def _place(cache: Cache, temp: Path, key: str) -> None:
     cache.place(temp, key)
 
 
-def _unique(path: Path) -> Path:
-    if not path.exists():
-        return path
-    for n in range(1, 100_000):
-        candidate = path.with_name(f"{path.name}.{n}")
-        if not candidate.exists():
-            return candidate
-    raise FitsError(path, "too many quarantined files of this name")
+def _claim(temp: Path, wanted: Path) -> Path:
+    """Give ``temp`` the first free name of ``wanted``, ``wanted.1``, ...; exclusively."""
+    for n in range(100_000):
+        candidate = wanted if n == 0 else wanted.with_name(f"{wanted.name}.{n}")
+        try:
+            os.link(temp, candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FitsError(wanted, "too many quarantined files of this name")

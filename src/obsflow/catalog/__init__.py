@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -262,16 +262,20 @@ class Catalog:
         reason: str,
         quarantine_path: str | None,
         ledger: Mapping[LedgerEvent, datetime],
-    ) -> int:
-        """Record a refused file (state ``rejected``) with its reason; return its row ID."""
-        with self.write() as conn:
-            values = _file_values(new)
-            values.update(
-                state=FileState.REJECTED.value, reason=reason, quarantine_path=quarantine_path
-            )
-            file_id = _insert_file(conn, values)
-            self._insert_details(conn, file_id, NewFile(**{**new.__dict__, "tags": ()}), ledger)
-            return file_id
+    ) -> int | None:
+        """Record a refused file (state ``rejected``) with its reason; return its row ID,
+        or None when these bytes under this name were recorded rejected already."""
+        values = _file_values(new)
+        values.update(
+            state=FileState.REJECTED.value, reason=reason, quarantine_path=quarantine_path
+        )
+        try:
+            with self.write() as conn:
+                file_id = _insert_file(conn, values)
+                self._insert_details(conn, file_id, replace(new, tags=()), ledger)
+                return file_id
+        except IntegrityError:
+            return None
 
     def rejected_before(self, sha256: str, original_name: str) -> str | None:
         """The quarantine path of an earlier rejection of these very bytes under this name."""

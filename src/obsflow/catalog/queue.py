@@ -158,9 +158,13 @@ class IngestQueue:
         delay *= random.uniform(0.8, 1.2)  # jitter keeps retries of many files apart
         state = RequestState.FAILED if final else RequestState.PENDING
         with self.catalog.write() as conn:
-            conn.execute(
+            still_ours = conn.execute(
                 update(requests)
-                .where(requests.c.id == lease.request_id, requests.c.state == RequestState.LEASED)
+                .where(
+                    requests.c.id == lease.request_id,
+                    requests.c.state == RequestState.LEASED,
+                    requests.c.lease_owner == lease.owner,
+                )
                 .values(
                     state=state.value,
                     lease_owner=None,
@@ -169,7 +173,9 @@ class IngestQueue:
                     next_attempt_at=now + timedelta(seconds=delay),
                     updated_at=now,
                 )
-            )
+            ).rowcount
+            if not still_ours:  # our lease expired and another ingestor holds the request
+                return RequestState.LEASED
             if final:
                 conn.execute(
                     update(files)
@@ -179,25 +185,29 @@ class IngestQueue:
         return state
 
     def release(self, leases: list[Lease], now: datetime) -> None:
-        """Give leases back unfinished (a clean shutdown): pending, the attempt not counted."""
+        """Give leases back unfinished (a clean shutdown): pending, the attempt not counted.
+
+        Only a lease still held by its owner is given back."""
         if not leases:
             return
         with self.catalog.write() as conn:
-            conn.execute(
-                update(requests)
-                .where(
-                    requests.c.id.in_([x.request_id for x in leases]),
-                    requests.c.state == RequestState.LEASED,
+            for lease in leases:
+                conn.execute(
+                    update(requests)
+                    .where(
+                        requests.c.id == lease.request_id,
+                        requests.c.state == RequestState.LEASED,
+                        requests.c.lease_owner == lease.owner,
+                    )
+                    .values(
+                        state=RequestState.PENDING.value,
+                        lease_owner=None,
+                        lease_expires=None,
+                        attempts=requests.c.attempts - 1,
+                        next_attempt_at=now,
+                        updated_at=now,
+                    )
                 )
-                .values(
-                    state=RequestState.PENDING.value,
-                    lease_owner=None,
-                    lease_expires=None,
-                    attempts=requests.c.attempts - 1,
-                    next_attempt_at=now,
-                    updated_at=now,
-                )
-            )
 
     def retry_failed(self, now: datetime) -> int:
         """Put every failed request back in the queue with fresh attempts; return how many."""

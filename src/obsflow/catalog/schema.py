@@ -99,6 +99,15 @@ files = Table(
         postgresql_where=text("state <> 'rejected'"),
     ),
     Index("ix_files_sha256", "sha256"),
+    # a refused file is recorded once, however many workers refuse it at once
+    Index(
+        "uq_files_rejected",
+        "sha256",
+        "original_name",
+        unique=True,
+        sqlite_where=text("state = 'rejected'"),
+        postgresql_where=text("state = 'rejected'"),
+    ),
 )
 
 keywords = Table(
