@@ -129,7 +129,8 @@ def ingest(
     with _site(site) as s:
         summary = _ingest(s, list(_expand(paths, recursive)), wait=not no_wait)
         out.print(f"site: {s.settings.site}")
-        if summary.of(Outcome.REJECTED) or (summary.ingest.errors and not no_wait):
+        failed = summary.of(Outcome.REJECTED) + summary.of(Outcome.ERROR)
+        if failed or (summary.ingest.errors and not no_wait):
             raise typer.Exit(1)
 
 
@@ -153,11 +154,15 @@ def _ingest(s: Site, files: list[Path], *, wait: bool) -> IngestSummary:
     table.add_row("rejected", str(len(summary.of(Outcome.REJECTED))))
     table.add_row("ignored (no product)", str(len(summary.of(Outcome.IGNORED))))
     table.add_row("vanished or still changing", str(len(summary.of(Outcome.VANISHED))))
+    if summary.of(Outcome.ERROR):
+        table.add_row("not received (site error)", str(len(summary.of(Outcome.ERROR))))
     out.print(table)
     for r in summary.of(Outcome.REJECTED):
         err.print(f"[red]rejected[/] {r.path}: {r.reason}", highlight=False)
     for r in summary.of(Outcome.VANISHED):
         err.print(f"[yellow]not received[/] {r.path}: {r.reason}", highlight=False)
+    for r in summary.of(Outcome.ERROR):
+        err.print(f"[red]not received[/] {r.path}: {r.reason}", highlight=False)
     for archive_id, error in dict(summary.ingest.errors).items():
         err.print(
             f"[red]not archived yet[/] {archive_id}: {error} (it stays cached and queued)",
