@@ -171,3 +171,16 @@ def test_two_processes_worth_of_sites_share_one_catalog(site: Site, frames: list
     assert sorted(names) == sorted(p.name for p in frames)
     assert all(r.state is FileState.ARCHIVED for r in site.catalog.find(FileQuery()))
     assert len(second.ingest.archived) == len(frames)
+
+
+def test_schema_revision_is_alembics_head(catalog: Catalog) -> None:
+    """Opening a catalog skips Alembic when at SCHEMA_REVISION, so it must be the head."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from obsflow.catalog import MIGRATIONS, SCHEMA_REVISION
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_REVISION
+    assert catalog.revision() == SCHEMA_REVISION

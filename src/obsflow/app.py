@@ -109,15 +109,16 @@ def ingest_paths(
     def ingest_worker() -> IngestReport:
         return site.ingestor().run(stop, idle=settled, poll_seconds=0.05)
 
+    def received(result: Received) -> None:
+        with lock:
+            summary.received.append(result)
+        on_received(result)
+
     workers = site.settings.workers
     with ThreadPoolExecutor(workers.ingest, thread_name_prefix="ingest") as ingest_pool:
         futures = [ingest_pool.submit(ingest_worker) for _ in range(workers.ingest)] if wait else []
         try:
-            with ThreadPoolExecutor(workers.receipt, thread_name_prefix="receipt") as pool:
-                for received in pool.map(site.receiver.receive, paths):
-                    with lock:
-                        summary.received.append(received)
-                    on_received(received)
+            site.receiver.receive_many(paths, workers=workers.receipt, on_received=received)
         finally:
             receipt_done.set()
             if not wait:

@@ -21,6 +21,7 @@ class Cache:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / TMP
+        self._made: set[Path] = set()  # directories known to exist (place runs in a transaction)
 
     @staticmethod
     def key(instrument: str, night: date, archive_id: str) -> str:
@@ -31,15 +32,28 @@ class Cache:
         return self.root.joinpath(*check_key(key).parts)
 
     def temp_file(self) -> Path:
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        if self.tmp not in self._made:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            self._made.add(self.tmp)
         return self.tmp / f"{uuid.uuid4().hex}.part"
 
     def place(self, temp: Path, key: str) -> Path:
         """Move a finished temp file to its place (atomic rename on one file system)."""
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp, target)
+        if target.parent not in self._made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(target.parent)
+        try:
+            os.replace(temp, target)
+        except FileNotFoundError:
+            self._made.discard(target.parent)  # removed behind our back: make it again
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, target)
         return target
+
+    def unplace(self, key: str, temp: Path) -> None:
+        """Undo :meth:`place` (its transaction did not commit): back to the temp file."""
+        os.replace(self.path(key), temp)
 
     def clean_temp(self) -> int:
         """Remove temp files left by a crash; return how many."""

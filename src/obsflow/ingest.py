@@ -69,29 +69,38 @@ class Ingestor:
             try:
                 done.append((lease, self._archive(lease)))
             except (StorageError, OSError) as exc:
-                error = str(exc)
-                state = self.queue.fail(
-                    lease,
-                    error,
-                    self.clock(),
-                    max_attempts=self.settings.max_attempts,
-                    backoff_seconds=self.settings.backoff_seconds,
-                    backoff_max_seconds=self.settings.backoff_max_seconds,
-                )
-                log.warning(
-                    "ingest of %s failed (attempt %d, now %s): %s",
-                    lease.archive_id,
-                    lease.attempts,
-                    state,
-                    error,
-                    extra={"archive_id": lease.archive_id},
-                )
-                report.errors.append((lease.archive_id, error))
+                self._fail(lease, str(exc), report)
+        if done:
+            try:
+                self.storage.flush()
+            except StorageError as exc:
+                for lease, _ in done:
+                    self._fail(lease, str(exc), report)
+                done = []
         self.queue.complete(done, self.clock())
         for lease, _ in done:
             log.info("archived %s", lease.archive_id, extra={"archive_id": lease.archive_id})
             report.archived.append(lease.archive_id)
         return report
+
+    def _fail(self, lease: Lease, error: str, report: IngestReport) -> None:
+        state = self.queue.fail(
+            lease,
+            error,
+            self.clock(),
+            max_attempts=self.settings.max_attempts,
+            backoff_seconds=self.settings.backoff_seconds,
+            backoff_max_seconds=self.settings.backoff_max_seconds,
+        )
+        log.warning(
+            "ingest of %s failed (attempt %d, now %s): %s",
+            lease.archive_id,
+            lease.attempts,
+            state,
+            error,
+            extra={"archive_id": lease.archive_id},
+        )
+        report.errors.append((lease.archive_id, error))
 
     def _archive(self, lease: Lease) -> str:
         key = Cache.key(lease.instrument, lease.night, lease.archive_id)

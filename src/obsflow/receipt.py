@@ -19,12 +19,15 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from obsflow import fitsheader, metadata
 from obsflow.cache import Cache
-from obsflow.catalog import Catalog, NewFile
+from obsflow.catalog import CacheEntry, Catalog, NewFile, Recorded
 from obsflow.errors import (
     AmbiguousError,
     CatalogError,
@@ -42,7 +45,8 @@ from obsflow.errors import (
     StorageError,
     VanishedError,
 )
-from obsflow.registry import Recognised, Registry
+from obsflow.metadata import Metadata
+from obsflow.registry import InstrumentSpec, ProductSpec, Recognised, Registry
 from obsflow.settings import Settings
 from obsflow.states import LedgerEvent
 
@@ -76,6 +80,43 @@ class Received:
     size: int = 0
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A file read, validated and copied to a cache temp file, waiting to be recorded."""
+
+    path: Path
+    product: ProductSpec
+    instrument: InstrumentSpec
+    meta: Metadata
+    new: NewFile
+    temp: Path
+    acquired: datetime
+    received: datetime
+    validated: datetime
+
+    def entry(self, cache: Cache, now: datetime) -> CacheEntry:
+        """What the catalog needs to record this file and move it into the cache."""
+        key = partial(Cache.key, self.instrument.name, self.meta.night)
+        return CacheEntry(
+            new=self.new,
+            make_archive_id=partial(
+                metadata.archive_id, self.instrument, self.meta.date_obs, self.meta.night
+            ),
+            cache_path=key,
+            place=lambda archive_id: cache.place(self.temp, key(archive_id)),
+            unplace=lambda archive_id: cache.unplace(key(archive_id), self.temp),
+            ledger={
+                LedgerEvent.ACQUIRED: self.acquired,
+                LedgerEvent.RECEIVED: self.received,
+                LedgerEvent.VALIDATED: self.validated,
+                LedgerEvent.CACHED: now,
+            },
+        )
+
+
+_SITE_ERRORS = (OSError, CatalogError, StorageError, SQLAlchemyError)
+
+
 class Receiver:
     """Receives files for one site. Thread-safe: workers may call :meth:`receive` at once."""
 
@@ -98,6 +139,61 @@ class Receiver:
 
     def receive(self, path: Path) -> Received:
         """Receive one file; never raises for a bad file (it is quarantined instead)."""
+        prepared = self.prepare(path)
+        return prepared if isinstance(prepared, Received) else self.commit([prepared])[0]
+
+    def receive_many(
+        self,
+        paths: Iterable[Path],
+        *,
+        workers: int,
+        on_received: Callable[[Received], None] = lambda r: None,
+        batch: int = 128,
+    ) -> list[Received]:
+        """Receive many files: ``workers`` threads prepare them while this thread records
+        whatever is ready in one transaction at a time (group commit)."""
+        ready: queue.SimpleQueue[Future[Prepared | Received]] = queue.SimpleQueue()
+        out: list[Received] = []
+
+        def emit(results: list[Received]) -> None:
+            for result in results:
+                out.append(result)
+                on_received(result)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="receipt") as pool:
+            futures = [pool.submit(self._prepare_or_report, path) for path in paths]
+            for future in futures:
+                future.add_done_callback(ready.put)
+            remaining = len(futures)
+            while remaining:
+                done = [ready.get()]
+                while len(done) < batch:
+                    try:
+                        done.append(ready.get_nowait())
+                    except queue.Empty:
+                        break
+                remaining -= len(done)
+                prepared: list[Prepared] = []
+                for future in done:
+                    result = future.result()
+                    if isinstance(result, Prepared):
+                        prepared.append(result)
+                    else:
+                        emit([result])
+                if prepared:
+                    emit(self.commit(prepared))
+        return out
+
+    def _prepare_or_report(self, path: Path) -> Prepared | Received:
+        try:
+            return self.prepare(path)
+        except Exception as exc:  # a bug must not stop the other files: it is this file's error
+            log.exception("receipt of %s failed unexpectedly", path)
+            return Received(path, Outcome.ERROR, reason=f"unexpected error: {exc!r}")
+
+    def prepare(self, path: Path) -> Prepared | Received:
+        """Everything but recording: recognise, settle, validate, map, copy to a cache temp
+        file. A refused file is quarantined here; its :class:`Received` says so."""
         received_at = self.clock()
         try:
             recognised = self.registry.recognise(path.name)
@@ -110,8 +206,8 @@ class Receiver:
             return Received(path, Outcome.IGNORED, reason=exc.detail)
         try:
             stat = self._settle(path)
-            return self._take(path, recognised, stat, received_at)
-        except (OSError, CatalogError, StorageError, SQLAlchemyError) as exc:
+            return self._prepare(path, recognised, stat, received_at)
+        except _SITE_ERRORS as exc:
             # the site, not the file, is at fault (cache full, catalog down): the source is
             # untouched and a later trigger or scan will offer it again
             log.error("could not receive %s: %s", path, exc)
@@ -123,6 +219,58 @@ class Receiver:
             )
         except ReceiptError as exc:
             return self._quarantine(path, exc, recognised, received_at)
+
+    def commit(self, batch: Sequence[Prepared]) -> list[Received]:
+        """Record prepared files in one catalog transaction; each with its ingest request
+        and its move into the cache. A site error isolates the file that caused it."""
+        now = self.clock()
+        entries = [p.entry(self.cache, now) for p in batch]
+        try:
+            recorded = self.catalog.record_cached_many(entries, now)
+        except _SITE_ERRORS as exc:
+            if len(batch) > 1:
+                return [result for p in batch for result in self.commit([p])]
+            log.error("could not record %s: %s", batch[0].path, exc)
+            batch[0].temp.unlink(missing_ok=True)
+            return [
+                Received(batch[0].path, Outcome.ERROR, product=batch[0].product.id, reason=str(exc))
+            ]
+        results = []
+        for prepared, done in zip(batch, recorded, strict=True):
+            if done.duplicate:  # otherwise the temp file became the cached file
+                prepared.temp.unlink(missing_ok=True)
+            results.append(self._outcome(prepared, done))
+        return results
+
+    def _outcome(self, prepared: Prepared, recorded: Recorded) -> Received:
+        path, product = prepared.path, prepared.product
+        self._remove_source(path)  # cached, or the same bytes were already: safe either way
+        if recorded.duplicate:
+            log.info("duplicate %s: same bytes as %s", path, recorded.archive_id)
+            return Received(
+                path,
+                Outcome.DUPLICATE,
+                recorded.archive_id,
+                recorded.file_id,
+                product.id,
+                reason=f"same bytes as {recorded.archive_id}",
+                size=prepared.new.size,
+            )
+        log.info(
+            "cached %s as %s",
+            path.name,
+            recorded.archive_id,
+            extra={"archive_id": recorded.archive_id, "product": product.id},
+        )
+        return Received(
+            path,
+            Outcome.CACHED,
+            recorded.archive_id,
+            recorded.file_id,
+            product.id,
+            superseded=recorded.superseded,
+            size=prepared.new.size,
+        )
 
     # ---------------------------------------------------------------- steps
 
@@ -151,9 +299,9 @@ class Receiver:
             if (again.st_size, again.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
                 stat, quiet_since = again, time.monotonic()
 
-    def _take(
+    def _prepare(
         self, path: Path, recognised: Recognised, stat: os.stat_result, received_at: datetime
-    ) -> Received:
+    ) -> Prepared:
         product = recognised.product
         instrument = self.registry.instrument_of(product)
         temp = self.cache.temp_file()
@@ -170,83 +318,51 @@ class Receiver:
                 fitsheader.walk_hdus(src, size, name=path)
                 meta = metadata.extract(header, product, instrument, recognised.groups, path)
                 validated_at = self.clock()
-                sha256 = _stream_to(src, first, temp)
+                # Durability: while the source stays, it is the durable copy; the cache copy
+                # is flushed to disk before the source may be removed.
+                sha256 = _stream_to(src, first, temp, sync=self.settings.receipt.remove_source)
             after = _stat(path)
             if (after.st_size, after.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
                 raise VanishedError(path, "the file changed while being received")
-            new = NewFile(
-                product=product.id,
-                instrument=instrument.name,
-                level=product.level,
-                original_name=path.name,
-                source_path=str(path),
-                size=size,
-                sha256=sha256,
-                start=meta.start,
-                stop=meta.stop,
-                start_mjd=metadata.mjd(meta.start),
-                stop_mjd=metadata.mjd(meta.stop),
-                night=meta.night,
-                exptime=meta.exptime,
-                ra=meta.ra,
-                dec=meta.dec,
-                object=meta.object,
-                frame_type=meta.frame_type,
-                filter=meta.filter,
-                program=meta.program,
-                observer=meta.observer,
-                telescope=meta.telescope,
-                proprietary_until=meta.proprietary_until,
-                tags=product.tags,
-                keywords=meta.keywords,
-            )
-            now = self.clock()
-            recorded = self.catalog.record_cached(
-                new,
-                make_archive_id=lambda bump: metadata.archive_id(
-                    instrument, meta.date_obs, meta.night, bump
-                ),
-                cache_path=lambda aid: Cache.key(instrument.name, meta.night, aid),
-                place=lambda aid: _place(
-                    self.cache, temp, Cache.key(instrument.name, meta.night, aid)
-                ),
-                ledger={
-                    LedgerEvent.ACQUIRED: datetime.fromtimestamp(stat.st_mtime, UTC),
-                    LedgerEvent.RECEIVED: received_at,
-                    LedgerEvent.VALIDATED: validated_at,
-                    LedgerEvent.CACHED: now,
-                },
-                now=now,
-            )
-        finally:
+        except BaseException:
             temp.unlink(missing_ok=True)
-        if recorded.duplicate:
-            log.info("duplicate %s: same bytes as %s", path, recorded.archive_id)
-            self._remove_source(path)
-            return Received(
-                path,
-                Outcome.DUPLICATE,
-                recorded.archive_id,
-                recorded.file_id,
-                product.id,
-                reason=f"same bytes as {recorded.archive_id}",
-                size=size,
-            )
-        log.info(
-            "cached %s as %s",
-            path.name,
-            recorded.archive_id,
-            extra={"archive_id": recorded.archive_id, "product": product.id},
-        )
-        self._remove_source(path)
-        return Received(
-            path,
-            Outcome.CACHED,
-            recorded.archive_id,
-            recorded.file_id,
-            product.id,
-            superseded=recorded.superseded,
+            raise
+        new = NewFile(
+            product=product.id,
+            instrument=instrument.name,
+            level=product.level,
+            original_name=path.name,
+            source_path=str(path),
             size=size,
+            sha256=sha256,
+            start=meta.start,
+            stop=meta.stop,
+            start_mjd=metadata.mjd(meta.start),
+            stop_mjd=metadata.mjd(meta.stop),
+            night=meta.night,
+            exptime=meta.exptime,
+            ra=meta.ra,
+            dec=meta.dec,
+            object=meta.object,
+            frame_type=meta.frame_type,
+            filter=meta.filter,
+            program=meta.program,
+            observer=meta.observer,
+            telescope=meta.telescope,
+            proprietary_until=meta.proprietary_until,
+            tags=product.tags,
+            keywords=meta.keywords,
+        )
+        return Prepared(
+            path=path,
+            product=product,
+            instrument=instrument,
+            meta=meta,
+            new=new,
+            temp=temp,
+            acquired=datetime.fromtimestamp(stat.st_mtime, UTC),
+            received=received_at,
+            validated=validated_at,
         )
 
     def _quarantine(
@@ -268,7 +384,7 @@ class Receiver:
         try:
             try:
                 with path.open("rb") as src:
-                    sha256 = _stream_to(src, b"", temp)
+                    sha256 = _stream_to(src, b"", temp, sync=self.settings.receipt.remove_source)
             except OSError as exc:
                 log.warning("cannot quarantine %s: %s", path, exc)
                 return Received(
@@ -350,7 +466,7 @@ def _read_primary_header(src: BinaryIO, size: int, path: Path) -> tuple[bytes, f
             return bytes(buf), header
 
 
-def _stream_to(src: BinaryIO, first: bytes, temp: Path) -> str:
+def _stream_to(src: BinaryIO, first: bytes, temp: Path, *, sync: bool) -> str:
     """Copy the whole file into ``temp`` (already-read ``first`` bytes, then the rest)."""
     digest = hashlib.sha256(first)
     src.seek(len(first))
@@ -359,13 +475,10 @@ def _stream_to(src: BinaryIO, first: bytes, temp: Path) -> str:
         while chunk := src.read(CHUNK):
             digest.update(chunk)
             dst.write(chunk)
-        dst.flush()
-        os.fsync(dst.fileno())
+        if sync:
+            dst.flush()
+            os.fsync(dst.fileno())
     return digest.hexdigest()
-
-
-def _place(cache: Cache, temp: Path, key: str) -> None:
-    cache.place(temp, key)
 
 
 def _claim(temp: Path, wanted: Path) -> Path:

@@ -1,15 +1,17 @@
 """Archive storage: where files live for good. One small interface, one local backend.
 
 A backend must make :meth:`Storage.put` atomic (a reader never sees a partial
-object under a key) and durable when it returns, and must read the stored bytes
-back for :meth:`Storage.sha256` rather than trusting what it was given: the
-ingestor marks a file archived only when the stored copy's checksum matches.
+object under a key), make every object put durable by the time :meth:`Storage.flush`
+returns, and read the stored bytes back for :meth:`Storage.sha256` rather than
+trusting what it was given: the ingestor marks a batch of files archived only after
+their stored copies' checksums match and ``flush`` has returned.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path, PurePosixPath
@@ -40,7 +42,11 @@ class Storage(ABC):
 
     @abstractmethod
     def put(self, source: Path, key: str) -> None:
-        """Store the bytes of ``source`` under ``key``, atomically and durably."""
+        """Store the bytes of ``source`` under ``key`` atomically (durable after flush)."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every object put so far durable."""
 
     @abstractmethod
     def sha256(self, key: str) -> str:
@@ -67,6 +73,8 @@ class LocalStorage(Storage):
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._unsynced: set[Path] = set()  # directories with renames not yet fsynced
+        self._lock = threading.Lock()
 
     def path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).parts)
@@ -84,9 +92,23 @@ class LocalStorage(Storage):
                 os.replace(temp, target)
             finally:
                 temp.unlink(missing_ok=True)
-            _fsync_dir(target.parent)
         except OSError as exc:
             raise StorageError(f"cannot store {key} under {self.root}: {exc}") from exc
+        with self._lock:
+            self._unsynced.add(target.parent)
+
+    def flush(self) -> None:
+        """fsync each directory that received a file since the last flush (once per batch,
+        not once per file: most files of a batch share their night's directory)."""
+        with self._lock:
+            folders, self._unsynced = self._unsynced, set()
+        try:
+            for folder in folders:
+                _fsync_dir(folder)
+        except OSError as exc:
+            with self._lock:
+                self._unsynced |= folders
+            raise StorageError(f"cannot make {self.root} durable: {exc}") from exc
 
     def sha256(self, key: str) -> str:
         try:

@@ -13,16 +13,16 @@ snapshot upgrade while another process (the daemon, ``obsflow ingest``) writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import (
     Connection,
     Engine,
@@ -30,24 +30,27 @@ from sqlalchemy import (
     and_,
     create_engine,
     event,
-    exists,
     func,
     insert,
+    inspect,
     select,
+    text,
     true,
-    update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from obsflow.catalog import schema
+from obsflow.catalog import batch, schema
+from obsflow.catalog.batch import CacheEntry, Recorded
 from obsflow.catalog.records import FileQuery, FileRecord, LedgerEntry
 from obsflow.errors import CatalogError
-from obsflow.states import FileState, LedgerEvent, RequestState
+from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
+SCHEMA_REVISION = "0002"
+"""The newest migration; a test checks it is Alembic's head."""
 
-__all__ = ["Catalog", "FileQuery", "FileRecord", "LedgerEntry", "NewFile"]
+__all__ = ["CacheEntry", "Catalog", "FileQuery", "FileRecord", "LedgerEntry", "NewFile", "Recorded"]
 
 
 @dataclass(frozen=True)
@@ -80,21 +83,16 @@ class NewFile:
     keywords: Mapping[str, Any] | None = None
 
 
-@dataclass(frozen=True)
-class Recorded:
-    """What :meth:`Catalog.record_cached` did: a new row, or found the same bytes already."""
-
-    file_id: int
-    archive_id: str
-    duplicate: bool
-    superseded: str | None = None
-    """The archive ID of the older version this file replaces, if any."""
-
-
 class Catalog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
+        # SQLite allows one writer; its busy handler waits by sleeping in growing steps.
+        # Writers of this process queue on a lock instead, which wakes the next at once;
+        # other processes still meet SQLite's own lock and busy timeout.
+        self._write_lock: AbstractContextManager[object] = (
+            threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        )
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = True) -> Catalog:
@@ -110,9 +108,15 @@ class Catalog:
         return catalog
 
     def migrate(self) -> None:
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS))
+        """Bring the schema to :data:`SCHEMA_REVISION` (Alembic is loaded only if needed)."""
         try:
+            if self.revision() == SCHEMA_REVISION:
+                return
+            from alembic import command
+            from alembic.config import Config
+
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS))
             with self.engine.begin() as conn:
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")
@@ -121,13 +125,20 @@ class Catalog:
                 f"cannot open the catalog at {self.engine.url!r}: {exc.orig}"
             ) from exc
 
+    def revision(self) -> str | None:
+        """The schema revision the database is at (None for an empty database)."""
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
-        with self.engine.connect() as plain:
+        with self._write_lock, self.engine.connect() as plain:
             conn = plain.execution_options(obsflow_immediate=True)
             with conn.begin():
                 yield conn
@@ -155,106 +166,43 @@ class Catalog:
         new: NewFile,
         make_archive_id: Callable[[int], str],
         cache_path: Callable[[str], str],
-        place: Callable[[str], None],
+        place: Callable[[str], object],
         ledger: Mapping[LedgerEvent, datetime],
         now: datetime,
+        unplace: Callable[[str], object] = lambda archive_id: None,
     ) -> Recorded:
-        """Record a file in the cache with its ingest request, in ONE transaction.
+        """Record one file in the cache with its ingest request, in ONE transaction.
 
         ``make_archive_id(bump)`` gives candidate IDs (bump 0, 1, ... past collisions);
         ``place(archive_id)`` moves the bytes into the cache and runs inside the
         transaction after every insert succeeded, so a row never exists without its
         bytes. The same bytes already live → ``duplicate`` and nothing is written.
         """
-        files = schema.files
+        entry = CacheEntry(new, make_archive_id, cache_path, place, unplace, ledger)
+        return self.record_cached_many([entry], now)[0]
+
+    def record_cached_many(self, entries: Sequence[CacheEntry], now: datetime) -> list[Recorded]:
+        """Record a batch of files, each as :meth:`record_cached` would, in one transaction.
+
+        If the transaction fails, every placement made in it is undone before the
+        error propagates; a conflict with a concurrent writer (PostgreSQL) retries.
+        """
         for _attempt in range(20):
+            placed: list[tuple[CacheEntry, str]] = []
             try:
                 with self.write() as conn:
-                    same = conn.execute(
-                        select(files.c.id, files.c.archive_id).where(
-                            files.c.sha256 == new.sha256, files.c.state != FileState.REJECTED
-                        )
-                    ).first()
-                    if same is not None:
-                        return Recorded(same.id, same.archive_id, duplicate=True)
-                    archive_id = self._free_archive_id(conn, make_archive_id)
-                    older = conn.execute(
-                        select(files.c.id, files.c.archive_id, files.c.version).where(
-                            files.c.instrument == new.instrument,
-                            files.c.original_name == new.original_name,
-                            files.c.state != FileState.REJECTED,
-                            files.c.superseded_by.is_(None),
-                        )
-                    ).first()
-                    values = _file_values(new)
-                    values.update(
-                        archive_id=archive_id,
-                        state=FileState.CACHED.value,
-                        cache_path=cache_path(archive_id),
-                        version=older.version + 1 if older else 1,
-                    )
-                    file_id = _insert_file(conn, values)
-                    if older is not None:
-                        conn.execute(
-                            update(files)
-                            .where(files.c.id == older.id)
-                            .values(superseded_by=file_id)
-                        )
-                    self._insert_details(conn, file_id, new, ledger)
-                    conn.execute(
-                        insert(schema.ingest_requests).values(
-                            file_id=file_id,
-                            state=RequestState.PENDING.value,
-                            attempts=0,
-                            next_attempt_at=now,
-                            created_at=now,
-                            updated_at=now,
-                        )
-                    )
-                    place(archive_id)
-                    return Recorded(
-                        file_id,
-                        archive_id,
-                        duplicate=False,
-                        superseded=older.archive_id if older else None,
-                    )
-            except IntegrityError:
-                # Another writer took this archive ID or these bytes between our read and
-                # our insert (PostgreSQL); look again.
-                log.debug("catalog race on %s; retrying", new.original_name)
-        raise CatalogError(f"could not record {new.original_name}: too many concurrent conflicts")
-
-    @staticmethod
-    def _free_archive_id(conn: Connection, make: Callable[[int], str]) -> str:
-        files = schema.files
-        for bump in range(10_000):
-            candidate = make(bump)
-            if not conn.execute(select(exists().where(files.c.archive_id == candidate))).scalar():
-                return candidate
-        raise CatalogError(f"no free archive ID near {make(0)}")
-
-    @staticmethod
-    def _insert_details(
-        conn: Connection, file_id: int, new: NewFile, ledger: Mapping[LedgerEvent, datetime]
-    ) -> None:
-        if new.tags:
-            conn.execute(
-                insert(schema.tags),
-                [{"file_id": file_id, "tag": t} for t in dict.fromkeys(new.tags)],
-            )
-        if new.keywords:
-            conn.execute(
-                insert(schema.keywords),
-                [
-                    {"file_id": file_id, "name": k, **_keyword_value(v)}
-                    for k, v in new.keywords.items()
-                ],
-            )
-        if ledger:
-            conn.execute(
-                insert(schema.ledger),
-                [{"file_id": file_id, "event": e.value, "at": at} for e, at in ledger.items()],
-            )
+                    return batch.record(conn, entries, now, placed)
+            except BaseException as exc:
+                for entry, archive_id in reversed(placed):
+                    entry.unplace(archive_id)
+                if not isinstance(exc, IntegrityError):
+                    raise
+                # another writer took one of these archive IDs or these bytes between our
+                # read and our insert (PostgreSQL); look again
+                log.debug("catalog race recording %d file(s); retrying", len(entries))
+        raise CatalogError(
+            f"could not record {len(entries)} file(s): too many concurrent conflicts"
+        )
 
     def record_rejected(
         self,
@@ -265,14 +213,20 @@ class Catalog:
     ) -> int | None:
         """Record a refused file (state ``rejected``) with its reason; return its row ID,
         or None when these bytes under this name were recorded rejected already."""
-        values = _file_values(new)
+        values = batch.file_values(new)
         values.update(
             state=FileState.REJECTED.value, reason=reason, quarantine_path=quarantine_path
         )
         try:
             with self.write() as conn:
-                file_id = _insert_file(conn, values)
-                self._insert_details(conn, file_id, replace(new, tags=()), ledger)
+                key = conn.execute(insert(schema.files).values(**values)).inserted_primary_key
+                assert key is not None
+                file_id = int(key[0])
+                stamps = [
+                    {"file_id": file_id, "event": e.value, "at": at} for e, at in ledger.items()
+                ]
+                if stamps:
+                    conn.execute(insert(schema.ledger), stamps)
                 return file_id
         except IntegrityError:
             return None
@@ -358,32 +312,6 @@ class Catalog:
         with self.read() as conn:
             rows = conn.execute(select(files.c.state, func.count()).group_by(files.c.state)).all()
         return {FileState(state): count for state, count in rows}
-
-
-def _insert_file(conn: Connection, values: dict[str, Any]) -> int:
-    key = conn.execute(insert(schema.files).values(**values)).inserted_primary_key
-    assert key is not None
-    return int(key[0])
-
-
-def _file_values(new: NewFile) -> dict[str, Any]:
-    values = {k: v for k, v in new.__dict__.items() if k not in ("tags", "keywords")}
-    values["start_utc"] = values.pop("start")
-    values["stop_utc"] = values.pop("stop")
-    return values
-
-
-def _keyword_value(value: Any) -> dict[str, Any]:
-    """Keyword values keep their FITS type; numbers are also stored as floats for ranges."""
-    if isinstance(value, bool):
-        return {"kind": "b", "value_text": "T" if value else "F", "value_num": float(value)}
-    if isinstance(value, int):
-        return {"kind": "i", "value_text": str(value), "value_num": float(value)}
-    if isinstance(value, float):
-        return {"kind": "f", "value_text": repr(value), "value_num": value}
-    if value is None:
-        return {"kind": "n", "value_text": None, "value_num": None}
-    return {"kind": "s", "value_text": str(value), "value_num": None}
 
 
 def _keyword_from_row(row: Row[Any]) -> Any:

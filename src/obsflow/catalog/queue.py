@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 
 from obsflow.catalog import Catalog, schema
 from obsflow.catalog.records import RequestRecord
@@ -21,6 +21,27 @@ from obsflow.states import FileState, LedgerEvent, RequestState
 
 requests = schema.ingest_requests
 files = schema.files
+
+_DONE = (
+    update(requests)
+    .where(requests.c.id == bindparam("b_id"))
+    .values(
+        state=RequestState.DONE.value,
+        lease_owner=None,
+        lease_expires=None,
+        last_error=None,
+        updated_at=bindparam("b_now"),
+    )
+)
+_ARCHIVED = (
+    update(files)
+    .where(files.c.id == bindparam("b_id"))
+    .values(state=FileState.ARCHIVED.value, archive_path=bindparam("b_path"), reason=None)
+)
+_STAMPED = select(schema.ledger.c.file_id).where(
+    schema.ledger.c.file_id.in_(bindparam("ids", expanding=True)),
+    schema.ledger.c.event == LedgerEvent.ARCHIVED.value,
+)
 
 
 @dataclass(frozen=True)
@@ -109,35 +130,16 @@ class IngestQueue:
         if not leases:
             return
         with self.catalog.write() as conn:
-            for lease, archive_path in leases:
-                conn.execute(
-                    update(requests)
-                    .where(requests.c.id == lease.request_id)
-                    .values(
-                        state=RequestState.DONE.value,
-                        lease_owner=None,
-                        lease_expires=None,
-                        last_error=None,
-                        updated_at=now,
-                    )
-                )
-                conn.execute(
-                    update(files)
-                    .where(files.c.id == lease.file_id)
-                    .values(state=FileState.ARCHIVED.value, archive_path=archive_path, reason=None)
-                )
-            existing = set(
-                conn.execute(
-                    select(schema.ledger.c.file_id).where(
-                        schema.ledger.c.file_id.in_([lease.file_id for lease, _ in leases]),
-                        schema.ledger.c.event == LedgerEvent.ARCHIVED,
-                    )
-                ).scalars()
+            conn.execute(_DONE, [{"b_id": lease.request_id, "b_now": now} for lease, _ in leases])
+            conn.execute(
+                _ARCHIVED, [{"b_id": lease.file_id, "b_path": path} for lease, path in leases]
             )
+            ids = [lease.file_id for lease, _ in leases]
+            stamped = set(conn.execute(_STAMPED, {"ids": ids}).scalars())
             stamps = [
-                {"file_id": lease.file_id, "event": LedgerEvent.ARCHIVED.value, "at": now}
-                for lease, _ in leases
-                if lease.file_id not in existing
+                {"file_id": file_id, "event": LedgerEvent.ARCHIVED.value, "at": now}
+                for file_id in dict.fromkeys(ids)
+                if file_id not in stamped
             ]
             if stamps:
                 conn.execute(schema.ledger.insert(), stamps)

@@ -1,0 +1,243 @@
+"""Recording a batch of cached files in one transaction (receipt's group commit).
+
+Every file of a batch gets its row, tags, keywords, ledger stamps, its ingest
+request and its move into the cache inside ONE transaction, as a single file
+would; a batch only shares the transaction and the statements. Queries are
+set-based (one ``IN`` per batch) and inserts are executemany, so the cost per
+file is a few parameter rows rather than a dozen statements.
+
+A batch is cut into *rounds* in which no two files share bytes or a name, so
+that a duplicate or a new version inside one batch sees the earlier file as if
+it had been received first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, bindparam, insert, select, update
+
+from obsflow.catalog import schema
+from obsflow.errors import CatalogError
+from obsflow.states import FileState, LedgerEvent, RequestState
+
+if TYPE_CHECKING:
+    from obsflow.catalog import NewFile
+
+files = schema.files
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One file to record: its facts, and how to name it and move it into the cache."""
+
+    new: NewFile
+    make_archive_id: Callable[[int], str]
+    """Candidate archive IDs: bump 0, 1, 2, ... past IDs already taken."""
+    cache_path: Callable[[str], str]
+    place: Callable[[str], object]
+    """Move the bytes into the cache under this archive ID (inside the transaction)."""
+    unplace: Callable[[str], object]
+    """Undo ``place`` when the transaction fails after it."""
+    ledger: Mapping[LedgerEvent, datetime]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording did: a new row, or found the same bytes already."""
+
+    file_id: int
+    archive_id: str
+    duplicate: bool
+    superseded: str | None = None
+    """The archive ID of the older version this file replaces, if any."""
+
+
+_LIVE = select(files.c.sha256, files.c.id, files.c.archive_id).where(
+    files.c.sha256.in_(bindparam("shas", expanding=True)),
+    files.c.state != FileState.REJECTED,
+)
+_LATEST = select(
+    files.c.id, files.c.archive_id, files.c.version, files.c.instrument, files.c.original_name
+).where(
+    files.c.original_name.in_(bindparam("names", expanding=True)),
+    files.c.state != FileState.REJECTED,
+    files.c.superseded_by.is_(None),
+)
+_TAKEN = select(files.c.archive_id).where(files.c.archive_id.in_(bindparam("ids", expanding=True)))
+_INSERT_FILES = insert(files).returning(files.c.id, sort_by_parameter_order=True)
+_SUPERSEDE = (
+    update(files).where(files.c.id == bindparam("b_old")).values(superseded_by=bindparam("b_new"))
+)
+
+
+def record(
+    conn: Connection,
+    entries: Sequence[CacheEntry],
+    now: datetime,
+    placed: list[tuple[CacheEntry, str]],
+) -> list[Recorded]:
+    """Record ``entries`` on ``conn`` (inside the caller's transaction), in order.
+
+    Each placement is appended to ``placed`` so the caller can undo them if the
+    transaction does not commit.
+    """
+    out: list[Recorded] = []
+    for round_ in _rounds(entries):
+        out += _record_round(conn, round_, now, placed)
+    return out
+
+
+def _rounds(entries: Sequence[CacheEntry]) -> Iterator[list[CacheEntry]]:
+    current: list[CacheEntry] = []
+    seen: set[object] = set()
+    for entry in entries:
+        keys = {entry.new.sha256, (entry.new.instrument, entry.new.original_name)}
+        if seen & keys:
+            yield current
+            current, seen = [], set()
+        current.append(entry)
+        seen |= keys
+    if current:
+        yield current
+
+
+def _record_round(
+    conn: Connection,
+    entries: list[CacheEntry],
+    now: datetime,
+    placed: list[tuple[CacheEntry, str]],
+) -> list[Recorded]:
+    live = {r.sha256: r for r in conn.execute(_LIVE, {"shas": [e.new.sha256 for e in entries]})}
+    latest = {
+        (r.instrument, r.original_name): r
+        for r in conn.execute(_LATEST, {"names": [e.new.original_name for e in entries]})
+    }
+    first_choice = [e.make_archive_id(0) for e in entries]
+    taken = set(conn.execute(_TAKEN, {"ids": first_choice}).scalars())
+    checked = set(first_choice)
+
+    fresh: list[tuple[CacheEntry, str, Any]] = []  # (entry, archive ID, older row or None)
+    results: dict[int, Recorded] = {}
+    for index, entry in enumerate(entries):
+        same = live.get(entry.new.sha256)
+        if same is not None:
+            results[index] = Recorded(same.id, same.archive_id, duplicate=True)
+            continue
+        archive_id = _free_id(conn, entry.make_archive_id, taken, checked)
+        taken.add(archive_id)
+        fresh.append(
+            (entry, archive_id, latest.get((entry.new.instrument, entry.new.original_name)))
+        )
+    if fresh:
+        rows = [
+            {
+                **file_values(entry.new),
+                "archive_id": archive_id,
+                "state": FileState.CACHED.value,
+                "cache_path": entry.cache_path(archive_id),
+                "version": older.version + 1 if older is not None else 1,
+            }
+            for entry, archive_id, older in fresh
+        ]
+        ids = [row.id for row in conn.execute(_INSERT_FILES, rows)]
+        _insert_details(
+            conn, [(entry, file_id) for (entry, _, _), file_id in zip(fresh, ids, strict=True)], now
+        )
+        superseding = [
+            {"b_old": older.id, "b_new": file_id}
+            for (_, _, older), file_id in zip(fresh, ids, strict=True)
+            if older is not None
+        ]
+        if superseding:
+            conn.execute(_SUPERSEDE, superseding)
+        for entry, archive_id, _ in fresh:
+            entry.place(archive_id)
+            placed.append((entry, archive_id))
+        it = iter(zip(fresh, ids, strict=True))
+        for index in range(len(entries)):
+            if index not in results:
+                (_, archive_id, older), file_id = next(it)
+                results[index] = Recorded(
+                    file_id,
+                    archive_id,
+                    duplicate=False,
+                    superseded=older.archive_id if older is not None else None,
+                )
+    return [results[i] for i in range(len(entries))]
+
+
+def _free_id(
+    conn: Connection, make: Callable[[int], str], taken: set[str], checked: set[str]
+) -> str:
+    for bump in range(10_000):
+        candidate = make(bump)
+        if candidate in taken:
+            continue
+        if candidate not in checked:
+            checked.add(candidate)
+            if conn.execute(_TAKEN, {"ids": [candidate]}).first() is not None:
+                taken.add(candidate)
+                continue
+        return candidate
+    raise CatalogError(f"no free archive ID near {make(0)}")
+
+
+def _insert_details(conn: Connection, rows: list[tuple[CacheEntry, int]], now: datetime) -> None:
+    tags = [
+        {"file_id": file_id, "tag": tag}
+        for entry, file_id in rows
+        for tag in dict.fromkeys(entry.new.tags)
+    ]
+    words = [
+        {"file_id": file_id, "name": name, **keyword_value(value)}
+        for entry, file_id in rows
+        for name, value in (entry.new.keywords or {}).items()
+    ]
+    ledger = [
+        {"file_id": file_id, "event": event.value, "at": at}
+        for entry, file_id in rows
+        for event, at in entry.ledger.items()
+    ]
+    requests = [
+        {
+            "file_id": file_id,
+            "state": RequestState.PENDING.value,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for _, file_id in rows
+    ]
+    for table, params in (
+        (schema.tags, tags),
+        (schema.keywords, words),
+        (schema.ledger, ledger),
+        (schema.ingest_requests, requests),
+    ):
+        if params:
+            conn.execute(insert(table), params)
+
+
+def file_values(new: NewFile) -> dict[str, Any]:
+    values = {k: v for k, v in new.__dict__.items() if k not in ("tags", "keywords")}
+    values["start_utc"] = values.pop("start")
+    values["stop_utc"] = values.pop("stop")
+    return values
+
+
+def keyword_value(value: Any) -> dict[str, Any]:
+    """Keyword values keep their FITS type; numbers are also stored as floats for ranges."""
+    if isinstance(value, bool):
+        return {"kind": "b", "value_text": "T" if value else "F", "value_num": float(value)}
+    if isinstance(value, int):
+        return {"kind": "i", "value_text": str(value), "value_num": float(value)}
+    if isinstance(value, float):
+        return {"kind": "f", "value_text": repr(value), "value_num": value}
+    if value is None:
+        return {"kind": "n", "value_text": None, "value_num": None}
+    return {"kind": "s", "value_text": str(value), "value_num": None}
