@@ -505,3 +505,23 @@ def test_corrupted_bytes_give_fits_error_or_a_header(tmp_path: Path) -> None:
             assert str(damaged) in str(e)
         with contextlib.suppress(FitsError):
             parse_header(bytes(data[:cut]), name=damaged)
+
+
+def test_walk_hdus_with_the_primary_already_parsed_agrees_and_still_finds_truncation(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "two.fits"
+    fits.HDUList(
+        [fits.PrimaryHDU(np.zeros((4, 4), dtype=np.int16)), fits.ImageHDU(np.ones((8, 8)))]
+    ).writeto(path)
+    data = path.read_bytes()
+    primary = parse_header(data, name=path)
+    assert primary is not None
+    with path.open("rb") as f:
+        assert walk_hdus(f, len(data), name=path, primary=primary) == walk_hdus(
+            f, len(data), name=path
+        )
+    cut = tmp_path / "cut.fits"
+    cut.write_bytes(data[: len(data) - 2880])
+    with cut.open("rb") as f, pytest.raises(FitsError, match="truncated"):
+        walk_hdus(f, len(data) - 2880, name=cut, primary=primary)

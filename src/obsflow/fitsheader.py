@@ -100,8 +100,13 @@ def parse_header(
     return _parse(memoryview(buf).cast("B"), offset, name, primary=offset == 0, where="")
 
 
-def walk_hdus(f: BinaryIO, size: int, *, name: Path | str) -> list[tuple[int, Header]]:
+def walk_hdus(
+    f: BinaryIO, size: int, *, name: Path | str, primary: Header | None = None
+) -> list[tuple[int, Header]]:
     """Walk every HDU of the open file ``f`` of ``size`` bytes by seeking.
+
+    ``primary``, when the caller has parsed the primary header already, is used rather
+    than read and parsed again (receipt reads each header once).
 
     Return ``(offset, header)`` for each HDU. Raise FitsError if a header is malformed or has
     no END card, if an HDU's header or data runs past ``size`` (truncated), or if bytes follow
@@ -121,7 +126,10 @@ def walk_hdus(f: BinaryIO, size: int, *, name: Path | str) -> list[tuple[int, He
                 f"byte {offset:,}); the file size {size:,} is not a multiple of {BLOCK}",
             )
         try:
-            header = _read_header(f, offset, size, name, where, primary=not hdus)
+            if primary is not None and not hdus:
+                header = primary
+            else:
+                header = _read_header(f, offset, size, name, where, primary=not hdus)
         except FitsError:
             if hdus and _all_zero(f, offset, size):
                 break  # trailing zero blocks: astropy reads such files too

@@ -149,9 +149,11 @@ class Receiver:
         workers: int,
         on_received: Callable[[Received], None] = lambda r: None,
         batch: int = 128,
+        linger: float = 0.02,
     ) -> list[Received]:
         """Receive many files: ``workers`` threads prepare them while this thread records
-        whatever is ready in one transaction at a time (group commit)."""
+        them in one transaction at a time (group commit): whatever is ready, after waiting
+        up to ``linger`` seconds for a batch to fill (fewer, larger transactions)."""
         ready: queue.SimpleQueue[Future[Prepared | Received]] = queue.SimpleQueue()
         out: list[Received] = []
 
@@ -167,9 +169,10 @@ class Receiver:
             remaining = len(futures)
             while remaining:
                 done = [ready.get()]
-                while len(done) < batch:
+                until = time.monotonic() + linger
+                while len(done) < min(batch, remaining):
                     try:
-                        done.append(ready.get_nowait())
+                        done.append(ready.get(timeout=max(0.0, until - time.monotonic())))
                     except queue.Empty:
                         break
                 remaining -= len(done)
@@ -315,7 +318,7 @@ class Receiver:
                 if size != stat.st_size:
                     raise VanishedError(path, "the file changed size while being received")
                 first, header = _read_primary_header(src, size, path)
-                fitsheader.walk_hdus(src, size, name=path)
+                fitsheader.walk_hdus(src, size, name=path, primary=header)
                 meta = metadata.extract(header, product, instrument, recognised.groups, path)
                 validated_at = self.clock()
                 # Durability: while the source stays, it is the durable copy; the cache copy

@@ -74,6 +74,7 @@ class LocalStorage(Storage):
     def __init__(self, root: Path) -> None:
         self.root = root
         self._unsynced: set[Path] = set()  # directories with renames not yet fsynced
+        self._made: set[Path] = set()  # directories known to exist
         self._lock = threading.Lock()
 
     def path(self, key: str) -> Path:
@@ -82,7 +83,9 @@ class LocalStorage(Storage):
     def put(self, source: Path, key: str) -> None:
         target = self.path(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.parent not in self._made:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(target.parent)
             temp = target.parent / f".{target.name}.{uuid.uuid4().hex}.part"
             try:
                 with source.open("rb") as src, temp.open("wb") as dst:
@@ -93,6 +96,7 @@ class LocalStorage(Storage):
             finally:
                 temp.unlink(missing_ok=True)
         except OSError as exc:
+            self._made.discard(target.parent)  # perhaps removed: look again next time
             raise StorageError(f"cannot store {key} under {self.root}: {exc}") from exc
         with self._lock:
             self._unsynced.add(target.parent)

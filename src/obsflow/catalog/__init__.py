@@ -156,7 +156,7 @@ class Catalog:
         with self.read() as conn:
             row = conn.execute(
                 select(files.c.id, files.c.archive_id).where(
-                    files.c.sha256 == sha256, files.c.state != FileState.REJECTED
+                    files.c.sha256 == sha256, schema.is_live()
                 )
             ).first()
         return (row.id, row.archive_id) if row else None
@@ -239,7 +239,7 @@ class Catalog:
                 select(files.c.quarantine_path).where(
                     files.c.sha256 == sha256,
                     files.c.original_name == original_name,
-                    files.c.state == FileState.REJECTED,
+                    schema.is_rejected(),
                 )
             ).first()
         return None if row is None else (row.quarantine_path or "")

@@ -57,8 +57,7 @@ class Recorded:
 
 
 _LIVE = select(files.c.sha256, files.c.id, files.c.archive_id).where(
-    files.c.sha256.in_(bindparam("shas", expanding=True)),
-    files.c.state != FileState.REJECTED,
+    files.c.sha256.in_(bindparam("shas", expanding=True)), schema.is_live()
 )
 _LATEST = select(
     files.c.id, files.c.archive_id, files.c.version, files.c.instrument, files.c.original_name

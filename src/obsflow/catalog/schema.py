@@ -20,8 +20,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    literal_column,
     text,
 )
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 
@@ -43,6 +45,20 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC)
+
+
+# The predicates of the partial indexes, as literal SQL: a query that must use one of
+# them says the same words (a bound parameter would hide them from PostgreSQL's planner).
+LIVE = "state <> 'rejected'"
+REJECTED = "state = 'rejected'"
+
+
+def is_live() -> ColumnElement[bool]:
+    return files.c.state != literal_column("'rejected'")
+
+
+def is_rejected() -> ColumnElement[bool]:
+    return files.c.state == literal_column("'rejected'")
 
 
 metadata = MetaData(
@@ -95,18 +111,17 @@ files = Table(
         "uq_files_sha256_live",
         "sha256",
         unique=True,
-        sqlite_where=text("state <> 'rejected'"),
-        postgresql_where=text("state <> 'rejected'"),
+        sqlite_where=text(LIVE),
+        postgresql_where=text(LIVE),
     ),
-    Index("ix_files_sha256", "sha256"),
     # a refused file is recorded once, however many workers refuse it at once
     Index(
         "uq_files_rejected",
         "sha256",
         "original_name",
         unique=True,
-        sqlite_where=text("state = 'rejected'"),
-        postgresql_where=text("state = 'rejected'"),
+        sqlite_where=text(REJECTED),
+        postgresql_where=text(REJECTED),
     ),
 )
 

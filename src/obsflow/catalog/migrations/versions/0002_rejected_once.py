@@ -1,5 +1,8 @@
 """A refused file is recorded once: unique (sha256, original_name) among rejected rows.
 
+The plain sha256 index goes: the partial unique indexes on live rows and on rejected
+rows serve every lookup by checksum, and each index costs writes on every insert.
+
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-22
@@ -27,8 +30,10 @@ def upgrade() -> None:
             sqlite_where=sa.text(WHERE),
             postgresql_where=sa.text(WHERE),
         )
+        batch_op.drop_index("ix_files_sha256")
 
 
 def downgrade() -> None:
     with op.batch_alter_table("files", schema=None) as batch_op:
+        batch_op.create_index("ix_files_sha256", ["sha256"], unique=False)
         batch_op.drop_index("uq_files_rejected")
