@@ -16,7 +16,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from obsflow.cache import Cache
 from obsflow.catalog import Catalog
@@ -139,6 +138,3 @@ class Ingestor:
 
     def retry_failed(self) -> int:
         return self.queue.retry_failed(self.clock())
-
-    def now(self) -> datetime:
-        return self.clock()

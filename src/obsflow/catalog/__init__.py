@@ -150,17 +150,6 @@ class Catalog:
 
     # ------------------------------------------------------------ receipt
 
-    def live_by_sha(self, sha256: str) -> tuple[int, str | None] | None:
-        """(id, archive ID) of the live (not rejected) row holding these bytes, if any."""
-        files = schema.files
-        with self.read() as conn:
-            row = conn.execute(
-                select(files.c.id, files.c.archive_id).where(
-                    files.c.sha256 == sha256, schema.is_live()
-                )
-            ).first()
-        return (row.id, row.archive_id) if row else None
-
     def record_cached(
         self,
         new: NewFile,

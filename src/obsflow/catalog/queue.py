@@ -186,31 +186,6 @@ class IngestQueue:
                 )
         return state
 
-    def release(self, leases: list[Lease], now: datetime) -> None:
-        """Give leases back unfinished (a clean shutdown): pending, the attempt not counted.
-
-        Only a lease still held by its owner is given back."""
-        if not leases:
-            return
-        with self.catalog.write() as conn:
-            for lease in leases:
-                conn.execute(
-                    update(requests)
-                    .where(
-                        requests.c.id == lease.request_id,
-                        requests.c.state == RequestState.LEASED,
-                        requests.c.lease_owner == lease.owner,
-                    )
-                    .values(
-                        state=RequestState.PENDING.value,
-                        lease_owner=None,
-                        lease_expires=None,
-                        attempts=requests.c.attempts - 1,
-                        next_attempt_at=now,
-                        updated_at=now,
-                    )
-                )
-
     def retry_failed(self, now: datetime) -> int:
         """Put every failed request back in the queue with fresh attempts; return how many."""
         with self.catalog.write() as conn:
