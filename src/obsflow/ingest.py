@@ -103,12 +103,18 @@ class Ingestor:
 
     def _archive(self, lease: Lease) -> str:
         key = Cache.key(lease.instrument, lease.night, lease.archive_id)
-        if self.storage.exists(key) and self.storage.sha256(key) == lease.sha256:
+        retry = lease.attempts > 1  # only an earlier attempt can have stored it already
+        if retry and self.storage.exists(key) and self.storage.sha256(key) == lease.sha256:
             return key  # an earlier attempt stored it and died before recording it
         source = self.cache.path(lease.cache_path)
-        if not source.is_file():
-            raise StorageError(f"{lease.archive_id}: its cached copy {source} is missing")
-        self.storage.put(source, key)
+        try:
+            self.storage.put(source, key)
+        except (StorageError, OSError):
+            if not source.is_file():
+                raise StorageError(
+                    f"{lease.archive_id}: its cached copy {source} is missing"
+                ) from None
+            raise
         stored = self.storage.sha256(key)
         if stored != lease.sha256:
             self.storage.delete(key)

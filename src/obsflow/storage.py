@@ -93,8 +93,9 @@ class LocalStorage(Storage):
                     dst.flush()
                     os.fsync(dst.fileno())
                 os.replace(temp, target)
-            finally:
+            except BaseException:
                 temp.unlink(missing_ok=True)
+                raise
         except OSError as exc:
             self._made.discard(target.parent)  # perhaps removed: look again next time
             raise StorageError(f"cannot store {key} under {self.root}: {exc}") from exc
