@@ -150,3 +150,13 @@ def test_simulate_writes_a_night_the_registry_recognises(
     done = obsflow("ingest", "--site", site, out)
     assert done.returncode == 0, done.stderr
     assert len(as_json(obsflow("find", "--site", site, "--json"))) == 5
+
+
+def test_demo_makes_a_site_and_archives_a_small_night(tmp_path: Path) -> None:
+    site = tmp_path / "demo"
+    result = obsflow("demo", "--frames", "6", "--size", "32", "--dir", site)
+    assert result.returncode == 0, result.stderr
+    assert str(site) in result.stdout
+    status = as_json(obsflow("status", "--site", site, "--json"))
+    assert status["files"]["archived"] == 6
+    assert status["queue_depth"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -204,10 +205,11 @@ def demo(
             night.add_row(kind, band, str(len(members)), str(archived), f"{exposure:.0f}")
         out.print(night)
         out.print(f"archive: {settings.archive}")
-        out.print(f"try:  obsflow --help;  export OBSFLOW_SITE={root}")
-        out.print("      obsflow find --product ofcam_raw --tag raw;  obsflow status")
+        command = _command_name()
+        out.print(f"try:  export OBSFLOW_SITE={root}")
+        out.print(f"      {command} find --product ofcam_raw --tag raw;  {command} status")
         if records:
-            out.print(f"      obsflow show {records[-1].archive_id}")
+            out.print(f"      {command} show {records[-1].archive_id}")
         if summary.of(Outcome.REJECTED) or summary.ingest.errors:
             raise typer.Exit(1)
 
@@ -407,6 +409,17 @@ def _site(site: Path | None) -> Iterator[Site]:
         yield opened
     finally:
         opened.close()
+
+
+def _command_name() -> str:
+    """How the user can type this command: ``obsflow`` if it is on PATH, else its path."""
+    if shutil.which("obsflow"):
+        return "obsflow"
+    script = Path(sys.argv[0]).resolve()
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def main() -> None:
