@@ -83,6 +83,33 @@ ARCHIVE_ID_FIELDS = {
 }
 
 
+class WatchTriggerSpec(Spec):
+    """Watch a directory for files closed after writing or moved into it."""
+
+    kind: Literal["watch"]
+    directory: Path = Path("incoming")
+    """Relative to the site directory, or absolute."""
+    recursive: bool = False
+    polling: bool = False
+    """Poll instead of kernel events (network file systems where inotify never fires)."""
+    poll_seconds: float = Field(default=1.0, gt=0, le=3600)
+
+
+class EpicsTriggerSpec(Spec):
+    """Monitor an EPICS Channel Access PV holding the last written file name."""
+
+    kind: Literal["epics"]
+    pv: Annotated[str, Field(pattern=r"^[A-Za-z0-9_:.\-\[\]<>;]{1,128}$")]
+    directory: Path = Path("incoming")
+    """Where relative file names published on the PV are found (relative to the site)."""
+    heartbeat_pv: Annotated[str, Field(pattern=r"^[A-Za-z0-9_:.\-\[\]<>;]{1,128}$")] | None = None
+    heartbeat_stale_seconds: float = Field(default=30.0, gt=0)
+    """The heartbeat PV not updated for this long shows as an alarm in ``obsflow status``."""
+
+
+TriggerSpec = Annotated[WatchTriggerSpec | EpicsTriggerSpec, Field(discriminator="kind")]
+
+
 class InstrumentSpec(Spec):
     name: Identifier
     description: str = ""
@@ -96,6 +123,8 @@ class InstrumentSpec(Spec):
     """Per-program exceptions to ``proprietary_months`` (e.g. ``ENG: 0``)."""
     utc_offset_hours: float = Field(default=0.0, ge=-14, le=14)
     """The site's offset from UTC; the night is the local date on which it began."""
+    triggers: tuple[TriggerSpec, ...] = ()
+    """How ``obsflow run`` notices this instrument's new files."""
     source: Source | None = None
 
     @field_validator("archive_id")
