@@ -352,7 +352,8 @@ def test_a_file_that_vanishes_while_settling_is_vanished_and_leaves_no_trace(
 ) -> None:
     with opened(make_site(receipt={"settle_seconds": 1.0})) as site:
         source = site.settings.incoming / frames[4].name
-        source.write_bytes(frames[4].read_bytes())  # mtime: now, so receipt must wait ~1 s
+        half = frames[4].read_bytes()[: 2880 * 2]  # being written: fresh and incomplete,
+        source.write_bytes(half)  # so receipt must wait ~1 s for it to settle
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(site.receiver.receive, source)
             time.sleep(0.3)
@@ -364,6 +365,19 @@ def test_a_file_that_vanishes_while_settling_is_vanished_and_leaves_no_trace(
         assert site.catalog.find(FileQuery()) == []
         assert files_under(site.settings.quarantine) == []
         nothing_stored(site)
+
+
+def test_a_fresh_complete_frame_is_taken_without_waiting_the_settle_time(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    """Real time: a whole FITS file is complete the moment its last byte lands."""
+    with opened(make_site(receipt={"settle_seconds": 30.0})) as site:
+        source = site.settings.incoming / frames[4].name
+        source.write_bytes(frames[4].read_bytes())  # mtime: now
+        started = time.monotonic()
+        result = site.receiver.receive(source)
+        assert result.outcome is Outcome.CACHED, result
+        assert time.monotonic() - started < 10  # far less than the 30 s settle time
 
 
 def test_a_file_still_being_written_is_taken_only_once_complete(

@@ -15,6 +15,7 @@ from obsflow.cache import Cache
 from obsflow.catalog import Catalog
 from obsflow.catalog.queue import IngestQueue
 from obsflow.ingest import Ingestor, IngestReport
+from obsflow.intake import Intake
 from obsflow.receipt import Clock, Outcome, Received, Receiver, utcnow
 from obsflow.registry import Registry, load_registry
 from obsflow.settings import Settings
@@ -62,16 +63,10 @@ def open_site(
     catalog = Catalog.open(settings.catalog_url)
     cache = Cache(settings.cache)
     cache.clean_temp()
+    storage = storage or LocalStorage(settings.archive)
+    storage.recover()
     receiver = Receiver(settings, registry, catalog, cache, clock=clock)
-    return Site(
-        settings,
-        registry,
-        catalog,
-        cache,
-        storage or LocalStorage(settings.archive),
-        receiver,
-        clock,
-    )
+    return Site(settings, registry, catalog, cache, storage, receiver, clock)
 
 
 @dataclass
@@ -118,7 +113,10 @@ def ingest_paths(
     with ThreadPoolExecutor(workers.ingest, thread_name_prefix="ingest") as ingest_pool:
         futures = [ingest_pool.submit(ingest_worker) for _ in range(workers.ingest)] if wait else []
         try:
-            site.receiver.receive_many(paths, workers=workers.receipt, on_received=received)
+            intake = Intake(site.receiver, workers=workers.receipt, on_result=received)
+            for path in paths:
+                intake.offer(path)
+            intake.close()
         finally:
             receipt_done.set()
             if not wait:

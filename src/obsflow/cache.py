@@ -8,6 +8,7 @@ records them (see :meth:`obsflow.catalog.Catalog.record_cached`).
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from datetime import date
 from pathlib import Path
@@ -55,11 +56,17 @@ class Cache:
         """Undo :meth:`place` (its transaction did not commit): back to the temp file."""
         os.replace(self.path(key), temp)
 
-    def clean_temp(self) -> int:
-        """Remove temp files left by a crash; return how many."""
+    def clean_temp(self, older_than: float = 3600.0) -> int:
+        """Remove temp files a crash left, once ``older_than`` seconds old (a temp file of a
+        live receipt lives for seconds; another process may be receiving right now)."""
         removed = 0
         if self.tmp.is_dir():
+            cutoff = time.time() - older_than
             for leftover in self.tmp.glob("*.part"):
-                leftover.unlink(missing_ok=True)
-                removed += 1
+                try:
+                    if leftover.stat().st_mtime < cutoff:
+                        leftover.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
         return removed

@@ -20,8 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from obsflow import __version__
+from obsflow import latency as latency_ledger
 from obsflow.app import IngestSummary, Site, ingest_paths, open_site
 from obsflow.catalog.records import FileQuery, FileRecord
+from obsflow.daemon import read_status as read_daemon_status
 from obsflow.errors import ConfigError, ObsflowError, SiteError
 from obsflow.metadata import parse_time
 from obsflow.receipt import Outcome
@@ -40,6 +42,7 @@ registry_app = typer.Typer(help="Check and inspect the registry.", no_args_is_he
 app.add_typer(registry_app, name="registry")
 
 # soft_wrap: a message (file:line: ..., a path) is never broken across lines
+log = logging.getLogger(__name__)
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -351,11 +354,81 @@ def show(
 
 
 @app.command()
-def status(as_json: JsonOption = False, site: SiteOption = None) -> None:
-    """Counts of files by state, and the ingest queue's depth."""
+def status(
+    as_json: JsonOption = False,
+    latency: Annotated[
+        bool,
+        typer.Option(
+            "--latency",
+            help="Latency percentiles acquired → archived and per stage, and the stuck files.",
+        ),
+    ] = False,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="With --latency: files that reached a stage at or after this time "
+            "(ISO, UTC; default: 24 hours ago).",
+            show_default=False,
+        ),
+    ] = None,
+    stuck_after: Annotated[
+        float,
+        typer.Option(
+            "--stuck-after",
+            min=0.0,
+            metavar="SECONDS",
+            help="With --latency: a file cached longer than this, not archived, is stuck.",
+        ),
+    ] = latency_ledger.DEFAULT_STUCK_AFTER,
+    site: SiteOption = None,
+) -> None:
+    """Counts of files by state, and the ingest queue's depth; --latency for the latency ledger."""
+    window_start = _time(since, "--since")
+    if not latency and (since is not None or stuck_after != latency_ledger.DEFAULT_STUCK_AFTER):
+        option = "--since" if since is not None else "--stuck-after"
+        raise typer.BadParameter("only meaningful with --latency", param_hint=option)
     with _site(site) as s:
+        if latency:
+            report = latency_ledger.latency_report(s.catalog, s.clock(), window_start, stuck_after)
+            if as_json:
+                print(json.dumps(report.to_json(), indent=1))
+                return
+            since_text = report.since.isoformat(timespec="seconds")
+            table = Table(title=f"latency (ms) of files that reached each stage since {since_text}")
+            for column in ("stage", "files", "p50", "p90", "p99", "max"):
+                table.add_column(column, justify="left" if column == "stage" else "right")
+            named = [("acquired → archived", report.total)]
+            named += [(n.replace("_to_", " → "), p) for n, p in report.stages.items()]
+            for name, p in named:
+                numbers = (p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms)
+                cells = ("-" if v is None else f"{v:.1f}" for v in numbers)
+                table.add_row(name, str(p.count), *cells)
+            out.print(table)
+            shown = len(report.stuck)
+            more = f", the oldest {shown} shown" if report.stuck_total > shown else ""
+            out.print(
+                f"stuck: {report.stuck_total} file(s) (cached over {stuck_after:g} s, "
+                f"failed, or with an expired ingest lease){more}"
+            )
+            if not report.stuck:
+                return
+            stuck = Table()
+            for column in ("archive ID", "original name", "state", "since (UTC)", "for", "detail"):
+                stuck.add_column(column)
+            for f in report.stuck:
+                stuck.add_row(
+                    f.archive_id or "-",
+                    f.original_name,
+                    f.state,
+                    f.since.isoformat(timespec="seconds"),
+                    f"{f.seconds:.0f} s",
+                    f.detail or "",
+                )
+            out.print(stuck)
+            return
         counts = s.catalog.counts()
         depth = s.queue.depth()
+        daemon = read_daemon_status(s.settings.site, s.clock())
         files = {state.value: counts.get(state, 0) for state in FileState}
         queue_depth = depth.get(RequestState.PENDING, 0) + depth.get(RequestState.LEASED, 0)
         if as_json:
@@ -363,6 +436,7 @@ def status(as_json: JsonOption = False, site: SiteOption = None) -> None:
                 "files": files,
                 "queue": {state.value: n for state, n in depth.items()},
                 "queue_depth": queue_depth,
+                "daemon": daemon,
             }
             print(json.dumps(data, indent=1))
             return
@@ -370,6 +444,15 @@ def status(as_json: JsonOption = False, site: SiteOption = None) -> None:
         for state_name, n in files.items():
             table.add_row(f"files {state_name}", str(n))
         table.add_row("ingest queue depth", str(queue_depth))
+        if daemon is None or not daemon["alive"]:
+            table.add_row("daemon", "not running")
+        else:
+            table.add_row(
+                "daemon", f"running (pid {daemon['pid']}, {daemon['in_flight']} in flight)"
+            )
+            for trigger in daemon["triggers"]:
+                state = "ok" if trigger["ok"] else f"[red]ALARM[/]: {trigger['detail']}"
+                table.add_row(f"trigger {trigger['name']}", state)
         out.print(table)
 
 
@@ -391,14 +474,138 @@ def simulate(
     size: Annotated[
         int, typer.Option(min=16, max=8192, help="Frame width and height in pixels.")
     ] = 512,
+    cadence: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Live: write one frame every SECONDS, each in pieces under its final name "
+            "(not atomically), as a detector does. Default with --epics: 1.",
+            show_default=False,
+        ),
+    ] = None,
+    epics: Annotated[
+        bool,
+        typer.Option(
+            "--epics",
+            help="Live, and announce each complete frame's path on the EPICS PV "
+            "OFCAM:LASTFILE of an IOC started in this process (EPICS_CA_SERVER_PORT and "
+            "EPICS_CAS_INTF_ADDR_LIST apply), or of a running IOC with --pv-prefix.",
+        ),
+    ] = False,
+    pv_prefix: Annotated[
+        str | None,
+        typer.Option(
+            help="With --epics: connect to the running IOC serving PREFIXLASTFILE "
+            "(found through EPICS_CA_ADDR_LIST) instead of starting one.",
+            show_default=False,
+        ),
+    ] = None,
+    duplicates: Annotated[
+        int, typer.Option(min=1, help="With --epics: announce each frame K times.")
+    ] = 1,
+    no_publish: Annotated[
+        bool,
+        typer.Option(
+            "--no-publish",
+            help="Live: write the frames but announce none (for the reconcile scan); "
+            "the IOC, if any, still runs and beats.",
+        ),
+    ] = False,
+    wait_listener: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="With --epics and no --pv-prefix: wait up to SECONDS for a client to "
+            "monitor LASTFILE before the first frame.",
+        ),
+    ] = 0.0,
     site: SiteOption = None,
 ) -> None:
-    """Write one simulated night of raw OFCAM frames (biases, flats, a star field)."""
-    from obsflow.simulate import simulate_night  # numpy/astropy only when simulating
+    """Write one simulated night of raw OFCAM frames (biases, flats, a star field).
 
+    Live with --cadence or --epics: one frame at a time, written in pieces; --epics announces each.
+    """
+    live = cadence is not None or epics
+    if no_publish and not live:
+        raise typer.BadParameter("--no-publish goes with --cadence or --epics")
+    for flag, given in (
+        ("--pv-prefix", pv_prefix is not None),
+        ("--duplicates", duplicates != 1),
+        ("--wait-listener", wait_listener > 0),
+    ):
+        if given and not epics:
+            raise typer.BadParameter(f"{flag} goes with --epics")
+    if wait_listener > 0 and pv_prefix is not None:
+        raise typer.BadParameter("--wait-listener is for the IOC started here, not --pv-prefix")
     target = out_dir or _settings(site).incoming
-    written = simulate_night(target, frames, seed=seed, shape=(size, size))
-    out.print(f"wrote {len(written)} frame(s) to {target}")
+    if not live:
+        from obsflow.simulate import simulate_night  # numpy/astropy only when simulating
+
+        written = simulate_night(target, frames, seed=seed, shape=(size, size))
+        out.print(f"wrote {len(written)} frame(s) to {target}")
+        return
+    _simulate_live(
+        target,
+        frames,
+        seed=seed,
+        size=size,
+        cadence=1.0 if cadence is None else cadence,
+        epics=epics,
+        pv_prefix=pv_prefix,
+        duplicates=duplicates,
+        publish=not no_publish,
+        wait_listener=wait_listener,
+    )
+
+
+def _simulate_live(
+    target: Path,
+    frames: int,
+    *,
+    seed: int,
+    size: int,
+    cadence: float,
+    epics: bool,
+    pv_prefix: str | None,
+    duplicates: int,
+    publish: bool,
+    wait_listener: float,
+) -> None:
+    """``obsflow simulate`` with --cadence or --epics: see :mod:`obsflow.live`."""
+    from obsflow.ioc import InstrumentIoc, IocClient
+    from obsflow.live import Publisher, run_live
+
+    ioc: InstrumentIoc | None = None
+    client: IocClient | None = None
+    publisher: Publisher | None = None
+    pv = ""
+    if epics and pv_prefix is not None:
+        client = IocClient(pv_prefix)  # PublishError (exit 1) if no IOC answers
+        publisher, pv = client, client.lastfile_pv
+    elif epics:
+        ioc = InstrumentIoc()
+        ioc.start()
+        publisher, pv = ioc, ioc.lastfile_pv
+        if wait_listener > 0 and not ioc.wait_for_listener(wait_listener):
+            err.print(f"no client monitors {ioc.lastfile_pv} after {wait_listener:g} s; going on")
+    try:
+        written = run_live(
+            target,
+            frames,
+            cadence=cadence,
+            publisher=publisher if publish else None,
+            duplicates=duplicates,
+            seed=seed,
+            shape=(size, size),
+            on_frame=lambda frame: out.print(f"wrote {frame.path}", highlight=False),
+        )
+    finally:
+        if client is not None:
+            client.close()
+        if ioc is not None:
+            ioc.stop(grace=1.0)  # let the last monitor updates reach their clients
+    announced = f", announced on {pv}" if publisher is not None and publish else ""
+    out.print(f"wrote {len(written)} frame(s) to {target}{announced}")
 
 
 @contextmanager
@@ -409,6 +616,33 @@ def _site(site: Path | None) -> Iterator[Site]:
         yield opened
     finally:
         opened.close()
+
+
+@app.command()
+def run(site: SiteOption = None) -> None:
+    """Run the daemon: triggers → receipt → cache → archive, until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    from obsflow.daemon import Daemon
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("signal %s: finishing in-flight work, then exiting", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    with _site(site) as s:
+        daemon = Daemon(s)
+        err.print(
+            f"obsflow run: site {s.settings.site}; triggers: "
+            + ", ".join(t.name for t in daemon.triggers),
+            highlight=False,
+        )
+        daemon.run(stop)
+        err.print("obsflow run: stopped cleanly", highlight=False)
 
 
 def _command_name() -> str:

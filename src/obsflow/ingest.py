@@ -129,9 +129,11 @@ class Ingestor:
         stop: threading.Event,
         idle: Callable[[], bool] | None = None,
         poll_seconds: float = 0.2,
+        wake: threading.Event | None = None,
     ) -> IngestReport:
         """Work until ``stop`` is set (or, with ``idle``, until a pass finds nothing and
-        ``idle()`` says there will be nothing more)."""
+        ``idle()`` says there will be nothing more). When the queue is empty, wait for
+        ``wake`` (set when new requests are committed in this process) or the poll."""
         total = IngestReport()
         while not stop.is_set():
             report = self.run_once()
@@ -139,7 +141,10 @@ class Ingestor:
             if not report.archived and not report.errors:
                 if idle is not None and idle():
                     break
-                stop.wait(poll_seconds)
+                if wake is None:
+                    stop.wait(poll_seconds)
+                elif wake.wait(poll_seconds):
+                    wake.clear()
         return total
 
     def retry_failed(self) -> int:

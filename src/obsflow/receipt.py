@@ -19,11 +19,9 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -142,58 +140,6 @@ class Receiver:
         prepared = self.prepare(path)
         return prepared if isinstance(prepared, Received) else self.commit([prepared])[0]
 
-    def receive_many(
-        self,
-        paths: Iterable[Path],
-        *,
-        workers: int,
-        on_received: Callable[[Received], None] = lambda r: None,
-        batch: int = 128,
-        linger: float = 0.02,
-    ) -> list[Received]:
-        """Receive many files: ``workers`` threads prepare them while this thread records
-        them in one transaction at a time (group commit): whatever is ready, after waiting
-        up to ``linger`` seconds for a batch to fill (fewer, larger transactions)."""
-        ready: queue.SimpleQueue[Future[Prepared | Received]] = queue.SimpleQueue()
-        out: list[Received] = []
-
-        def emit(results: list[Received]) -> None:
-            for result in results:
-                out.append(result)
-                on_received(result)
-
-        with ThreadPoolExecutor(workers, thread_name_prefix="receipt") as pool:
-            futures = [pool.submit(self._prepare_or_report, path) for path in paths]
-            for future in futures:
-                future.add_done_callback(ready.put)
-            remaining = len(futures)
-            while remaining:
-                done = [ready.get()]
-                until = time.monotonic() + linger
-                while len(done) < min(batch, remaining):
-                    try:
-                        done.append(ready.get(timeout=max(0.0, until - time.monotonic())))
-                    except queue.Empty:
-                        break
-                remaining -= len(done)
-                prepared: list[Prepared] = []
-                for future in done:
-                    result = future.result()
-                    if isinstance(result, Prepared):
-                        prepared.append(result)
-                    else:
-                        emit([result])
-                if prepared:
-                    emit(self.commit(prepared))
-        return out
-
-    def _prepare_or_report(self, path: Path) -> Prepared | Received:
-        try:
-            return self.prepare(path)
-        except Exception as exc:  # a bug must not stop the other files: it is this file's error
-            log.exception("receipt of %s failed unexpectedly", path)
-            return Received(path, Outcome.ERROR, reason=f"unexpected error: {exc!r}")
-
     def prepare(self, path: Path) -> Prepared | Received:
         """Everything but recording: recognise, settle, validate, map, copy to a cache temp
         file. A refused file is quarantined here; its :class:`Received` says so."""
@@ -278,11 +224,14 @@ class Receiver:
     # ---------------------------------------------------------------- steps
 
     def _settle(self, path: Path) -> os.stat_result:
-        """Wait until the file has not changed for ``settle_seconds``; return its stat.
+        """Wait until the file is complete; return its stat.
 
-        Quiet time is measured on this machine's monotonic clock from the last change
-        seen, so an instrument whose clock runs ahead (a future mtime) cannot stall it;
-        an mtime already older than the settle time counts as quiet time.
+        Complete means unchanged for ``settle_seconds`` or, sooner, already a whole
+        FITS file (every HDU's header and data present): a frame being written is
+        taken the moment its last byte lands, and one still growing is never taken
+        truncated. Quiet time is measured on this machine's monotonic clock from the
+        last change seen, so an instrument whose clock runs ahead (a future mtime)
+        cannot stall it; an mtime already older than the settle time counts as quiet.
         """
         settle = self.settings.receipt.settle_seconds
         give_up = time.monotonic() + self.settings.receipt.max_wait_seconds
@@ -291,13 +240,14 @@ class Receiver:
         quiet_since = time.monotonic() - (min(age, settle) if age > 0 else 0.0)
         while True:
             quiet = time.monotonic() - quiet_since
-            if quiet >= settle:
+            if quiet >= settle or _whole_fits(path, stat):
                 return stat
             if time.monotonic() > give_up:
                 raise VanishedError(
                     path, f"still changing after {self.settings.receipt.max_wait_seconds:g} s"
                 )
-            self.sleep(max(0.01, min(settle - quiet, settle / 4)))
+            # look often: a frame being written is taken the moment it is whole
+            self.sleep(max(0.005, min(settle - quiet, settle / 4, 0.02)))
             again = _stat(path)
             if (again.st_size, again.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
                 stat, quiet_since = again, time.monotonic()
@@ -445,6 +395,18 @@ class Receiver:
     def _remove_source(self, path: Path) -> None:
         if self.settings.receipt.remove_source:
             path.unlink(missing_ok=True)
+
+
+def _whole_fits(path: Path, stat: os.stat_result) -> bool:
+    """Whether ``path`` (as of ``stat``) is already a complete FITS file. Never raises."""
+    if stat.st_size == 0 or stat.st_size % fitsheader.BLOCK:
+        return False
+    try:
+        with path.open("rb") as f:
+            fitsheader.walk_hdus(f, stat.st_size, name=path)
+            return os.fstat(f.fileno()).st_size == stat.st_size
+    except (OSError, FitsError):
+        return False
 
 
 def _stat(path: Path) -> os.stat_result:

@@ -62,12 +62,20 @@ class Ingest(_Section):
     batch: int = Field(default=16, ge=1, le=1000)
 
 
+class Daemon(_Section):
+    reconcile_seconds: float = Field(default=60.0, gt=0)
+    """How often ``obsflow run`` scans the watched directories for files no trigger offered."""
+    status_seconds: float = Field(default=2.0, gt=0)
+    """How often the daemon writes its status (health of triggers) for ``obsflow status``."""
+
+
 class _SettingsFile(_Section):
     paths: Paths = Paths()
     catalog: Catalog = Catalog()
     workers: Workers = Workers()
     receipt: Receipt = Receipt()
     ingest: Ingest = Ingest()
+    daemon: Daemon = Daemon()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -88,6 +96,7 @@ class Settings(_Section):
     workers: Workers
     receipt: Receipt
     ingest: Ingest
+    daemon: Daemon
 
 
 def load_settings(site: Path) -> Settings:
@@ -124,6 +133,7 @@ def from_file(site: Path, parsed: _SettingsFile) -> Settings:
         workers=parsed.workers,
         receipt=parsed.receipt,
         ingest=parsed.ingest,
+        daemon=parsed.daemon,
     )
 
 

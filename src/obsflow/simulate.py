@@ -2,8 +2,10 @@
 
 :func:`simulate_night` writes biases, dome flats in B, V and R, and science exposures of a fixed
 star field, as single-HDU unsigned 16-bit FITS files named ``ofc_YYYYMMDD_NNNN.fits``, plus the
-list of injected stars as ``injected_stars.ecsv``.  The physics is simple but honest, so that a
-pipeline can reduce the frames for real and compare its photometry with the truth:
+list of injected stars as ``injected_stars.ecsv``; :func:`night_frames` yields the same frames
+without writing them (:mod:`obsflow.live` writes them one by one, as a detector does).  The
+physics is simple but honest, so that a pipeline can reduce the frames for real and compare its
+photometry with the truth:
 
 * ADU = electrons / GAIN + bias level (~1000 ADU) + a fixed column pattern + read noise;
 * electrons = Poisson((sky + stars or lamp) * flat pattern) + cosmic rays (count ∝ EXPTIME);
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -282,20 +285,69 @@ def simulate_night(
     numbers run from ``start_number``; they are written with at least 4 digits.  The injected
     stars go to ``out/injected_stars.ecsv``.  Returns the frames in the order written.
     """
-    if frames < 1 or seed < 0 or start_number < 0 or min(shape) < 16:
-        raise ValueError(
-            f"simulate_night: bad arguments {frames=} {seed=} {start_number=} {shape=}"
-        )
+    _check_arguments("simulate_night", frames, seed, start_number, shape)
     out.mkdir(parents=True, exist_ok=True)
+    write_injected_stars(out, seed=seed, shape=shape)
+    written: list[SimulatedFrame] = []
+    for frame, data, header in night_frames(
+        out, frames, seed=seed, night=night, shape=shape, start_number=start_number
+    ):
+        write_frame(frame.path, data, header)
+        written.append(frame)
+    return written
+
+
+def _check_arguments(
+    caller: str, frames: int, seed: int, start_number: int, shape: tuple[int, int]
+) -> None:
+    if frames < 1 or seed < 0 or start_number < 0 or min(shape) < 16:
+        raise ValueError(f"{caller}: bad arguments {frames=} {seed=} {start_number=} {shape=}")
+
+
+def write_injected_stars(out: Path, *, seed: int = 0, shape: tuple[int, int] = (512, 512)) -> Path:
+    """Write the stars a night with this ``seed`` and ``shape`` injects, atomically, to
+    ``out/injected_stars.ecsv`` (``out`` must exist); returns that path."""
+    path = out / "injected_stars.ecsv"
+    _catalog(seed, shape).write(
+        out / ".injected_stars.ecsv.part", format="ascii.ecsv", overwrite=True
+    )
+    os.replace(out / ".injected_stars.ecsv.part", path)
+    return path
+
+
+def night_frames(
+    out: Path,
+    frames: int,
+    *,
+    seed: int = 0,
+    night: date = date(2026, 11, 21),
+    shape: tuple[int, int] = (512, 512),
+    start_number: int = 1,
+) -> Iterator[tuple[SimulatedFrame, npt.NDArray[np.uint16], fits.Header]]:
+    """The frames :func:`simulate_night` writes, one by one, without writing anything.
+
+    Yields ``(frame, data, header)``; ``frame.path`` is where the frame belongs in ``out``
+    (nothing is created there). Each frame is computed only when asked for, so a live
+    simulation can write them at its own pace (:mod:`obsflow.live`).
+    """
+    _check_arguments("night_frames", frames, seed, start_number, shape)
+    return _frames(out, frames, seed, night, shape, start_number)
+
+
+def _frames(
+    out: Path,
+    frames: int,
+    seed: int,
+    night: date,
+    shape: tuple[int, int],
+    start_number: int,
+) -> Iterator[tuple[SimulatedFrame, npt.NDArray[np.uint16], fits.Header]]:
     catalog = _catalog(seed, shape)
-    catalog.write(out / ".injected_stars.ecsv.part", format="ascii.ecsv", overwrite=True)
-    os.replace(out / ".injected_stars.ecsv.part", out / "injected_stars.ecsv")
     semester = f"{night.year}A" if 2 <= night.month <= 7 else f"{night.year - (night.month < 2)}B"
     columns = np.random.default_rng([seed, 4]).normal(0.0, 0.7, shape[1])  # ADU, bias pattern
     flats: dict[str, FloatArray] = {}  # flat pattern per filter, computed when first needed
     start = datetime.combine(night + timedelta(days=1), time(5, 0), tzinfo=UTC)
     clock = 0  # hundredths of a second since start
-    written: list[SimulatedFrame] = []
     for number, (kind, band, exptime) in enumerate(_plan(frames), start=start_number):
         rng = np.random.default_rng([seed, 5, number])
         when = start + timedelta(microseconds=clock * 10_000)
@@ -339,6 +391,4 @@ def simulate_night(
         adu += rng.normal(0.0, RDNOISE / GAIN, shape)
         data = np.clip(np.rint(adu), 0, SATURATION).astype(np.uint16)
         path = out / f"ofc_{when:%Y%m%d}_{number:04d}.fits"
-        write_frame(path, data, fits.Header(cards))
-        written.append(SimulatedFrame(path, kind, band, when, exptime))
-    return written
+        yield SimulatedFrame(path, kind, band, when, exptime), data, fits.Header(cards)

@@ -51,6 +51,10 @@ ingest:
   backoff_seconds: 2      # first retry delay; doubles each attempt
   backoff_max_seconds: 600
   batch: 16
+
+daemon:
+  reconcile_seconds: 60   # scan watched directories for files no trigger offered
+  status_seconds: 2       # how often `obsflow run` records its health for `obsflow status`
 """
 
 

@@ -9,6 +9,7 @@ their stored copies' checksums match and ``flush`` has returned.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
@@ -64,6 +65,11 @@ class Storage(ABC):
         """Remove ``key`` if present (used to drop a copy that failed verification)."""
 
     @abstractmethod
+    def recover(self) -> int:
+        """Remove what interrupted puts left behind (never a put in progress elsewhere);
+        return how many."""
+
+    @abstractmethod
     def describe(self, key: str) -> str:
         """A human-readable location of ``key`` (for messages and ``show``)."""
 
@@ -73,6 +79,7 @@ class LocalStorage(Storage):
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.tmp = root / ".tmp"  # one file system with the archive: renames are atomic
         self._unsynced: set[Path] = set()  # directories with renames not yet fsynced
         self._made: set[Path] = set()  # directories known to exist
         self._lock = threading.Lock()
@@ -83,16 +90,19 @@ class LocalStorage(Storage):
     def put(self, source: Path, key: str) -> None:
         target = self.path(key)
         try:
-            if target.parent not in self._made:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self._made.add(target.parent)
-            temp = target.parent / f".{target.name}.{uuid.uuid4().hex}.part"
+            for folder in (target.parent, self.tmp):
+                if folder not in self._made:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    self._made.add(folder)
+            temp = self.tmp / f"{uuid.uuid4().hex}.part"
             try:
                 with source.open("rb") as src, temp.open("wb") as dst:
+                    # held until closed (or the process dies): recover() leaves it alone
+                    fcntl.flock(dst.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                     _copy(src, dst)
                     dst.flush()
                     os.fsync(dst.fileno())
-                os.replace(temp, target)
+                    os.replace(temp, target)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
@@ -139,6 +149,21 @@ class LocalStorage(Storage):
 
     def describe(self, key: str) -> str:
         return str(self.path(key))
+
+    def recover(self) -> int:
+        """Remove temp files of puts whose process died (their lock is free)."""
+        removed = 0
+        if not self.tmp.is_dir():
+            return 0
+        for temp in self.tmp.glob("*.part"):
+            try:
+                with temp.open("rb") as f:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    temp.unlink(missing_ok=True)
+                    removed += 1
+            except (BlockingIOError, FileNotFoundError):
+                continue  # a put in progress, or finished meanwhile
+        return removed
 
 
 def _copy(src: BinaryIO, dst: BinaryIO) -> None:

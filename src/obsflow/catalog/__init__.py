@@ -47,7 +47,7 @@ from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 """The newest migration; a test checks it is Alembic's head."""
 
 __all__ = ["CacheEntry", "Catalog", "FileQuery", "FileRecord", "LedgerEntry", "NewFile", "Recorded"]
@@ -192,6 +192,33 @@ class Catalog:
         raise CatalogError(
             f"could not record {len(entries)} file(s): too many concurrent conflicts"
         )
+
+    def sweep(self, cache_paths: Sequence[str], remove: Callable[[str], object]) -> list[str]:
+        """Call ``remove`` on each of ``cache_paths`` that no file row claims; return them.
+
+        Runs while no recorder can be between moving a file into the cache and
+        committing its row (SQLite's write lock; an exclusive advisory lock on
+        PostgreSQL), so what it removes is truly left over from an interrupted one.
+        """
+        files = schema.files
+        removed: list[str] = []
+        with self.write() as conn:
+            if not self.is_sqlite:
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": batch.PLACEMENT_LOCK}
+                )
+            for start in range(0, len(cache_paths), 500):
+                chunk = list(cache_paths[start : start + 500])
+                known = set(
+                    conn.execute(
+                        select(files.c.cache_path).where(files.c.cache_path.in_(chunk))
+                    ).scalars()
+                )
+                for path in chunk:
+                    if path not in known:
+                        remove(path)
+                        removed.append(path)
+        return removed
 
     def record_rejected(
         self,

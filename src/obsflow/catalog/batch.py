@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, text, update
 
 from obsflow.catalog import schema
 from obsflow.errors import CatalogError
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from obsflow.catalog import NewFile
 
 files = schema.files
+PLACEMENT_LOCK = 0x0B5F_1A11
+"""PostgreSQL advisory lock: recorders (which move files into the cache inside their
+transaction) hold it shared; the orphan sweep holds it exclusively."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ def record(
     Each placement is appended to ``placed`` so the caller can undo them if the
     transaction does not commit.
     """
+    if conn.dialect.name == "postgresql":
+        # shared with other recorders, exclusive for the orphan sweep (see Catalog.sweep)
+        conn.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": PLACEMENT_LOCK})
     out: list[Recorded] = []
     for round_ in _rounds(entries):
         out += _record_round(conn, round_, now, placed)

@@ -170,3 +170,14 @@ ingest_requests = Table(
     UniqueConstraint("file_id"),
     Index("ix_ingest_requests_state_next", "state", "next_attempt_at"),
 )
+
+# The reconcile scan's memory: a path whose size and mtime are unchanged since receipt
+# dealt with it is not offered again (nor re-read, nor re-hashed).
+seen = Table(
+    "seen",
+    metadata,
+    Column("path", Text, primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+)

@@ -1,0 +1,179 @@
+"""The daemon (``obsflow run``): triggers → intake (receipt) → cache + catalog → ingestors.
+
+All in one process: the triggers offer paths, the intake receives them (workers
+plus one committer), ingest workers drain the durable queue. At start-up it sweeps
+files an interrupted run left in the cache, then a reconcile scan offers whatever
+arrived while nobody watched. On SIGINT/SIGTERM it stops the triggers, finishes
+the files in flight, lets each ingestor finish its batch, and exits; a SIGKILL
+loses nothing either (leases expire; the scan and the sweep recover the rest).
+
+Every ``status_seconds`` it writes ``SITE/.obsflow/daemon.json`` (pid, times, the
+health of each trigger) for ``obsflow status``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from obsflow.app import Site
+from obsflow.catalog.seen import SeenLedger
+from obsflow.intake import Intake
+from obsflow.receipt import Outcome, Received
+from obsflow.registry.specs import EpicsTriggerSpec, WatchTriggerSpec
+from obsflow.trigger import Trigger
+from obsflow.trigger.scan import ReconcileScan
+from obsflow.trigger.watch import WatchTrigger
+
+log = logging.getLogger(__name__)
+STATUS_FILE = Path(".obsflow") / "daemon.json"
+
+
+def build_triggers(site: Site) -> list[Trigger]:
+    """The triggers the registry declares, plus one reconcile scan over their directories."""
+    triggers: list[Trigger] = []
+    directories: dict[Path, bool] = {}
+    for instrument in site.registry.instruments.values():
+        for spec in instrument.triggers:
+            directory = site.settings.site / spec.directory
+            if isinstance(spec, WatchTriggerSpec):
+                triggers.append(
+                    WatchTrigger(
+                        directory,
+                        recursive=spec.recursive,
+                        polling=spec.polling,
+                        poll_seconds=spec.poll_seconds,
+                    )
+                )
+                directories[directory] = directories.get(directory, False) or spec.recursive
+            elif isinstance(spec, EpicsTriggerSpec):
+                from obsflow.trigger.epics import EpicsTrigger  # caproto only when used
+
+                triggers.append(EpicsTrigger(spec, directory))
+                directories.setdefault(directory, False)
+    triggers.append(
+        ReconcileScan(
+            sorted(directories.items()),
+            SeenLedger(site.catalog),
+            interval_seconds=site.settings.daemon.reconcile_seconds,
+        )
+    )
+    return triggers
+
+
+class Daemon:
+    def __init__(self, site: Site, triggers: Sequence[Trigger] | None = None) -> None:
+        self.site = site
+        self.triggers = list(triggers) if triggers is not None else build_triggers(site)
+        self.started = site.clock()
+        self.counts: dict[Outcome, int] = {}
+        self._lock = threading.Lock()
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until ``stop`` is set; then shut down cleanly."""
+        site = self.site
+        swept = sweep_cache(site)
+        if swept:
+            log.warning("removed %d file(s) an interrupted run left in the cache", len(swept))
+        committed = threading.Event()  # set by the intake: new files are queued
+        intake = Intake(
+            site.receiver,
+            workers=site.settings.workers.receipt,
+            seen=SeenLedger(site.catalog),
+            on_result=self._count,
+            committed=committed,
+            linger=0.002,  # frames arrive one by one: latency matters more than batching
+        )
+        ingest_stop = threading.Event()
+        ingestors = [
+            threading.Thread(
+                target=site.ingestor().run,
+                args=(ingest_stop,),
+                kwargs={"wake": committed},
+                name=f"ingest-{n}",
+                daemon=True,
+            )
+            for n in range(site.settings.workers.ingest)
+        ]
+        for thread in ingestors:
+            thread.start()
+        started: list[Trigger] = []
+        try:
+            for trigger in self.triggers:
+                trigger.start(intake.offer)
+                started.append(trigger)
+                log.info("trigger %s started", trigger.name)
+            while not stop.wait(site.settings.daemon.status_seconds):
+                self.write_status(intake, running=True)
+        finally:
+            log.info("stopping: triggers, then files in flight, then ingestors")
+            for trigger in reversed(started):
+                trigger.stop()
+            intake.close()
+            ingest_stop.set()
+            for thread in ingestors:
+                thread.join()
+            self.write_status(intake, running=False)
+
+    def _count(self, result: Received) -> None:
+        with self._lock:
+            self.counts[result.outcome] = self.counts.get(result.outcome, 0) + 1
+        if result.outcome in (Outcome.ERROR, Outcome.VANISHED):
+            log.warning("%s %s: %s", result.outcome.value, result.path, result.reason)
+
+    def write_status(self, intake: Intake, *, running: bool) -> None:
+        now = self.site.clock()
+        with self._lock:
+            counts = {outcome.value: n for outcome, n in self.counts.items()}
+        status: dict[str, Any] = {
+            "pid": os.getpid(),
+            "running": running,
+            "started": self.started.isoformat(),
+            "updated": now.isoformat(),
+            "status_seconds": self.site.settings.daemon.status_seconds,
+            "in_flight": intake.in_flight,
+            "received": counts,
+            "triggers": [
+                {"name": t.name, "ok": h.ok, "detail": h.detail}
+                for t in self.triggers
+                for h in [t.health()]
+            ],
+        }
+        path = self.site.settings.site / STATUS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(".tmp")
+        temp.write_text(json.dumps(status, indent=1) + "\n")
+        os.replace(temp, path)
+
+
+def read_status(site_dir: Path, now: datetime) -> dict[str, Any] | None:
+    """The daemon's last status, with ``alive`` (updated recently and still running)."""
+    try:
+        status: dict[str, Any] = json.loads((site_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    age = (now - datetime.fromisoformat(status["updated"])).total_seconds()
+    status["alive"] = bool(status.get("running")) and age < 3 * float(status["status_seconds"])
+    return status
+
+
+def sweep_cache(site: Site, nights: int = 3) -> list[str]:
+    """Remove cache files no catalog row claims, in each instrument's newest ``nights``
+    night directories (where an interrupted recording can have left one)."""
+    root = site.cache.root
+    candidates: list[str] = []
+    if root.is_dir():
+        for instrument in sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] != "."):
+            for night in sorted(p for p in instrument.iterdir() if p.is_dir())[-nights:]:
+                candidates += [
+                    f"{instrument.name}/{night.name}/{f.name}"
+                    for f in night.iterdir()
+                    if f.is_file() and not f.name.startswith(".")
+                ]
+    return site.catalog.sweep(candidates, lambda key: site.cache.path(key).unlink(missing_ok=True))
