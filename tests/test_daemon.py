@@ -19,9 +19,13 @@ import pytest
 
 from obsflow.app import open_site
 from obsflow.catalog import FileQuery
+from obsflow.ioc import IocClient
 from obsflow.settings import Settings
 from obsflow.states import FileState, RequestState
 from tests.conftest import SiteFactory
+from tests.test_epics import IocProcess, client_env, make_ioc
+
+__all__ = ["make_ioc"]  # a fixture this module uses
 
 DAEMON_SETTINGS: dict[str, dict[str, Any]] = {
     "receipt": {"settle_seconds": 0.5},
@@ -227,3 +231,52 @@ def test_sigkill_at_random_moments_loses_nothing_and_doubles_nothing(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     check_archive_exactly_once(settings, [f.path.name for f in night])
+
+
+@pytest.mark.slow
+def test_epics_broadcasts_three_times_and_an_ioc_restart_lose_and_double_nothing(
+    make_site: SiteFactory,
+    frames: list[Path],
+    make_ioc: Callable[..., IocProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Frames written where no watch looks: only the EPICS trigger can announce them."""
+    ioc = make_ioc()
+    client_env(monkeypatch, ioc.port)  # this process and the daemon it starts
+    settings = make_site(**{**DAEMON_SETTINGS, "daemon": {"reconcile_seconds": 3600,
+                                                           "status_seconds": 0.3}})  # fmt: skip
+    registry = settings.registry / "ofcam.yaml"
+    epics = (f"    - kind: epics\n      pv: '{ioc.lastfile}'\n      directory: detector\n"
+             f"      heartbeat_pv: '{ioc.heartbeat}'\n    - kind: watch ")  # fmt: skip
+    registry.write_text(registry.read_text().replace("    - kind: watch ", epics))
+    detector = settings.site / "detector"
+    detector.mkdir()
+
+    def epics_ok() -> bool:
+        status = json.loads((settings.site / ".obsflow" / "daemon.json").read_text())
+        return all(t["ok"] for t in status["triggers"] if t["name"].startswith("epics:"))
+
+    def announce(batch: list[Path]) -> None:
+        publisher = IocClient(ioc.prefix)
+        try:
+            for frame in batch:
+                write_slowly(frame, detector / frame.name)
+                for _ in range(3):  # every update broadcast three times
+                    publisher.publish(str(detector / frame.name))
+        finally:
+            publisher.close()
+
+    with daemon(settings) as proc:
+        wait_for(lambda: running(settings, proc), 30, "start-up")
+        wait_for(epics_ok, 30, "the EPICS trigger connected")
+        announce(frames[:6])
+        wait_for(lambda: len(archived(settings)) == 6, 60, "the first frames archived")
+        ioc.kill()  # mid-night: the IOC dies and comes back
+        wait_for(lambda: not epics_ok(), 30, "the daemon noticing the IOC is gone")
+        ioc.start()
+        wait_for(epics_ok, 60, "the EPICS trigger reconnected")
+        announce(frames[6:])
+        wait_for(lambda: len(archived(settings)) == len(frames), 60, "every frame archived")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    check_archive_exactly_once(settings, [f.name for f in frames])
