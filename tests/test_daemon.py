@@ -212,7 +212,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_doubles_nothing(
 ) -> None:
     from obsflow.simulate import simulate_night
 
-    night = simulate_night(tmp_path / "night", 120, seed=11, shape=(32, 32))
+    night = simulate_night(tmp_path / "night", 200, seed=11, shape=(32, 32))
     rng = random.Random(5)
     pending = [f.path for f in night]
     while pending:
