@@ -101,8 +101,10 @@ def ingest_paths(
             for q in site.queue.requests_for(ids)
         )
 
+    committed = threading.Event()  # set by the intake: new files are queued
+
     def ingest_worker() -> IngestReport:
-        return site.ingestor().run(stop, idle=settled, poll_seconds=0.05)
+        return site.ingestor().run(stop, idle=settled, poll_seconds=0.05, wake=committed)
 
     def received(result: Received) -> None:
         with lock:
@@ -113,7 +115,9 @@ def ingest_paths(
     with ThreadPoolExecutor(workers.ingest, thread_name_prefix="ingest") as ingest_pool:
         futures = [ingest_pool.submit(ingest_worker) for _ in range(workers.ingest)] if wait else []
         try:
-            intake = Intake(site.receiver, workers=workers.receipt, on_result=received)
+            intake = Intake(
+                site.receiver, workers=workers.receipt, on_result=received, committed=committed
+            )
             for path in paths:
                 intake.offer(path)
             intake.close()
