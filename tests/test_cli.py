@@ -152,11 +152,17 @@ def test_simulate_writes_a_night_the_registry_recognises(
     assert len(as_json(obsflow("find", "--site", site, "--json"))) == 5
 
 
-def test_demo_makes_a_site_and_archives_a_small_night(tmp_path: Path) -> None:
+def test_demo_runs_a_night_live_over_epics_and_archives_each_frame_once(tmp_path: Path) -> None:
     site = tmp_path / "demo"
-    result = obsflow("demo", "--frames", "6", "--size", "32", "--dir", site)
-    assert result.returncode == 0, result.stderr
+    result = obsflow("demo", "--frames", "6", "--cadence", "0.1", "--size", "32", "--dir", site)
+    assert result.returncode == 0, result.stdout + result.stderr
     assert str(site) in result.stdout
+    assert "6/6 frames archived" in result.stdout
+    assert "acquired → archived: p50" in result.stdout
+    assert "kind: epics" in (site / "registry" / "ofcam.yaml").read_text()
     status = as_json(obsflow("status", "--site", site, "--json"))
-    assert status["files"]["archived"] == 6
+    assert status["files"]["archived"] == 6  # announced twice each, archived once
     assert status["queue_depth"] == 0
+    assert status["daemon"]["running"] is False  # stopped cleanly at the end
+    assert [t["name"] for t in status["daemon"]["triggers"]][0] == "epics:OFCAM:LASTFILE"
+    assert len([p for p in (site / "archive").rglob("*.fits")]) == 6

@@ -178,23 +178,30 @@ def _ingest(s: Site, files: list[Path], *, wait: bool) -> IngestSummary:
 @app.command()
 def demo(
     frames: Annotated[int, typer.Option(min=1, max=2000, help="Frames in the night.")] = 40,
+    cadence: Annotated[
+        float, typer.Option(min=0.0, max=60.0, help="Seconds from one frame to the next.")
+    ] = 0.25,
     size: Annotated[int, typer.Option(min=16, max=4096, help="Frame size in pixels.")] = 512,
     directory: Annotated[
         Path | None, typer.Option("--dir", help="Where to make the site (default: a temp dir).")
     ] = None,
 ) -> None:
-    """Make a site, simulate a night of OFCAM frames, ingest and archive them."""
-    from obsflow.simulate import simulate_night
+    """A short night in real time: an EPICS simulator announces frames, the daemon archives."""
+    from obsflow.demo import ANNOUNCEMENTS, PV_PREFIX, DemoPlan, run_demo
 
-    root = init_site(directory or Path(tempfile.mkdtemp(prefix="obsflow-demo-")))
-    settings = load_settings(root)
+    root = directory or Path(tempfile.mkdtemp(prefix="obsflow-demo-"))
+    plan = DemoPlan(root, frames=frames, cadence=cadence, size=size)
     out.rule("[bold]obsflow demo")
-    out.print(f"site: [bold]{root}[/]")
-    with err.status(f"simulating a night of {frames} frames ({size}x{size})..."):
-        written = simulate_night(settings.incoming, frames, shape=(size, size))
-    out.print(f"simulated {len(written)} raw frames into {settings.incoming}")
-    with _site(root) as s:
-        summary = _ingest(s, sorted(settings.incoming.glob("*.fits")), wait=True)
+    out.print(
+        f"site: [bold]{root}[/]\n"
+        f"the instrument (obsflow simulate --epics) writes {frames} frames of {size}x{size}, one "
+        f"every {cadence:g} s, announcing each {ANNOUNCEMENTS}x on {PV_PREFIX}LASTFILE;\n"
+        "the daemon (obsflow run) hears it over EPICS Channel Access and archives each once",
+        highlight=False,
+    )
+    result = run_demo(plan, out)
+    settings = result.settings
+    with _site(settings.site) as s:
         records = s.catalog.find(FileQuery())
         night = Table(title="the night in the archive")
         for column in ("frame type", "filter", "frames", "archived", "total exposure (s)"):
@@ -207,14 +214,30 @@ def demo(
             exposure = sum(r.exptime or 0.0 for r in members)
             night.add_row(kind, band, str(len(members)), str(archived), f"{exposure:.0f}")
         out.print(night)
-        out.print(f"archive: {settings.archive}")
-        command = _command_name()
-        out.print(f"try:  export OBSFLOW_SITE={root}")
-        out.print(f"      {command} find --product ofcam_raw --tag raw;  {command} status")
-        if records:
-            out.print(f"      {command} show {records[-1].archive_id}")
-        if summary.of(Outcome.REJECTED) or summary.ingest.errors:
-            raise typer.Exit(1)
+    last = result.last
+    p = last.latency
+    numbers = ", ".join(
+        f"{name} {'-' if v is None else f'{v:.0f} ms'}"
+        for name, v in (("p50", p.p50_ms), ("p90", p.p90_ms), ("p99", p.p99_ms), ("max", p.max_ms))
+    )
+    out.print(
+        f"{last.archived}/{last.acquired} frames archived in {result.seconds:.1f} s; "
+        f"acquired → archived: {numbers}",
+        highlight=False,
+    )
+    out.print(f"archive: {settings.archive}   logs: {settings.site / '.obsflow'}")
+    command = _command_name()
+    out.print(f"try:  export OBSFLOW_SITE={root}")
+    out.print(f"      {command} status --latency;  {command} find --product ofcam_raw --tag raw")
+    if records:
+        out.print(f"      {command} show {records[-1].archive_id}")
+    if not result.ok:
+        err.print(
+            f"[red]the demo did not archive every frame[/] (simulator exit "
+            f"{result.simulator_exit}, daemon exit {result.daemon_exit}); see the logs above",
+            highlight=False,
+        )
+        raise typer.Exit(1)
 
 
 def _time(value: str | None, option: str) -> datetime | None:
