@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from caproto import CaprotoError
 from typer.testing import CliRunner
 
 from obsflow.cli import app
+from obsflow.demo import free_port
 from obsflow.ioc import IocClient, PublishError
 from obsflow.live import frame_bytes, run_live, write_in_chunks
 from obsflow.registry.specs import EpicsTriggerSpec
@@ -36,21 +36,6 @@ from obsflow.trigger.epics import EpicsTrigger
 from tests.conftest import service_missing
 
 STARTUP_SECONDS = 20.0  # an IOC subprocess has this long to say it serves
-
-
-def free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1 (Channel Access uses both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
