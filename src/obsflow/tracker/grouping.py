@@ -1,0 +1,279 @@
+"""Which group a file belongs to, and which files a group takes: pure, no database.
+
+A pipeline runs once per *group*. The group key comes from the pipeline's
+**primary input** (the first of its ``inputs``): for each ``group.by`` dimension,
+the primary file's value:
+
+============  ==============================================================
+dimension     value
+============  ==============================================================
+night         the night, ISO date (``2026-11-21``)
+filter        the filter
+program       the program
+object        the object
+frame_type    the frame type
+file          the file's archive ID
+observation   ``{night}/{object}/{program}``
+window        the start time floored to ``window_seconds`` (counted from the
+              Unix epoch), ISO UTC (``2026-11-22T05:00:00+00:00``)
+============  ==============================================================
+
+The key always carries ``night`` as well, even when ``by`` does not name it: a
+per-file group still belongs to a night. A dimension the file has no value for is
+the empty string.
+
+A candidate file is judged by :func:`matches` over plain values: the file's own
+(:func:`file_values`) and the group's ``group.*`` names (:func:`group_values`).
+Secondary inputs (every input but the first) belong to a group by night: a file
+of the same night that meets the input's ``where``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+
+from obsflow import expression
+from obsflow.catalog.records import FileRecord
+from obsflow.registry.specs import GroupBy, InputSpec, PipelineSpec
+
+GROUP = "group."
+"""The prefix of the names a ``where`` reads about the group, e.g. ``group.filter``."""
+
+_DIMENSIONS = frozenset(d.value for d in GroupBy)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_SPECIAL = frozenset("\\,=")
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """The group one run of a pipeline works on: sorted ``(dimension, value)`` pairs.
+
+    ``values`` is sorted by dimension, names each dimension once, always includes
+    ``night`` and names only :class:`~obsflow.registry.specs.GroupBy` dimensions;
+    build one from a mapping with :meth:`of`.
+    """
+
+    pipeline: str
+    values: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        dims = [dim for dim, _ in self.values]
+        if dims != sorted(set(dims)):
+            raise ValueError(
+                f"group key of {self.pipeline!r}: dimensions {dims} are not sorted and unique"
+            )
+        unknown = set(dims) - _DIMENSIONS
+        if unknown:
+            raise ValueError(
+                f"group key of {self.pipeline!r}: unknown dimension(s) {sorted(unknown)}; "
+                f"expected some of: {', '.join(sorted(_DIMENSIONS))}"
+            )
+        if GroupBy.NIGHT.value not in dims:
+            raise ValueError(f"group key of {self.pipeline!r} has no night: {self.values}")
+
+    @classmethod
+    def of(cls, pipeline: str, values: Mapping[str, str]) -> GroupKey:
+        """The key of ``pipeline`` with ``values`` (any order)."""
+        return cls(pipeline, tuple(sorted(values.items())))
+
+    def get(self, dim: str) -> str | None:
+        """The value of dimension ``dim``, or None when the key does not carry it."""
+        for name, value in self.values:
+            if name == dim:
+                return value
+        return None
+
+    @property
+    def night(self) -> str:
+        """The group's night, ISO date (empty when the primary file had none)."""
+        night = self.get(GroupBy.NIGHT.value)
+        assert night is not None  # checked in __post_init__
+        return night
+
+    def text(self) -> str:
+        """The canonical text, e.g. ``filter=R,night=2026-11-21``; :meth:`parse` reads it.
+
+        ``\\``, ``,`` and ``=`` in dimensions and values are escaped with a backslash.
+        Stable: it is stored in a unique database constraint.
+        """
+        return ",".join(f"{_escape(dim)}={_escape(value)}" for dim, value in self.values)
+
+    @classmethod
+    def parse(cls, pipeline: str, text: str) -> GroupKey:
+        """The key whose :meth:`text` is ``text``; ValueError if it is not such a text."""
+        pairs: list[tuple[str, str]] = []
+        dim: str | None = None
+        part: list[str] = []
+        chars = iter(text)
+        for char in chars:
+            if char == "\\":
+                escaped = next(chars, None)
+                if escaped is None or escaped not in _SPECIAL:
+                    raise ValueError(f"group key {text!r}: bad escape '\\{escaped or ''}'")
+                part.append(escaped)
+            elif char == "=" and dim is None:
+                dim, part = "".join(part), []
+            elif char == ",":
+                if dim is None:
+                    raise ValueError(f"group key {text!r}: {''.join(part)!r} has no '='")
+                pairs.append((dim, "".join(part)))
+                dim, part = None, []
+            elif char == "=":
+                raise ValueError(f"group key {text!r}: unescaped '=' in the value of {dim!r}")
+            else:
+                part.append(char)
+        if dim is None:
+            raise ValueError(f"group key {text!r}: {''.join(part)!r} has no '='")
+        pairs.append((dim, "".join(part)))
+        return cls(pipeline, tuple(pairs))
+
+
+def _escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in _SPECIAL else c for c in text)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
+
+
+def keyword_name(keyword: str) -> str:
+    """The name a ``where`` reads a header keyword by: lower case, ``-`` and `` `` as ``_``.
+
+    ``AIRMASS`` → ``airmass``, ``DATE-OBS`` → ``date_obs``,
+    ``HIERARCH ESO DET DIT`` → ``hierarch_eso_det_dit``.
+    """
+    return keyword.lower().replace("-", "_").replace(" ", "_")
+
+
+def file_values(record: FileRecord, filename_groups: Mapping[str, str]) -> dict[str, object]:
+    """The values a ``where`` sees for ``record``.
+
+    Its archived keywords (by :func:`keyword_name`), then its filename's named
+    regex groups (e.g. ``date``, ``frame``), then its metadata: ``product, level,
+    instrument, archive_id, original_name, night`` (ISO date), ``exptime, filter,
+    object, frame_type, program, observer, telescope, ra, dec, start, stop`` (ISO
+    UTC) and ``version``. A later source wins a name over an earlier one, so a
+    keyword or a group named ``filter`` never hides the metadata.
+    """
+    values: dict[str, object] = {keyword_name(k): v for k, v in record.keywords.items()}
+    values.update(filename_groups)
+    values.update(
+        product=record.product,
+        level=record.level,
+        instrument=record.instrument,
+        archive_id=record.archive_id,
+        original_name=record.original_name,
+        night=record.night.isoformat() if record.night else None,
+        exptime=record.exptime,
+        filter=record.filter,
+        object=record.object,
+        frame_type=record.frame_type,
+        program=record.program,
+        observer=record.observer,
+        telescope=record.telescope,
+        ra=record.ra,
+        dec=record.dec,
+        start=_iso(record.start),
+        stop=_iso(record.stop),
+        version=record.version,
+    )
+    return values
+
+
+def window_start(moment: datetime, window_seconds: float) -> datetime:
+    """``moment`` floored to a multiple of ``window_seconds`` since the Unix epoch, UTC.
+
+    A naive ``moment`` is taken as UTC. Whole microseconds, so no float rounding.
+    """
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    step = round(window_seconds * 1_000_000)
+    if step <= 0:
+        raise ValueError(f"window_seconds must be at least a microsecond, not {window_seconds}")
+    since = (aware - _EPOCH) // _MICROSECOND
+    return _EPOCH + (since - since % step) * _MICROSECOND
+
+
+def _dimension(dim: GroupBy, primary: FileRecord, window_seconds: float | None) -> str:
+    night = primary.night.isoformat() if primary.night else ""
+    if dim is GroupBy.NIGHT:
+        return night
+    if dim is GroupBy.FILE:
+        return primary.archive_id or ""
+    if dim is GroupBy.OBSERVATION:
+        return f"{night}/{primary.object or ''}/{primary.program or ''}"
+    if dim is GroupBy.WINDOW:
+        if primary.start is None or window_seconds is None:
+            return ""
+        return window_start(primary.start, window_seconds).isoformat()
+    value: str | None = getattr(primary, dim.value)  # filter, program, object, frame_type
+    return value or ""
+
+
+def group_key(pipeline: PipelineSpec, primary: FileRecord) -> GroupKey:
+    """The key of the group of ``pipeline`` that the primary-input file ``primary`` makes."""
+    dims = {*pipeline.group.by, GroupBy.NIGHT}
+    return GroupKey.of(
+        pipeline.id,
+        {d.value: _dimension(d, primary, pipeline.group.window_seconds) for d in dims},
+    )
+
+
+def group_values(key: GroupKey, primary_values: Mapping[str, object]) -> dict[str, object]:
+    """The ``group.*`` names a ``where`` reads: the primary file's values, then the key's.
+
+    ``primary_values`` is :func:`file_values` of the file that made the group; the
+    key's dimensions win over fields of the same name (they agree for ``night`` and
+    ``filter`` etc. anyway). Only the key's dimensions are the same for every file
+    of the group; another ``group.<field>`` is the value of the file that made it.
+    """
+    values = {f"{GROUP}{name}": value for name, value in primary_values.items()}
+    values.update({f"{GROUP}{dim}": value for dim, value in key.values})
+    return values
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(text: str) -> expression.Expression:
+    return expression.parse(text)
+
+
+def matches(
+    spec: InputSpec,
+    values: Mapping[str, object],
+    group: Mapping[str, object],
+    *,
+    primary: bool,
+) -> bool:
+    """Whether a file with ``values`` is a candidate for input ``spec`` of a group.
+
+    ``values`` is :func:`file_values` of the file, ``group`` is :func:`group_values`
+    of the group. A secondary input (``primary=False``) must be of the group's
+    night (a group without a night takes no secondary inputs); every input must
+    meet its ``where``. The product is the caller's to check. For the primary input
+    the caller picks the files whose :func:`group_key` is the group's key, which
+    already implies the night.
+    """
+    if not primary:
+        night = group.get(f"{GROUP}{GroupBy.NIGHT.value}")
+        if not night or values.get("night") != night:
+            return False
+    if spec.where is None:
+        return True
+    return _compiled(spec.where).evaluate({**values, **group})
+
+
+def night_end(night: date, utc_offset_hours: float, local_end: time = time(7, 0)) -> datetime:
+    """The end of ``night``: the next morning at ``local_end`` site time, as aware UTC.
+
+    With OFCAM's offset of -10 h the night of 2026-11-21 ends at 2026-11-22 07:00
+    local, which is 2026-11-22 17:00 UTC.
+    """
+    if local_end.tzinfo is not None:
+        raise ValueError(f"local_end must be a naive local time, not {local_end}")
+    local = datetime.combine(night + timedelta(days=1), local_end)
+    return (local - timedelta(hours=utc_offset_hours)).replace(tzinfo=UTC)
