@@ -1,0 +1,478 @@
+"""The controller: runs the steps of one run-time profile as real processes.
+
+:meth:`Controller.run` takes a :class:`~obsflow.profile.RuntimeProfile` and returns a
+:class:`RunOutcome`; it never raises for a step that fails (only :class:`RunError` for a
+profile whose ``needs`` do not form a graph of its own steps, before anything runs).
+
+* Each step attempt is one ``subprocess.Popen`` of its argv (no shell) in the run's work
+  directory, with the parent environment plus the step's ``env``, stdin from /dev/null,
+  stdout and stderr to ``work/logs/STEP.ATTEMPT.out|err``, in a session of its own, so
+  that the whole process tree can be signalled: SIGTERM to the group on a timeout or a
+  stop, SIGKILL ``kill_grace`` seconds later. When a step's main process ends, whatever
+  it left running in its group is killed: a step does not outlive itself.
+* Steps start in dependency order (``needs``), at most ``parallel`` at once, ready steps
+  in profile order. A step whose ``when`` was false is skipped and counts as done. A step
+  that fails (non-zero exit, cannot start, timed out) is tried again up to ``retries``
+  more times; if it still fails, every step that needs it, directly or not, is skipped
+  and the run fails. Steps that do not depend on the failure still run to the end: an
+  operator learns about every broken branch from one run, and no process is left behind.
+* A step with a container ``image`` fails without starting (images are not run yet).
+* When ``stop`` is set, running steps are killed (FAILED, "stopped: ...") and steps not
+  started are skipped; it is checked every 0.1 s.
+* When every step succeeded, each declared output must exist as a file, or the run fails.
+* The run log (appended to ``log_path``) holds the profile JSON, each attempt's argv,
+  times, exit status, stdout and stderr (up to 1 MB each), each skip and the outcome.
+
+Scheduling is done by hand, in the thread that calls :meth:`Controller.run`, rather than
+with asyncio (whose child watchers want the main thread's event loop, while runs come from
+an executor's worker threads): the only waiting is for child processes, and ``poll()`` on
+a pidfd per process (Linux; elsewhere a small thread per process blocks in ``os.waitid``
+and closes a pipe) wakes the run's thread the moment a child exits, or at the next
+deadline, with no fixed sleeps and no thread per step. That one thread does everything:
+it starts, signals and reaps processes, writes the log and calls the listener, so calls
+to the listener for one run are never concurrent (no lock needed), and a process group
+is only signalled while its leader is unreaped (its ID cannot have been reused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import graphlib
+import logging
+import math
+import os
+import select
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Final, Protocol
+
+from obsflow.errors import RunError
+from obsflow.profile import OUTPUT_DIR, RuntimeProfile, RuntimeStep
+from obsflow.receipt import utcnow
+from obsflow.states import StepState
+
+log = logging.getLogger(__name__)
+
+LOG_DIR: Final = "logs"
+"""Each attempt's stdout and stderr are files in ``{work}/logs``."""
+LOG_CAP: Final = 1 << 20
+"""At most this many bytes of one stream are copied into the run log."""
+STOP_CHECK: Final = 0.1
+"""Seconds between looks at the ``stop`` event while steps run."""
+KILLED_BY_STOP: Final = "stopped: killed when the run was asked to stop"
+SKIPPED_BY_STOP: Final = "stopped: the run was asked to stop before this step started"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """How one step ended (SUCCEEDED, FAILED or SKIPPED), as of its last attempt."""
+
+    name: str
+    state: StepState
+    attempts: int
+    """How many attempts were made; 0 if it never started."""
+    argv: tuple[str, ...]
+    started: datetime | None
+    finished: datetime | None
+    exit_status: int | None
+    """None if it never ran or could not start; negative: killed by that signal."""
+    stdout_tail: str
+    stderr_tail: str
+    reason: str
+    """Empty on success, else why it failed or was skipped, for a human."""
+
+
+class StepListener(Protocol):
+    """How the catalog learns about steps; called only from the thread running the run."""
+
+    def step_started(
+        self, run_id: str, name: str, attempt: int, argv: tuple[str, ...], at: datetime
+    ) -> None: ...
+
+    def step_finished(self, run_id: str, result: StepResult) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    succeeded: bool
+    steps: tuple[StepResult, ...]
+    """In profile order."""
+    missing_outputs: tuple[str, ...]
+    """Declared outputs that do not exist after every step succeeded."""
+    error: str | None
+    """One line naming the run, the step and the cause, when the run failed."""
+
+
+class Controller:
+    """Runs run-time profiles; holds only settings, so one may serve many threads."""
+
+    def __init__(
+        self,
+        *,
+        parallel: int = 2,
+        clock: Callable[[], datetime] = utcnow,
+        tail_bytes: int = 4000,
+        kill_grace: float = 5.0,
+    ) -> None:
+        if parallel < 1 or tail_bytes < 0 or kill_grace < 0:
+            raise ValueError("parallel must be >= 1, tail_bytes and kill_grace >= 0")
+        self.parallel = parallel
+        self.clock = clock
+        self.tail_bytes = tail_bytes
+        self.kill_grace = kill_grace
+
+    def run(
+        self,
+        profile: RuntimeProfile,
+        *,
+        log_path: Path,
+        listener: StepListener | None = None,
+        stop: threading.Event | None = None,
+    ) -> RunOutcome:
+        """Run every step of ``profile``; see the module docstring for the rules."""
+        _check_graph(profile)
+        work = Path(profile.work)
+        (work / OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+        (work / LOG_DIR).mkdir(exist_ok=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8", errors="replace") as out:
+            return _Run(self, profile, work, out, listener, stop).execute()
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One running process of one step."""
+
+    step: RuntimeStep
+    number: int
+    proc: subprocess.Popen[bytes]
+    started: datetime
+    deadline: float
+    fd: int  # readable once the process has exited
+    killed: str = ""  # why it was signalled (a timeout, a stop), "" if not
+    kill_at: float | None = None  # when SIGKILL follows the SIGTERM
+
+
+@dataclass
+class _Run:
+    """The state of one run; only the thread that called :meth:`Controller.run` uses it."""
+
+    controller: Controller
+    profile: RuntimeProfile
+    work: Path
+    out: IO[str]
+    listener: StepListener | None
+    stop: threading.Event | None
+    pending: dict[str, RuntimeStep] = field(default_factory=dict)
+    results: dict[str, StepResult] = field(default_factory=dict)
+    blocker: dict[str, str] = field(default_factory=dict)  # step → the failed step it waits on
+    failures: list[str] = field(default_factory=list)  # failed steps, first first
+    running: list[_Attempt] = field(default_factory=list)
+    poller: select.poll = field(default_factory=select.poll)
+    stopped: bool = False
+
+    def execute(self) -> RunOutcome:
+        p = self.profile
+        self.write(
+            f"==== run {p.run_id}  pipeline {p.pipeline}  profile {p.profile}\n"
+            f"started {self.now()}  work {self.work}  parallel {self.controller.parallel}\n"
+            f"run-time profile:\n{p.dumps()}\n\n"
+        )
+        self.pending = {s.name: s for s in p.steps}
+        try:
+            self.schedule()
+            while self.running:
+                self.wait()
+                self.schedule()
+        except BaseException as exc:  # a listener's, ^C: leave no process behind
+            for attempt in self.running:
+                _signal(attempt, signal.SIGKILL)
+                attempt.proc.wait()
+                os.close(attempt.fd)
+            self.write(f"==== {self.now()}  run {p.run_id} aborted: {exc!r}\n\n")
+            raise
+        return self.outcome()
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        """Resolve or start every step whose needs are resolved, until nothing changes."""
+        if self.stop is not None and self.stop.is_set() and not self.stopped:
+            self.stopped = True
+            for attempt in self.running:
+                self.terminate(attempt, KILLED_BY_STOP)
+            for step in list(self.pending.values()):
+                self.skip(step, SKIPPED_BY_STOP, blocker=step.name)
+        changed = True
+        while changed:
+            changed = False
+            for step in list(self.pending.values()):
+                if not all(n in self.results for n in step.needs):
+                    continue
+                blocked = [self.blocker[n] for n in step.needs if n in self.blocker]
+                if blocked:
+                    self.skip(step, f"needs {blocked[0]}, which failed", blocker=blocked[0])
+                elif not step.enabled:
+                    self.skip(step, f"when false: {step.when}", blocker=None)
+                elif step.image is not None:
+                    del self.pending[step.name]
+                    reason = (
+                        f"container images are not run yet (image {step.image!r}); "
+                        "a later release runs them"
+                    )
+                    self.write(f"---- {self.now()}  step {step.name} failed: {reason}\n\n")
+                    self.finish(_result(step, StepState.FAILED, 0, reason))
+                elif len(self.running) < self.controller.parallel:
+                    del self.pending[step.name]
+                    self.launch(step, 1)
+                else:
+                    continue
+                changed = True
+
+    def wait(self) -> None:
+        """Wait for a process to exit, a deadline or a look at ``stop``; act on them."""
+        timeout = min(a.kill_at if a.kill_at is not None else a.deadline for a in self.running)
+        timeout = min(timeout - time.monotonic(), 86400.0)
+        if self.stop is not None and not self.stopped:
+            timeout = min(timeout, STOP_CHECK)
+        ready = {fd for fd, _ in self.poller.poll(max(0, math.ceil(timeout * 1000)))}
+        for attempt in [a for a in self.running if a.fd in ready]:
+            self.ended(attempt)
+        now = time.monotonic()
+        for attempt in self.running:
+            if attempt.kill_at is not None and now >= attempt.kill_at:
+                _signal(attempt, signal.SIGKILL)
+                attempt.kill_at = float("inf")  # nothing more to do but wait
+            elif not attempt.killed and now >= attempt.deadline:
+                self.terminate(attempt, f"timed out after {attempt.step.timeout:g} s")
+
+    def terminate(self, attempt: _Attempt, why: str) -> None:
+        attempt.killed = why
+        attempt.kill_at = time.monotonic() + self.controller.kill_grace
+        _signal(attempt, signal.SIGTERM)
+        self.write(f"---- {self.now()}  step {attempt.step.name}: {why}; sent SIGTERM\n")
+
+    # -- one step -----------------------------------------------------------------------
+
+    def launch(self, step: RuntimeStep, number: int) -> None:
+        """Start attempt ``number`` of ``step``; one that cannot start ends at once."""
+        name, tries = step.name, 1 + step.retries
+        at = self.now()
+        self.write(
+            f"---- {at}  step {name} attempt {number}/{tries} started: {shlex.join(step.argv)}\n"
+        )
+        if self.listener is not None:
+            self.listener.step_started(self.profile.run_id, name, number, step.argv, at)
+        stdout, stderr = self.stream_paths(name, number)
+        env = {**os.environ, **step.env} if step.env else None
+        try:
+            with open(stdout, "wb") as fo, open(stderr, "wb") as fe:
+                proc = subprocess.Popen(
+                    step.argv,
+                    cwd=self.work,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fo,
+                    stderr=fe,
+                    start_new_session=True,
+                )
+        except (OSError, ValueError, IndexError) as exc:
+            self.attempt_done(step, number, at, None, f"cannot start: {_why_not(step, exc)}")
+            return
+        attempt = _Attempt(step, number, proc, at, time.monotonic() + step.timeout, _exit_fd(proc))
+        self.poller.register(attempt.fd, select.POLLIN)
+        self.running.append(attempt)
+
+    def ended(self, attempt: _Attempt) -> None:
+        """The main process of ``attempt`` exited (not yet reaped): clean up, reap, judge."""
+        _signal(attempt, signal.SIGKILL)  # whatever it left running in its group
+        status = attempt.proc.wait()
+        self.running.remove(attempt)
+        self.poller.unregister(attempt.fd)
+        os.close(attempt.fd)
+        if attempt.killed:
+            reason = attempt.killed
+        elif status < 0:
+            reason = f"killed by signal {-status} ({signal.strsignal(-status)})"
+        else:
+            reason = f"exit status {status}" if status else ""
+        self.attempt_done(attempt.step, attempt.number, attempt.started, status, reason)
+
+    def attempt_done(
+        self, step: RuntimeStep, number: int, started: datetime, status: int | None, reason: str
+    ) -> None:
+        """Log one finished attempt; retry it, or record the step's result."""
+        finished = now = self.now()
+        stdout, stderr = self.stream_paths(step.name, number)
+        out_text, out_tail = _read_stream(stdout, self.controller.tail_bytes)
+        err_text, err_tail = _read_stream(stderr, self.controller.tail_bytes)
+        took = (finished - started).total_seconds()
+        parts = [
+            f"---- {finished}  step {step.name} attempt {number}/{1 + step.retries}: "
+            f"{reason or 'succeeded'} ({took:.3f} s)\n"
+            f"argv: {shlex.join(step.argv)}\n"
+            f"started {started}  finished {finished}  exit status {status}\n"
+        ]
+        for label, path, text in (("stdout", stdout, out_text), ("stderr", stderr, err_text)):
+            parts.append(f"--- {label} ({path}):\n{text}" if text else f"--- {label}: empty\n")
+        self.write("".join(parts) + "\n")
+        failed = bool(reason)
+        if failed and number <= step.retries and not self.stopped:
+            self.write(f"---- step {step.name}: trying again\n")
+            self.launch(step, number + 1)
+            return
+        state = StepState.FAILED if failed else StepState.SUCCEEDED
+        out, err = out_tail, err_tail
+        self.finish(
+            StepResult(step.name, state, number, step.argv, started, now, status, out, err, reason)
+        )
+
+    def skip(self, step: RuntimeStep, reason: str, *, blocker: str | None) -> None:
+        """Skip ``step``; ``blocker`` is the failed step it needs (None: counts as done)."""
+        del self.pending[step.name]
+        if blocker is not None:
+            self.blocker[step.name] = blocker
+        self.write(f"---- {self.now()}  step {step.name} skipped: {reason}\n\n")
+        self.finish(_result(step, StepState.SKIPPED, 0, reason))
+
+    def finish(self, result: StepResult) -> None:
+        if result.state is StepState.FAILED:
+            self.blocker[result.name] = result.name
+            self.failures.append(result.name)
+        self.results[result.name] = result
+        if self.listener is not None:
+            self.listener.step_finished(self.profile.run_id, result)
+
+    # -- the end ------------------------------------------------------------------------
+
+    def outcome(self) -> RunOutcome:
+        p = self.profile
+        steps = tuple(self.results[s.name] for s in p.steps)
+        missing: tuple[str, ...] = ()
+        error: str | None = None
+        if self.stopped:
+            killed = sum(r.reason == KILLED_BY_STOP for r in steps)
+            skipped = sum(r.reason == SKIPPED_BY_STOP for r in steps)
+            error = f"run {p.run_id}: stopped ({killed} step(s) killed, {skipped} not started)"
+        elif self.failures:
+            first = self.results[self.failures[0]]
+            error = f"run {p.run_id} step {first.name}: {first.reason}"
+            lines = [line.strip() for line in first.stderr_tail.splitlines() if line.strip()]
+            if lines:
+                error += f": {lines[-1][:300]}"
+            if len(self.failures) > 1:
+                error += f" (also failed: {', '.join(self.failures[1:])})"
+        else:
+            missing = tuple(o for o in p.outputs.values() if not (self.work / o).is_file())
+            if missing:
+                what = "output " if len(missing) == 1 else "outputs "
+                was = " was" if len(missing) == 1 else " were"
+                error = f"run {p.run_id}: {what}{', '.join(missing)}{was} not written"
+        self.write(
+            f"==== {self.now()}  run {p.run_id} {'failed: ' + error if error else 'succeeded'}\n\n"
+        )
+        log.info("run %s: %s", p.run_id, error or "succeeded", extra={"run_id": p.run_id})
+        return RunOutcome(error is None, steps, missing, error)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return self.controller.clock()
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def stream_paths(self, name: str, number: int) -> tuple[Path, Path]:
+        base = self.work / LOG_DIR / f"{name}.{number}"
+        return base.with_name(base.name + ".out"), base.with_name(base.name + ".err")
+
+
+def _exit_fd(proc: subprocess.Popen[bytes]) -> int:
+    """A file descriptor that becomes readable when ``proc`` exits (it stays unreaped)."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3: a thread waits, then closes a pipe
+        readable, writable = os.pipe()
+        threading.Thread(target=_await_exit, args=(proc.pid, writable), daemon=True).start()
+        return readable
+
+
+def _await_exit(pid: int, writable: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    os.close(writable)  # the read end sees end-of-file: readable
+
+
+def _signal(attempt: _Attempt, sig: signal.Signals) -> None:
+    """Signal the attempt's process group (its leader is not reaped: the ID is its own)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(attempt.proc.pid, sig)
+
+
+def _result(step: RuntimeStep, state: StepState, attempts: int, reason: str) -> StepResult:
+    return StepResult(step.name, state, attempts, step.argv, None, None, None, "", "", reason)
+
+
+def _why_not(step: RuntimeStep, exc: BaseException) -> str:
+    if not step.argv:
+        return "the step has an empty command"
+    program = step.argv[0]
+    if isinstance(exc, FileNotFoundError):
+        return f"no program {program!r}"
+    if isinstance(exc, PermissionError):
+        return f"{program!r} is not executable (permission denied)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{program!r}: {exc.strerror}"
+    return f"{program!r}: {exc}"
+
+
+def _read_stream(path: Path, tail_bytes: int) -> tuple[str, str]:
+    """The stream's text for the run log (capped at LOG_CAP) and its last ``tail_bytes``."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= LOG_CAP:
+                data = f.read()
+                text = data.decode("utf-8", "replace")
+                tail = data[-tail_bytes:] if tail_bytes else b""
+            else:
+                head = f.read(LOG_CAP // 2)
+                f.seek(size - LOG_CAP // 2)
+                end = f.read()
+                note = f"\n[... {size - LOG_CAP} bytes left out here; all of it is in {path} ...]\n"
+                text = head.decode("utf-8", "replace") + note + end.decode("utf-8", "replace")
+                tail = end[-tail_bytes:] if tail_bytes else b""
+    except FileNotFoundError:
+        return "", ""
+    while tail and len(tail) < size and tail[0] & 0xC0 == 0x80:  # a cut UTF-8 character
+        tail = tail[1:]
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text, tail.decode("utf-8", "replace")
+
+
+def _check_graph(profile: RuntimeProfile) -> None:
+    """Raise :class:`RunError` unless step names are unique, usable as file names, and
+    ``needs`` name steps of this profile without a cycle."""
+    where = f"run {profile.run_id}"
+    if not profile.work:
+        raise RunError(f"{where}: the run-time profile has no work directory")
+    names = [s.name for s in profile.steps]
+    for step in profile.steps:
+        if names.count(step.name) > 1 or not step.name or "/" in step.name or "\0" in step.name:
+            raise RunError(f"{where}: step name {step.name!r} is used twice or is not usable")
+        for need in step.needs:
+            if need not in names:
+                raise RunError(f"{where} step {step.name}: needs {need!r}, which is not a step")
+    try:
+        graphlib.TopologicalSorter({s.name: s.needs for s in profile.steps}).prepare()
+    except graphlib.CycleError as exc:
+        raise RunError(f"{where}: needs form a cycle: {' -> '.join(exc.args[1])}") from None
