@@ -82,10 +82,14 @@ SiteFactory = Callable[..., Settings]
 @pytest.fixture
 def make_site(tmp_path: Path, catalog_url: str) -> SiteFactory:
     """Create a site in tmp_path on this test's catalog; keyword args override settings,
-    e.g. ``make_site(receipt={"unmatched": "quarantine"})``."""
+    e.g. ``make_site(receipt={"unmatched": "quarantine"})``. The example pipelines are
+    left out (tests of receipt and ingest should not start reductions) unless
+    ``pipelines=True``."""
 
-    def make(name: str = "site", **sections: dict[str, Any]) -> Settings:
+    def make(name: str = "site", pipelines: bool = False, **sections: dict[str, Any]) -> Settings:
         root = init_site(tmp_path / name)
+        if not pipelines:
+            (root / "registry" / "ofcam_pipelines.yaml").unlink()
         config = yaml.safe_load((root / "obsflow.yaml").read_text())
         config["catalog"]["url"] = catalog_url
         config["receipt"]["settle_seconds"] = 0.0

@@ -164,5 +164,5 @@ def test_demo_runs_a_night_live_over_epics_and_archives_each_frame_once(tmp_path
     assert status["files"]["archived"] == 6  # announced twice each, archived once
     assert status["queue_depth"] == 0
     assert status["daemon"]["running"] is False  # stopped cleanly at the end
-    assert [t["name"] for t in status["daemon"]["triggers"]][0] == "epics:OFCAM:LASTFILE"
+    assert status["daemon"]["triggers"][0]["name"] == "epics:OFCAM:LASTFILE"
     assert len([p for p in (site / "archive").rglob("*.fits")]) == 6

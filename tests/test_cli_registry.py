@@ -68,7 +68,7 @@ def test_registry_check_passes_on_the_example(site: Path) -> None:
     result = obsflow("registry", "check", "--site", str(site))
     assert result.returncode == 0, result.stderr
     assert "registry OK" in result.stdout
-    assert "1 instrument(s), 5 product(s), 4 pipeline(s), 4 profile(s)" in result.stdout
+    assert "1 instrument(s), 6 product(s), 5 pipeline(s), 5 profile(s)" in result.stdout
     assert str(site / "registry") in result.stdout
 
     # the site can also come from $OBSFLOW_SITE

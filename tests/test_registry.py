@@ -88,20 +88,23 @@ def test_the_example_registry_loads(example: Registry) -> None:
         "ofcam_raw": 0,
         "ofcam_masterbias": 1,
         "ofcam_masterflat": 1,
-        "ofcam_reduced": 2,
-        "ofcam_catalog": 3,
+        "ofcam_calibrated": 1,
+        "ofcam_sources": 2,
+        "ofcam_nightcat": 3,
     }
     assert set(example.pipelines) == {
         "ofcam_masterbias",
         "ofcam_masterflat",
-        "ofcam_reduce",
-        "ofcam_catalog",
+        "ofcam_calibrate",
+        "ofcam_sources",
+        "ofcam_nightcat",
     }
     assert set(example.profiles) == {
         "combine_bias",
         "combine_flat",
-        "reduce_frame",
+        "calibrate_frame",
         "detect_sources",
+        "merge_night",
     }
     raw = example.products["ofcam_raw"]
     assert example.instrument_of(raw).prefix == "OF"
@@ -112,11 +115,12 @@ def test_the_example_consumers_index(example: Registry) -> None:
     def consumers(product: str) -> list[str]:
         return sorted(p.id for p in example.consumers.get(product, ()))
 
-    assert consumers("ofcam_raw") == ["ofcam_masterbias", "ofcam_masterflat", "ofcam_reduce"]
-    assert consumers("ofcam_masterbias") == ["ofcam_masterflat", "ofcam_reduce"]
-    assert consumers("ofcam_masterflat") == ["ofcam_reduce"]
-    assert consumers("ofcam_reduced") == ["ofcam_catalog"]
-    assert consumers("ofcam_catalog") == []
+    assert consumers("ofcam_raw") == ["ofcam_calibrate", "ofcam_masterbias", "ofcam_masterflat"]
+    assert consumers("ofcam_masterbias") == ["ofcam_calibrate", "ofcam_masterflat"]
+    assert consumers("ofcam_masterflat") == ["ofcam_calibrate"]
+    assert consumers("ofcam_calibrated") == ["ofcam_sources"]
+    assert consumers("ofcam_sources") == ["ofcam_nightcat"]
+    assert consumers("ofcam_nightcat") == []
 
 
 def test_specs_know_the_file_and_line_they_come_from(example: Registry) -> None:
@@ -124,9 +128,9 @@ def test_specs_know_the_file_and_line_they_come_from(example: Registry) -> None:
     assert raw.source is not None
     assert raw.source.file.name == "ofcam.yaml"
     assert raw.source.line == line_of(raw.source.file, "- id: ofcam_raw")
-    reduce = example.pipelines["ofcam_reduce"]
-    assert reduce.source is not None
-    assert reduce.source.line == line_of(reduce.source.file, "- id: ofcam_reduce")
+    calibrate = example.pipelines["ofcam_calibrate"]
+    assert calibrate.source is not None
+    assert calibrate.source.line == line_of(calibrate.source.file, "- id: ofcam_calibrate")
 
 
 @pytest.mark.parametrize(
@@ -136,8 +140,9 @@ def test_specs_know_the_file_and_line_they_come_from(example: Registry) -> None:
         ("ofc_20261122_12345.fits", "ofcam_raw", {"date": "20261122", "frame": "12345"}),
         ("ofc_20261121_mbias.fits", "ofcam_masterbias", {"night": "20261121"}),
         ("ofc_20261121_mflat_R.fits", "ofcam_masterflat", {"night": "20261121", "filter": "R"}),
-        ("ofc_20261122_0007_red.fits", "ofcam_reduced", {"date": "20261122", "frame": "0007"}),
-        ("ofc_20261121_M31_cat.fits", "ofcam_catalog", {"night": "20261121", "field": "M31"}),
+        ("ofc_20261122_0007_cal.fits", "ofcam_calibrated", {"date": "20261122", "frame": "0007"}),
+        ("ofc_20261122_0007_src.fits", "ofcam_sources", {"date": "20261122", "frame": "0007"}),
+        ("ofc_20261121_M31_cat.fits", "ofcam_nightcat", {"night": "20261121", "field": "M31"}),
     ],
 )
 def test_the_example_recognises_its_file_names(

@@ -1,7 +1,9 @@
-"""The daemon (``obsflow run``): triggers → intake (receipt) → cache + catalog → ingestors.
+"""The daemon (``obsflow run``): triggers → intake (receipt) → cache + catalog → ingestors,
+and tracker → executor → controller → receipt for the pipelines.
 
 All in one process: the triggers offer paths, the intake receives them (workers
-plus one committer), ingest workers drain the durable queue. At start-up it sweeps
+plus one committer), ingest workers drain the durable queue, the tracker queues the
+pipeline runs that new files make ready and the executor runs them. At start-up it sweeps
 files an interrupted run left in the cache, then a reconcile scan offers whatever
 arrived while nobody watched. On SIGINT/SIGTERM it stops the triggers, finishes
 the files in flight, lets each ingestor finish its batch, and exits; a SIGKILL
@@ -24,9 +26,11 @@ from typing import Any
 
 from obsflow.app import Site
 from obsflow.catalog.seen import SeenLedger
-from obsflow.intake import Intake
+from obsflow.executor import Executor, make_executor
+from obsflow.intake import Intake, Wake
 from obsflow.receipt import Outcome, Received
 from obsflow.registry.specs import EpicsTriggerSpec, WatchTriggerSpec
+from obsflow.tracker.loop import TrackerLoop
 from obsflow.trigger import Trigger
 from obsflow.trigger.scan import ReconcileScan
 from obsflow.trigger.watch import WatchTrigger
@@ -73,6 +77,7 @@ class Daemon:
         self.triggers = list(triggers) if triggers is not None else build_triggers(site)
         self.started = site.clock()
         self.counts: dict[Outcome, int] = {}
+        self.executor: Executor | None = None
         self._lock = threading.Lock()
 
     def run(self, stop: threading.Event) -> None:
@@ -81,14 +86,23 @@ class Daemon:
         swept = sweep_cache(site)
         if swept:
             log.warning("removed %d file(s) an interrupted run left in the cache", len(swept))
-        committed = threading.Event()  # set by the intake: new files are queued
+        committed = threading.Event()  # new files are queued: wakes the ingestors
+        new_files = threading.Event()  # ... and the tracker
+        wake = Wake(committed, new_files)
         intake = Intake(
             site.receiver,
             workers=site.settings.workers.receipt,
             seen=SeenLedger(site.catalog),
             on_result=self._count,
-            committed=committed,
+            committed=wake,
             linger=0.002,  # frames arrive one by one: latency matters more than batching
+        )
+        executor = make_executor(site, on_done=wake)  # a run's outputs are new files too
+        self.executor = executor
+        tracking = TrackerLoop(site, executor)
+        tracker_stop = threading.Event()
+        tracker = threading.Thread(
+            target=tracking.run, args=(tracker_stop, new_files), name="tracker", daemon=True
         )
         ingest_stop = threading.Event()
         ingestors = [
@@ -103,6 +117,7 @@ class Daemon:
         ]
         for thread in ingestors:
             thread.start()
+        tracker.start()
         started: list[Trigger] = []
         try:
             for trigger in self.triggers:
@@ -112,10 +127,13 @@ class Daemon:
             while not stop.wait(site.settings.daemon.status_seconds):
                 self.write_status(intake, running=True)
         finally:
-            log.info("stopping: triggers, then files in flight, then ingestors")
+            log.info("stopping: triggers, files in flight, the tracker, runs, then ingestors")
             for trigger in reversed(started):
                 trigger.stop()
             intake.close()
+            tracker_stop.set()
+            tracker.join()
+            executor.close(stop=True)  # runs in flight go back to the queue for next time
             ingest_stop.set()
             for thread in ingestors:
                 thread.join()
@@ -138,6 +156,7 @@ class Daemon:
             "updated": now.isoformat(),
             "status_seconds": self.site.settings.daemon.status_seconds,
             "in_flight": intake.in_flight,
+            "runs_in_flight": self.executor.in_flight if self.executor is not None else 0,
             "received": counts,
             "triggers": [
                 {"name": t.name, "ok": h.ok, "detail": h.detail}

@@ -13,6 +13,11 @@
     │   └── VanishedError      the file disappeared or changed while being received
     ├── CatalogError           the catalog database cannot be reached or migrated
     ├── StorageError           archive storage could not store or verify a file
+    ├── RunError               a pipeline run could not be built, started or published
+    │   ├── ProfileError       a profile cannot be filled for a run (names run, step, placeholder)
+    │   └── StepError          a step cannot be started (names run, step; e.g. an image)
+    ├── tools.BadInputError    a science tool's input is missing or unfit (the step exits 2)
+    ├── tools.UsageError       a science tool's command line is wrong (the step exits 2)
     └── SiteError              the site directory is missing or not a site
 
 Messages name the culprit (the file and line, the path, the product, the archive ID)
@@ -109,6 +114,18 @@ class CatalogError(ObsflowError):
 
 class StorageError(ObsflowError):
     """Archive storage could not store, read or verify a file."""
+
+
+class RunError(ObsflowError):
+    """A pipeline run could not be built, started or published."""
+
+
+class ProfileError(RunError):
+    """A profile cannot be filled for a run: a missing parameter, input or output."""
+
+
+class StepError(RunError):
+    """A step cannot be started (a missing program, a container image not supported)."""
 
 
 class SiteError(ObsflowError):

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 from obsflow.catalog.seen import SeenLedger, Stat
 from obsflow.receipt import Outcome, Prepared, Received, Receiver
@@ -30,6 +31,24 @@ FINAL = frozenset({Outcome.CACHED, Outcome.DUPLICATE, Outcome.REJECTED, Outcome.
 _Ready = tuple[Path, Prepared | Received]
 
 
+class Wakeable(Protocol):
+    """Something to set when new files are committed: a :class:`threading.Event`, or
+    :class:`Wake`, which sets several."""
+
+    def set(self) -> None: ...
+
+
+class Wake:
+    """Sets every one of several events at once (the ingestors', the tracker's)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def set(self) -> None:
+        for event in self.events:
+            event.set()
+
+
 class Intake:
     def __init__(
         self,
@@ -40,7 +59,7 @@ class Intake:
         seen: SeenLedger | None = None,
         batch: int = 128,
         linger: float = 0.02,
-        committed: threading.Event | None = None,
+        committed: Wakeable | None = None,
     ) -> None:
         """``committed``, if given, is set after each transaction that queued new files."""
         self.receiver = receiver

@@ -31,6 +31,10 @@ class Paths(_Section):
     archive: Path = Path("archive")
     quarantine: Path = Path("quarantine")
     registry: Path = Path("registry")
+    work: Path = Path("work")
+    """Pipeline runs' work directories (one per run; kept when a run fails)."""
+    logs: Path = Path("logs")
+    """Run logs (``logs/runs/RUN.log``)."""
 
 
 class Catalog(_Section):
@@ -41,6 +45,8 @@ class Catalog(_Section):
 class Workers(_Section):
     receipt: int = Field(default=2, ge=1, le=256)
     ingest: int = Field(default=2, ge=1, le=256)
+    runs: int = Field(default=2, ge=1, le=256)
+    """Pipeline runs executed at once by the local executor."""
 
 
 class Receipt(_Section):
@@ -69,6 +75,18 @@ class Daemon(_Section):
     """How often the daemon writes its status (health of triggers) for ``obsflow status``."""
 
 
+class Processing(_Section):
+    executor: Literal["local", "inline"] = "local"
+    """``local``: runs execute on a pool of workers; ``inline``: one at a time, in line."""
+    parallel_steps: int = Field(default=2, ge=1, le=64)
+    """Independent steps of one run executed at once."""
+    max_attempts: int = Field(default=3, ge=1)
+    """A run whose executor died this many times is marked failed."""
+    lease_seconds: float = Field(default=60.0, gt=0)
+    keep_work: bool = False
+    """Keep a successful run's work directory (a failed run's is always kept)."""
+
+
 class _SettingsFile(_Section):
     paths: Paths = Paths()
     catalog: Catalog = Catalog()
@@ -76,6 +94,7 @@ class _SettingsFile(_Section):
     receipt: Receipt = Receipt()
     ingest: Ingest = Ingest()
     daemon: Daemon = Daemon()
+    processing: Processing = Processing()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -97,6 +116,9 @@ class Settings(_Section):
     receipt: Receipt
     ingest: Ingest
     daemon: Daemon
+    work: Path
+    logs: Path
+    processing: Processing
 
 
 def load_settings(site: Path) -> Settings:
@@ -134,6 +156,9 @@ def from_file(site: Path, parsed: _SettingsFile) -> Settings:
         receipt=parsed.receipt,
         ingest=parsed.ingest,
         daemon=parsed.daemon,
+        work=site / paths.work,
+        logs=site / paths.logs,
+        processing=parsed.processing,
     )
 
 

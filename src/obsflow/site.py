@@ -29,6 +29,8 @@ paths:
   archive: archive        # permanent storage: {instrument}/{night}/{archive_id}
   quarantine: quarantine  # refused files, each with a .reason.json beside it
   registry: registry      # instruments, products, pipelines, profiles (YAML)
+  work: work              # pipeline runs' work directories
+  logs: logs              # run logs
 
 catalog:
   # SQLite in this directory by default; for PostgreSQL e.g.
@@ -38,6 +40,7 @@ catalog:
 workers:
   receipt: 2              # files received at once
   ingest: 2               # files moved into the archive at once
+  runs: 2                 # pipeline runs executed at once
 
 receipt:
   settle_seconds: 1.0     # a file is complete when unchanged for this long
@@ -55,6 +58,13 @@ ingest:
 daemon:
   reconcile_seconds: 60   # scan watched directories for files no trigger offered
   status_seconds: 2       # how often `obsflow run` records its health for `obsflow status`
+
+processing:
+  executor: local         # local: a pool of `workers.runs` runs at once | inline: one by one
+  parallel_steps: 2       # independent steps of one run at once
+  max_attempts: 3         # a run whose executor died this often is marked failed
+  lease_seconds: 60       # a run is retried this long after its executor died
+  keep_work: false        # keep a successful run's work directory (failed ones are kept)
 """
 
 

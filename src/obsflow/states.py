@@ -70,3 +70,43 @@ class LedgerEvent(StrEnum):
     CACHED = "cached"  # in the cache with its catalog row and ingest request
     ARCHIVED = "archived"  # in archive storage, checksum verified: queryable
     REJECTED = "rejected"  # refused and quarantined
+    PROCESSED = "processed"  # the first pipeline run that took it as input succeeded
+
+
+class RunState(StrEnum):
+    """Where one pipeline run stands.
+
+    The tracker creates a run ``queued``; an executor claims it (``running``, with a
+    lease it renews); it ends ``succeeded`` (its outputs published) or ``failed``. A
+    ``running`` run whose lease expired (its daemon died) goes back to ``queued`` while it
+    has attempts left, else to ``failed``; ``obsflow runs retry`` queues a failed run again.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    def can_move_to(self, new: RunState) -> bool:
+        return new in _RUN_MOVES[self]
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED)
+
+
+_RUN_MOVES: dict[RunState, frozenset[RunState]] = {
+    RunState.QUEUED: frozenset({RunState.RUNNING, RunState.FAILED}),
+    RunState.RUNNING: frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.QUEUED}),
+    RunState.FAILED: frozenset({RunState.QUEUED}),
+    RunState.SUCCEEDED: frozenset(),
+}
+
+
+class StepState(StrEnum):
+    """How one step of a run ended (a step being run is ``running``)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # a non-zero exit, could not start, or timed out (the reason says)
+    SKIPPED = "skipped"  # ``when`` was false, or a step it needs failed (the reason says)

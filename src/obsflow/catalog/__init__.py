@@ -47,7 +47,7 @@ from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 """The newest migration; a test checks it is Alembic's head."""
 
 __all__ = ["CacheEntry", "Catalog", "FileQuery", "FileRecord", "LedgerEntry", "NewFile", "Recorded"]
@@ -81,6 +81,8 @@ class NewFile:
     proprietary_until: datetime | None = None
     tags: tuple[str, ...] = ()
     keywords: Mapping[str, Any] | None = None
+    made_by_run: int | None = None
+    """The pipeline run that made this file (provenance), if one did."""
 
 
 class Catalog:
@@ -287,6 +289,25 @@ class Catalog:
         with self.read() as conn:
             rows = conn.execute(stmt).all()
             return self._records(conn, rows)
+
+    def files_after(self, file_id: int, limit: int) -> list[FileRecord]:
+        """Live files recorded after ``file_id``, in the order they were recorded (the
+        tracker reads the files table as its durable event log)."""
+        files = schema.files
+        stmt = select(files).where(files.c.id > file_id, schema.is_live())
+        with self.read() as conn:
+            rows = conn.execute(stmt.order_by(files.c.id).limit(limit)).all()
+            return self._records(conn, rows)
+
+    def records(self, file_ids: Sequence[int]) -> list[FileRecord]:
+        """The files with these IDs, in ID order."""
+        files = schema.files
+        found: list[FileRecord] = []
+        with self.read() as conn:
+            for chunk in _chunks(sorted(set(file_ids)), 500):
+                rows = conn.execute(select(files).where(files.c.id.in_(chunk))).all()
+                found += self._records(conn, sorted(rows, key=lambda r: int(r.id)))
+        return found
 
     def get(self, archive_id: str) -> FileRecord | None:
         found = self.find(FileQuery(archive_id=archive_id))

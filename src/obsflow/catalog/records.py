@@ -45,6 +45,8 @@ class FileRecord:
     quarantine_path: str | None
     version: int
     superseded_by: int | None
+    made_by_run: int | None = None
+    """The run that made this file, if a pipeline did (provenance)."""
     tags: tuple[str, ...] = ()
     keywords: Mapping[str, Any] = field(default_factory=dict)
 

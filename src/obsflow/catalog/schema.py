@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Date,
     DateTime,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     literal_column,
     text,
 )
@@ -104,7 +106,9 @@ files = Table(
     Column("quarantine_path", Text),
     Column("version", Integer, nullable=False, server_default=text("1")),
     Column("superseded_by", Integer, ForeignKey("files.id")),
+    Column("made_by_run", Integer, index=True),  # provenance: the run (its inputs: run_inputs)
     Index("ix_files_product_start", "product", "start_utc"),
+    Index("ix_files_product_night", "product", "night"),  # the tracker's candidates
     Index("ix_files_start_stop", "start_utc", "stop_utc"),
     # one live row per content: the same bytes received twice make no second row
     Index(
@@ -180,4 +184,86 @@ seen = Table(
     Column("size", BigInteger, nullable=False),
     Column("mtime_ns", BigInteger, nullable=False),
     Column("at", UTCDateTime, nullable=False),
+)
+
+# ------------------------------------------------------------------ processing
+
+# One execution of a pipeline on one group of inputs. The unique constraint is what makes
+# a duplicate event, a second tracker or a second daemon unable to start a second run of
+# the same (pipeline, group, input set); ``request`` is empty, or names a reprocessing
+# request, which may run the same inputs again on purpose.
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pipeline", String(64), nullable=False),
+    Column("group_key", Text, nullable=False),
+    Column("night", Date, index=True),
+    Column("input_hash", String(64), nullable=False),
+    Column("request", String(64), nullable=False, server_default=text("''")),
+    Column("version", Integer, nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("degraded", Boolean, nullable=False, server_default=false()),
+    Column("reason", Text, nullable=False),
+    Column("overrides", Text),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("lease_owner", String(64)),
+    Column("lease_expires", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("work_dir", Text),
+    Column("log_path", Text),
+    Column("profile", Text),
+    Column("error", Text),
+    UniqueConstraint("pipeline", "group_key", "input_hash", "request"),
+    Index("ix_runs_pipeline_group", "pipeline", "group_key"),
+)
+
+run_inputs = Table(
+    "run_inputs",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("input", String(64), primary_key=True),
+    Column("file_id", Integer, ForeignKey("files.id"), primary_key=True),
+    Index("ix_run_inputs_file_id", "file_id"),
+)
+
+run_steps = Table(
+    "run_steps",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("step", String(64), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("argv", Text, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("exit_status", Integer),
+    Column("stdout_tail", Text),
+    Column("stderr_tail", Text),
+    Column("reason", Text),
+)
+
+# The tracker's open groups: one row per (pipeline, group) it has seen an input for; a
+# deadline kickoff is found by ``due_at`` without scanning pipelines or files.
+tracker_groups = Table(
+    "tracker_groups",
+    metadata,
+    Column("pipeline", String(64), primary_key=True),
+    Column("group_key", Text, primary_key=True),
+    Column("night", Date, nullable=False, index=True),
+    Column("primary_file_id", Integer, nullable=False),
+    Column("due_at", UTCDateTime, index=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# How far the tracker has read the files table (files are its durable, ordered event
+# log: a file cached while the tracker was down is seen when it starts again).
+tracker_cursor = Table(
+    "tracker_cursor",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("last_file_id", Integer, nullable=False),
 )

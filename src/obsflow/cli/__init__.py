@@ -679,6 +679,9 @@ def _command_name() -> str:
         return str(script)
 
 
+from obsflow.cli import runs  # noqa: E402, F401  (registers the processing commands)
+
+
 def main() -> None:
     try:
         app()

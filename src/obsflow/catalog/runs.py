@@ -1,0 +1,474 @@
+"""Pipeline runs in the catalog: created once per (pipeline, group, input set), leased
+by an executor, their steps recorded, finished; and the tracker's groups and cursor.
+
+Every state change goes through :class:`RunStore`, which checks it against
+:class:`~obsflow.states.RunState`'s moves with a compare-and-set ``UPDATE ... WHERE
+state = ...``: two executors cannot both claim a run, and a finished run stays finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from obsflow.catalog import Catalog, schema
+from obsflow.states import RunState, StepState
+
+runs = schema.runs
+run_inputs = schema.run_inputs
+run_steps = schema.run_steps
+files = schema.files
+
+
+@dataclass(frozen=True)
+class NewRun:
+    pipeline: str
+    group_key: str
+    night: date | None
+    inputs: Mapping[str, tuple[int, ...]]
+    """Input name → file IDs."""
+    reason: str
+    degraded: bool = False
+    request: str = ""
+    """Empty, or the reprocessing request that asks for this run on purpose."""
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_hash(self) -> str:
+        return input_hash(self.inputs)
+
+
+def input_hash(inputs: Mapping[str, Sequence[int]]) -> str:
+    """A stable digest of an input set: the same files under the same names, in any order."""
+    canonical = ";".join(
+        f"{name}={','.join(map(str, sorted(ids)))}" for name, ids in sorted(inputs.items())
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: str
+    position: int
+    state: StepState
+    attempts: int
+    argv: tuple[str, ...]
+    started: datetime | None
+    finished: datetime | None
+    exit_status: int | None
+    stdout_tail: str | None
+    stderr_tail: str | None
+    reason: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "argv": list(self.argv),
+            "started": _iso(self.started),
+            "finished": _iso(self.finished),
+            "exit_status": self.exit_status,
+            "stdout_tail": self.stdout_tail,
+            "stderr_tail": self.stderr_tail,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    pipeline: str
+    group_key: str
+    night: date | None
+    version: int
+    state: RunState
+    degraded: bool
+    reason: str
+    request: str
+    attempts: int
+    created: datetime
+    started: datetime | None
+    finished: datetime | None
+    work_dir: str | None
+    log_path: str | None
+    profile: str | None
+    error: str | None
+    overrides: Mapping[str, Any]
+    inputs: Mapping[str, tuple[int, ...]]
+    """Input name → file IDs."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.id,
+            "pipeline": self.pipeline,
+            "group": self.group_key,
+            "night": None if self.night is None else self.night.isoformat(),
+            "version": self.version,
+            "state": self.state.value,
+            "degraded": self.degraded,
+            "reason": self.reason,
+            "request": self.request or None,
+            "attempts": self.attempts,
+            "created": _iso(self.created),
+            "started": _iso(self.started),
+            "finished": _iso(self.finished),
+            "error": self.error,
+            "overrides": dict(self.overrides),
+            "work_dir": self.work_dir,
+            "log_path": self.log_path,
+        }
+
+
+class RunStore:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    # ------------------------------------------------------------- creating
+
+    def create(self, new: NewRun, now: datetime, conn: Connection | None = None) -> int | None:
+        """Record a queued run; None if this (pipeline, group, input set, request) has one."""
+        if conn is None:
+            with self.catalog.write() as own:
+                return self.create(new, now, own)
+        digest = new.input_hash
+        exists = select(runs.c.id).where(
+            runs.c.pipeline == new.pipeline,
+            runs.c.group_key == new.group_key,
+            runs.c.input_hash == digest,
+            runs.c.request == new.request,
+        )
+        if conn.execute(exists).first() is not None:
+            return None
+        version = conn.execute(
+            select(func.coalesce(func.max(runs.c.version), 0)).where(
+                runs.c.pipeline == new.pipeline, runs.c.group_key == new.group_key
+            )
+        ).scalar_one()
+        try:
+            with conn.begin_nested():  # a concurrent creator (PostgreSQL) loses here, quietly
+                run_id = conn.execute(
+                    insert(runs)
+                    .values(
+                        pipeline=new.pipeline,
+                        group_key=new.group_key,
+                        night=new.night,
+                        input_hash=digest,
+                        request=new.request,
+                        version=int(version) + 1,
+                        state=RunState.QUEUED.value,
+                        degraded=new.degraded,
+                        reason=new.reason,
+                        overrides=json.dumps(dict(new.overrides)) if new.overrides else None,
+                        created_at=now,
+                    )
+                    .returning(runs.c.id)
+                ).scalar_one()
+        except IntegrityError:
+            return None
+        rows = [
+            {"run_id": run_id, "input": name, "file_id": file_id}
+            for name, ids in new.inputs.items()
+            for file_id in sorted(set(ids))
+        ]
+        if rows:
+            conn.execute(insert(run_inputs), rows)
+        return int(run_id)
+
+    # ------------------------------------------------------------- executing
+
+    def claim(self, run_id: int, owner: str, now: datetime, lease_seconds: float) -> bool:
+        """queued → running for ``owner``; False if someone else has it or it is done."""
+        with self.catalog.write() as conn:
+            claimed = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.state == RunState.QUEUED.value)
+                .values(
+                    state=RunState.RUNNING.value,
+                    lease_owner=owner,
+                    lease_expires=now + timedelta(seconds=lease_seconds),
+                    attempts=runs.c.attempts + 1,
+                    started_at=now,
+                    finished_at=None,
+                    error=None,
+                )
+            ).rowcount
+            if claimed:
+                conn.execute(delete(run_steps).where(run_steps.c.run_id == run_id))
+        return bool(claimed)
+
+    def renew(
+        self, run_ids: Sequence[int], owner: str, now: datetime, lease_seconds: float
+    ) -> None:
+        """Extend the leases ``owner`` holds on running runs (its heartbeat)."""
+        if not run_ids:
+            return
+        with self.catalog.write() as conn:
+            conn.execute(
+                update(runs)
+                .where(
+                    runs.c.id.in_(list(run_ids)),
+                    runs.c.lease_owner == owner,
+                    runs.c.state == RunState.RUNNING.value,
+                )
+                .values(lease_expires=now + timedelta(seconds=lease_seconds))
+            )
+
+    def set_profile(self, run_id: int, profile: str, work_dir: str, log_path: str) -> None:
+        with self.catalog.write() as conn:
+            conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(profile=profile, work_dir=work_dir, log_path=log_path)
+            )
+
+    def record_step(
+        self,
+        run_id: int,
+        step: str,
+        position: int,
+        state: StepState,
+        attempts: int,
+        argv: Sequence[str],
+        *,
+        started: datetime | None = None,
+        finished: datetime | None = None,
+        exit_status: int | None = None,
+        stdout_tail: str | None = None,
+        stderr_tail: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Insert or replace the step's row (one row per step: its latest attempt)."""
+        values = {
+            "position": position,
+            "state": state.value,
+            "attempts": attempts,
+            "argv": json.dumps(list(argv)),
+            "started_at": started,
+            "finished_at": finished,
+            "exit_status": exit_status,
+            "stdout_tail": stdout_tail,
+            "stderr_tail": stderr_tail,
+            "reason": reason,
+        }
+        with self.catalog.write() as conn:
+            done = conn.execute(
+                update(run_steps)
+                .where(run_steps.c.run_id == run_id, run_steps.c.step == step)
+                .values(**values)
+            ).rowcount
+            if not done:
+                conn.execute(insert(run_steps).values(run_id=run_id, step=step, **values))
+
+    def finish(
+        self,
+        run_id: int,
+        owner: str,
+        state: RunState,
+        now: datetime,
+        error: str | None = None,
+        conn: Connection | None = None,
+    ) -> bool:
+        """running → succeeded or failed, by the lease's owner; False if it lost the lease."""
+        if not RunState.RUNNING.can_move_to(state) or state is RunState.QUEUED:
+            raise ValueError(f"run {run_id}: cannot finish as {state.value}")
+        if conn is None:
+            with self.catalog.write() as own:
+                return self.finish(run_id, owner, state, now, error, own)
+        moved = conn.execute(
+            update(runs)
+            .where(
+                runs.c.id == run_id,
+                runs.c.state == RunState.RUNNING.value,
+                runs.c.lease_owner == owner,
+            )
+            .values(
+                state=state.value,
+                finished_at=now,
+                error=error,
+                lease_owner=None,
+                lease_expires=None,
+            )
+        ).rowcount
+        return bool(moved)
+
+    def release(self, run_id: int, owner: str) -> bool:
+        """running → queued by its owner, which stops without finishing it (a shutdown);
+        the attempt does not count."""
+        with self.catalog.write() as conn:
+            moved = conn.execute(
+                update(runs)
+                .where(
+                    runs.c.id == run_id,
+                    runs.c.state == RunState.RUNNING.value,
+                    runs.c.lease_owner == owner,
+                )
+                .values(
+                    state=RunState.QUEUED.value,
+                    lease_owner=None,
+                    lease_expires=None,
+                    attempts=runs.c.attempts - 1,
+                )
+            ).rowcount
+        return bool(moved)
+
+    def recover(self, now: datetime, max_attempts: int) -> tuple[list[int], list[int]]:
+        """Runs whose executor died (lease expired): back to queued while they have
+        attempts left, else failed. Returns (requeued, failed) run IDs."""
+        expired = and_(runs.c.state == RunState.RUNNING.value, runs.c.lease_expires < now)
+        with self.catalog.write() as conn:
+            rows = conn.execute(select(runs.c.id, runs.c.attempts).where(expired)).all()
+            again = [r.id for r in rows if r.attempts < max_attempts]
+            given_up = [r.id for r in rows if r.attempts >= max_attempts]
+            if again:
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.id.in_(again), expired)
+                    .values(state=RunState.QUEUED.value, lease_owner=None, lease_expires=None)
+                )
+            if given_up:
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.id.in_(given_up), expired)
+                    .values(
+                        state=RunState.FAILED.value,
+                        lease_owner=None,
+                        lease_expires=None,
+                        finished_at=now,
+                        error=f"the executor died while running it, {max_attempts} time(s)",
+                    )
+                )
+        return again, given_up
+
+    def retry(self, run_id: int) -> bool:
+        """failed → queued (after fixing the cause); False if the run is not failed."""
+        with self.catalog.write() as conn:
+            moved = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.state == RunState.FAILED.value)
+                .values(state=RunState.QUEUED.value, attempts=0, error=None, finished_at=None)
+            ).rowcount
+        return bool(moved)
+
+    # ------------------------------------------------------------- reading
+
+    def queued(self, limit: int = 1000) -> list[int]:
+        with self.catalog.read() as conn:
+            query = select(runs.c.id).where(runs.c.state == RunState.QUEUED.value)
+            return list(conn.execute(query.order_by(runs.c.id).limit(limit)).scalars())
+
+    def get(self, run_id: int) -> RunRecord | None:
+        found = self.find(run_ids=[run_id])
+        return found[0] if found else None
+
+    def find(
+        self,
+        *,
+        state: RunState | None = None,
+        pipeline: str | None = None,
+        night: date | None = None,
+        run_ids: Sequence[int] | None = None,
+        limit: int | None = None,
+    ) -> list[RunRecord]:
+        """Runs, oldest first, narrowed by every argument given."""
+        query = select(runs).order_by(runs.c.id)
+        if state is not None:
+            query = query.where(runs.c.state == state.value)
+        if pipeline is not None:
+            query = query.where(runs.c.pipeline == pipeline)
+        if night is not None:
+            query = query.where(runs.c.night == night)
+        if run_ids is not None:
+            query = query.where(runs.c.id.in_(list(run_ids)))
+        if limit is not None:
+            query = query.limit(limit)
+        with self.catalog.read() as conn:
+            rows = conn.execute(query).all()
+            ids = [r.id for r in rows]
+            inputs: dict[int, dict[str, list[int]]] = {}
+            if ids:
+                for r in conn.execute(
+                    select(run_inputs)
+                    .where(run_inputs.c.run_id.in_(ids))
+                    .order_by(run_inputs.c.run_id, run_inputs.c.input, run_inputs.c.file_id)
+                ):
+                    inputs.setdefault(r.run_id, {}).setdefault(r.input, []).append(r.file_id)
+        return [
+            RunRecord(
+                id=r.id,
+                pipeline=r.pipeline,
+                group_key=r.group_key,
+                night=r.night,
+                version=r.version,
+                state=RunState(r.state),
+                degraded=bool(r.degraded),
+                reason=r.reason,
+                request=r.request,
+                attempts=r.attempts,
+                created=r.created_at,
+                started=r.started_at,
+                finished=r.finished_at,
+                work_dir=r.work_dir,
+                log_path=r.log_path,
+                profile=r.profile,
+                error=r.error,
+                overrides=json.loads(r.overrides) if r.overrides else {},
+                inputs={k: tuple(v) for k, v in inputs.get(r.id, {}).items()},
+            )
+            for r in rows
+        ]
+
+    def steps(self, run_id: int) -> list[StepRecord]:
+        with self.catalog.read() as conn:
+            rows = conn.execute(
+                select(run_steps).where(run_steps.c.run_id == run_id).order_by(run_steps.c.position)
+            ).all()
+        return [
+            StepRecord(
+                step=r.step,
+                position=r.position,
+                state=StepState(r.state),
+                attempts=r.attempts,
+                argv=tuple(json.loads(r.argv)),
+                started=r.started_at,
+                finished=r.finished_at,
+                exit_status=r.exit_status,
+                stdout_tail=r.stdout_tail,
+                stderr_tail=r.stderr_tail,
+                reason=r.reason,
+            )
+            for r in rows
+        ]
+
+    def outputs(self, run_id: int) -> list[int]:
+        """The file IDs this run made (provenance)."""
+        with self.catalog.read() as conn:
+            query = select(files.c.id).where(files.c.made_by_run == run_id).order_by(files.c.id)
+            return list(conn.execute(query).scalars())
+
+    def counts(self) -> dict[RunState, int]:
+        with self.catalog.read() as conn:
+            rows = conn.execute(select(runs.c.state, func.count()).group_by(runs.c.state)).all()
+        return {RunState(state): n for state, n in rows}
+
+    def latest_for_group(self, pipeline: str, group_key: str) -> RunRecord | None:
+        """The group's newest run (any request), if any."""
+        with self.catalog.read() as conn:
+            run_id = conn.execute(
+                select(runs.c.id)
+                .where(runs.c.pipeline == pipeline, runs.c.group_key == group_key)
+                .order_by(runs.c.version.desc())
+                .limit(1)
+            ).scalar()
+        return None if run_id is None else self.get(int(run_id))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

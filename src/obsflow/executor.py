@@ -1,0 +1,339 @@
+"""Executors: where queued runs execute, behind one small interface.
+
+:class:`Executor` is the seam. :class:`InlineExecutor` executes a run in the caller's
+thread (tests, the embedded default's simplest form); :class:`LocalExecutor` executes up
+to ``workers.runs`` runs at once on a pool of worker threads. Each step of a run is its
+own subprocess either way (:mod:`obsflow.controller`), so the pool's threads only wait and
+book-keep: a thread pool gives the parallelism of a process pool without pickling a
+site into each worker (and a later Celery executor takes the same run IDs).
+
+:func:`execute_run` is what every executor does with a run ID, and everything it needs
+is in the catalog and the run-time profile:
+
+1. claim the run (queued → running, with a lease; a second claim loses);
+2. if an earlier attempt already published all its outputs (it died before saying so),
+   finish it as succeeded;
+3. resolve the inputs to local paths, fill the profile (:mod:`obsflow.profile`), store it;
+4. run it with the controller, every step recorded in the catalog and the run's log;
+5. if it succeeded, publish its outputs through receipt (recognised by the registry,
+   cached, queued for the archive, with the run as provenance), then finish the run.
+   Nothing a failed run wrote ever reaches the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+from obsflow.app import Site
+from obsflow.catalog.records import FileRecord
+from obsflow.catalog.runs import RunRecord, RunStore
+from obsflow.controller import Controller, StepResult
+from obsflow.errors import ObsflowError, RunError
+from obsflow.intake import Wakeable
+from obsflow.profile import OUTPUT_DIR, ParameterValue, RuntimeProfile, build_profile
+from obsflow.receipt import Outcome, Prepared
+from obsflow.states import RunState, StepState
+from obsflow.tracker.grouping import GroupKey, file_values
+
+log = logging.getLogger(__name__)
+
+
+class Executor(ABC):
+    """Executes queued runs. Submitting a run twice is harmless: the claim decides."""
+
+    @abstractmethod
+    def submit(self, run_id: int) -> None:
+        """Execute run ``run_id`` (now or soon)."""
+
+    @abstractmethod
+    def close(self, stop: bool = False) -> None:
+        """Wait for the runs in flight (``stop``: interrupt them; their leases expire and
+        they are retried on the next start)."""
+
+    @property
+    @abstractmethod
+    def in_flight(self) -> int:
+        """Runs submitted and not finished."""
+
+
+class InlineExecutor(Executor):
+    """Executes each run at once, in the thread that submits it."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.owner = f"inline-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    def submit(self, run_id: int) -> None:
+        execute_run(self.site, run_id, self.owner)
+
+    def close(self, stop: bool = False) -> None:
+        return None
+
+    @property
+    def in_flight(self) -> int:
+        return 0
+
+
+class LocalExecutor(Executor):
+    """Executes up to ``workers.runs`` runs at once; renews their leases while they run."""
+
+    def __init__(self, site: Site, on_done: Wakeable | None = None) -> None:
+        self.site = site
+        self.owner = f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._pool = ThreadPoolExecutor(site.settings.workers.runs, thread_name_prefix="run")
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._running: dict[int, Future[RunState | None]] = {}
+        self._on_done = on_done
+        self._heartbeat = threading.Thread(target=self._renew, name="run-leases", daemon=True)
+        self._heartbeat.start()
+
+    def submit(self, run_id: int) -> None:
+        with self._lock:
+            if run_id in self._running or self._stop.is_set():
+                return
+            future = self._pool.submit(execute_run, self.site, run_id, self.owner, self._stop)
+            self._running[run_id] = future
+        future.add_done_callback(lambda f: self._done(run_id, f))
+
+    def _done(self, run_id: int, future: Future[RunState | None]) -> None:
+        with self._lock:
+            self._running.pop(run_id, None)
+        if future.cancelled():
+            return  # never started (a shutdown): still queued in the catalog
+        error = future.exception()
+        if error is not None:
+            log.error("run %d: the executor failed: %s", run_id, error, exc_info=error)
+        if self._on_done is not None:
+            self._on_done.set()
+
+    def _renew(self) -> None:
+        seconds = self.site.settings.processing.lease_seconds
+        runs = RunStore(self.site.catalog)
+        while not self._stop.wait(seconds / 3):
+            with self._lock:
+                ids = list(self._running)
+            try:
+                runs.renew(ids, self.owner, self.site.clock(), seconds)
+            except Exception:  # the catalog is briefly unreachable: renew next time
+                log.exception("could not renew run leases")
+
+    def close(self, stop: bool = False) -> None:
+        if stop:
+            self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=stop)
+        self._stop.set()
+        self._heartbeat.join()
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+
+def make_executor(site: Site, on_done: Wakeable | None = None) -> Executor:
+    """The executor the site's settings name."""
+    if site.settings.processing.executor == "inline":
+        return InlineExecutor(site)
+    return LocalExecutor(site, on_done)
+
+
+# ---------------------------------------------------------------------- one run
+
+
+class _Steps:
+    """Records each step in the catalog as the controller reports it."""
+
+    def __init__(self, runs: RunStore, run_id: int, profile: RuntimeProfile) -> None:
+        self.runs = runs
+        self.run_id = run_id
+        self.position = {step.name: n for n, step in enumerate(profile.steps)}
+
+    def step_started(
+        self, run_id: str, name: str, attempt: int, argv: tuple[str, ...], at: datetime
+    ) -> None:
+        self.runs.record_step(
+            self.run_id, name, self.position[name], StepState.RUNNING, attempt, argv, started=at
+        )
+
+    def step_finished(self, run_id: str, result: StepResult) -> None:
+        self.runs.record_step(
+            self.run_id,
+            result.name,
+            self.position[result.name],
+            result.state,
+            result.attempts,
+            result.argv,
+            started=result.started,
+            finished=result.finished,
+            exit_status=result.exit_status,
+            stdout_tail=result.stdout_tail,
+            stderr_tail=result.stderr_tail,
+            reason=result.reason or None,
+        )
+
+
+def execute_run(
+    site: Site, run_id: int, owner: str, stop: threading.Event | None = None
+) -> RunState | None:
+    """Claim and execute one run; its final state, or None if another executor has it."""
+    runs = RunStore(site.catalog)
+    settings = site.settings.processing
+    if not runs.claim(run_id, owner, site.clock(), settings.lease_seconds):
+        return None
+    run = runs.get(run_id)
+    assert run is not None  # claimed just now
+    log.info("run %d started: %s %s", run_id, run.pipeline, run.group_key)
+    try:
+        if _already_published(site, run):
+            runs.finish(run_id, owner, RunState.SUCCEEDED, site.clock())
+            return RunState.SUCCEEDED
+        profile = _build(site, run)
+        log_path = site.settings.logs / "runs" / f"run-{run_id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        runs.set_profile(run_id, profile.dumps(), profile.work, str(log_path))
+        controller = Controller(parallel=settings.parallel_steps, clock=site.clock)
+        outcome = controller.run(
+            profile, log_path=log_path, listener=_Steps(runs, run_id, profile), stop=stop
+        )
+        if not outcome.succeeded and stop is not None and stop.is_set():
+            runs.release(run_id, owner)  # the daemon stops: the next start runs it again
+            log.info("run %d interrupted by the shutdown; queued again", run_id)
+            return RunState.QUEUED
+        if not outcome.succeeded:
+            error = outcome.error or f"run {run_id} failed"
+            runs.finish(run_id, owner, RunState.FAILED, site.clock(), error)
+            log.warning("run %d failed: %s", run_id, error)
+            return RunState.FAILED
+        _publish(site, run_id, profile)
+    except ObsflowError as exc:
+        runs.finish(run_id, owner, RunState.FAILED, site.clock(), str(exc))
+        log.warning("run %d failed: %s", run_id, exc)
+        return RunState.FAILED
+    if not runs.finish(run_id, owner, RunState.SUCCEEDED, site.clock()):
+        log.warning("run %d: lease lost before it finished; it will be checked again", run_id)
+        return None
+    if not settings.keep_work:
+        shutil.rmtree(profile.work, ignore_errors=True)
+    log.info("run %d succeeded: %s %s", run_id, run.pipeline, run.group_key)
+    return RunState.SUCCEEDED
+
+
+def _expected_outputs(site: Site, run: RunRecord) -> int:
+    pipeline = site.registry.pipelines.get(run.pipeline)
+    return 0 if pipeline is None else len(pipeline.outputs)
+
+
+def _already_published(site: Site, run: RunRecord) -> bool:
+    """An earlier attempt published every output, then died before finishing the run."""
+    expected = _expected_outputs(site, run)
+    return expected > 0 and len(RunStore(site.catalog).outputs(run.id)) >= expected
+
+
+def _build(site: Site, run: RunRecord) -> RuntimeProfile:
+    pipeline = site.registry.pipelines.get(run.pipeline)
+    if pipeline is None:
+        raise RunError(f"run {run.id}: pipeline {run.pipeline!r} is no longer in the registry")
+    profile = site.registry.profiles[pipeline.profile]
+    records = {
+        r.id: r for r in site.catalog.records([i for ids in run.inputs.values() for i in ids])
+    }
+    inputs: dict[str, list[Path]] = {}
+    for spec in pipeline.inputs:
+        inputs[spec.name] = [
+            _local_path(site, run, records[i]) for i in run.inputs.get(spec.name, ())
+        ]
+    primary_ids = run.inputs.get(pipeline.inputs[0].name, ())
+    parameters: dict[str, ParameterValue] = {}
+    if primary_ids:
+        primary = records[primary_ids[0]]
+        try:
+            names = site.registry.recognise(primary.original_name).groups
+        except ObsflowError:
+            names = {}
+        for name, value in file_values(primary, names).items():
+            if isinstance(value, str | int | float | bool) or value is None:
+                parameters[name] = value
+    parameters.update(dict(GroupKey.parse(run.pipeline, run.group_key).values))
+    parameters.update(_name_parts(parameters))
+    parameters.update(pipeline.parameters)
+    parameters.update({"site": str(site.settings.site), "python": sys.executable})
+    parameters.update(run.overrides)
+    work = site.settings.work / f"run-{run.id}"
+    shutil.rmtree(work, ignore_errors=True)  # an earlier attempt's leftovers
+    (work / OUTPUT_DIR).mkdir(parents=True)
+    return build_profile(
+        run_id=str(run.id),
+        pipeline=pipeline,
+        profile=profile,
+        parameters=parameters,
+        inputs=inputs,
+        work=work,
+    )
+
+
+def _name_parts(parameters: dict[str, ParameterValue]) -> dict[str, ParameterValue]:
+    """Parameters made to go into file names: ``nightid`` (``20261121``) and
+    ``object_slug`` (the object with every run of other characters than letters and
+    digits made one ``_``)."""
+    parts: dict[str, ParameterValue] = {}
+    night, name = parameters.get("night"), parameters.get("object")
+    if isinstance(night, str) and night:
+        parts["nightid"] = night.replace("-", "")
+    if isinstance(name, str) and name:
+        parts["object_slug"] = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "object"
+    return parts
+
+
+def _local_path(site: Site, run: RunRecord, record: FileRecord) -> Path:
+    """Where an input's bytes are: the cache, else restored there from the archive."""
+    if record.cache_path:
+        cached = site.cache.path(record.cache_path)
+        if cached.is_file():
+            return cached
+    if record.archive_path and site.storage.exists(record.archive_path):
+        target = (
+            site.settings.work
+            / f"run-{run.id}-inputs"
+            / (record.archive_id or record.original_name)
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with site.storage.open(record.archive_path) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return target
+    raise RunError(
+        f"run {run.id}: input {record.archive_id or record.original_name} is neither in the "
+        "cache nor in the archive"
+    )
+
+
+def _publish(site: Site, run_id: int, profile: RuntimeProfile) -> None:
+    """Receive every output, with the run as provenance, in one catalog transaction."""
+    prepared: list[Prepared] = []
+    for product, path in sorted(profile.outputs.items()):
+        result = site.receiver.prepare(Path(path))
+        if not isinstance(result, Prepared):
+            raise RunError(
+                f"run {run_id}: output {Path(path).name} (product {product}) was "
+                f"{result.outcome.value}: {result.reason}"
+            )
+        if result.product.id != product:
+            raise RunError(
+                f"run {run_id}: output {Path(path).name} is recognised as product "
+                f"{result.product.id}, not {product}; fix the pipeline's output name"
+            )
+        prepared.append(replace(result, new=replace(result.new, made_by_run=run_id)))
+    for result in site.receiver.commit(prepared):
+        if result.outcome not in (Outcome.CACHED, Outcome.DUPLICATE):
+            raise RunError(f"run {run_id}: output {result.path.name}: {result.reason}")

@@ -1,0 +1,266 @@
+"""Run-time profiles: a registry profile with every parameter filled for one run.
+
+The builder (:func:`build_profile`) takes a pipeline, its profile template and a run's
+context (parameters, input paths, output names, the work directory) and produces a
+:class:`RuntimeProfile`: every step's argv is final, every ``when`` has been decided, every
+input path is resolved. It is stored with the run as provenance, and it is all the
+controller needs, so a run can execute on another machine.
+
+Templating, in each argv item of a step's ``command``:
+
+* ``{name}`` is a parameter: the pipeline's ``parameters``, the group key (``night``,
+  ``filter``, ...), the primary input's metadata (``exptime``, ``object``, its filename
+  groups such as ``date`` and ``frame``), ``nightid`` (the night as ``20261121``) and
+  ``object_slug`` (the object, safe in a file name), ``site`` (the site directory),
+  ``python`` (the interpreter obsflow runs on), and reprocessing overrides;
+* ``{work}`` is the run's work directory; ``{run_id}`` the run's ID;
+* ``{inputs.NAME}`` is the path of input NAME; when NAME holds several files and the item
+  is exactly ``{inputs.NAME}``, it becomes one argv item per file;
+* ``{outputs.PRODUCT}`` is where the step writes that output (inside ``{work}/out``);
+  the controller publishes it only if the whole run succeeds.
+
+A ``{`` or ``}`` meant literally is written twice, as in Python's ``str.format``.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from obsflow import expression
+from obsflow.errors import ProfileError
+from obsflow.registry.specs import PipelineSpec, ProfileSpec
+
+ParameterValue = str | int | float | bool | None
+OUTPUT_DIR: Final = "out"
+"""Outputs are written under ``{work}/out`` and published from there."""
+
+
+@dataclass(frozen=True)
+class RuntimeStep:
+    name: str
+    argv: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+    enabled: bool = True
+    """False when the step's ``when`` was false for this run: it is skipped (and logged)."""
+    when: str | None = None
+    """The condition as written, kept for the log."""
+    timeout: float = 3600.0
+    retries: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    image: str | None = None
+    """A container image (not run yet: a step with one fails with a clear message)."""
+
+
+@dataclass(frozen=True)
+class RuntimeProfile:
+    run_id: str
+    pipeline: str
+    profile: str
+    steps: tuple[RuntimeStep, ...]
+    parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
+    inputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Input name → absolute paths, as resolved for this run."""
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    """Output product → absolute path under the work directory's ``out/``."""
+    work: str = ""
+
+    def step(self, name: str) -> RuntimeStep:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "pipeline": self.pipeline,
+            "profile": self.profile,
+            "work": self.work,
+            "parameters": dict(self.parameters),
+            "inputs": {k: list(v) for k, v in self.inputs.items()},
+            "outputs": dict(self.outputs),
+            "steps": [
+                {
+                    "name": s.name,
+                    "argv": list(s.argv),
+                    "needs": list(s.needs),
+                    "enabled": s.enabled,
+                    "when": s.when,
+                    "timeout": s.timeout,
+                    "retries": s.retries,
+                    "env": dict(s.env),
+                    "image": s.image,
+                }
+                for s in self.steps
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RuntimeProfile:
+        return cls(
+            run_id=data["run_id"],
+            pipeline=data["pipeline"],
+            profile=data["profile"],
+            work=data.get("work", ""),
+            parameters=dict(data.get("parameters", {})),
+            inputs={k: tuple(v) for k, v in data.get("inputs", {}).items()},
+            outputs=dict(data.get("outputs", {})),
+            steps=tuple(
+                RuntimeStep(
+                    name=s["name"],
+                    argv=tuple(s["argv"]),
+                    needs=tuple(s.get("needs", ())),
+                    enabled=bool(s.get("enabled", True)),
+                    when=s.get("when"),
+                    timeout=float(s.get("timeout", 3600.0)),
+                    retries=int(s.get("retries", 0)),
+                    env=dict(s.get("env", {})),
+                    image=s.get("image"),
+                )
+                for s in data["steps"]
+            ),
+        )
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True)
+
+
+def output_names(
+    pipeline: PipelineSpec, parameters: Mapping[str, ParameterValue], run_id: str
+) -> dict[str, str]:
+    """Each output product's file name, from the pipeline's naming rule."""
+    names: dict[str, str] = {}
+    for output in pipeline.outputs:
+        names[output.product] = _fill(
+            output.name, parameters, {}, {}, "", run_id, f"pipeline {pipeline.id} output"
+        )
+    return names
+
+
+def build_profile(
+    *,
+    run_id: str,
+    pipeline: PipelineSpec,
+    profile: ProfileSpec,
+    parameters: Mapping[str, ParameterValue],
+    inputs: Mapping[str, Sequence[Path]],
+    work: Path,
+) -> RuntimeProfile:
+    """Fill ``profile`` for one run; raise :class:`ProfileError` naming the run, step and
+    placeholder when something cannot be filled."""
+    out_dir = work / OUTPUT_DIR
+    outputs = {
+        product: str(out_dir / name)
+        for product, name in output_names(pipeline, parameters, run_id).items()
+    }
+    paths = {name: tuple(str(p) for p in files) for name, files in inputs.items()}
+    steps: list[RuntimeStep] = []
+    for spec in profile.steps:
+        where = f"run {run_id} step {spec.name}"
+        argv: list[str] = []
+        for item in spec.command:
+            whole = _whole_input(item)
+            if whole is not None and whole in paths:
+                argv.extend(paths[whole])  # one argv item per file
+            else:
+                argv.append(_fill(item, parameters, paths, outputs, str(work), run_id, where))
+        enabled = True
+        if spec.when is not None:
+            enabled = expression.parse(spec.when).evaluate(dict(parameters))
+        steps.append(
+            RuntimeStep(
+                name=spec.name,
+                argv=tuple(argv),
+                needs=spec.needs,
+                enabled=enabled,
+                when=spec.when,
+                timeout=spec.timeout,
+                retries=spec.retries,
+                env={
+                    k: _fill(v, parameters, paths, outputs, str(work), run_id, where)
+                    for k, v in spec.env.items()
+                },
+                image=spec.image,
+            )
+        )
+    return RuntimeProfile(
+        run_id=run_id,
+        pipeline=pipeline.id,
+        profile=profile.id,
+        steps=tuple(steps),
+        parameters=dict(parameters),
+        inputs=paths,
+        outputs=outputs,
+        work=str(work),
+    )
+
+
+def _whole_input(item: str) -> str | None:
+    """``NAME`` if the argv item is exactly ``{inputs.NAME}``, else None."""
+    if item.startswith("{inputs.") and item.endswith("}") and item.count("{") == 1:
+        return item[len("{inputs.") : -1]
+    return None
+
+
+def _fill(
+    template: str,
+    parameters: Mapping[str, ParameterValue],
+    inputs: Mapping[str, tuple[str, ...]],
+    outputs: Mapping[str, str],
+    work: str,
+    run_id: str,
+    where: str,
+) -> str:
+    parts: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ProfileError(f"{where}: bad template {template!r}: {exc}") from None
+    for literal, name, spec, conversion in parsed:
+        parts.append(literal)
+        if name is None:
+            continue
+        if conversion or spec:
+            raise ProfileError(f"{where}: {{{name}}} in {template!r}: no ! or : allowed")
+        parts.append(_value(name, parameters, inputs, outputs, work, run_id, where, template))
+    return "".join(parts)
+
+
+def _value(
+    name: str,
+    parameters: Mapping[str, ParameterValue],
+    inputs: Mapping[str, tuple[str, ...]],
+    outputs: Mapping[str, str],
+    work: str,
+    run_id: str,
+    where: str,
+    template: str,
+) -> str:
+    if name == "work" and work:
+        return work
+    if name == "run_id":
+        return run_id
+    if name.startswith("inputs."):
+        key = name[len("inputs.") :]
+        if key not in inputs:
+            raise ProfileError(f"{where}: {{{name}}} in {template!r}: no input named {key!r}")
+        files = inputs[key]
+        if len(files) != 1:
+            raise ProfileError(
+                f"{where}: {{{name}}} in {template!r} holds {len(files)} files; "
+                "use it alone as one argv item to pass them all"
+            )
+        return files[0]
+    if name.startswith("outputs."):
+        key = name[len("outputs.") :]
+        if key not in outputs:
+            raise ProfileError(f"{where}: {{{name}}} in {template!r}: no output {key!r}")
+        return outputs[key]
+    if name in parameters and parameters[name] is not None:
+        return str(parameters[name])
+    raise ProfileError(f"{where}: {{{name}}} in {template!r}: no such parameter")

@@ -1,0 +1,360 @@
+"""The observation status tracker: starts each pipeline when all its inputs exist.
+
+The files table is the tracker's durable, ordered event log: :meth:`Tracker.step` reads
+the files recorded since its cursor (``tracker_cursor``), so a file cached while the
+tracker was down is seen when it starts again. For each new file it finds the pipelines
+that take its product through the registry's index (never a scan of every pipeline),
+then the groups the file belongs to:
+
+* as a pipeline's **primary** input (the first one), the file makes or joins the group
+  whose key it computes (:mod:`obsflow.tracker.grouping`);
+* as a **secondary** input (a master bias for the night's flats), it joins every group of
+  that pipeline and night whose ``where`` it meets (found by the groups' night index).
+
+Each touched group is evaluated: its candidates are read per input (by product and
+night, an index lookup), :func:`~obsflow.tracker.readiness.readiness` decides, and a
+ready group gets a queued run. The catalog's unique constraint on (pipeline, group, input
+set) makes a duplicate event or a second tracker harmless. When a group already ran, a
+different input set starts a new run version only if the pipeline says
+``on_new_input: rerun``. A deadline kickoff is a ``due_at`` on the group, which
+:meth:`Tracker.tick` picks up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from sqlalchemy import Connection, Insert, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from obsflow.catalog import Catalog, schema
+from obsflow.catalog.records import FileQuery, FileRecord
+from obsflow.catalog.runs import NewRun, RunStore, input_hash
+from obsflow.errors import RecognitionError
+from obsflow.registry import Registry
+from obsflow.registry.specs import GroupBy, OnNewInput, PipelineSpec
+from obsflow.states import FileState, LedgerEvent
+from obsflow.tracker.grouping import (
+    GroupKey,
+    file_values,
+    group_key,
+    group_values,
+    matches,
+    night_end,
+)
+from obsflow.tracker.readiness import Candidate, Decision, readiness
+
+log = logging.getLogger(__name__)
+CURSOR = "tracker"
+groups = schema.tracker_groups
+cursor = schema.tracker_cursor
+
+
+@dataclass(frozen=True)
+class Started:
+    """A run the tracker queued."""
+
+    run_id: int
+    pipeline: str
+    group: str
+    degraded: bool
+
+
+class Tracker:
+    def __init__(self, registry: Registry, catalog: Catalog, clock: Callable[[], datetime]) -> None:
+        self.registry = registry
+        self.catalog = catalog
+        self.runs = RunStore(catalog)
+        self.clock = clock
+
+    # ------------------------------------------------------------ events
+
+    def step(self, limit: int = 200) -> list[Started]:
+        """Read the files recorded since the cursor (at most ``limit``), queue the runs
+        they make ready, and move the cursor past them. Returns the runs queued."""
+        with self.catalog.read() as conn:
+            after = conn.execute(
+                select(cursor.c.last_file_id).where(cursor.c.name == CURSOR)
+            ).scalar()
+        new = self.catalog.files_after(int(after or 0), limit)
+        if not new:
+            return []
+        started: list[Started] = []
+        for record in new:
+            started += self.on_file(record)
+        with self.catalog.write() as conn:
+            self._move_cursor(conn, new[-1].id)
+        return started
+
+    def drain(self) -> list[Started]:
+        """:meth:`step` until no new file is left."""
+        started: list[Started] = []
+        while True:
+            batch = self.step()
+            started += batch
+            with self.catalog.read() as conn:
+                after = conn.execute(
+                    select(cursor.c.last_file_id).where(cursor.c.name == CURSOR)
+                ).scalar()
+            if not self.catalog.files_after(int(after or 0), 1):
+                return started
+
+    def tick(self) -> list[Started]:
+        """Evaluate the groups whose deadline has come."""
+        now = self.clock()
+        with self.catalog.read() as conn:
+            due = conn.execute(
+                select(groups.c.pipeline, groups.c.group_key).where(groups.c.due_at <= now)
+            ).all()
+        started: list[Started] = []
+        for pipeline_id, text in due:
+            pipeline = self.registry.pipelines.get(pipeline_id)
+            with self.catalog.write() as conn:
+                conn.execute(
+                    update(groups)
+                    .where(groups.c.pipeline == pipeline_id, groups.c.group_key == text)
+                    .values(due_at=None, updated_at=now)
+                )
+            if pipeline is not None:
+                started += self.evaluate(pipeline, GroupKey.parse(pipeline_id, text))
+        return started
+
+    def next_deadline(self) -> datetime | None:
+        """The earliest deadline a group waits for, if any."""
+        with self.catalog.read() as conn:
+            due: datetime | None = conn.execute(
+                select(func.min(groups.c.due_at)).where(groups.c.due_at.is_not(None))
+            ).scalar()
+        return due
+
+    def on_file(self, record: FileRecord) -> list[Started]:
+        """The groups ``record`` makes or joins, evaluated."""
+        if record.product is None or record.superseded_by is not None:
+            return []
+        values = self._values(record)
+        started: list[Started] = []
+        for pipeline in self.registry.consumers.get(record.product, ()):
+            for position, spec in enumerate(pipeline.inputs):
+                if spec.product != record.product:
+                    continue
+                if position == 0:
+                    key = group_key(pipeline, record)
+                    if not matches(spec, values, group_values(key, values), primary=True):
+                        continue
+                    self._open_group(pipeline, key, record)
+                    started += self.evaluate(pipeline, key)
+                else:
+                    for key, primary in self._groups_of_night(pipeline, record.night):
+                        group = group_values(key, self._values(primary))
+                        if matches(spec, values, group, primary=False):
+                            started += self.evaluate(pipeline, key)
+        return started
+
+    # ------------------------------------------------------------ deciding
+
+    def evaluate(self, pipeline: PipelineSpec, key: GroupKey) -> list[Started]:
+        """Decide whether the group is ready; queue its run if so."""
+        primary = self._primary(pipeline, key)
+        if primary is None:
+            return []
+        decision = self.decide(pipeline, key, primary)
+        now = self.clock()
+        if not decision.ready:
+            if decision.wait_until is not None:
+                self._set_due(pipeline, key, decision.wait_until)
+            return []
+        selected = {name: ids for name, ids in decision.selected.items() if ids}
+        latest = self.runs.latest_for_group(pipeline.id, key.text())
+        reason = "deadline, inputs short (degraded)" if decision.degraded else "inputs ready"
+        if latest is not None and not latest.request:
+            if input_hash(latest.inputs) == input_hash(selected):
+                return []  # this input set has its run already
+            if pipeline.on_new_input is OnNewInput.IGNORE:
+                return []  # it ran (or runs) on what was there then; the registry says so
+            reason = f"new input since run {latest.id} (on_new_input: rerun)"
+        new = NewRun(
+            pipeline=pipeline.id,
+            group_key=key.text(),
+            night=date.fromisoformat(key.night) if key.night else None,
+            inputs=selected,
+            reason=reason,
+            degraded=decision.degraded,
+        )
+        run_id = self.runs.create(new, now)
+        if run_id is None:
+            return []  # this input set has its run already
+        log.info("run %d queued: %s %s (%s)", run_id, pipeline.id, key.text(), reason)
+        return [Started(run_id, pipeline.id, key.text(), decision.degraded)]
+
+    def decide(
+        self,
+        pipeline: PipelineSpec,
+        key: GroupKey,
+        primary: FileRecord,
+        *,
+        deadline_passed: bool = False,
+    ) -> Decision:
+        """The readiness of one group, from its candidates in the catalog
+        (``deadline_passed``: as if every deadline had come, for reprocessing)."""
+        primary_values = self._values(primary)
+        group = group_values(key, primary_values)
+        chosen: dict[str, list[FileRecord]] = {}
+        for position, spec in enumerate(pipeline.inputs):
+            matched = chosen.setdefault(spec.name, [])
+            if position == 0 and GroupBy.FILE in pipeline.group.by:
+                pool: Iterable[FileRecord] = [primary]
+            else:
+                pool = self._of_night(spec.product, primary.night)
+            for record in pool:
+                if record.superseded_by is not None:
+                    continue
+                if position == 0 and group_key(pipeline, record) != key:
+                    continue
+                if matches(spec, self._values(record), group, primary=position == 0):
+                    matched.append(record)
+        arrived = self._cached_at([r.id for records in chosen.values() for r in records])
+        candidates = {
+            name: [Candidate(r.id, arrived.get(r.id, r.start or self.clock())) for r in records]
+            for name, records in chosen.items()
+        }
+        end = None
+        instrument = self._instrument_offset(primary)
+        if primary.night is not None and instrument is not None:
+            end = night_end(primary.night, instrument)
+        now = self.clock()
+        if deadline_passed:
+            now = max([now, *(c.arrived for cs in candidates.values() for c in cs)])
+            now += timedelta(minutes=pipeline.kickoff.after_minutes, days=2)
+        return readiness(pipeline, candidates, now=now, night_end=end)
+
+    def known_groups(
+        self, pipeline: PipelineSpec, night: date | None = None
+    ) -> list[tuple[str, FileRecord]]:
+        """Every group of ``pipeline`` the tracker has seen (of one night), with the file
+        that made it."""
+        query = select(groups.c.group_key, groups.c.primary_file_id).where(
+            groups.c.pipeline == pipeline.id
+        )
+        if night is not None:
+            query = query.where(groups.c.night == night)
+        with self.catalog.read() as conn:
+            rows = conn.execute(query.order_by(groups.c.group_key)).all()
+        primaries = {r.id: r for r in self.catalog.records([row.primary_file_id for row in rows])}
+        return [
+            (row.group_key, primaries[row.primary_file_id])
+            for row in rows
+            if row.primary_file_id in primaries
+        ]
+
+    # ------------------------------------------------------------ the catalog
+
+    def _values(self, record: FileRecord) -> dict[str, object]:
+        try:
+            names = self.registry.recognise(record.original_name).groups
+        except RecognitionError:
+            names = {}
+        return file_values(record, names)
+
+    def _of_night(self, product: str, night: date | None) -> list[FileRecord]:
+        if night is None:
+            return []
+        query = FileQuery(product=product, night=night, include_superseded=False)
+        return [r for r in self.catalog.find(query) if r.state is not FileState.REJECTED]
+
+    def _cached_at(self, file_ids: list[int]) -> dict[int, datetime]:
+        """When each file was cached (its arrival, for a ``last_input`` deadline)."""
+        led = schema.ledger
+        found: dict[int, datetime] = {}
+        with self.catalog.read() as conn:
+            for start in range(0, len(file_ids), 500):
+                rows = conn.execute(
+                    select(led.c.file_id, led.c.at).where(
+                        led.c.event == LedgerEvent.CACHED.value,
+                        led.c.file_id.in_(file_ids[start : start + 500]),
+                    )
+                )
+                found.update({int(r.file_id): r.at for r in rows})
+        return found
+
+    def _instrument_offset(self, record: FileRecord) -> float | None:
+        instrument = self.registry.instruments.get(record.instrument or "")
+        return None if instrument is None else instrument.utc_offset_hours
+
+    def _primary(self, pipeline: PipelineSpec, key: GroupKey) -> FileRecord | None:
+        with self.catalog.read() as conn:
+            file_id = conn.execute(
+                select(groups.c.primary_file_id).where(
+                    groups.c.pipeline == pipeline.id, groups.c.group_key == key.text()
+                )
+            ).scalar()
+        if file_id is None:
+            return None
+        found = self.catalog.records([int(file_id)])
+        return found[0] if found else None
+
+    def _open_group(self, pipeline: PipelineSpec, key: GroupKey, record: FileRecord) -> None:
+        now = self.clock()
+        with self.catalog.write() as conn:
+            known = conn.execute(
+                select(groups.c.primary_file_id).where(
+                    groups.c.pipeline == pipeline.id, groups.c.group_key == key.text()
+                )
+            ).first()
+            if known is None:
+                row = {
+                    "pipeline": pipeline.id,
+                    "group_key": key.text(),
+                    "night": record.night or date.min,
+                    "primary_file_id": record.id,
+                    "due_at": None,
+                    "updated_at": now,
+                }
+                _insert_once(conn, insert(groups).values(**row))
+
+    def _groups_of_night(
+        self, pipeline: PipelineSpec, night: date | None
+    ) -> list[tuple[GroupKey, FileRecord]]:
+        if night is None:
+            return []
+        with self.catalog.read() as conn:
+            rows = conn.execute(
+                select(groups.c.group_key, groups.c.primary_file_id).where(
+                    groups.c.pipeline == pipeline.id, groups.c.night == night
+                )
+            ).all()
+        primaries = {r.id: r for r in self.catalog.records([row.primary_file_id for row in rows])}
+        return [
+            (GroupKey.parse(pipeline.id, row.group_key), primaries[row.primary_file_id])
+            for row in rows
+            if row.primary_file_id in primaries
+        ]
+
+    def _set_due(self, pipeline: PipelineSpec, key: GroupKey, when: datetime) -> None:
+        with self.catalog.write() as conn:
+            conn.execute(
+                update(groups)
+                .where(groups.c.pipeline == pipeline.id, groups.c.group_key == key.text())
+                .values(due_at=when, updated_at=self.clock())
+            )
+
+    def _move_cursor(self, conn: Connection, file_id: int) -> None:
+        moved = conn.execute(
+            update(cursor)
+            .where(cursor.c.name == CURSOR, cursor.c.last_file_id < file_id)  # never back
+            .values(last_file_id=file_id)
+        ).rowcount
+        if not moved:
+            _insert_once(conn, insert(cursor).values(name=CURSOR, last_file_id=file_id))
+
+
+def _insert_once(conn: Connection, statement: Insert) -> None:
+    """Insert a row another tracker may be inserting at the same moment: whoever is
+    second finds the row there, which is as good (a savepoint keeps the transaction)."""
+    try:
+        with conn.begin_nested():
+            conn.execute(statement)
+    except IntegrityError:
+        pass

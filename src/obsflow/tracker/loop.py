@@ -1,0 +1,107 @@
+"""The tracker at work: new files → runs queued → handed to the executor, in a loop.
+
+:class:`TrackerLoop` is what ``obsflow run`` runs on a thread of its own: at start it
+recovers runs whose executor died (their leases expired) and hands every queued run to
+the executor; then, woken whenever receipt commits files (or every ``poll_seconds``), it
+reads the new files (:meth:`Tracker.step`), looks at due deadlines (:meth:`Tracker.tick`),
+and hands each run it queued to the executor. A run's outputs come back through receipt
+as new files, which wake it again: that is the cascade L0 → L1 → L2 → L3.
+
+:func:`process_until_idle` does the same without a daemon, until nothing is left to do
+(``obsflow ingest --process``, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from obsflow.app import Site
+from obsflow.catalog.runs import RunStore
+from obsflow.executor import Executor
+from obsflow.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class TrackerLoop:
+    def __init__(self, site: Site, executor: Executor, *, poll_seconds: float = 1.0) -> None:
+        self.site = site
+        self.executor = executor
+        self.tracker = Tracker(site.registry, site.catalog, site.clock)
+        self.runs = RunStore(site.catalog)
+        self.poll_seconds = poll_seconds
+        self._last_recovery = 0.0
+
+    def recover(self) -> None:
+        """Runs whose executor died go back to the queue (or fail); hand over the queue."""
+        settings = self.site.settings.processing
+        again, failed = self.runs.recover(self.site.clock(), settings.max_attempts)
+        if again or failed:
+            log.warning(
+                "runs interrupted by a dead executor: %d queued again, %d failed for good",
+                len(again),
+                len(failed),
+            )
+        for run_id in self.runs.queued():
+            self.executor.submit(run_id)
+        self._last_recovery = time.monotonic()
+
+    def once(self) -> int:
+        """One pass: new files, due deadlines, and (now and then) expired leases.
+        Returns how many runs it queued."""
+        started = self.tracker.drain() + self.tracker.tick()
+        for run in started:
+            self.executor.submit(run.run_id)
+        lease = self.site.settings.processing.lease_seconds
+        if time.monotonic() - self._last_recovery > lease / 2:
+            self.recover()
+        return len(started)
+
+    def run(self, stop: threading.Event, wake: threading.Event) -> None:
+        """Until ``stop``: a pass each time ``wake`` is set, or every ``poll_seconds``."""
+        self.recover()
+        while not stop.is_set():
+            try:
+                self.once()
+            except Exception:  # the catalog briefly unreachable: never let the loop die
+                log.exception("tracker pass failed; trying again")
+            if wake.wait(self.poll_seconds):
+                wake.clear()
+
+
+def process_until_idle(
+    site: Site,
+    executor: Executor,
+    *,
+    timeout: float = 600.0,
+    idle_seconds: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """Track, execute and archive until no run is queued or running, no group waits for
+    a deadline, and nothing new starts one for ``idle_seconds``; False if ``timeout``
+    came first."""
+    loop = TrackerLoop(site, executor)
+    loop.recover()
+    ingestor = site.ingestor()
+    deadline = clock() + timeout
+    quiet_since: float | None = None
+    while clock() < deadline:
+        started = loop.once()
+        while True:
+            report = ingestor.run_once()
+            if not report.archived and not report.errors:
+                break
+        waiting = loop.tracker.next_deadline() is not None
+        busy = started > 0 or executor.in_flight > 0 or bool(loop.runs.queued(limit=1))
+        busy = busy or waiting
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = clock()
+        elif clock() - quiet_since >= idle_seconds:
+            return True
+        time.sleep(0.05)
+    return False
