@@ -152,17 +152,27 @@ def test_simulate_writes_a_night_the_registry_recognises(
     assert len(as_json(obsflow("find", "--site", site, "--json"))) == 5
 
 
-def test_demo_runs_a_night_live_over_epics_and_archives_each_frame_once(tmp_path: Path) -> None:
+def test_demo_runs_a_night_live_over_epics_and_reduces_it_from_l0_to_l3(tmp_path: Path) -> None:
     site = tmp_path / "demo"
-    result = obsflow("demo", "--frames", "6", "--cadence", "0.1", "--size", "32", "--dir", site)
+    result = obsflow(
+        "demo", "--frames", "12", "--cadence", "0.1", "--size", "64", "--dir", site,
+        "--quiet-seconds", "2",
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert str(site) in result.stdout
-    assert "6/6 frames archived" in result.stdout
+    assert "12/12 frames archived" in result.stdout
     assert "acquired → archived: p50" in result.stdout
     assert "kind: epics" in (site / "registry" / "ofcam.yaml").read_text()
     status = as_json(obsflow("status", "--site", site, "--json"))
-    assert status["files"]["archived"] == 6  # announced twice each, archived once
     assert status["queue_depth"] == 0
     assert status["daemon"]["running"] is False  # stopped cleanly at the end
     assert status["daemon"]["triggers"][0]["name"] == "epics:OFCAM:LASTFILE"
-    assert len([p for p in (site / "archive").rglob("*.fits")]) == 6
+    files = as_json(obsflow("find", "--site", site, "--json"))
+    raw = [f for f in files if f["level"] == 0]
+    assert len(raw) == 12  # each announced twice, archived once
+    levels = {f["level"] for f in files if f["state"] == "archived"}
+    assert levels == {0, 1, 2, 3}  # the night went all the way to the L3 catalog
+    runs = as_json(obsflow("runs", "--site", site, "--json"))
+    assert runs and {r["state"] for r in runs} == {"succeeded"}
+    assert "products made by the pipelines" in result.stdout
+    assert "pipeline runs" in result.stdout

@@ -11,11 +11,13 @@ Two programs run, as they would on two terminals at an observatory:
   stands behind it.
 
 Both talk over Channel Access on 127.0.0.1 only, on a free port chosen here (the EPICS
-environment of the two child processes; nothing goes out on the network). Meanwhile this
-process reads the catalog and shows, four times a second, the frames acquired, received,
-archived and in flight and the latency percentiles acquired → archived so far. When the
-night is over and every frame is archived (or ``settle_seconds`` have passed), the daemon is
-stopped with SIGTERM and :func:`run_demo` returns what happened as a :class:`DemoResult`.
+environment of the two child processes; nothing goes out on the network). The daemon also
+runs the registry's pipelines as their inputs arrive (L0 → L3). Meanwhile this process
+reads the catalog and shows, four times a second, the frames acquired, received, archived
+and in flight, the latency percentiles acquired → archived so far, the products made per
+level and the runs per state. When the night is over, every frame archived and nothing
+left to run (or ``settle_seconds`` have passed), the daemon is stopped with SIGTERM and
+:func:`run_demo` returns what happened as a :class:`DemoResult`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,8 +40,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy import func, select
 
-from obsflow.catalog import Catalog
+from obsflow.catalog import Catalog, schema
+from obsflow.catalog.runs import RunStore
 from obsflow.daemon import STATUS_FILE
 from obsflow.errors import SiteError
 from obsflow.latency import Percentiles, latencies
@@ -47,11 +51,13 @@ from obsflow.receipt import utcnow
 from obsflow.registry import load_registry
 from obsflow.settings import Settings, load_settings
 from obsflow.site import init_site
-from obsflow.states import FileState
+from obsflow.states import FileState, RunState
+from obsflow.tracker import Tracker
 
 PV_PREFIX: Final = "OFCAM:"
 WATCH_TRIGGER: Final = re.compile(r"^    - kind: watch\b.*\n(?:      .*\n)*", re.MULTILINE)
 """The example registry's directory-watch trigger (its lines), which the demo site swaps out."""
+AFTER: Final = re.compile(r"after_minutes: [0-9.]+")
 ANNOUNCEMENTS: Final = 2
 """How many times the simulator announces each frame."""
 
@@ -59,11 +65,14 @@ ANNOUNCEMENTS: Final = 2
 @dataclass(frozen=True)
 class DemoPlan:
     root: Path
-    frames: int = 40
-    cadence: float = 0.25
-    size: int = 512
-    settle_seconds: float = 30.0
-    """After the last frame, how long to wait for every frame to be archived."""
+    frames: int = 50
+    cadence: float = 0.2
+    size: int = 256
+    settle_seconds: float = 300.0
+    """After the last frame, how long to wait for the night to be archived and reduced."""
+    quiet_seconds: float | None = None
+    """If given, the pipelines' ``last_input`` deadlines wait this long instead of what the
+    example registry says (a night's biases, flats, catalogs are taken once quiet)."""
 
 
 @dataclass(frozen=True)
@@ -73,14 +82,31 @@ class Snapshot:
     acquired: int
     received: int
     archived: int
+    """Raw frames (level 0) archived."""
     quarantined: int
     latency: Percentiles
     triggers: tuple[tuple[str, bool, str], ...]
     """(name, ok, detail) of each of the daemon's triggers, as its status file says."""
+    products: Mapping[int, int]
+    """Level (1-3) → products archived."""
+    runs: Mapping[RunState, int]
+    waiting: bool
+    """A group waits for its deadline (more runs will start)."""
+    unarchived: int
+    """Files of any level cached and not archived yet."""
+    untracked: int
+    """Files the tracker has not looked at yet."""
 
     @property
     def in_flight(self) -> int:
         return max(0, self.acquired - self.archived - self.quarantined)
+
+    @property
+    def quiet(self) -> bool:
+        """Everything acquired is archived and no run is queued, running or waiting."""
+        busy = self.runs.get(RunState.QUEUED, 0) + self.runs.get(RunState.RUNNING, 0)
+        idle = self.unarchived == 0 and self.untracked == 0
+        return self.in_flight == 0 and busy == 0 and not self.waiting and idle
 
 
 @dataclass(frozen=True)
@@ -100,6 +126,8 @@ class DemoResult:
             and self.daemon_exit == 0
             and last.acquired > 0
             and last.archived == last.acquired
+            and last.runs.get(RunState.FAILED, 0) == 0
+            and last.quiet
         )
 
 
@@ -131,8 +159,9 @@ def loopback_epics_env(port: int) -> dict[str, str]:
     }
 
 
-def make_demo_site(root: Path) -> Settings:
-    """A new site at ``root`` whose OFCAM frames arrive by EPICS instead of the watch."""
+def make_demo_site(root: Path, quiet_seconds: float | None = None) -> Settings:
+    """A new site at ``root`` whose OFCAM frames arrive by EPICS instead of the watch
+    (and whose ``last_input`` deadlines wait ``quiet_seconds``, if given)."""
     settings = load_settings(init_site(root))
     path = settings.registry / "ofcam.yaml"
     text = path.read_text()
@@ -147,15 +176,19 @@ def make_demo_site(root: Path) -> Settings:
         f"      directory: incoming\n"
     )
     path.write_text(text[: watch.start()] + epics + text[watch.end() :])
+    if quiet_seconds is not None:
+        pipelines = settings.registry / "ofcam_pipelines.yaml"
+        minutes = f"after_minutes: {quiet_seconds / 60:.4f}"
+        pipelines.write_text(AFTER.sub(minutes, pipelines.read_text()))
     load_registry(settings.registry)  # a ConfigError now, not from the daemon later
     return settings
 
 
-def snapshot(settings: Settings, catalog: Catalog, since: datetime) -> Snapshot:
-    """The night so far: frames on disk, catalog counts, latencies, trigger health."""
+def snapshot(settings: Settings, catalog: Catalog, tracker: Tracker, since: datetime) -> Snapshot:
+    """The night so far: frames on disk, catalog counts, latencies, runs, trigger health."""
     acquired = sum(1 for p in settings.incoming.glob("ofc_*.fits"))
     counts = catalog.counts()
-    total, _ = latencies(catalog, since)
+    total, _ = latencies(catalog, since, level=0)  # the frames, not the products
     try:
         status: dict[str, Any] = json.loads((settings.site / STATUS_FILE).read_text())
     except (OSError, ValueError):
@@ -164,18 +197,38 @@ def snapshot(settings: Settings, catalog: Catalog, since: datetime) -> Snapshot:
         (str(t["name"]), bool(t["ok"]), str(t.get("detail") or ""))
         for t in status.get("triggers", [])
     )
-    known = sum(counts.values()) - counts.get(FileState.REJECTED, 0)
+    files = schema.files
+    with catalog.read() as conn:
+        by_level = conn.execute(
+            select(files.c.level, files.c.state, func.count()).group_by(
+                files.c.level, files.c.state
+            )
+        ).all()
+        tracked = conn.execute(select(func.max(schema.tracker_cursor.c.last_file_id))).scalar()
+        untracked = conn.execute(
+            select(func.count()).where(files.c.id > (tracked or 0), schema.is_live())
+        ).scalar_one()
+    raw = {FileState(state): n for level, state, n in by_level if level == 0}
+    products: dict[int, int] = {}
+    for level, state, n in by_level:
+        if level and state == FileState.ARCHIVED.value:
+            products[level] = products.get(level, 0) + n
     return Snapshot(
         acquired=acquired,
-        received=known,
-        archived=counts.get(FileState.ARCHIVED, 0),
+        received=sum(raw.values()) - raw.get(FileState.REJECTED, 0),
+        archived=raw.get(FileState.ARCHIVED, 0),
         quarantined=counts.get(FileState.REJECTED, 0),
         latency=total,
         triggers=triggers,
+        products=products,
+        runs=RunStore(catalog).counts(),
+        waiting=bool(tracker.next_deadline()),
+        unarchived=counts.get(FileState.CACHED, 0),
+        untracked=int(untracked),
     )
 
 
-def render(plan: DemoPlan, now: Snapshot, elapsed: float) -> Group:
+def render(plan: DemoPlan, now: Snapshot, elapsed: float, *, night_over: bool = False) -> Group:
     """The live view."""
     table = Table(title=f"OFCAM night, {elapsed:4.1f} s", title_justify="left")
     for column in ("acquired", "received", "archived", "in flight", "quarantined", "p50", "p99"):
@@ -193,11 +246,23 @@ def render(plan: DemoPlan, now: Snapshot, elapsed: float) -> Group:
         ms(now.latency.p50_ms),
         ms(now.latency.p99_ms),
     )
+    runs = Table(title="processing", title_justify="left")
+    for column in ("L1", "L2", "L3", "runs queued", "running", "succeeded", "failed"):
+        runs.add_column(column, justify="right")
+    runs.add_row(
+        *(str(now.products.get(level, 0)) for level in (1, 2, 3)),
+        *(str(now.runs.get(state, 0)) for state in RunState),
+    )
     health = Text("triggers: ")
     for name, ok, detail in now.triggers or (("(daemon starting)", True, ""),):
         health.append(f"{name} ", style="bold")
-        health.append("ok  " if ok else f"ALARM {detail}  ", style="green" if ok else "red")
-    return Group(table, health)
+        if night_over and name.startswith("epics:"):
+            health.append("(the instrument has finished its night)  ")
+        else:
+            health.append("ok  " if ok else f"ALARM {detail}  ", style="green" if ok else "red")
+    if now.waiting:
+        health.append(" (a group waits for its deadline)")
+    return Group(table, runs, health)
 
 
 def run_demo(
@@ -207,12 +272,13 @@ def run_demo(
     clock: Callable[[], float] = time.monotonic,
 ) -> DemoResult:
     """Make the site, run the simulator and the daemon, show the night live, stop cleanly."""
-    settings = make_demo_site(plan.root)
+    settings = make_demo_site(plan.root, plan.quiet_seconds)
     logs = settings.site / ".obsflow"
     logs.mkdir(parents=True, exist_ok=True)
     env = loopback_epics_env(free_port())
     command = [sys.executable, "-m", "obsflow"]
     catalog = Catalog.open(settings.catalog_url)  # made here, before either program starts
+    tracker = Tracker(load_registry(settings.registry), catalog, utcnow)  # to read deadlines
     since = utcnow()
     began = clock()
     with (
@@ -226,27 +292,27 @@ def run_demo(
         simulator = _start([*command, "simulate", "--epics", *site, *night], env, simulator_log)
         daemon = _start([*command, "run", *site], env, daemon_log)
         try:
-            now = snapshot(settings, catalog, since)
+            now = snapshot(settings, catalog, tracker, since)
             with Live(render(plan, now, 0.0), console=console, refresh_per_second=4) as live:
                 finished_at: float | None = None
                 while True:
                     time.sleep(0.25)
-                    now = snapshot(settings, catalog, since)
-                    live.update(render(plan, now, clock() - began))
+                    now = snapshot(settings, catalog, tracker, since)
+                    over = simulator.poll() is not None
+                    live.update(render(plan, now, clock() - began, night_over=over))
                     if daemon.poll() is not None:
                         break  # it died: the summary says so
                     if simulator.poll() is None:
                         continue
                     finished_at = finished_at or clock()
-                    done = now.archived + now.quarantined >= now.acquired
-                    if done or clock() - finished_at > plan.settle_seconds:
+                    if now.quiet or clock() - finished_at > plan.settle_seconds:
                         break
             console.line()
         finally:
             simulator_exit = _stop(simulator)
             daemon_exit = _stop(daemon)
     try:
-        last = snapshot(settings, catalog, since)
+        last = snapshot(settings, catalog, tracker, since)
     finally:
         catalog.close()
     return DemoResult(settings, last, simulator_exit, daemon_exit, seconds=clock() - began)

@@ -153,11 +153,12 @@ def latency_report(
     since: datetime | None = None,
     stuck_after: float = DEFAULT_STUCK_AFTER,
     stuck_limit: int = STUCK_LIMIT,
+    level: int | None = None,
 ) -> LatencyReport:
     """Latencies of the files that reached a stage since ``since`` (default: 24 h before
     ``now``), and the files stuck as of ``now``."""
     window_start = now - DEFAULT_WINDOW if since is None else since
-    total, stages = latencies(catalog, window_start)
+    total, stages = latencies(catalog, window_start, level)
     stuck = stuck_files(catalog, now, stuck_after, stuck_limit)
     return LatencyReport(
         now=now,
@@ -170,12 +171,18 @@ def latency_report(
     )
 
 
-def latencies(catalog: Catalog, since: datetime) -> tuple[Percentiles, dict[str, Percentiles]]:
-    """The total (acquired → archived) and each stage, for stages ending at or after ``since``."""
+def latencies(
+    catalog: Catalog, since: datetime, level: int | None = None
+) -> tuple[Percentiles, dict[str, Percentiles]]:
+    """The total (acquired → archived) and each stage, for stages ending at or after ``since``
+    (of the files of one processing ``level`` if given: 0 for the instruments' frames)."""
     led = schema.ledger
     recent = select(led.c.file_id).where(
         led.c.event.in_([e.value for e in _WAY[1:]]), led.c.at >= since
     )
+    if level is not None:
+        files = schema.files
+        recent = recent.where(led.c.file_id.in_(select(files.c.id).where(files.c.level == level)))
     pivot = (
         select(*(func.max(case((led.c.event == e.value, led.c.at))).label(e.value) for e in _WAY))
         .where(led.c.file_id.in_(recent), led.c.event.in_([e.value for e in _WAY]))

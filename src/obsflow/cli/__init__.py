@@ -23,6 +23,7 @@ from obsflow import __version__
 from obsflow import latency as latency_ledger
 from obsflow.app import IngestSummary, Site, ingest_paths, open_site
 from obsflow.catalog.records import FileQuery, FileRecord
+from obsflow.catalog.runs import RunStore
 from obsflow.daemon import read_status as read_daemon_status
 from obsflow.errors import ConfigError, ObsflowError, SiteError
 from obsflow.metadata import parse_time
@@ -30,7 +31,7 @@ from obsflow.receipt import Outcome
 from obsflow.registry import load_registry
 from obsflow.settings import Settings, load_settings
 from obsflow.site import init_site
-from obsflow.states import FileState, RequestState
+from obsflow.states import FileState, RequestState, RunState
 
 app = typer.Typer(
     help="obsflow: telescope frames from the instrument to the archive, with no operator.",
@@ -177,43 +178,79 @@ def _ingest(s: Site, files: list[Path], *, wait: bool) -> IngestSummary:
 
 @app.command()
 def demo(
-    frames: Annotated[int, typer.Option(min=1, max=2000, help="Frames in the night.")] = 40,
+    frames: Annotated[int, typer.Option(min=1, max=2000, help="Frames in the night.")] = 50,
     cadence: Annotated[
         float, typer.Option(min=0.0, max=60.0, help="Seconds from one frame to the next.")
-    ] = 0.25,
-    size: Annotated[int, typer.Option(min=16, max=4096, help="Frame size in pixels.")] = 512,
+    ] = 0.2,
+    size: Annotated[int, typer.Option(min=16, max=4096, help="Frame size in pixels.")] = 256,
     directory: Annotated[
         Path | None, typer.Option("--dir", help="Where to make the site (default: a temp dir).")
     ] = None,
+    quiet_seconds: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="How long the pipelines wait after the last bias, flat or catalog before "
+            "combining them (default: the example registry's 15 s).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """A short night in real time: an EPICS simulator announces frames, the daemon archives."""
+    """A short night in real time: an EPICS simulator announces frames; the daemon archives
+    them and reduces them, L0 → L3, as they arrive."""
     from obsflow.demo import ANNOUNCEMENTS, PV_PREFIX, DemoPlan, run_demo
 
     root = directory or Path(tempfile.mkdtemp(prefix="obsflow-demo-"))
-    plan = DemoPlan(root, frames=frames, cadence=cadence, size=size)
+    plan = DemoPlan(root, frames=frames, cadence=cadence, size=size, quiet_seconds=quiet_seconds)
     out.rule("[bold]obsflow demo")
     out.print(
         f"site: [bold]{root}[/]\n"
         f"the instrument (obsflow simulate --epics) writes {frames} frames of {size}x{size}, one "
         f"every {cadence:g} s, announcing each {ANNOUNCEMENTS}x on {PV_PREFIX}LASTFILE;\n"
-        "the daemon (obsflow run) hears it over EPICS Channel Access and archives each once",
+        "the daemon (obsflow run) hears it over EPICS Channel Access, archives each frame once,\n"
+        "and runs the registry's pipelines as their inputs arrive: master bias and flats (L1),\n"
+        "calibrated frames (L1), source catalogs (L2), the night's catalog of the field (L3)",
         highlight=False,
     )
     result = run_demo(plan, out)
     settings = result.settings
     with _site(settings.site) as s:
         records = s.catalog.find(FileQuery())
-        night = Table(title="the night in the archive")
+        raw = [r for r in records if r.level == 0]
+        night = Table(title="the night in the archive (L0)")
         for column in ("frame type", "filter", "frames", "archived", "total exposure (s)"):
             night.add_column(column)
         groups: dict[tuple[str, str], list[FileRecord]] = {}
-        for r in records:
+        for r in raw:
             groups.setdefault((r.frame_type or "-", r.filter or "-"), []).append(r)
         for (kind, band), members in sorted(groups.items()):
             archived = sum(r.state is FileState.ARCHIVED for r in members)
             exposure = sum(r.exptime or 0.0 for r in members)
             night.add_row(kind, band, str(len(members)), str(archived), f"{exposure:.0f}")
         out.print(night)
+        made = Table(title="products made by the pipelines")
+        for column in ("level", "product", "files", "archived", "superseded"):
+            made.add_column(column)
+        by_product: dict[tuple[int, str], list[FileRecord]] = {}
+        for r in records:
+            if r.level:
+                by_product.setdefault((r.level, r.product or "-"), []).append(r)
+        for (level, product), members in sorted(by_product.items()):
+            archived = sum(r.state is FileState.ARCHIVED for r in members)
+            superseded = sum(r.superseded_by is not None for r in members)
+            made.add_row(f"L{level}", product, str(len(members)), str(archived), str(superseded))
+        out.print(made)
+        runs = Table(title="pipeline runs")
+        runs.add_column("pipeline")
+        for state in RunState:
+            runs.add_column(state.value, justify="right")
+        per: dict[str, dict[RunState, int]] = {}
+        for run in RunStore(s.catalog).find():
+            per.setdefault(run.pipeline, {}).setdefault(run.state, 0)
+            per[run.pipeline][run.state] += 1
+        for pipeline, counts in per.items():
+            runs.add_row(pipeline, *(str(counts.get(state, 0)) for state in RunState))
+        out.print(runs)
     last = result.last
     p = last.latency
     numbers = ", ".join(
@@ -228,12 +265,13 @@ def demo(
     out.print(f"archive: {settings.archive}   logs: {settings.site / '.obsflow'}")
     command = _command_name()
     out.print(f"try:  export OBSFLOW_SITE={root}")
-    out.print(f"      {command} status --latency;  {command} find --product ofcam_raw --tag raw")
+    out.print(f"      {command} status --latency;  {command} find --product ofcam_nightcat")
+    out.print(f"      {command} runs;  {command} runs show 1 --log")
     if records:
         out.print(f"      {command} show {records[-1].archive_id}")
     if not result.ok:
         err.print(
-            f"[red]the demo did not archive every frame[/] (simulator exit "
+            f"[red]the demo did not archive and reduce every frame[/] (simulator exit "
             f"{result.simulator_exit}, daemon exit {result.daemon_exit}); see the logs above",
             highlight=False,
         )
@@ -403,16 +441,32 @@ def status(
             help="With --latency: a file cached longer than this, not archived, is stuck.",
         ),
     ] = latency_ledger.DEFAULT_STUCK_AFTER,
+    level: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=3,
+            help="With --latency: only files of this level (0: the instruments' frames; "
+            "a product's 'acquired' is when its run wrote it).",
+            show_default=False,
+        ),
+    ] = None,
     site: SiteOption = None,
 ) -> None:
     """Counts of files by state, and the ingest queue's depth; --latency for the latency ledger."""
     window_start = _time(since, "--since")
-    if not latency and (since is not None or stuck_after != latency_ledger.DEFAULT_STUCK_AFTER):
-        option = "--since" if since is not None else "--stuck-after"
+    if not latency and (
+        since is not None or level is not None or stuck_after != latency_ledger.DEFAULT_STUCK_AFTER
+    ):
+        option = (
+            "--since" if since is not None else "--level" if level is not None else "--stuck-after"
+        )
         raise typer.BadParameter("only meaningful with --latency", param_hint=option)
     with _site(site) as s:
         if latency:
-            report = latency_ledger.latency_report(s.catalog, s.clock(), window_start, stuck_after)
+            report = latency_ledger.latency_report(
+                s.catalog, s.clock(), window_start, stuck_after, level=level
+            )
             if as_json:
                 print(json.dumps(report.to_json(), indent=1))
                 return
