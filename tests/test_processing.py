@@ -20,7 +20,7 @@ from obsflow.catalog import schema
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import RunStore
 from obsflow.executor import InlineExecutor, LocalExecutor
-from obsflow.states import FileState, RunState, StepState
+from obsflow.states import FileState, LedgerEvent, RunState, StepState
 from obsflow.tracker import Tracker
 from obsflow.tracker.loop import TrackerLoop, process_until_idle
 from tests.conftest import SiteFactory
@@ -134,6 +134,8 @@ def test_a_night_cascades_into_one_run_per_group_with_provenance(
     assert masterbias.made_by_run == bias_run.id and masterbias.level == 1
     assert masterbias.state is FileState.ARCHIVED
     assert runs.outputs(bias_run.id) == [masterbias.id]
+    ledger = [e.event for e in site.catalog.ledger(biases[0])]
+    assert ledger[-1] is LedgerEvent.PROCESSED  # acquired → ... → archived → processed
     for calibrated in products(site, "ofcam_calibrated"):
         made_by = runs.get(calibrated.made_by_run or -1)
         assert made_by is not None and made_by.pipeline == "toy_calibrate"

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from obsflow.catalog import Catalog, schema
-from obsflow.states import RunState, StepState
+from obsflow.states import LedgerEvent, RunState, StepState
 
 runs = schema.runs
 run_inputs = schema.run_inputs
@@ -297,6 +297,8 @@ class RunStore:
                 lease_expires=None,
             )
         ).rowcount
+        if moved and state is RunState.SUCCEEDED:
+            _stamp_processed(conn, run_id, now)
         return bool(moved)
 
     def release(self, run_id: int, owner: str) -> bool:
@@ -468,6 +470,19 @@ class RunStore:
                 .limit(1)
             ).scalar()
         return None if run_id is None else self.get(int(run_id))
+
+
+def _stamp_processed(conn: Connection, run_id: int, now: datetime) -> None:
+    """The ledger's ``processed`` moment of each input: its first successful run."""
+    led = schema.ledger
+    inputs = select(run_inputs.c.file_id).where(run_inputs.c.run_id == run_id)
+    stamped = select(led.c.file_id).where(
+        led.c.event == LedgerEvent.PROCESSED.value, led.c.file_id.in_(inputs)
+    )
+    fresh = conn.execute(inputs.where(run_inputs.c.file_id.not_in(stamped)).distinct()).scalars()
+    rows = [{"file_id": i, "event": LedgerEvent.PROCESSED.value, "at": now} for i in fresh]
+    if rows:
+        conn.execute(insert(led), rows)
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -381,6 +381,16 @@ def show(
         requests = s.queue.requests_for([record.id])
         data = _file_json(s, record)
         data["ledger"] = [{"event": e.event.value, "at": e.at.isoformat()} for e in ledger]
+        run = RunStore(s.catalog).get(record.made_by_run) if record.made_by_run else None
+        if run is not None:  # provenance: which run made it, from which inputs
+            ids = [i for group in run.inputs.values() for i in group]
+            names = {r.id: r.archive_id or r.original_name for r in s.catalog.records(ids)}
+            data["made_by"] = {
+                "run_id": run.id,
+                "pipeline": run.pipeline,
+                "version": run.version,
+                "inputs": {k: [names.get(i, str(i)) for i in v] for k, v in run.inputs.items()},
+            }
         data["ingest"] = (
             {
                 "state": requests[0].state.value,
@@ -395,13 +405,20 @@ def show(
             return
         table = Table(title=record.archive_id or record.original_name, show_header=False)
         for key, value in data.items():
-            if key in ("ledger", "keywords", "ingest"):
+            if key in ("ledger", "keywords", "ingest", "made_by"):
                 continue
             table.add_row(key, "" if value is None else str(value))
         for key, value in record.keywords.items():
             table.add_row(f"keyword {key}", str(value))
         if data["ingest"]:
             table.add_row("ingest", json.dumps(data["ingest"]))
+        if "made_by" in data:
+            made = data["made_by"]
+            table.add_row(
+                "made by", f"run {made['run_id']} ({made['pipeline']} v{made['version']})"
+            )
+            for name, inputs in made["inputs"].items():
+                table.add_row(f"  from {name}", ", ".join(inputs))
         out.print(table)
         first = ledger[0].at if ledger else None
         ledger_table = Table(title="ledger")
