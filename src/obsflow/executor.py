@@ -217,7 +217,7 @@ def execute_run(
             log.warning("run %d failed: %s", run_id, error)
             return RunState.FAILED
         _publish(site, run_id, profile)
-    except ObsflowError as exc:
+    except (ObsflowError, OSError) as exc:  # a culprit named; the daemon goes on
         runs.finish(run_id, owner, RunState.FAILED, site.clock(), str(exc))
         log.warning("run %d failed: %s", run_id, exc)
         return RunState.FAILED

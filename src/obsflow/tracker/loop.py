@@ -58,6 +58,9 @@ class TrackerLoop:
         lease = self.site.settings.processing.lease_seconds
         if time.monotonic() - self._last_recovery > lease / 2:
             self.recover()
+        elif self.executor.in_flight < self.site.settings.workers.runs:
+            for run_id in self.runs.queued(limit=100):  # queued by a command (retry, ...)
+                self.executor.submit(run_id)
         return len(started)
 
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
