@@ -87,6 +87,32 @@ class Processing(_Section):
     """Keep a successful run's work directory (a failed run's is always kept)."""
 
 
+class CachePolicy(_Section):
+    budget_bytes: int | None = Field(default=None, ge=0)
+    """The cache's size budget; over it, the least recently used archived files are
+    evicted (they become virtual). None: no budget."""
+    low_water_bytes: int | None = Field(default=None, ge=0)
+    """Evict down to this (default: 90 % of the budget)."""
+    trim_seconds: float = Field(default=60.0, gt=0)
+    """How often the daemon checks the budget."""
+
+    @property
+    def low_water(self) -> int | None:
+        if self.budget_bytes is None:
+            return None
+        if self.low_water_bytes is not None:
+            return min(self.low_water_bytes, self.budget_bytes)
+        return self.budget_bytes * 9 // 10
+
+
+class Api(_Section):
+    listen: str | None = Field(default=None, pattern=r"^[\w.\-:\[\]]+:\d{1,5}$")
+    """HOST:PORT where ``obsflow run`` serves the REST API; None: it serves none
+    (``obsflow serve`` and ``--listen`` still can)."""
+    page_limit: int = Field(default=1000, ge=1, le=100_000)
+    """The most files or runs one page of a listing holds."""
+
+
 class _SettingsFile(_Section):
     paths: Paths = Paths()
     catalog: Catalog = Catalog()
@@ -95,6 +121,8 @@ class _SettingsFile(_Section):
     ingest: Ingest = Ingest()
     daemon: Daemon = Daemon()
     processing: Processing = Processing()
+    cache_policy: CachePolicy = CachePolicy()
+    api: Api = Api()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -119,6 +147,8 @@ class Settings(_Section):
     work: Path
     logs: Path
     processing: Processing
+    cache_policy: CachePolicy
+    api: Api
 
 
 def load_settings(site: Path) -> Settings:
@@ -159,6 +189,8 @@ def from_file(site: Path, parsed: _SettingsFile) -> Settings:
         work=site / paths.work,
         logs=site / paths.logs,
         processing=parsed.processing,
+        cache_policy=parsed.cache_policy,
+        api=parsed.api,
     )
 
 

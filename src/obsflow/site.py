@@ -65,6 +65,15 @@ processing:
   max_attempts: 3         # a run whose executor died this often is marked failed
   lease_seconds: 60       # a run is retried this long after its executor died
   keep_work: false        # keep a successful run's work directory (failed ones are kept)
+
+cache_policy:
+  budget_bytes: null      # e.g. 500000000000; over it, least recently used archived files
+  low_water_bytes: null   #   are evicted down to this (default 90 % of the budget): they
+  trim_seconds: 60        #   become virtual, and come back from the archive when read
+
+api:
+  listen: null            # e.g. 127.0.0.1:8080: `obsflow run` serves the REST API there
+  page_limit: 1000        # the most files or runs in one page of a listing
 """
 
 

@@ -47,7 +47,7 @@ from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 """The newest migration; a test checks it is Alembic's head."""
 
 __all__ = ["CacheEntry", "Catalog", "FileQuery", "FileRecord", "LedgerEntry", "NewFile", "Recorded"]

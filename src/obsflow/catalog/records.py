@@ -47,6 +47,9 @@ class FileRecord:
     superseded_by: int | None
     made_by_run: int | None = None
     """The run that made this file, if a pipeline did (provenance)."""
+    virtual: bool = False
+    """Evicted from the cache: its bytes are only in the archive (fetch restores them)."""
+    last_access: datetime | None = None
     tags: tuple[str, ...] = ()
     keywords: Mapping[str, Any] = field(default_factory=dict)
 

@@ -107,8 +107,12 @@ files = Table(
     Column("version", Integer, nullable=False, server_default=text("1")),
     Column("superseded_by", Integer, ForeignKey("files.id")),
     Column("made_by_run", Integer, index=True),  # provenance: the run (its inputs: run_inputs)
+    # the cache: a virtual file's bytes are only in the archive (its metadata stay here)
+    Column("virtual", Boolean, nullable=False, server_default=false()),
+    Column("last_access", UTCDateTime),
     Index("ix_files_product_start", "product", "start_utc"),
     Index("ix_files_product_night", "product", "night"),  # the tracker's candidates
+    Index("ix_files_virtual_last_access", "virtual", "last_access"),  # eviction order
     Index("ix_files_start_stop", "start_utc", "stop_utc"),
     # one live row per content: the same bytes received twice make no second row
     Index(
@@ -266,4 +270,28 @@ tracker_cursor = Table(
     metadata,
     Column("name", String(32), primary_key=True),
     Column("last_file_id", Integer, nullable=False),
+)
+
+# ------------------------------------------------------------------ archive service
+
+# Files the cache must keep: pinned by a run while it reads them, or by an operator.
+pins = Table(
+    "pins",
+    metadata,
+    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("holder", String(64), primary_key=True),  # "run:12", "operator"
+    Column("at", UTCDateTime, nullable=False),
+)
+
+# API tokens, stored hashed (sha256 of the secret); the secret is shown once.
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user", String(64), nullable=False),
+    Column("scope", String(8), nullable=False),
+    Column("programs", Text, nullable=False),  # JSON list
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime),
 )
