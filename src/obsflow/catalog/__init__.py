@@ -299,6 +299,21 @@ class Catalog:
             rows = conn.execute(stmt.order_by(files.c.id).limit(limit)).all()
             return self._records(conn, rows)
 
+    def of_night(self, product: str, night: date) -> list[FileRecord]:
+        """The live, current (not superseded) files of one product and night, in the order
+        they were recorded: the tracker's candidates. Unsorted in SQL, so that the planner
+        takes the (product, night) index whatever the table's statistics say."""
+        files = schema.files
+        stmt = select(files).where(
+            files.c.product == product,
+            files.c.night == night,
+            files.c.superseded_by.is_(None),
+            schema.is_live(),
+        )
+        with self.read() as conn:
+            rows = sorted(conn.execute(stmt).all(), key=lambda r: int(r.id))
+            return self._records(conn, rows)
+
     def records(self, file_ids: Sequence[int]) -> list[FileRecord]:
         """The files with these IDs, in ID order."""
         files = schema.files

@@ -31,12 +31,12 @@ from sqlalchemy import Connection, Insert, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from obsflow.catalog import Catalog, schema
-from obsflow.catalog.records import FileQuery, FileRecord
+from obsflow.catalog.records import FileRecord
 from obsflow.catalog.runs import NewRun, RunStore, input_hash
 from obsflow.errors import RecognitionError
 from obsflow.registry import Registry
 from obsflow.registry.specs import GroupBy, OnNewInput, PipelineSpec
-from obsflow.states import FileState, LedgerEvent
+from obsflow.states import LedgerEvent
 from obsflow.tracker.grouping import (
     GroupKey,
     file_values,
@@ -261,8 +261,7 @@ class Tracker:
     def _of_night(self, product: str, night: date | None) -> list[FileRecord]:
         if night is None:
             return []
-        query = FileQuery(product=product, night=night, include_superseded=False)
-        return [r for r in self.catalog.find(query) if r.state is not FileState.REJECTED]
+        return self.catalog.of_night(product, night)
 
     def _cached_at(self, file_ids: list[int]) -> dict[int, datetime]:
         """When each file was cached (its arrival, for a ``last_input`` deadline)."""

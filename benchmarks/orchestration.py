@@ -1,0 +1,712 @@
+"""What does obsflow's orchestration cost, next to floors that only start the same processes?
+
+Three measurements, in one run on one machine:
+
+1. **Fan-out**: 500 one-step runs whose step is ``true``.
+2. **Chains**: 50 runs of 5 steps chained by ``needs``, each step a ``cp`` of a small
+   file (4 KiB) from the previous step's output.
+
+   * **obsflow**: a fresh site (``init_site``) with ``workers.runs: 2`` and
+     ``processing.executor: local`` (durable state in the site's SQLite catalog), its
+     pipelines file replaced by two toy pipelines (no outputs: nothing is published).
+     The runs are created queued with :meth:`RunStore.create` (untimed), then every run ID
+     is submitted to a :class:`LocalExecutor`; timed from the first submit until the
+     executor has none in flight. Afterwards every run must be SUCCEEDED with every step
+     SUCCEEDED, or the benchmark fails.
+   * **floors**, the same commands: (a) a plain loop of ``subprocess.run``; (b)
+     ``concurrent.futures.ProcessPoolExecutor(2)``, one task per run (a chain is one task
+     doing its 5 ``cp`` in order). The pool is started and warmed before the clock starts.
+
+   The site (so the runs' work directories) and the floors' files are on the same file
+   system: ``/dev/shm`` if it exists, else the temporary directory (printed). Each side
+   runs ``--repeat`` times (default 3, interleaved; obsflow on a fresh site each time) and
+   the best is reported. Targets, as ratios to the ProcessPool floor: fan-out ≤ 3×,
+   chains ≤ 2×. For reference, on this class of machine: Celery + Redis 6.7× and 3.2×;
+   Luigi 9.9× and 5.6×; Snakemake 47× and 19×.
+
+3. **Tracker cost per arriving file**, with 10k and with 1M files in the catalog. A fresh
+   site with the example registry (its 5 pipelines) gets N synthetic ``ofcam_raw`` rows,
+   inserted in bulk (untimed, on the driver, each value converted by its column's type):
+   500 frames a night (2 % BIAS, 3 % FLAT, the rest OBJECT; filters B/V/R), each with its
+   tag, 4 keywords and its ``cached`` ledger stamp; the tracker's groups for those nights
+   and its cursor past them (as if it had seen them all). Then nights of 200 new raw
+   frames arrive (same mix; inserted untimed) and :meth:`Tracker.drain` reads and
+   evaluates them, its clock at the last arrival; the cost per file is the drain's time
+   over 200. One night warms up, then the best of 3 nights is reported. Target: the cost
+   at 1M at most 1.2× the cost at 10k. One more night is then drained with every SQL
+   statement timed (not part of the figures) and the costliest statements are printed
+   with SQLite's ``EXPLAIN QUERY PLAN``, at both sizes: that is where a cost that grows
+   with the catalog comes from.
+
+Prints wall times and ratios, and whether each target is met. Exit status is 0 even when
+a target is missed (it is a measurement); non-zero when a run fails or the tracker does
+not see every arrival. About 2 minutes, most of it inserting the 1M rows.
+
+Run: ``python benchmarks/orchestration.py``; quick (100 runs, 10 chains, catalogs of 2k
+and 50k files): ``python benchmarks/orchestration.py --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NoReturn
+
+from sqlalchemy import Engine, Table, event, func, insert, select
+
+from obsflow.app import Site, open_site
+from obsflow.catalog import Catalog, schema
+from obsflow.catalog.runs import NewRun, RunStore
+from obsflow.executor import LocalExecutor
+from obsflow.registry import load_registry
+from obsflow.settings import load_settings
+from obsflow.site import init_site
+from obsflow.states import FileState, LedgerEvent, RunState, StepState
+from obsflow.tracker import Tracker
+from obsflow.tracker.grouping import GroupKey
+
+FANOUT_TARGET = 3.0
+CHAIN_TARGET = 2.0
+FLAT_TARGET = 1.2
+WORKERS = 2
+CHAIN_STEPS = 5
+SMALL_FILE = 4096
+FRAMES_PER_NIGHT = 500
+ARRIVALS = 200
+TRACKER_ROUNDS = 3
+CHUNK = 50_000
+FIRST_NIGHT = date(2020, 1, 1)
+FILTERS = ("B", "V", "R")
+FIELDS = 10
+SHOWN_STATEMENTS = 3
+REFERENCE = "Celery + Redis 6.7× / 3.2×; Luigi 9.9× / 5.6×; Snakemake 47× / 19×"
+
+
+def fail(message: str) -> NoReturn:
+    print(f"\nFAILED: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+# ---------------------------------------------------------------- the floors
+
+
+def run_true(_: int) -> None:
+    """One fan-out run of the floors."""
+    subprocess.run(["true"], check=True)
+
+
+def run_chain(source: str, prefix: str) -> None:
+    """One chain of the floors: ``cp`` the source, then each copy, in order."""
+    previous = source
+    for step in range(1, CHAIN_STEPS + 1):
+        target = f"{prefix}-s{step}.dat"
+        subprocess.run(["cp", previous, target], check=True)
+        previous = target
+
+
+def warm(_: int) -> None:
+    """Nothing: makes the pool start its workers before the clock starts."""
+
+
+def floor_loop(runs: int, chains: int, source: Path, out: Path) -> tuple[float, float]:
+    """Seconds for the fan-out and for the chains, one process after another."""
+    start = time.perf_counter()
+    for i in range(runs):
+        run_true(i)
+    fanout = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(chains):
+        run_chain(str(source), str(out / f"loop-{i}"))
+    return fanout, time.perf_counter() - start
+
+
+def floor_pool(runs: int, chains: int, source: Path, out: Path) -> tuple[float, float]:
+    """Seconds for the fan-out and for the chains on ``ProcessPoolExecutor(2)``."""
+    with ProcessPoolExecutor(WORKERS) as pool:
+        list(pool.map(warm, range(WORKERS)))
+        start = time.perf_counter()
+        list(pool.map(run_true, range(runs)))
+        fanout = time.perf_counter() - start
+        prefixes = [str(out / f"pool-{i}") for i in range(chains)]
+        start = time.perf_counter()
+        list(pool.map(run_chain, [str(source)] * chains, prefixes))
+        return fanout, time.perf_counter() - start
+
+
+def check_copies(out: Path, label: str, chains: int) -> None:
+    made = [out / f"{label}-{i}-s{CHAIN_STEPS}.dat" for i in range(chains)]
+    if not all(p.is_file() and p.stat().st_size == SMALL_FILE for p in made):
+        fail(f"the {label} floor did not make every chain's last copy")
+
+
+# ---------------------------------------------------------------- obsflow
+
+
+def bench_pipelines(source: Path) -> str:
+    """Two toy pipelines: ``true`` once; 5 ``cp`` chained by ``needs``. Their input is a
+    raw frame no file will ever be (runs are created directly); they have no outputs."""
+    never = "{product: ofcam_raw, name: frames, where: \"frame_type == 'NO SUCH TYPE'\"}"
+    steps = ['      - {name: s1, command: [cp, "{source}", "{work}/s1.dat"]}']
+    for k in range(2, CHAIN_STEPS + 1):
+        steps.append(
+            f"      - {{name: s{k}, needs: [s{k - 1}], "
+            f'command: [cp, "{{work}}/s{k - 1}.dat", "{{work}}/s{k}.dat"]}}'
+        )
+    return "\n".join(
+        [
+            "pipelines:",
+            "  - {id: bench_fanout, profile: bench_true, group: {by: [file]},",
+            f"     inputs: [{never}]}}",
+            "  - {id: bench_chain, profile: bench_copies, group: {by: [file]},",
+            f"     inputs: [{never}], parameters: {{source: {json.dumps(str(source))}}}}}",
+            "profiles:",
+            "  - id: bench_true",
+            "    steps:",
+            '      - {name: run, command: ["true"]}',
+            "  - id: bench_copies",
+            "    steps:",
+            *steps,
+            "",
+        ]
+    )
+
+
+def open_bench_site(directory: Path, source: Path) -> Site:
+    site_dir = init_site(directory)
+    (site_dir / "registry" / "ofcam_pipelines.yaml").write_text(bench_pipelines(source))
+    settings = load_settings(site_dir)
+    settings = settings.model_copy(
+        update={
+            "workers": settings.workers.model_copy(update={"runs": WORKERS}),
+            "processing": settings.processing.model_copy(update={"executor": "local"}),
+        }
+    )
+    return open_site(settings)
+
+
+def create_runs(site: Site, pipeline: str, count: int) -> list[int]:
+    """``count`` queued runs of ``pipeline``, each its own group, in one transaction."""
+    runs = RunStore(site.catalog)
+    now = site.clock()
+    night = date(2026, 11, 21)
+    ids: list[int] = []
+    with site.catalog.write() as conn:
+        for i in range(count):
+            key = GroupKey.of(pipeline, {"night": night.isoformat(), "file": f"b{i:05d}"})
+            new = NewRun(pipeline, key.text(), night, inputs={}, reason="bench")
+            run_id = runs.create(new, now, conn)
+            if run_id is None:
+                fail(f"{pipeline}: run {i} was not created")
+            ids.append(run_id)
+    return ids
+
+
+def execute(site: Site, run_ids: list[int]) -> float:
+    """Submit every run to a LocalExecutor; seconds from the first submit until none is
+    in flight."""
+    finished = threading.Event()
+    executor = LocalExecutor(site, on_done=finished)
+    try:
+        start = time.perf_counter()
+        for run_id in run_ids:
+            executor.submit(run_id)
+        while True:
+            finished.clear()  # before looking, so that a run ending after the look wakes us
+            if executor.in_flight == 0:
+                break
+            finished.wait(1.0)
+        return time.perf_counter() - start
+    finally:
+        executor.close()
+
+
+def check_runs(site: Site, run_ids: list[int], steps: int) -> None:
+    """Every run SUCCEEDED, with ``steps`` steps each SUCCEEDED with exit status 0."""
+    runs = RunStore(site.catalog)
+    records = runs.find(run_ids=run_ids)
+    bad = [r for r in records if r.state is not RunState.SUCCEEDED]
+    if len(records) != len(run_ids) or bad:
+        shown = "; ".join(f"run {r.id} {r.state.value}: {r.error}" for r in bad[:5])
+        fail(
+            f"{len(bad) or len(run_ids) - len(records)} of {len(run_ids)} runs did not "
+            f"succeed: {shown}"
+        )
+    for run_id in run_ids:
+        done = runs.steps(run_id)
+        ok = [s for s in done if s.state is StepState.SUCCEEDED and s.exit_status == 0]
+        if len(done) != steps or len(ok) != steps:
+            fail(f"run {run_id}: {len(ok)} of {steps} steps succeeded: {done}")
+
+
+def time_obsflow(work: Path, source: Path, runs: int, chains: int) -> tuple[float, float]:
+    """Seconds for the fan-out and for the chains with obsflow, on a fresh site."""
+    site = open_bench_site(work / "site", source)
+    try:
+        fan_ids = create_runs(site, "bench_fanout", runs)
+        chain_ids = create_runs(site, "bench_chain", chains)
+        fanout = execute(site, fan_ids)
+        check_runs(site, fan_ids, 1)
+        chain = execute(site, chain_ids)
+        check_runs(site, chain_ids, CHAIN_STEPS)
+    finally:
+        site.close()
+    return fanout, chain
+
+
+@dataclass(frozen=True)
+class Orchestration:
+    """Best (fan-out seconds, chains seconds) of each side."""
+
+    obsflow: tuple[float, float]
+    loop: tuple[float, float]
+    pool: tuple[float, float]
+
+
+def orchestration(root: Path, runs: int, chains: int, repeat: int) -> Orchestration:
+    source = root / "small.dat"
+    source.write_bytes(os.urandom(SMALL_FILE))
+    sides: dict[str, list[tuple[float, float]]] = {"obsflow": [], "loop": [], "pool": []}
+    for i in range(repeat):  # interleaved, so that a drifting load hits every side alike
+        work = root / f"obsflow-{i}"
+        sides["obsflow"].append(time_obsflow(work, source, runs, chains))
+        shutil.rmtree(work)
+        out = root / f"floor-{i}"
+        out.mkdir()
+        for name, floor in (("loop", floor_loop), ("pool", floor_pool)):
+            sides[name].append(floor(runs, chains, source, out))
+            check_copies(out, name, chains)
+        shutil.rmtree(out)
+        print(
+            f"  round {i + 1}: "
+            + ", ".join(f"{name} {t[-1][0]:.2f} s / {t[-1][1]:.2f} s" for name, t in sides.items()),
+            flush=True,
+        )
+    best = {name: (min(t[0] for t in ts), min(t[1] for t in ts)) for name, ts in sides.items()}
+    return Orchestration(best["obsflow"], best["loop"], best["pool"])
+
+
+# ---------------------------------------------------------------- the tracker
+
+Rows = dict[str, list[dict[str, Any]]]
+"""Table name → rows to insert."""
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (schema.files, schema.tags, schema.keywords, schema.ledger, schema.tracker_groups)
+}
+
+
+def frame_kind(index: int, per_night: int) -> tuple[str, str]:
+    """(frame type, filter) of the ``index``-th frame of a night of ``per_night``."""
+    biases = max(1, per_night // 50)
+    flats = max(3, 3 * per_night // 100)
+    if index < biases:
+        return "BIAS", ""
+    if index < biases + flats:
+        return "FLAT", FILTERS[(index - biases) % 3]
+    return "OBJECT", FILTERS[index % 3]
+
+
+def group_row(
+    pipeline: str, by: dict[str, str], night: date, file_id: int, at: datetime
+) -> dict[str, Any]:
+    """A row of the tracker's groups: the group of ``pipeline`` with key values ``by``."""
+    key = GroupKey.of(pipeline, by).text()
+    return {"pipeline": pipeline, "group_key": key, "night": night,
+            "primary_file_id": file_id, "due_at": None, "updated_at": at}  # fmt: skip
+
+
+def night_rows(first_id: int, night: date, count: int, *, archived: bool) -> Rows:
+    """``count`` raw frames of ``night`` with IDs from ``first_id``: ``archived`` ones (the
+    catalog's history) with the tracker's groups, else just cached (new arrivals)."""
+    rows: Rows = {name: [] for name in TABLES}
+    day, iso = night.strftime("%Y%m%d"), night.isoformat()
+    evening = datetime(night.year, night.month, night.day, 5, tzinfo=UTC)
+    for k in range(count):
+        file_id = first_id + k
+        kind, band = frame_kind(k, count)
+        start = evening + timedelta(seconds=40 * k)
+        exptime = {"BIAS": 0.0, "FLAT": 5.0}.get(kind, 60.0)
+        archive_id = f"OF.{day}.{18000 + 40 * k:05d}.00.fits"
+        name = f"ofc_{day}_{k + 1:04d}.fits"
+        path = f"OFCAM/{iso}/{archive_id}"
+        rows["files"].append({
+            "id": file_id, "archive_id": archive_id, "product": "ofcam_raw",
+            "instrument": "OFCAM", "level": 0, "original_name": name,
+            "source_path": f"/data/incoming/{name}", "size": 8_409_600,
+            "sha256": hashlib.sha256(file_id.to_bytes(8, "little")).hexdigest(),
+            "state": (FileState.ARCHIVED if archived else FileState.CACHED).value,
+            "start_utc": start, "stop_utc": start + timedelta(seconds=exptime),
+            "start_mjd": 40587 + start.timestamp() / 86400,
+            "stop_mjd": 40587 + (start.timestamp() + exptime) / 86400,
+            "night": night, "exptime": exptime, "ra": 10.0 + k % FIELDS, "dec": 20.0,
+            "object": {"BIAS": "bias", "FLAT": "dome flat"}.get(kind, f"FIELD-{k % FIELDS}"),
+            "frame_type": kind, "filter": band or None, "program": "P2026B-001",
+            "observer": "Observer", "telescope": "OBSFLOW 1.0m",
+            "proprietary_until": start + timedelta(days=548),
+            "cache_path": None if archived else path, "archive_path": path if archived else None,
+            "version": 1,
+        })  # fmt: skip
+        rows["tags"].append({"file_id": file_id, "tag": "raw"})
+        for word, value in (("AIRMASS", 1.2), ("GAIN", 1.8), ("RDNOISE", 4.2), ("FRAMENUM", k)):
+            code = "i" if isinstance(value, int) else "f"
+            number = float(value)
+            row = {"file_id": file_id, "name": word, "kind": code, "value_num": number}
+            rows["keywords"].append({**row, "value_text": str(value)})
+        cached = start + timedelta(seconds=exptime + 3)
+        rows["ledger"].append({"file_id": file_id, "event": LedgerEvent.CACHED.value, "at": cached})
+        if archived and kind == "OBJECT":
+            by = {"file": archive_id, "night": iso}
+            rows["tracker_groups"].append(group_row("ofcam_calibrate", by, night, file_id, cached))
+    if archived:  # the night's master bias and master flats ran long ago
+        groups = [("ofcam_masterbias", {"night": iso})]
+        groups += [("ofcam_masterflat", {"filter": f, "night": iso}) for f in FILTERS]
+        for pipeline, by in groups:
+            rows["tracker_groups"].append(group_row(pipeline, by, night, first_id, evening))
+    return rows
+
+
+def insert_rows(catalog: Catalog, rows: Rows) -> None:
+    """Insert ``rows`` in one transaction, by executemany on the driver: each value is
+    converted by its column type's own bind processor, so it is stored exactly as obsflow
+    stores it, without the per-row cost of SQLAlchemy's statement machinery."""
+    dialect = catalog.engine.dialect
+    with catalog.write() as conn:
+        for name, values in rows.items():
+            if not values:
+                continue
+            table, columns = TABLES[name], list(values[0])
+            processors = [table.c[c].type.bind_processor(dialect) for c in columns]
+            params = [
+                tuple(
+                    value if convert is None or value is None else convert(value)
+                    for convert, value in zip(processors, row.values(), strict=True)
+                )
+                for row in values
+            ]
+            marks = ", ".join("?" for _ in columns)
+            conn.exec_driver_sql(
+                f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({marks})", params
+            )
+
+
+def fill(catalog: Catalog, total: int) -> date:
+    """The catalog's history: ``total`` archived raw frames, ``FRAMES_PER_NIGHT`` a night,
+    IDs 1 to ``total``, and the tracker's cursor past them; returns the last night."""
+    pending: Rows = {name: [] for name in TABLES}
+    night, first = FIRST_NIGHT - timedelta(days=1), 1
+    while first <= total:
+        night += timedelta(days=1)
+        count = min(FRAMES_PER_NIGHT, total - first + 1)
+        for name, values in night_rows(first, night, count, archived=True).items():
+            pending[name] += values
+        first += count
+        if len(pending["files"]) >= CHUNK or first > total:
+            insert_rows(catalog, pending)
+            pending = {name: [] for name in TABLES}
+    with catalog.write() as conn:
+        conn.execute(insert(schema.tracker_cursor).values(name="tracker", last_file_id=total))
+    return night
+
+
+class StatementClock:
+    """Time spent in each SQL statement on ``engine`` while entered (engine events; the
+    tracker runs in the calling thread only)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.spent: dict[str, tuple[int, float]] = {}
+        """Statement → (calls, seconds)."""
+        self.slowest: dict[str, tuple[float, Any]] = {}
+        """Statement → (seconds, parameters) of its slowest call."""
+        self._started = 0.0
+
+    def _before(self, *args: Any) -> None:
+        self._started = time.perf_counter()
+
+    def _after(self, conn: Any, cursor: Any, statement: str, params: Any, *rest: Any) -> None:
+        seconds = time.perf_counter() - self._started
+        calls, total = self.spent.get(statement, (0, 0.0))
+        self.spent[statement] = (calls + 1, total + seconds)
+        if seconds > self.slowest.get(statement, (-1.0, None))[0]:
+            self.slowest[statement] = (seconds, params)
+
+    def __enter__(self) -> StatementClock:
+        event.listen(self.engine, "before_cursor_execute", self._before)
+        event.listen(self.engine, "after_cursor_execute", self._after)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)
+        event.remove(self.engine, "after_cursor_execute", self._after)
+
+
+@dataclass(frozen=True)
+class Statement:
+    text: str
+    calls: int
+    seconds: float
+    slowest: float
+    plan: str
+    """SQLite's EXPLAIN QUERY PLAN with the parameters of its slowest call."""
+
+
+@dataclass(frozen=True)
+class TrackerCost:
+    files: int
+    per_file: list[float]
+    """Seconds per arriving file, one entry per measured night."""
+    statements: dict[str, Statement]
+    """Of the extra night drained with every statement timed, by statement text."""
+
+    @property
+    def best_ms(self) -> float:
+        return 1e3 * min(self.per_file)
+
+
+def fixed(moment: datetime) -> Callable[[], datetime]:
+    return lambda: moment
+
+
+def arrive_and_track(
+    catalog: Catalog,
+    tracker: Callable[[datetime], Tracker],
+    night: date,
+    first_id: int,
+    arrivals: int,
+    statements: StatementClock | None = None,
+) -> float:
+    """Insert a fresh night's ``arrivals`` (untimed); seconds the tracker takes for them
+    (with every statement it makes timed by ``statements``, if given)."""
+    rows = night_rows(first_id, night, arrivals, archived=False)
+    insert_rows(catalog, rows)
+    drain = tracker(max(r["at"] for r in rows["ledger"])).drain
+    with statements or contextlib.nullcontext():
+        start = time.perf_counter()
+        drain()
+        seconds = time.perf_counter() - start
+    groups = schema.tracker_groups
+    with catalog.read() as conn:
+        cursor = conn.execute(select(schema.tracker_cursor.c.last_file_id)).scalar()
+        opened = conn.execute(
+            select(func.count()).select_from(groups).where(groups.c.night == night)
+        ).scalar()
+    objects = sum(frame_kind(k, arrivals)[0] == "OBJECT" for k in range(arrivals))
+    expected = objects + 1 + len(FILTERS)  # a group per object, the biases, flats per filter
+    last = first_id + arrivals - 1
+    if cursor != last or opened != expected:
+        fail(
+            f"tracker: cursor at {cursor} (expected {last}), {opened} groups opened for "
+            f"{night} (expected {expected})"
+        )
+    return seconds
+
+
+def tracker_cost(root: Path, total: int, arrivals: int, rounds: int) -> TrackerCost:
+    site = init_site(root / f"tracker-{total}")
+    settings = load_settings(site)
+    registry = load_registry(settings.registry)
+    catalog = Catalog.open(settings.catalog_url)
+    try:
+        start = time.perf_counter()
+        night = fill(catalog, total)
+        filled = time.perf_counter() - start
+        print(f"  {total:>9,} files inserted in {filled:.1f} s (untimed)", flush=True)
+
+        def tracker(now: datetime) -> Tracker:
+            return Tracker(registry, catalog, fixed(now))
+
+        next_id = total + 1
+        per_file: list[float] = []
+        for round_ in range(rounds + 1):  # the first night warms up
+            night += timedelta(days=1)
+            seconds = arrive_and_track(catalog, tracker, night, next_id, arrivals)
+            next_id += arrivals
+            if round_ > 0:
+                per_file.append(seconds / arrivals)
+                print(
+                    f"    night {night}: {arrivals} files in {seconds:.3f} s, "
+                    f"{1e3 * seconds / arrivals:.2f} ms per file",
+                    flush=True,
+                )
+        clock = StatementClock(catalog.engine)
+        arrive_and_track(catalog, tracker, night + timedelta(days=1), next_id, arrivals, clock)
+        statements = {}
+        with catalog.read() as conn:
+            for text, (calls, seconds) in clock.spent.items():
+                plan = ""
+                if text.lstrip().upper().startswith("SELECT"):
+                    found = conn.exec_driver_sql(
+                        "EXPLAIN QUERY PLAN " + text, clock.slowest[text][1]
+                    )
+                    plan = "; ".join(str(row[-1]) for row in found)
+                slowest = clock.slowest[text][0]
+                statements[text] = Statement(short(text), calls, seconds, slowest, plan)
+    finally:
+        catalog.close()
+        shutil.rmtree(site, ignore_errors=True)
+    return TrackerCost(total, per_file, statements)
+
+
+def short(statement: str) -> str:
+    """A statement on one line, a long column list shown as ``…``."""
+    text = re.sub(r"\s+", " ", statement).strip()
+    text = re.sub(r"^SELECT (.{60,}?) FROM ", "SELECT … FROM ", text)
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def where_time_goes(small: TrackerCost, large: TrackerCost) -> None:
+    ranked = sorted(large.statements.items(), key=lambda kv: -kv[1].seconds)
+    spent = sum(s.seconds for s in large.statements.values())
+    print(
+        f"  where the time goes (SQL of one more night, every statement timed; "
+        f"{1e3 * spent:.0f} ms of SQL at {large.files:,} files):"
+    )
+    for text, ours in ranked[:SHOWN_STATEMENTS]:
+        other = small.statements.get(text)
+        before = f"{1e3 * other.seconds:.1f} ms" if other else "not run"
+        print(
+            f"    {1e3 * ours.seconds:8.1f} ms at {large.files:,} ({before} at "
+            f"{small.files:,}), {ours.calls} calls, the slowest {1e3 * ours.slowest:.1f} ms: "
+            f"{ours.text}"
+        )
+        if ours.plan:
+            print(f"             plan: {ours.plan}")
+
+
+# ---------------------------------------------------------------- the report
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"machine: {usable} CPU(s) usable ({os.cpu_count()} online), {model}; "
+        f"{platform.system()} {platform.release()}; Python {platform.python_version()} "
+        f"({sys.executable})"
+    )
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
+
+
+def verdict(ratio: float, target: float) -> str:
+    return "MET" if ratio <= target else "NOT MET"
+
+
+def report_orchestration(result: Orchestration, runs: int, chains: int, repeat: int) -> list[str]:
+    """Print both tables; return the summary lines."""
+    best_of = f", best of {repeat}" if repeat > 1 else ""
+    lines = []
+    for index, label, count, target in (
+        (0, f"fan-out ({runs} × true)", runs, FANOUT_TARGET),
+        (1, f"chains ({chains} × {CHAIN_STEPS} cp)", chains, CHAIN_TARGET),
+    ):
+        pool = result.pool[index]
+        print(f"\n{label}{best_of}")
+        print(f"  {'':<34} {'seconds':>8} {'ms/run':>8} {'× pool':>7}")
+        rows = (
+            ("obsflow (LocalExecutor, SQLite)", "obsflow", result.obsflow[index]),
+            ("floor: loop of subprocess.run", "loop", result.loop[index]),
+            ("floor: ProcessPoolExecutor(2)", "pool", pool),
+        )
+        for name, _, seconds in rows:
+            print(
+                f"  {name:<34} {seconds:>8.2f} {1e3 * seconds / count:>8.2f} {seconds / pool:>7.2f}"
+            )
+        ratio = result.obsflow[index] / pool
+        ruling = (
+            f"obsflow / ProcessPool {ratio:.2f}×, target ≤ {target:g}×: {verdict(ratio, target)}"
+        )
+        print(f"  {ruling}")
+        figures = ", ".join(f"{short} {seconds:.2f} s" for _, short, seconds in rows)
+        lines.append(f"  {label:<22} {figures}; {ruling}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, to try it out")
+    parser.add_argument("--runs", type=int, default=None, help="fan-out runs (default 500)")
+    parser.add_argument("--chains", type=int, default=None, help="chains (default 50)")
+    parser.add_argument(
+        "--sizes", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
+        help="files in the catalog for the tracker's cost (default 10000 1000000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="time the orchestration N times, report the best"
+    )
+    parser.add_argument("--tmp", type=Path, default=None, help="where to work (default: /dev/shm)")
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    runs = args.runs or (100 if args.quick else 500)
+    chains = args.chains or (10 if args.quick else 50)
+    small, large = args.sizes or ((2_000, 50_000) if args.quick else (10_000, 1_000_000))
+    if not 0 < small < large:
+        parser.error("--sizes: 0 < SMALL < LARGE")
+
+    began = time.perf_counter()
+    print(f"{machine()}\n{load()} at the start")
+    shm = Path("/dev/shm")
+    tmp = args.tmp or (shm if shm.is_dir() and os.access(shm, os.W_OK) else None)
+    root = Path(tempfile.mkdtemp(prefix="obsflow-orchestration-", dir=tmp))
+    where = "/dev/shm, in memory" if root.parent == shm else "no /dev/shm: the temporary directory"
+    print(f"working in {root} ({where}): the site, its work directories, the floors' files")
+    try:
+        print(f"\norchestration, fan-out / chains, {args.repeat} round(s):", flush=True)
+        result = orchestration(root, runs, chains, args.repeat)
+        summary = report_orchestration(result, runs, chains, args.repeat)
+        print(f"  (for reference, on this class of machine: {REFERENCE})")
+
+        print(
+            f"\ntracker cost per arriving file ({ARRIVALS} raw frames of a fresh night; "
+            f"best of {TRACKER_ROUNDS} nights after one to warm up):",
+            flush=True,
+        )
+        costs = [tracker_cost(root, n, ARRIVALS, TRACKER_ROUNDS) for n in (small, large)]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    ratio = costs[1].best_ms / costs[0].best_ms
+    ruling = f"{ratio:.2f}×, target ≤ {FLAT_TARGET:g}×: {verdict(ratio, FLAT_TARGET)}"
+    for cost in costs:
+        print(f"  {cost.files:>9,} files in the catalog: {cost.best_ms:.2f} ms per file")
+    print(f"  {costs[1].files:,} / {costs[0].files:,} files: {ruling}")
+    where_time_goes(costs[0], costs[1])
+    figures = ", ".join(f"{c.files:,} files {c.best_ms:.2f} ms" for c in costs)
+    summary.append(f"  {'tracker, per file':<22} {figures}; {ruling}")
+
+    print(f"\nsummary:\n  {machine()}\n  {load()} at the end")
+    print("\n".join(summary))
+    print(f"took {time.perf_counter() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
