@@ -89,6 +89,12 @@ class StepResult:
     """Empty on success, else why it failed or was skipped, for a human."""
 
 
+class StopFlag(Protocol):
+    """Set when the run must stop: a :class:`threading.Event`, or a multiprocessing one."""
+
+    def is_set(self) -> bool: ...
+
+
 class StepListener(Protocol):
     """How the catalog learns about steps; called only from the thread running the run."""
 
@@ -134,7 +140,7 @@ class Controller:
         *,
         log_path: Path,
         listener: StepListener | None = None,
-        stop: threading.Event | None = None,
+        stop: StopFlag | None = None,
     ) -> RunOutcome:
         """Run every step of ``profile``; see the module docstring for the rules."""
         _check_graph(profile)
@@ -169,7 +175,7 @@ class _Run:
     work: Path
     out: IO[str]
     listener: StepListener | None
-    stop: threading.Event | None
+    stop: StopFlag | None
     pending: dict[str, RuntimeStep] = field(default_factory=dict)
     results: dict[str, StepResult] = field(default_factory=dict)
     blocker: dict[str, str] = field(default_factory=dict)  # step → the failed step it waits on

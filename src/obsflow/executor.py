@@ -2,10 +2,10 @@
 
 :class:`Executor` is the seam. :class:`InlineExecutor` executes a run in the caller's
 thread (tests, the embedded default's simplest form); :class:`LocalExecutor` executes up
-to ``workers.runs`` runs at once on a pool of worker threads. Each step of a run is its
-own subprocess either way (:mod:`obsflow.controller`), so the pool's threads only wait and
-book-keep: a thread pool gives the parallelism of a process pool without pickling a
-site into each worker (and a later Celery executor takes the same run IDs).
+to ``workers.runs`` runs at once on a pool of worker processes, each with its own site
+(catalog connections, receiver), so that two runs' book-keeping happens in parallel. Each
+step of a run is its own subprocess either way (:mod:`obsflow.controller`). Only run IDs
+cross to a worker: a later Celery executor takes the same IDs.
 
 :func:`execute_run` is what every executor does with a run ID, and everything it needs
 is in the catalog and the run-time profile:
@@ -23,26 +23,29 @@ is in the catalog and the run-time profile:
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from obsflow.app import Site
+from obsflow.app import Site, open_site
 from obsflow.catalog.records import FileRecord
-from obsflow.catalog.runs import RunRecord, RunStore
-from obsflow.controller import Controller, StepResult
+from obsflow.catalog.runs import RunRecord, RunStore, StepRow
+from obsflow.controller import Controller, StepResult, StopFlag
 from obsflow.errors import ObsflowError, RunError
 from obsflow.intake import Wakeable
 from obsflow.profile import OUTPUT_DIR, ParameterValue, RuntimeProfile, build_profile
 from obsflow.receipt import Outcome, Prepared
+from obsflow.settings import Settings
 from obsflow.states import RunState, StepState
 from obsflow.tracker.grouping import GroupKey, file_values
 
@@ -86,12 +89,26 @@ class InlineExecutor(Executor):
 
 
 class LocalExecutor(Executor):
-    """Executes up to ``workers.runs`` runs at once; renews their leases while they run."""
+    """Executes up to ``workers.runs`` runs at once, each in a worker process of a pool
+    (so the book-keeping of two runs is not serialised by one interpreter's lock), and
+    renews their leases from here while they run."""
 
     def __init__(self, site: Site, on_done: Wakeable | None = None) -> None:
         self.site = site
         self.owner = f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._pool = ThreadPoolExecutor(site.settings.workers.runs, thread_name_prefix="run")
+        # spawn, not fork: the daemon has threads (triggers, ingestors) a fork would copy
+        context = multiprocessing.get_context("spawn")
+        self._stop_workers = context.Event()
+        workers = site.settings.workers.runs
+        self._pool = ProcessPoolExecutor(
+            workers,
+            mp_context=context,
+            initializer=_worker_start,
+            initargs=(site.settings, self._stop_workers),
+        )
+        # start the workers now (a second or so: the imports), not at the first run
+        for ready in [self._pool.submit(_worker_ready) for _ in range(workers)]:
+            ready.result()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._running: dict[int, Future[RunState | None]] = {}
@@ -103,7 +120,7 @@ class LocalExecutor(Executor):
         with self._lock:
             if run_id in self._running or self._stop.is_set():
                 return
-            future = self._pool.submit(execute_run, self.site, run_id, self.owner, self._stop)
+            future = self._pool.submit(_worker_execute, run_id, self.owner)
             self._running[run_id] = future
         future.add_done_callback(lambda f: self._done(run_id, f))
 
@@ -131,7 +148,7 @@ class LocalExecutor(Executor):
 
     def close(self, stop: bool = False) -> None:
         if stop:
-            self._stop.set()
+            self._stop_workers.set()  # running steps are killed, their runs queued again
         self._pool.shutdown(wait=True, cancel_futures=stop)
         self._stop.set()
         self._heartbeat.join()
@@ -140,6 +157,26 @@ class LocalExecutor(Executor):
     def in_flight(self) -> int:
         with self._lock:
             return len(self._running)
+
+
+# A worker process of the LocalExecutor holds its own site (its own catalog connections,
+# receiver and storage), made once when the process starts: per-process state is what
+# a process pool's initializer is for.
+_WORKER: dict[str, tuple[Site, StopFlag]] = {}
+
+
+def _worker_start(settings: Settings, stop: StopFlag) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when runs stop
+    _WORKER["site"] = (open_site(settings), stop)
+
+
+def _worker_ready() -> bool:
+    return "site" in _WORKER
+
+
+def _worker_execute(run_id: int, owner: str) -> RunState | None:
+    site, stop = _WORKER["site"]
+    return execute_run(site, run_id, owner, stop)
 
 
 def make_executor(site: Site, on_done: Wakeable | None = None) -> Executor:
@@ -153,75 +190,98 @@ def make_executor(site: Site, on_done: Wakeable | None = None) -> Executor:
 
 
 class _Steps:
-    """Records each step in the catalog as the controller reports it."""
+    """Records the steps in the catalog as the controller reports them, in as few
+    transactions as it can: a step's start is written (with every result since the
+    last write, and the first time with the run-time profile) so that ``runs show``
+    sees what runs; results are kept until then, or until the run's own finish."""
 
-    def __init__(self, runs: RunStore, run_id: int, profile: RuntimeProfile) -> None:
+    def __init__(
+        self, runs: RunStore, run_id: int, profile: RuntimeProfile, log_path: Path
+    ) -> None:
         self.runs = runs
         self.run_id = run_id
         self.position = {step.name: n for n, step in enumerate(profile.steps)}
+        self.profile: tuple[str, str, str] | None = (profile.dumps(), profile.work, str(log_path))
+        self.pending: list[StepRow] = []
+        self.written: set[str] = set()  # steps with a row
 
     def step_started(
         self, run_id: str, name: str, attempt: int, argv: tuple[str, ...], at: datetime
     ) -> None:
-        self.runs.record_step(
-            self.run_id, name, self.position[name], StepState.RUNNING, attempt, argv, started=at
-        )
+        started = StepRow(
+            name, self.position[name], StepState.RUNNING, attempt, argv, at,
+            new=name not in self.written,
+        )  # fmt: skip
+        self.runs.record_steps(self.run_id, [*self.pending, started], profile=self.profile)
+        self.written.update(row.step for row in (*self.pending, started))
+        self.pending, self.profile = [], None
 
     def step_finished(self, run_id: str, result: StepResult) -> None:
-        self.runs.record_step(
-            self.run_id,
-            result.name,
-            self.position[result.name],
-            result.state,
-            result.attempts,
-            result.argv,
-            started=result.started,
-            finished=result.finished,
-            exit_status=result.exit_status,
-            stdout_tail=result.stdout_tail,
-            stderr_tail=result.stderr_tail,
-            reason=result.reason or None,
+        self.pending.append(
+            StepRow(
+                result.name,
+                self.position[result.name],
+                result.state,
+                result.attempts,
+                result.argv,
+                started=result.started,
+                finished=result.finished,
+                exit_status=result.exit_status,
+                stdout_tail=result.stdout_tail,
+                stderr_tail=result.stderr_tail,
+                reason=result.reason or None,
+                new=result.name not in self.written,
+            )
         )
+
+    def flush(self) -> list[StepRow]:
+        """The results not written yet (they go with the run's finish)."""
+        if self.profile is not None:  # no step ever started: store the profile now
+            self.runs.record_steps(self.run_id, [], profile=self.profile)
+            self.profile = None
+        pending, self.pending = self.pending, []
+        return pending
 
 
 def execute_run(
-    site: Site, run_id: int, owner: str, stop: threading.Event | None = None
+    site: Site, run_id: int, owner: str, stop: StopFlag | None = None
 ) -> RunState | None:
     """Claim and execute one run; its final state, or None if another executor has it."""
     runs = RunStore(site.catalog)
     settings = site.settings.processing
-    if not runs.claim(run_id, owner, site.clock(), settings.lease_seconds):
+    run = runs.claim(run_id, owner, site.clock(), settings.lease_seconds)
+    if run is None:
         return None
-    run = runs.get(run_id)
-    assert run is not None  # claimed just now
     log.info("run %d started: %s %s", run_id, run.pipeline, run.group_key)
+    steps: _Steps | None = None
     try:
-        if _already_published(site, run):
+        if run.attempts > 1 and _already_published(site, run):
             runs.finish(run_id, owner, RunState.SUCCEEDED, site.clock())
             return RunState.SUCCEEDED
         profile = _build(site, run)
         log_path = site.settings.logs / "runs" / f"run-{run_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        runs.set_profile(run_id, profile.dumps(), profile.work, str(log_path))
+        steps = _Steps(runs, run_id, profile, log_path)
         controller = Controller(parallel=settings.parallel_steps, clock=site.clock)
-        outcome = controller.run(
-            profile, log_path=log_path, listener=_Steps(runs, run_id, profile), stop=stop
-        )
+        outcome = controller.run(profile, log_path=log_path, listener=steps, stop=stop)
         if not outcome.succeeded and stop is not None and stop.is_set():
+            runs.record_steps(run_id, steps.flush())
             runs.release(run_id, owner)  # the daemon stops: the next start runs it again
             log.info("run %d interrupted by the shutdown; queued again", run_id)
             return RunState.QUEUED
         if not outcome.succeeded:
             error = outcome.error or f"run {run_id} failed"
-            runs.finish(run_id, owner, RunState.FAILED, site.clock(), error)
+            runs.finish(run_id, owner, RunState.FAILED, site.clock(), error, steps=steps.flush())
             log.warning("run %d failed: %s", run_id, error)
             return RunState.FAILED
-        _publish(site, run_id, profile)
+        if profile.outputs:
+            _publish(site, run_id, profile)
     except (ObsflowError, OSError) as exc:  # a culprit named; the daemon goes on
-        runs.finish(run_id, owner, RunState.FAILED, site.clock(), str(exc))
+        done = steps.flush() if steps is not None else []
+        runs.finish(run_id, owner, RunState.FAILED, site.clock(), str(exc), steps=done)
         log.warning("run %d failed: %s", run_id, exc)
         return RunState.FAILED
-    if not runs.finish(run_id, owner, RunState.SUCCEEDED, site.clock()):
+    if not runs.finish(run_id, owner, RunState.SUCCEEDED, site.clock(), steps=steps.flush()):
         log.warning("run %d: lease lost before it finished; it will be checked again", run_id)
         return None
     if not settings.keep_work:

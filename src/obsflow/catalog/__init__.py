@@ -14,7 +14,9 @@ snapshot upgrade while another process (the daemon, ``obsflow ingest``) writes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -89,12 +91,18 @@ class Catalog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
-        # SQLite allows one writer; its busy handler waits by sleeping in growing steps.
-        # Writers of this process queue on a lock instead, which wakes the next at once;
-        # other processes still meet SQLite's own lock and busy timeout.
+        # SQLite allows one writer; its busy handler waits by sleeping in growing steps
+        # (1, 2, 5, 10 ... ms). Writers of this process queue on a lock instead, which wakes
+        # the next at once, and writers of other processes (the executor's workers, the
+        # command beside the daemon) on an flock of a file beside the database, which the
+        # kernel hands over at once too.
         self._write_lock: AbstractContextManager[object] = (
             threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         )
+        database = engine.url.database if self.is_sqlite else None
+        self._file_lock: int | None = None
+        if database and database != ":memory:" and not database.startswith("file:"):
+            self._file_lock = os.open(f"{database}-writelock", os.O_CREAT | os.O_RDWR, 0o644)
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = True) -> Catalog:
@@ -136,14 +144,28 @@ class Catalog:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._file_lock is not None:
+            os.close(self._file_lock)
+            self._file_lock = None
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
-        with self._write_lock, self.engine.connect() as plain:
+        with self._write_lock, self._across_processes(), self.engine.connect() as plain:
             conn = plain.execution_options(obsflow_immediate=True)
             with conn.begin():
                 yield conn
+
+    @contextmanager
+    def _across_processes(self) -> Iterator[None]:
+        if self._file_lock is None:
+            yield
+            return
+        fcntl.flock(self._file_lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._file_lock, fcntl.LOCK_UN)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

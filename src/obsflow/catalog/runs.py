@@ -15,7 +15,20 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from obsflow.catalog import Catalog, schema
@@ -25,6 +38,83 @@ runs = schema.runs
 run_inputs = schema.run_inputs
 run_steps = schema.run_steps
 files = schema.files
+
+
+# The executor's hot path, built once (building a statement costs more than running it):
+# every value is a bound parameter.
+_CLAIM = (
+    update(runs)
+    .where(runs.c.id == bindparam("b_id"), runs.c.state == RunState.QUEUED.value)
+    .values(
+        state=RunState.RUNNING.value,
+        lease_owner=bindparam("b_owner"),
+        lease_expires=bindparam("b_expires"),
+        attempts=runs.c.attempts + 1,
+        started_at=bindparam("b_now"),
+        finished_at=None,
+        error=None,
+    )
+    .returning(*runs.c)
+)
+_FORGET_STEPS = delete(run_steps).where(run_steps.c.run_id == bindparam("b_id"))
+_INPUTS = (
+    select(run_inputs)
+    .where(run_inputs.c.run_id.in_(bindparam("b_ids", expanding=True)))
+    .order_by(run_inputs.c.run_id, run_inputs.c.input, run_inputs.c.file_id)
+)
+_STEP_COLUMNS = (
+    "position", "state", "attempts", "argv", "started_at", "finished_at", "exit_status",
+    "stdout_tail", "stderr_tail", "reason",
+)  # fmt: skip
+_INSERT_STEP = insert(run_steps).values(
+    run_id=bindparam("b_run"), step=bindparam("b_step"), **{c: bindparam(c) for c in _STEP_COLUMNS}
+)
+_UPDATE_STEP = (
+    update(run_steps)
+    .where(run_steps.c.run_id == bindparam("b_run"), run_steps.c.step == bindparam("b_step"))
+    .values(**{c: bindparam(c) for c in _STEP_COLUMNS})
+)
+_SET_PROFILE = (
+    update(runs)
+    .where(runs.c.id == bindparam("b_id"))
+    .values(
+        profile=bindparam("b_profile"), work_dir=bindparam("b_work"), log_path=bindparam("b_log")
+    )
+)
+_FINISH = (
+    update(runs)
+    .where(
+        runs.c.id == bindparam("b_id"),
+        runs.c.state == RunState.RUNNING.value,
+        runs.c.lease_owner == bindparam("b_owner"),
+    )
+    .values(
+        state=bindparam("b_state"),
+        finished_at=bindparam("b_now"),
+        error=bindparam("b_error"),
+        lease_owner=None,
+        lease_expires=None,
+    )
+)
+
+
+_LEDGER = schema.ledger
+_STAMP_PROCESSED = insert(_LEDGER).from_select(
+    ["file_id", "event", "at"],
+    select(
+        run_inputs.c.file_id,
+        literal(LedgerEvent.PROCESSED.value),
+        bindparam("b_now", type_=_LEDGER.c.at.type),
+    )
+    .where(
+        run_inputs.c.run_id == bindparam("b_run"),
+        ~exists().where(
+            _LEDGER.c.file_id == run_inputs.c.file_id,
+            _LEDGER.c.event == LedgerEvent.PROCESSED.value,
+        ),
+    )
+    .distinct(),
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +141,39 @@ def input_hash(inputs: Mapping[str, Sequence[int]]) -> str:
         f"{name}={','.join(map(str, sorted(ids)))}" for name, ids in sorted(inputs.items())
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One step's row as the executor writes it."""
+
+    step: str
+    position: int
+    state: StepState
+    attempts: int
+    argv: Sequence[str]
+    started: datetime | None = None
+    finished: datetime | None = None
+    exit_status: int | None = None
+    stdout_tail: str | None = None
+    stderr_tail: str | None = None
+    reason: str | None = None
+    new: bool = True
+    """No row for this step yet (insert); else update the one there."""
+
+    def values(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "argv": json.dumps(list(self.argv)),
+            "started_at": self.started,
+            "finished_at": self.finished,
+            "exit_status": self.exit_status,
+            "stdout_tail": self.stdout_tail,
+            "stderr_tail": self.stderr_tail,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -184,25 +307,21 @@ class RunStore:
 
     # ------------------------------------------------------------- executing
 
-    def claim(self, run_id: int, owner: str, now: datetime, lease_seconds: float) -> bool:
-        """queued → running for ``owner``; False if someone else has it or it is done."""
+    def claim(
+        self, run_id: int, owner: str, now: datetime, lease_seconds: float
+    ) -> RunRecord | None:
+        """queued → running for ``owner``; the run as claimed, or None if someone else has
+        it or it is done. One transaction: the claim and the read of what it needs."""
+        expires = now + timedelta(seconds=lease_seconds)
         with self.catalog.write() as conn:
-            claimed = conn.execute(
-                update(runs)
-                .where(runs.c.id == run_id, runs.c.state == RunState.QUEUED.value)
-                .values(
-                    state=RunState.RUNNING.value,
-                    lease_owner=owner,
-                    lease_expires=now + timedelta(seconds=lease_seconds),
-                    attempts=runs.c.attempts + 1,
-                    started_at=now,
-                    finished_at=None,
-                    error=None,
-                )
-            ).rowcount
-            if claimed:
-                conn.execute(delete(run_steps).where(run_steps.c.run_id == run_id))
-        return bool(claimed)
+            row = conn.execute(
+                _CLAIM, {"b_id": run_id, "b_owner": owner, "b_expires": expires, "b_now": now}
+            ).first()
+            if row is None:
+                return None
+            if row.attempts > 1:  # an earlier attempt's steps
+                conn.execute(_FORGET_STEPS, {"b_id": run_id})
+            return _records(conn, [row])[0]
 
     def renew(
         self, run_ids: Sequence[int], owner: str, now: datetime, lease_seconds: float
@@ -221,51 +340,33 @@ class RunStore:
                 .values(lease_expires=now + timedelta(seconds=lease_seconds))
             )
 
-    def set_profile(self, run_id: int, profile: str, work_dir: str, log_path: str) -> None:
-        with self.catalog.write() as conn:
-            conn.execute(
-                update(runs)
-                .where(runs.c.id == run_id)
-                .values(profile=profile, work_dir=work_dir, log_path=log_path)
-            )
-
-    def record_step(
+    def record_steps(
         self,
         run_id: int,
-        step: str,
-        position: int,
-        state: StepState,
-        attempts: int,
-        argv: Sequence[str],
+        steps: Sequence[StepRow],
         *,
-        started: datetime | None = None,
-        finished: datetime | None = None,
-        exit_status: int | None = None,
-        stdout_tail: str | None = None,
-        stderr_tail: str | None = None,
-        reason: str | None = None,
+        profile: tuple[str, str, str] | None = None,
+        conn: Connection | None = None,
     ) -> None:
-        """Insert or replace the step's row (one row per step: its latest attempt)."""
-        values = {
-            "position": position,
-            "state": state.value,
-            "attempts": attempts,
-            "argv": json.dumps(list(argv)),
-            "started_at": started,
-            "finished_at": finished,
-            "exit_status": exit_status,
-            "stdout_tail": stdout_tail,
-            "stderr_tail": stderr_tail,
-            "reason": reason,
-        }
-        with self.catalog.write() as conn:
-            done = conn.execute(
-                update(run_steps)
-                .where(run_steps.c.run_id == run_id, run_steps.c.step == step)
-                .values(**values)
-            ).rowcount
-            if not done:
-                conn.execute(insert(run_steps).values(run_id=run_id, step=step, **values))
+        """Write step rows (one row per step: its latest attempt; ``StepRow.new`` says
+        whether the row exists yet), and with ``profile`` = (JSON, work dir, log path)
+        store the run-time profile, all in one transaction (``conn``'s, if given)."""
+        if conn is None:
+            with self.catalog.write() as own:
+                self.record_steps(run_id, steps, profile=profile, conn=own)
+            return
+        if profile is not None:
+            text, work_dir, log_path = profile
+            conn.execute(
+                _SET_PROFILE,
+                {"b_id": run_id, "b_profile": text, "b_work": work_dir, "b_log": log_path},
+            )
+        fresh = [{"b_run": run_id, "b_step": s.step, **s.values()} for s in steps if s.new]
+        known = [{"b_run": run_id, "b_step": s.step, **s.values()} for s in steps if not s.new]
+        if fresh:
+            conn.execute(_INSERT_STEP, fresh)
+        if known:
+            conn.execute(_UPDATE_STEP, known)
 
     def finish(
         self,
@@ -275,28 +376,27 @@ class RunStore:
         now: datetime,
         error: str | None = None,
         conn: Connection | None = None,
+        steps: Sequence[StepRow] = (),
     ) -> bool:
-        """running → succeeded or failed, by the lease's owner; False if it lost the lease."""
+        """running → succeeded or failed, by the lease's owner, with the last ``steps``
+        rows; False if it lost the lease (nothing is written then)."""
         if not RunState.RUNNING.can_move_to(state) or state is RunState.QUEUED:
             raise ValueError(f"run {run_id}: cannot finish as {state.value}")
         if conn is None:
             with self.catalog.write() as own:
-                return self.finish(run_id, owner, state, now, error, own)
+                return self.finish(run_id, owner, state, now, error, own, steps)
         moved = conn.execute(
-            update(runs)
-            .where(
-                runs.c.id == run_id,
-                runs.c.state == RunState.RUNNING.value,
-                runs.c.lease_owner == owner,
-            )
-            .values(
-                state=state.value,
-                finished_at=now,
-                error=error,
-                lease_owner=None,
-                lease_expires=None,
-            )
+            _FINISH,
+            {
+                "b_id": run_id,
+                "b_owner": owner,
+                "b_state": state.value,
+                "b_now": now,
+                "b_error": error,
+            },
         ).rowcount
+        if moved and steps:
+            self.record_steps(run_id, steps, conn=conn)
         if moved and state is RunState.SUCCEEDED:
             _stamp_processed(conn, run_id, now)
         return bool(moved)
@@ -392,40 +492,7 @@ class RunStore:
         if limit is not None:
             query = query.limit(limit)
         with self.catalog.read() as conn:
-            rows = conn.execute(query).all()
-            ids = [r.id for r in rows]
-            inputs: dict[int, dict[str, list[int]]] = {}
-            if ids:
-                for r in conn.execute(
-                    select(run_inputs)
-                    .where(run_inputs.c.run_id.in_(ids))
-                    .order_by(run_inputs.c.run_id, run_inputs.c.input, run_inputs.c.file_id)
-                ):
-                    inputs.setdefault(r.run_id, {}).setdefault(r.input, []).append(r.file_id)
-        return [
-            RunRecord(
-                id=r.id,
-                pipeline=r.pipeline,
-                group_key=r.group_key,
-                night=r.night,
-                version=r.version,
-                state=RunState(r.state),
-                degraded=bool(r.degraded),
-                reason=r.reason,
-                request=r.request,
-                attempts=r.attempts,
-                created=r.created_at,
-                started=r.started_at,
-                finished=r.finished_at,
-                work_dir=r.work_dir,
-                log_path=r.log_path,
-                profile=r.profile,
-                error=r.error,
-                overrides=json.loads(r.overrides) if r.overrides else {},
-                inputs={k: tuple(v) for k, v in inputs.get(r.id, {}).items()},
-            )
-            for r in rows
-        ]
+            return _read(conn, query)
 
     def steps(self, run_id: int) -> list[StepRecord]:
         with self.catalog.read() as conn:
@@ -472,17 +539,45 @@ class RunStore:
         return None if run_id is None else self.get(int(run_id))
 
 
+def _read(conn: Connection, query: Select[Any]) -> list[RunRecord]:
+    return _records(conn, conn.execute(query).all())
+
+
+def _records(conn: Connection, rows: Sequence[Row[Any]]) -> list[RunRecord]:
+    ids = [r.id for r in rows]
+    inputs: dict[int, dict[str, list[int]]] = {}
+    if ids:
+        for r in conn.execute(_INPUTS, {"b_ids": ids}):
+            inputs.setdefault(r.run_id, {}).setdefault(r.input, []).append(r.file_id)
+    return [
+        RunRecord(
+            id=r.id,
+            pipeline=r.pipeline,
+            group_key=r.group_key,
+            night=r.night,
+            version=r.version,
+            state=RunState(r.state),
+            degraded=bool(r.degraded),
+            reason=r.reason,
+            request=r.request,
+            attempts=r.attempts,
+            created=r.created_at,
+            started=r.started_at,
+            finished=r.finished_at,
+            work_dir=r.work_dir,
+            log_path=r.log_path,
+            profile=r.profile,
+            error=r.error,
+            overrides=json.loads(r.overrides) if r.overrides else {},
+            inputs={k: tuple(v) for k, v in inputs.get(r.id, {}).items()},
+        )
+        for r in rows
+    ]
+
+
 def _stamp_processed(conn: Connection, run_id: int, now: datetime) -> None:
     """The ledger's ``processed`` moment of each input: its first successful run."""
-    led = schema.ledger
-    inputs = select(run_inputs.c.file_id).where(run_inputs.c.run_id == run_id)
-    stamped = select(led.c.file_id).where(
-        led.c.event == LedgerEvent.PROCESSED.value, led.c.file_id.in_(inputs)
-    )
-    fresh = conn.execute(inputs.where(run_inputs.c.file_id.not_in(stamped)).distinct()).scalars()
-    rows = [{"file_id": i, "event": LedgerEvent.PROCESSED.value, "at": now} for i in fresh]
-    if rows:
-        conn.execute(insert(led), rows)
+    conn.execute(_STAMP_PROCESSED, {"b_run": run_id, "b_now": now})
 
 
 def _iso(value: datetime | None) -> str | None:
