@@ -1,0 +1,381 @@
+"""Who may see what: API tokens, scopes, and the proprietary period.
+
+The policy is a few pure functions over plain data (a :class:`Principal` and a
+:class:`~obsflow.catalog.records.FileRecord`), so that every service asks the same
+question the same way and the rules are tested without a server:
+
+- **Scopes** are ordered: ``admin`` ⊃ ``write`` ⊃ ``read``. Write endpoints need
+  :attr:`Scope.WRITE` (``who.may(Scope.WRITE)``).
+- **The proprietary period**: receipt sets each file's ``proprietary_until`` from its
+  instrument's ``proprietary_months`` (or the program's exception in
+  ``program_proprietary_months``). Until then, a file's bytes and its non-public
+  metadata go only to tokens of its program, or of admin scope
+  (:func:`may_read_data`); from then on, to anyone.
+- **Anonymous readers** (:data:`ANONYMOUS`) hold read scope and no program: they see
+  released data, and the :data:`PUBLIC_FIELDS` of the rest.
+- **Paths** (:data:`ADMIN_FIELDS`) are the site's business: only admin tokens see
+  them, whatever the release date.
+
+:class:`TokenStore` keeps the tokens in the catalog's ``tokens`` table. A secret is
+shown once, when it is made; only its SHA-256 is stored, so a copy of the catalog
+gives no one a usable token.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import logging
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Final
+
+from sqlalchemy import insert, select, update
+
+from obsflow.catalog import Catalog, schema
+from obsflow.catalog.records import FileRecord
+from obsflow.errors import ObsflowError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ADMIN_FIELDS",
+    "ANONYMOUS",
+    "PUBLIC_FIELDS",
+    "AccessError",
+    "Principal",
+    "Scope",
+    "TokenInfo",
+    "TokenStore",
+    "check_program",
+    "check_user",
+    "may_read_data",
+    "parse_scope",
+    "released",
+    "visible_fields",
+]
+
+
+class AccessError(ObsflowError):
+    """A token request is wrong: a bad user name, program ID or scope (names the value)."""
+
+
+class Scope(StrEnum):
+    """What a token may do; each scope includes the ones before it."""
+
+    READ = "read"
+    WRITE = "write"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+
+_RANK: Final = {Scope.READ: 0, Scope.WRITE: 1, Scope.ADMIN: 2}
+
+
+def parse_scope(text: str) -> Scope:
+    """``read``, ``write`` or ``admin`` as a :class:`Scope`; else :class:`AccessError`."""
+    try:
+        return Scope(text)
+    except ValueError:
+        known = ", ".join(s.value for s in Scope)
+        raise AccessError(f"unknown scope {text!r}: expected one of {known}") from None
+
+
+# ASCII only: a user name or program ID that looks like another (a Cyrillic "а" for a
+# Latin "a") must not be a different name.
+_USER = re.compile(r"[\w.@-]{1,64}", re.ASCII)
+_PROGRAM = re.compile(r"[\w-]{1,64}", re.ASCII)  # the files table's program column: 64
+RESERVED_USERS: Final = frozenset({"anonymous"})
+
+
+def check_user(name: str) -> str:
+    """``name`` if it is a valid user name (1–64 of ``A-Z a-z 0-9 _ . @ -``)."""
+    if not isinstance(name, str) or not _USER.fullmatch(name):
+        raise AccessError(
+            f"bad user name {name!r}: expected 1-64 characters of letters, digits, _ . @ -"
+        )
+    if name in RESERVED_USERS:
+        raise AccessError(f"user name {name!r} is reserved for readers without a token")
+    return name
+
+
+def check_program(program: str) -> str:
+    """``program`` if it is a valid program ID (1–64 of ``A-Z a-z 0-9 _ -``)."""
+    if not isinstance(program, str) or not _PROGRAM.fullmatch(program):
+        raise AccessError(
+            f"bad program ID {program!r}: expected 1-64 characters of letters, digits, _ -"
+        )
+    return program
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a token's user, scope and programs, or :data:`ANONYMOUS`."""
+
+    user: str
+    scope: Scope
+    programs: frozenset[str]
+    token_id: int | None
+    """The token this principal was verified from; None for :data:`ANONYMOUS`."""
+
+    def may(self, scope: Scope) -> bool:
+        """Whether this principal holds ``scope`` (admin may write, write may read)."""
+        return self.scope.rank >= scope.rank
+
+    @property
+    def anonymous(self) -> bool:
+        return self.token_id is None
+
+
+ANONYMOUS: Final = Principal(
+    user="anonymous", scope=Scope.READ, programs=frozenset(), token_id=None
+)
+"""A reader without a token: public data only."""
+
+PUBLIC_FIELDS: Final = frozenset(
+    {
+        # what the file is and where it stands: enough to find it and to know when
+        # it will be released, as public archive indexes (KOA, ESO, CADC) show
+        "id",
+        "archive_id",
+        "product",
+        "instrument",
+        "level",
+        "state",
+        "size",
+        "version",
+        "superseded_by",
+        "made_by_run",
+        "virtual",
+        "tags",
+        # when, how long, how: the observing log of the telescope is public
+        "start",
+        "stop",
+        "start_mjd",
+        "stop_mjd",
+        "night",
+        "exptime",
+        "frame_type",
+        "filter",
+        "telescope",
+        # whose and until when: the program ID tells a reader whom to ask (KOA shows
+        # program IDs; the release date, which is public, depends on it anyway)
+        "program",
+        "proprietary_until",
+    }
+)
+"""The :class:`FileRecord` fields anyone may see, even before the file's release.
+
+Withheld until release (the science of the program): ``object``, ``ra``, ``dec``,
+``observer``, ``keywords`` (header values), ``original_name`` (observers' file names
+often carry the target's name), ``sha256`` (it would confirm a guess of the bytes).
+"""
+
+ADMIN_FIELDS: Final = frozenset(
+    {
+        "source_path",
+        "cache_path",
+        "archive_path",
+        "quarantine_path",
+        "reason",
+        "last_access",
+    }
+)
+"""The :class:`FileRecord` fields only admin tokens see, whatever the release date:
+the site's file system layout (paths), the operator's messages (``reason`` quotes
+paths and header values), and cache bookkeeping (``last_access``, which tells when
+somebody last read the file, i.e. other readers' activity)."""
+
+PROPRIETARY_MARKER: Final = "proprietary"
+"""The key :func:`visible_fields` adds (true) when it withholds a file's metadata."""
+
+
+def released(record: FileRecord, now: datetime) -> bool:
+    """Whether the file's proprietary period is over (or it never had one)."""
+    return record.proprietary_until is None or record.proprietary_until <= now
+
+
+def may_read_data(who: Principal, record: FileRecord, now: datetime) -> bool:
+    """Whether ``who`` may have the file's bytes and its non-public metadata: once it is
+    released, anyone; before, admin tokens and tokens of the file's program."""
+    if released(record, now) or who.may(Scope.ADMIN):
+        return True
+    return record.program is not None and record.program in who.programs
+
+
+def visible_fields(who: Principal, record: FileRecord, now: datetime) -> dict[str, Any]:
+    """The part of ``record.to_json()`` that ``who`` may see.
+
+    Everything but :data:`ADMIN_FIELDS` (unless admin) when :func:`may_read_data`;
+    else only :data:`PUBLIC_FIELDS`, with ``"proprietary": true`` to say that the
+    rest is withheld until ``proprietary_until``.
+    """
+    data = record.to_json()
+    if not may_read_data(who, record, now):
+        shown = {k: v for k, v in data.items() if k in PUBLIC_FIELDS}
+        shown[PROPRIETARY_MARKER] = True
+        return shown
+    if who.may(Scope.ADMIN):
+        return data
+    return {k: v for k, v in data.items() if k not in ADMIN_FIELDS}
+
+
+# ------------------------------------------------------------------ tokens
+
+SECRET_PREFIX: Final = "obf_"
+_SECRET_BYTES: Final = 32
+# the only shape create() makes: the prefix and 43 URL-safe base64 characters
+_SECRET = re.compile(r"obf_[A-Za-z0-9_-]{43}", re.ASCII)
+_MAX_SECRET: Final = 256  # longer input is refused before the pattern even looks at it
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A token as ``obsflow token list`` shows it: never its secret, nor its hash."""
+
+    id: int
+    user: str
+    scope: Scope
+    programs: tuple[str, ...]
+    created: datetime
+    revoked: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "user": self.user,
+            "scope": self.scope.value,
+            "programs": list(self.programs),
+            "created": self.created.isoformat(),
+            "revoked": self.revoked.isoformat() if self.revoked else None,
+        }
+
+
+class TokenStore:
+    """API tokens in the catalog's ``tokens`` table, stored as SHA-256 of the secret."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def create(
+        self, user: str, scope: Scope, programs: Iterable[str], now: datetime
+    ) -> tuple[str, Principal]:
+        """Make a token; return its secret (to show once, never stored) and principal.
+
+        Raises :class:`AccessError` naming a bad user name, scope or program ID.
+        """
+        check_user(user)
+        scope = parse_scope(scope)
+        wanted = sorted({check_program(p) for p in programs})
+        secret = SECRET_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
+        assert _SECRET.fullmatch(secret), "the secret's shape changed; update _SECRET"
+        with self.catalog.write() as conn:
+            key = conn.execute(
+                insert(schema.tokens).values(
+                    user=user,
+                    scope=scope.value,
+                    programs=json.dumps(wanted),
+                    token_hash=_hash(secret),
+                    created_at=now,
+                )
+            ).inserted_primary_key
+        assert key is not None
+        token_id = int(key[0])
+        log.info("token %d created for %s (scope %s)", token_id, user, scope.value)
+        return secret, Principal(user, scope, frozenset(wanted), token_id)
+
+    def verify(self, secret: str) -> Principal | None:
+        """The principal of an active token, or None: unknown, revoked, or not a secret
+        at all (empty, too long, wrong shape, not text) -- never an exception for that.
+
+        The lookup compares hashes in the database, not secrets: how long a comparison
+        takes can tell an attacker at most how much of a SHA-256 they guessed, which
+        does not bring them closer to a secret with that hash. So no constant-time
+        comparison is needed beyond hashing first. Database failures do raise: an
+        outage is not a bad token.
+        """
+        if not isinstance(secret, str) or len(secret) > _MAX_SECRET:
+            return None
+        if not _SECRET.fullmatch(secret):
+            return None
+        tokens = schema.tokens
+        with self.catalog.read() as conn:
+            row = conn.execute(
+                select(tokens.c.id, tokens.c.user, tokens.c.scope, tokens.c.programs).where(
+                    tokens.c.token_hash == _hash(secret), tokens.c.revoked_at.is_(None)
+                )
+            ).first()
+        if row is None:
+            return None
+        try:
+            programs = json.loads(row.programs)
+            if not isinstance(programs, list) or not all(isinstance(p, str) for p in programs):
+                raise ValueError(f"programs {row.programs!r} is not a JSON list of strings")
+            return Principal(row.user, Scope(row.scope), frozenset(programs), int(row.id))
+        except ValueError as exc:  # a row edited by hand: refuse it, loudly
+            log.error("token %s is unreadable, refused: %s", row.id, exc)
+            return None
+
+    def revoke(self, token_id: int, now: datetime) -> bool:
+        """Revoke a token; False if there is no such token or it was revoked already."""
+        tokens = schema.tokens
+        with self.catalog.write() as conn:
+            done = conn.execute(
+                update(tokens)
+                .where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            ).rowcount
+        if done:
+            log.info("token %d revoked", token_id)
+        return bool(done)
+
+    def get(self, token_id: int) -> TokenInfo | None:
+        """One token (revoked or not), or None."""
+        found = self._infos(token_id)
+        return found[0] if found else None
+
+    def list(self) -> builtins.list[TokenInfo]:
+        """Every token, revoked ones too, in the order they were made."""
+        return self._infos(None)
+
+    def _infos(self, token_id: int | None) -> builtins.list[TokenInfo]:
+        tokens = schema.tokens
+        stmt = select(
+            tokens.c.id,
+            tokens.c.user,
+            tokens.c.scope,
+            tokens.c.programs,
+            tokens.c.created_at,
+            tokens.c.revoked_at,
+        ).order_by(tokens.c.id)
+        if token_id is not None:
+            stmt = stmt.where(tokens.c.id == token_id)
+        with self.catalog.read() as conn:
+            rows = conn.execute(stmt).all()
+        return [
+            TokenInfo(
+                id=int(r.id),
+                user=r.user,
+                scope=Scope(r.scope),
+                programs=tuple(json.loads(r.programs)),
+                created=r.created_at,
+                revoked=r.revoked_at,
+            )
+            for r in rows
+        ]
