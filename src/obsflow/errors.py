@@ -16,6 +16,9 @@
     ├── RunError               a pipeline run could not be built, started or published
     │   ├── ProfileError       a profile cannot be filled for a run (names run, step, placeholder)
     │   └── StepError          a step cannot be started (names run, step; e.g. an image)
+    ├── retrieval.NotFoundError   no (live) file with this archive ID
+    ├── retrieval.InvalidTagError a tag that does not follow the registry's rule
+    ├── access.AccessError     a bad user, program or scope name
     ├── tools.BadInputError    a science tool's input is missing or unfit (the step exits 2)
     ├── tools.UsageError       a science tool's command line is wrong (the step exits 2)
     └── SiteError              the site directory is missing or not a site

@@ -319,7 +319,7 @@ class RunStore:
             ).first()
             if row is None:
                 return None
-            if row.attempts > 1:  # an earlier attempt's steps
+            if row.attempts > 1:  # an earlier attempt's steps (its executor died)
                 conn.execute(_FORGET_STEPS, {"b_id": run_id})
             return _records(conn, [row])[0]
 
@@ -419,6 +419,8 @@ class RunStore:
                     attempts=runs.c.attempts - 1,
                 )
             ).rowcount
+            if moved:  # its next attempt starts with no steps
+                conn.execute(_FORGET_STEPS, {"b_id": run_id})
         return bool(moved)
 
     def recover(self, now: datetime, max_attempts: int) -> tuple[list[int], list[int]]:
@@ -457,6 +459,8 @@ class RunStore:
                 .where(runs.c.id == run_id, runs.c.state == RunState.FAILED.value)
                 .values(state=RunState.QUEUED.value, attempts=0, error=None, finished_at=None)
             ).rowcount
+            if moved:  # its next attempt starts with no steps
+                conn.execute(_FORGET_STEPS, {"b_id": run_id})
         return bool(moved)
 
     # ------------------------------------------------------------- reading

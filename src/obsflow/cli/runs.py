@@ -218,7 +218,10 @@ def reprocess(
     """Run a pipeline again on every group it knows (of one night): new run versions,
     whose products supersede the older ones (which stay, superseded, never deleted)."""
     overrides = dict(_parameter(p) for p in param or [])
-    when = date.fromisoformat(night) if night else None
+    try:
+        when = date.fromisoformat(night) if night else None
+    except ValueError:
+        raise typer.BadParameter(f"{night!r}: expected YYYY-MM-DD", param_hint="--night") from None
     with _site(site) as s:
         spec = s.registry.pipelines.get(pipeline)
         if spec is None:

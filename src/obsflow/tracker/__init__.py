@@ -169,7 +169,7 @@ class Tracker:
         selected = {name: ids for name, ids in decision.selected.items() if ids}
         latest = self.runs.latest_for_group(pipeline.id, key.text())
         reason = "deadline, inputs short (degraded)" if decision.degraded else "inputs ready"
-        if latest is not None and not latest.request:
+        if latest is not None:  # (a reprocessing run too: it is the group's newest)
             if input_hash(latest.inputs) == input_hash(selected):
                 return []  # this input set has its run already
             if pipeline.on_new_input is OnNewInput.IGNORE:
