@@ -280,3 +280,32 @@ def test_epics_broadcasts_three_times_and_an_ioc_restart_lose_and_double_nothing
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     check_archive_exactly_once(settings, [f.name for f in frames])
+
+
+@pytest.mark.slow
+def test_the_daemon_keeps_the_cache_within_its_budget_and_evicted_files_come_back(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    budget = {"budget_bytes": 1, "low_water_bytes": 0, "trim_seconds": 0.2}
+    settings = make_site(**{**DAEMON_SETTINGS, "cache_policy": budget})
+    with daemon(settings) as proc:
+        wait_for(lambda: running(settings, proc), 30, "start-up")
+        for frame in frames:
+            write_slowly(frame, settings.incoming / frame.name)
+
+        def all_virtual() -> bool:
+            records = archived(settings)
+            return len(records) == len(frames) and all(r.virtual for r in records)
+
+        wait_for(all_virtual, 60, "every archived frame evicted from the cache")
+        assert not [p for p in settings.cache.rglob("*.fits") if ".tmp" not in p.parts]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    site = open_site(settings)
+    try:
+        record = archived(settings)[0]
+        path = site.retriever().fetch(record.archive_id or "")  # back from the archive
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == record.sha256
+        assert not site.catalog.records([record.id])[0].virtual
+    finally:
+        site.close()

@@ -18,6 +18,7 @@ from obsflow.ingest import Ingestor, IngestReport
 from obsflow.intake import Intake
 from obsflow.receipt import Clock, Outcome, Received, Receiver, utcnow
 from obsflow.registry import Registry, load_registry
+from obsflow.retrieval import Retriever
 from obsflow.settings import Settings
 from obsflow.states import RequestState
 from obsflow.storage import LocalStorage, Storage
@@ -41,6 +42,12 @@ class Site:
             self.settings.ingest,
             clock=self.clock,
             owner=owner,
+        )
+
+    def retriever(self) -> Retriever:
+        """Fetch, trim, pin and tag over this site's catalog, cache and archive."""
+        return Retriever(
+            self.catalog, self.cache, self.storage, self.settings.cache_policy, self.clock
         )
 
     @property

@@ -115,9 +115,13 @@ class Daemon:
             )
             for n in range(site.settings.workers.ingest)
         ]
+        trimmer = threading.Thread(
+            target=self._trim, args=(tracker_stop,), name="cache-trim", daemon=True
+        )
         for thread in ingestors:
             thread.start()
         tracker.start()
+        trimmer.start()
         started: list[Trigger] = []
         try:
             for trigger in self.triggers:
@@ -133,11 +137,31 @@ class Daemon:
             intake.close()
             tracker_stop.set()
             tracker.join()
+            trimmer.join()
             executor.close(stop=True)  # runs in flight go back to the queue for next time
             ingest_stop.set()
             for thread in ingestors:
                 thread.join()
             self.write_status(intake, running=False)
+
+    def _trim(self, stop: threading.Event) -> None:
+        """Keep the cache within its budget (if it has one): evict the least recently
+        used archived files, which become virtual."""
+        policy = self.site.settings.cache_policy
+        if policy.budget_bytes is None:
+            return
+        retriever = self.site.retriever()
+        while not stop.wait(policy.trim_seconds):
+            try:
+                if retriever.over_budget():
+                    report = retriever.trim()
+                    log.info(
+                        "cache over budget: %d file(s) evicted, %d bytes freed",
+                        report.evicted,
+                        report.freed_bytes,
+                    )
+            except Exception:  # the catalog briefly unreachable: try at the next turn
+                log.exception("cache trim failed")
 
     def _count(self, result: Received) -> None:
         with self._lock:

@@ -45,6 +45,7 @@ from obsflow.errors import ObsflowError, RunError
 from obsflow.intake import Wakeable
 from obsflow.profile import OUTPUT_DIR, ParameterValue, RuntimeProfile, build_profile
 from obsflow.receipt import Outcome, Prepared
+from obsflow.retrieval import NotFoundError
 from obsflow.settings import Settings
 from obsflow.states import RunState, StepState
 from obsflow.tracker.grouping import GroupKey, file_values
@@ -273,6 +274,7 @@ def execute_run(
             error = outcome.error or f"run {run_id} failed"
             runs.finish(run_id, owner, RunState.FAILED, site.clock(), error, steps=steps.flush())
             log.warning("run %d failed: %s", run_id, error)
+            _unpin(site, run_id)
             return RunState.FAILED
         if profile.outputs:
             _publish(site, run_id, profile)
@@ -280,14 +282,22 @@ def execute_run(
         done = steps.flush() if steps is not None else []
         runs.finish(run_id, owner, RunState.FAILED, site.clock(), str(exc), steps=done)
         log.warning("run %d failed: %s", run_id, exc)
+        _unpin(site, run_id)
         return RunState.FAILED
     if not runs.finish(run_id, owner, RunState.SUCCEEDED, site.clock(), steps=steps.flush()):
         log.warning("run %d: lease lost before it finished; it will be checked again", run_id)
         return None
+    _unpin(site, run_id)
     if not settings.keep_work:
         shutil.rmtree(profile.work, ignore_errors=True)
     log.info("run %d succeeded: %s %s", run_id, run.pipeline, run.group_key)
     return RunState.SUCCEEDED
+
+
+def _unpin(site: Site, run_id: int) -> None:
+    """The run is over: its inputs may leave the cache again (a released run keeps them
+    pinned until its next attempt ends)."""
+    site.retriever().unpin_holder(f"run:{run_id}")
 
 
 def _expected_outputs(site: Site, run: RunRecord) -> int:
@@ -357,25 +367,14 @@ def _name_parts(parameters: dict[str, ParameterValue]) -> dict[str, ParameterVal
 
 
 def _local_path(site: Site, run: RunRecord, record: FileRecord) -> Path:
-    """Where an input's bytes are: the cache, else restored there from the archive."""
-    if record.cache_path:
-        cached = site.cache.path(record.cache_path)
-        if cached.is_file():
-            return cached
-    if record.archive_path and site.storage.exists(record.archive_path):
-        target = (
-            site.settings.work
-            / f"run-{run.id}-inputs"
-            / (record.archive_id or record.original_name)
-        )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with site.storage.open(record.archive_path) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        return target
-    raise RunError(
-        f"run {run.id}: input {record.archive_id or record.original_name} is neither in the "
-        "cache nor in the archive"
-    )
+    """Where an input's bytes are: the cache, or restored there from the archive (the one
+    retrieval path, :meth:`obsflow.retrieval.Retriever.fetch`); pinned by the run."""
+    if record.archive_id is None:
+        raise RunError(f"run {run.id}: input {record.original_name} has no archive ID")
+    try:
+        return site.retriever().fetch(record.archive_id)
+    except NotFoundError as exc:
+        raise RunError(f"run {run.id}: input {record.archive_id}: {exc}") from exc
 
 
 def _publish(site: Site, run_id: int, profile: RuntimeProfile) -> None:
