@@ -50,10 +50,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -64,12 +62,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
 
-from sqlalchemy import Engine, Table, event, func, insert, select
+from sqlalchemy import Engine, event, func, select
 
 from obsflow.app import Site, open_site
 from obsflow.catalog import Catalog, schema
@@ -78,9 +76,10 @@ from obsflow.executor import LocalExecutor
 from obsflow.registry import load_registry
 from obsflow.settings import load_settings
 from obsflow.site import init_site
-from obsflow.states import FileState, LedgerEvent, RunState, StepState
+from obsflow.states import RunState, StepState
 from obsflow.tracker import Tracker
 from obsflow.tracker.grouping import GroupKey
+from synthetic import FILTERS, fill, frame_kind, insert_rows, load, machine, night_rows, verdict
 
 FANOUT_TARGET = 3.0
 CHAIN_TARGET = 2.0
@@ -88,13 +87,8 @@ FLAT_TARGET = 1.2
 WORKERS = 2
 CHAIN_STEPS = 5
 SMALL_FILE = 4096
-FRAMES_PER_NIGHT = 500
 ARRIVALS = 200
 TRACKER_ROUNDS = 3
-CHUNK = 50_000
-FIRST_NIGHT = date(2020, 1, 1)
-FILTERS = ("B", "V", "R")
-FIELDS = 10
 SHOWN_STATEMENTS = 3
 REFERENCE = "Celery + Redis 6.7× / 3.2×; Luigi 9.9× / 5.6×; Snakemake 47× / 19×"
 
@@ -304,126 +298,6 @@ def orchestration(root: Path, runs: int, chains: int, repeat: int) -> Orchestrat
 
 # ---------------------------------------------------------------- the tracker
 
-Rows = dict[str, list[dict[str, Any]]]
-"""Table name → rows to insert."""
-TABLES: dict[str, Table] = {
-    t.name: t
-    for t in (schema.files, schema.tags, schema.keywords, schema.ledger, schema.tracker_groups)
-}
-
-
-def frame_kind(index: int, per_night: int) -> tuple[str, str]:
-    """(frame type, filter) of the ``index``-th frame of a night of ``per_night``."""
-    biases = max(1, per_night // 50)
-    flats = max(3, 3 * per_night // 100)
-    if index < biases:
-        return "BIAS", ""
-    if index < biases + flats:
-        return "FLAT", FILTERS[(index - biases) % 3]
-    return "OBJECT", FILTERS[index % 3]
-
-
-def group_row(
-    pipeline: str, by: dict[str, str], night: date, file_id: int, at: datetime
-) -> dict[str, Any]:
-    """A row of the tracker's groups: the group of ``pipeline`` with key values ``by``."""
-    key = GroupKey.of(pipeline, by).text()
-    return {"pipeline": pipeline, "group_key": key, "night": night,
-            "primary_file_id": file_id, "due_at": None, "updated_at": at}  # fmt: skip
-
-
-def night_rows(first_id: int, night: date, count: int, *, archived: bool) -> Rows:
-    """``count`` raw frames of ``night`` with IDs from ``first_id``: ``archived`` ones (the
-    catalog's history) with the tracker's groups, else just cached (new arrivals)."""
-    rows: Rows = {name: [] for name in TABLES}
-    day, iso = night.strftime("%Y%m%d"), night.isoformat()
-    evening = datetime(night.year, night.month, night.day, 5, tzinfo=UTC)
-    for k in range(count):
-        file_id = first_id + k
-        kind, band = frame_kind(k, count)
-        start = evening + timedelta(seconds=40 * k)
-        exptime = {"BIAS": 0.0, "FLAT": 5.0}.get(kind, 60.0)
-        archive_id = f"OF.{day}.{18000 + 40 * k:05d}.00.fits"
-        name = f"ofc_{day}_{k + 1:04d}.fits"
-        path = f"OFCAM/{iso}/{archive_id}"
-        rows["files"].append({
-            "id": file_id, "archive_id": archive_id, "product": "ofcam_raw",
-            "instrument": "OFCAM", "level": 0, "original_name": name,
-            "source_path": f"/data/incoming/{name}", "size": 8_409_600,
-            "sha256": hashlib.sha256(file_id.to_bytes(8, "little")).hexdigest(),
-            "state": (FileState.ARCHIVED if archived else FileState.CACHED).value,
-            "start_utc": start, "stop_utc": start + timedelta(seconds=exptime),
-            "start_mjd": 40587 + start.timestamp() / 86400,
-            "stop_mjd": 40587 + (start.timestamp() + exptime) / 86400,
-            "night": night, "exptime": exptime, "ra": 10.0 + k % FIELDS, "dec": 20.0,
-            "object": {"BIAS": "bias", "FLAT": "dome flat"}.get(kind, f"FIELD-{k % FIELDS}"),
-            "frame_type": kind, "filter": band or None, "program": "P2026B-001",
-            "observer": "Observer", "telescope": "OBSFLOW 1.0m",
-            "proprietary_until": start + timedelta(days=548),
-            "cache_path": None if archived else path, "archive_path": path if archived else None,
-            "version": 1,
-        })  # fmt: skip
-        rows["tags"].append({"file_id": file_id, "tag": "raw"})
-        for word, value in (("AIRMASS", 1.2), ("GAIN", 1.8), ("RDNOISE", 4.2), ("FRAMENUM", k)):
-            code = "i" if isinstance(value, int) else "f"
-            number = float(value)
-            row = {"file_id": file_id, "name": word, "kind": code, "value_num": number}
-            rows["keywords"].append({**row, "value_text": str(value)})
-        cached = start + timedelta(seconds=exptime + 3)
-        rows["ledger"].append({"file_id": file_id, "event": LedgerEvent.CACHED.value, "at": cached})
-        if archived and kind == "OBJECT":
-            by = {"file": archive_id, "night": iso}
-            rows["tracker_groups"].append(group_row("ofcam_calibrate", by, night, file_id, cached))
-    if archived:  # the night's master bias and master flats ran long ago
-        groups = [("ofcam_masterbias", {"night": iso})]
-        groups += [("ofcam_masterflat", {"filter": f, "night": iso}) for f in FILTERS]
-        for pipeline, by in groups:
-            rows["tracker_groups"].append(group_row(pipeline, by, night, first_id, evening))
-    return rows
-
-
-def insert_rows(catalog: Catalog, rows: Rows) -> None:
-    """Insert ``rows`` in one transaction, by executemany on the driver: each value is
-    converted by its column type's own bind processor, so it is stored exactly as obsflow
-    stores it, without the per-row cost of SQLAlchemy's statement machinery."""
-    dialect = catalog.engine.dialect
-    with catalog.write() as conn:
-        for name, values in rows.items():
-            if not values:
-                continue
-            table, columns = TABLES[name], list(values[0])
-            processors = [table.c[c].type.bind_processor(dialect) for c in columns]
-            params = [
-                tuple(
-                    value if convert is None or value is None else convert(value)
-                    for convert, value in zip(processors, row.values(), strict=True)
-                )
-                for row in values
-            ]
-            marks = ", ".join("?" for _ in columns)
-            conn.exec_driver_sql(
-                f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({marks})", params
-            )
-
-
-def fill(catalog: Catalog, total: int) -> date:
-    """The catalog's history: ``total`` archived raw frames, ``FRAMES_PER_NIGHT`` a night,
-    IDs 1 to ``total``, and the tracker's cursor past them; returns the last night."""
-    pending: Rows = {name: [] for name in TABLES}
-    night, first = FIRST_NIGHT - timedelta(days=1), 1
-    while first <= total:
-        night += timedelta(days=1)
-        count = min(FRAMES_PER_NIGHT, total - first + 1)
-        for name, values in night_rows(first, night, count, archived=True).items():
-            pending[name] += values
-        first += count
-        if len(pending["files"]) >= CHUNK or first > total:
-            insert_rows(catalog, pending)
-            pending = {name: [] for name in TABLES}
-    with catalog.write() as conn:
-        conn.execute(insert(schema.tracker_cursor).values(name="tracker", last_file_id=total))
-    return night
-
 
 class StatementClock:
     """Time spent in each SQL statement on ``engine`` while entered (engine events; the
@@ -593,32 +467,6 @@ def where_time_goes(small: TrackerCost, large: TrackerCost) -> None:
 
 
 # ---------------------------------------------------------------- the report
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"machine: {usable} CPU(s) usable ({os.cpu_count()} online), {model}; "
-        f"{platform.system()} {platform.release()}; Python {platform.python_version()} "
-        f"({sys.executable})"
-    )
-
-
-def load() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
-
-
-def verdict(ratio: float, target: float) -> str:
-    return "MET" if ratio <= target else "NOT MET"
 
 
 def report_orchestration(result: Orchestration, runs: int, chains: int, repeat: int) -> list[str]:

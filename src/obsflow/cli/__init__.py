@@ -750,7 +750,7 @@ def _command_name() -> str:
         return str(script)
 
 
-from obsflow.cli import cache, runs, tokens  # noqa: E402, F401  (registers their commands)
+from obsflow.cli import cache, runs, serve, tokens  # noqa: E402, F401  (registers their commands)
 
 
 def main() -> None:

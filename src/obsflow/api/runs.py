@@ -1,0 +1,234 @@
+"""``/api/v1/runs``: pipeline runs, one run with its steps and log, and retrying a
+failed run.
+
+A run is as proprietary as its files: a caller who may not read every one of its
+inputs and outputs (:func:`~obsflow.access.may_read_data`) sees its public part
+only -- pipeline, state, times, the archive IDs of its inputs and outputs -- and
+``"proprietary": true``; its group (which may name the object), reason, error,
+parameters, steps, run-time profile and log are withheld. Its work directory and
+log path are shown to admin tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime
+from pathlib import Path as FsPath
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Depends, Path, Query, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import ColumnElement, and_, select, true
+
+from obsflow.access import Principal, Scope, may_read_data
+from obsflow.api import pages
+from obsflow.api.auth import Caller, Writer, denied
+from obsflow.api.params import NAME, Day, RowId
+from obsflow.api.problems import ProblemError, documented
+from obsflow.api.services import Services, json_response, services
+from obsflow.catalog import schema
+from obsflow.catalog.records import FileRecord
+from obsflow.catalog.runs import RunRecord
+from obsflow.states import RunState, StepState
+
+router = APIRouter(prefix="/api/v1", tags=["runs"])
+Svc = Annotated[Services, Depends(services)]
+RunId = Annotated[RowId, Path(description="The run's number.")]
+
+LOG_TAIL: Final = 256 * 1024
+"""The most bytes of a run's log one answer holds (the end of it)."""
+
+
+class StepOut(BaseModel):
+    step: str
+    state: StepState
+    attempts: int
+    argv: list[str]
+    started: datetime | None
+    finished: datetime | None
+    exit_status: int | None
+    stdout_tail: str | None
+    stderr_tail: str | None
+    reason: str | None
+
+
+class RunOut(BaseModel):
+    """A run as the caller may see it (withheld fields are absent)."""
+
+    run_id: int
+    pipeline: str
+    version: int
+    state: RunState
+    night: date | None = None
+    group: str | None = None
+    degraded: bool | None = None
+    reason: str | None = None
+    request: str | None = None
+    attempts: int | None = None
+    created: datetime | None = None
+    started: datetime | None = None
+    finished: datetime | None = None
+    error: str | None = None
+    overrides: dict[str, Any] | None = None
+    work_dir: str | None = Field(default=None, description="Admin tokens only.")
+    log_path: str | None = Field(default=None, description="Admin tokens only.")
+    inputs: dict[str, list[str]] = Field(description="Archive IDs by input name.")
+    outputs: list[str] = Field(description="Archive IDs of the files the run made.")
+    proprietary: bool | None = Field(
+        default=None, description="True when fields are withheld (proprietary inputs)."
+    )
+
+
+class RunDetail(RunOut):
+    steps: list[StepOut] | None = None
+    profile: str | None = Field(default=None, description="The run-time profile (YAML).")
+    log: str | None = Field(default=None, description="The run's log (its end, if long).")
+    log_truncated: bool | None = None
+
+
+class RunPage(BaseModel):
+    items: list[RunOut]
+    next: str | None = Field(description="The cursor of the next page; null on the last.")
+
+
+_PUBLIC: Final = frozenset(
+    {
+        "run_id",
+        "pipeline",
+        "version",
+        "state",
+        "night",
+        "degraded",
+        "request",
+        "attempts",
+        "created",
+        "started",
+        "finished",
+    }
+)
+_ADMIN: Final = frozenset({"work_dir", "log_path"})
+
+
+@router.get("/runs", response_model=RunPage, summary="Pipeline runs", responses=documented(401))
+def list_runs(
+    who: Caller,
+    svc: Svc,
+    state: RunState | None = None,
+    pipeline: Annotated[str | None, Query(pattern=NAME)] = None,
+    night: Day | None = None,
+    limit: pages.LimitParam = None,
+    cursor: pages.CursorParam = None,
+) -> Response:
+    """Runs in the order they were created, a page at a time."""
+    size = pages.page_size(limit, svc.page_limit)
+    runs = schema.runs
+    where: list[ColumnElement[bool]] = [runs.c.id > pages.after(cursor)]
+    if state is not None:
+        where.append(runs.c.state == state.value)
+    if pipeline is not None:
+        where.append(runs.c.pipeline == pipeline)
+    if night is not None:
+        where.append(runs.c.night == night)
+    stmt = select(runs.c.id).where(and_(true(), *where)).order_by(runs.c.id).limit(size + 1)
+    with svc.site.catalog.read() as conn:
+        ids = list(conn.execute(stmt).scalars())
+    shown, cursor_next = pages.next_cursor(ids, size)
+    found = svc.runs.find(run_ids=shown) if shown else []
+    views = _views(svc, who, found)
+    items = [RunOut.model_validate(views[r.id]) for r in found]
+    return json_response(RunPage(items=items, next=cursor_next))
+
+
+@router.get(
+    "/runs/{run_id}",
+    response_model=RunDetail,
+    summary="One run, with its steps and log",
+    responses=documented(401, 404),
+)
+def get_run(run_id: RunId, who: Caller, svc: Svc) -> Response:
+    run = _lookup(svc, run_id)
+    view = _views(svc, who, [run])[run.id]
+    if not view.get("proprietary"):
+        view["steps"] = [s.to_json() for s in svc.runs.steps(run.id)]
+        view["profile"] = run.profile
+        view["log"], view["log_truncated"] = _log(svc, run)
+    return json_response(RunDetail.model_validate(view))
+
+
+@router.post(
+    "/runs/{run_id}/retry",
+    response_model=RunOut,
+    status_code=202,
+    summary="Queue a failed run again",
+    responses=documented(401, 403, 404, 409),
+)
+def retry_run(run_id: RunId, who: Writer, svc: Svc) -> Response:
+    """Queue a failed run again (after its cause was fixed); the daemon runs it. Needs
+    write scope, and a run whose files the caller may read."""
+    run = _lookup(svc, run_id)
+    if _views(svc, who, [run])[run.id].get("proprietary"):
+        raise denied(who, f"run {run_id} works on another program's proprietary files")
+    if not svc.runs.retry(run_id):
+        current = svc.runs.get(run_id)
+        state = current.state.value if current else "gone"
+        raise ProblemError(409, f"run {run_id} is {state}, not failed", kind="not-failed")
+    queued = _lookup(svc, run_id)
+    return json_response(RunOut.model_validate(_views(svc, who, [queued])[run_id]), 202)
+
+
+def _lookup(svc: Services, run_id: int) -> RunRecord:
+    run = svc.runs.get(run_id)
+    if run is None:
+        raise ProblemError(404, f"no run {run_id}", kind="no-such-run")
+    return run
+
+
+def _views(svc: Services, who: Principal, found: Iterable[RunRecord]) -> dict[int, dict[str, Any]]:
+    """Each run's JSON as ``who`` may see it, by run ID."""
+    found = list(found)
+    outputs = {r.id: svc.runs.outputs(r.id) for r in found}
+    wanted = {i for r in found for ids in r.inputs.values() for i in ids}
+    wanted |= {i for ids in outputs.values() for i in ids}
+    records = {f.id: f for f in svc.site.catalog.records(sorted(wanted))}
+    now = svc.now()
+    views: dict[int, dict[str, Any]] = {}
+    for run in found:
+        ids = [i for group in run.inputs.values() for i in group] + outputs[run.id]
+        readable = all(_may_read(who, records.get(i), now) for i in ids)
+        data = run.to_json()
+        data["inputs"] = {k: [_name(records, i) for i in v] for k, v in run.inputs.items()}
+        data["outputs"] = [_name(records, i) for i in outputs[run.id]]
+        keep: set[str] = set(_PUBLIC) | {"inputs", "outputs"}
+        if readable:
+            keep = set(data) - (set() if who.may(Scope.ADMIN) else _ADMIN)
+        view = {k: v for k, v in data.items() if k in keep}
+        if not readable:
+            view["proprietary"] = True
+        views[run.id] = view
+    return views
+
+
+def _may_read(who: Principal, record: FileRecord | None, now: datetime) -> bool:
+    return record is None or may_read_data(who, record, now)
+
+
+def _name(records: dict[int, FileRecord], file_id: int) -> str:
+    record = records.get(file_id)
+    return record.archive_id if record is not None and record.archive_id else f"#{file_id}"
+
+
+def _log(svc: Services, run: RunRecord) -> tuple[str | None, bool | None]:
+    """The end of the run's log, and whether it was cut; only a log in the site's logs."""
+    if not run.log_path:
+        return None, None
+    path = FsPath(run.log_path).resolve()
+    if not path.is_relative_to(svc.site.settings.logs.resolve()) or not path.is_file():
+        return None, None
+    with path.open("rb") as log:
+        size = log.seek(0, 2)
+        log.seek(max(size - LOG_TAIL, 0))
+        tail = log.read(LOG_TAIL)
+    cut = size > LOG_TAIL
+    if cut:
+        tail = tail.partition(b"\n")[2]  # from the first whole line
+    return tail.decode("utf-8", errors="replace"), cut
