@@ -2,7 +2,7 @@
 
 :func:`fill` gives a catalog its history: ``total`` file rows, :data:`FRAMES_PER_NIGHT` a
 night from :data:`FIRST_NIGHT` on, IDs 1 to ``total``, with their tags, keywords, ledger
-stamps and the tracker's groups, and the tracker's cursor past them. The rows are made
+stamps and the tracker's groups, all of them tracked. The rows are made
 in Python (:func:`night_rows`) and inserted in bulk on the driver (:func:`insert_rows`),
 each value converted by its column's type, so they are stored exactly as obsflow stores
 them at a fraction of the cost of obsflow's own writes. No bytes are written anywhere:
@@ -37,7 +37,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Table
 
 from obsflow.catalog import Catalog, schema
 from obsflow.states import FileState, LedgerEvent
@@ -198,7 +198,7 @@ class _Night:
             "proprietary_until": start + timedelta(days=548),
             "cache_path": path if cached else None,
             "archive_path": path if self.archived else None,
-            "version": 1,
+            "version": 1, "tracked": self.archived,
         }  # fmt: skip
         unknown = set(fields) - set(values)
         if unknown:
@@ -334,8 +334,8 @@ def fill(
     progress: Callable[[int], object] | None = None,
 ) -> date:
     """The catalog's history: ``total`` archived files, ``FRAMES_PER_NIGHT`` a night, IDs
-    1 to ``total`` (raw frames; ``in_cache`` and ``derived``: see :func:`night_rows`), and
-    the tracker's cursor past them; returns the last night. ``progress`` is told how many
+    1 to ``total`` (raw frames; ``in_cache`` and ``derived``: see :func:`night_rows`), all
+    tracked; returns the last night. ``progress`` is told how many
     files are in after each transaction."""
     pending: Rows = {name: [] for name in TABLES}
     night, first = FIRST_NIGHT - timedelta(days=1), 1
@@ -351,8 +351,6 @@ def fill(
             pending = {name: [] for name in TABLES}
             if progress is not None:
                 progress(first - 1)
-    with catalog.write() as conn:
-        conn.execute(insert(schema.tracker_cursor).values(name="tracker", last_file_id=total))
     return night
 
 

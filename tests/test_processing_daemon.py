@@ -497,13 +497,6 @@ class GatedCache(Cache):
 @pytest.mark.parametrize(
     "catalog_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the tracker's cursor (tracker/__init__.py Tracker.step, Catalog.files_after) "
-    "moves past a file ID whose transaction has not committed yet; on PostgreSQL concurrent "
-    "recorders (the daemon's run workers publishing, the intake) commit out of ID order, and "
-    "that file never starts its runs",
-)
 def test_a_file_committed_after_a_later_id_still_starts_its_runs(
     make_site: SiteFactory, frames: list[Path]
 ) -> None:

@@ -204,9 +204,8 @@ def snapshot(settings: Settings, catalog: Catalog, tracker: Tracker, since: date
                 files.c.level, files.c.state
             )
         ).all()
-        tracked = conn.execute(select(func.max(schema.tracker_cursor.c.last_file_id))).scalar()
         untracked = conn.execute(
-            select(func.count()).where(files.c.id > (tracked or 0), schema.is_live())
+            select(func.count()).where(schema.is_untracked(), schema.is_live())
         ).scalar_one()
     raw = {FileState(state): n for level, state, n in by_level if level == 0}
     products: dict[int, int] = {}

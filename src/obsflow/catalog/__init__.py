@@ -38,6 +38,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -49,7 +50,7 @@ from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 """The newest migration; a test checks it is Alembic's head."""
 
 __all__ = ["CacheEntry", "Catalog", "FileQuery", "FileRecord", "LedgerEntry", "NewFile", "Recorded"]
@@ -312,14 +313,21 @@ class Catalog:
             rows = conn.execute(stmt).all()
             return self._records(conn, rows)
 
-    def files_after(self, file_id: int, limit: int) -> list[FileRecord]:
-        """Live files recorded after ``file_id``, in the order they were recorded (the
-        tracker reads the files table as its durable event log)."""
+    def untracked(self, limit: int) -> list[FileRecord]:
+        """Files the tracker has not read yet (live or not), oldest first: the files table
+        is the tracker's durable inbox. A row is visible here once its transaction has
+        committed, whatever order concurrent writers commit in."""
         files = schema.files
-        stmt = select(files).where(files.c.id > file_id, schema.is_live())
+        stmt = select(files).where(schema.is_untracked()).order_by(files.c.id).limit(limit)
         with self.read() as conn:
-            rows = conn.execute(stmt.order_by(files.c.id).limit(limit)).all()
+            rows = conn.execute(stmt).all()
             return self._records(conn, rows)
+
+    def mark_tracked(self, file_ids: Sequence[int]) -> None:
+        """The tracker has read these files (and queued what they made ready)."""
+        files = schema.files
+        with self.write() as conn:
+            conn.execute(update(files).where(files.c.id.in_(file_ids)).values(tracked=True))
 
     def of_night(self, product: str, night: date) -> list[FileRecord]:
         """The live, current (not superseded) files of one product and night, in the order
@@ -412,7 +420,9 @@ def _record(row: Row[Any], tags: Sequence[str], words: Mapping[str, Any]) -> Fil
 
 
 _RECORD_COLUMNS = [
-    c.name for c in schema.files.columns if c.name not in ("state", "start_utc", "stop_utc")
+    c.name
+    for c in schema.files.columns
+    if c.name not in ("state", "start_utc", "stop_utc", "tracked")  # (tracked: the tracker's)
 ]
 
 

@@ -53,6 +53,12 @@ class UTCDateTime(TypeDecorator[datetime]):
 # them says the same words (a bound parameter would hide them from PostgreSQL's planner).
 LIVE = "state <> 'rejected'"
 REJECTED = "state = 'rejected'"
+UNTRACKED = "tracked = false"
+
+
+def is_untracked() -> ColumnElement[bool]:
+    """The files the tracker has not read yet (the partial index ``ix_files_untracked``)."""
+    return files.c.tracked == literal_column("false")
 
 
 def is_live() -> ColumnElement[bool]:
@@ -110,10 +116,16 @@ files = Table(
     # the cache: a virtual file's bytes are only in the archive (its metadata stay here)
     Column("virtual", Boolean, nullable=False, server_default=false()),
     Column("last_access", UTCDateTime),
+    # the tracker's inbox: a row is recorded untracked and marked once the tracker has
+    # read it (committed rows only, whatever order concurrent writers commit in)
+    Column("tracked", Boolean, nullable=False, server_default=false()),
     Index("ix_files_product_start", "product", "start_utc"),
     Index("ix_files_product_night", "product", "night"),  # the tracker's candidates
     Index("ix_files_virtual_last_access", "virtual", "last_access"),  # eviction order
     Index("ix_files_start_stop", "start_utc", "stop_utc"),
+    Index(
+        "ix_files_untracked", "id", sqlite_where=text(UNTRACKED), postgresql_where=text(UNTRACKED)
+    ),
     # one live row per content: the same bytes received twice make no second row
     Index(
         "uq_files_sha256_live",
@@ -263,14 +275,6 @@ tracker_groups = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
-# How far the tracker has read the files table (files are its durable, ordered event
-# log: a file cached while the tracker was down is seen when it starts again).
-tracker_cursor = Table(
-    "tracker_cursor",
-    metadata,
-    Column("name", String(32), primary_key=True),
-    Column("last_file_id", Integer, nullable=False),
-)
 
 # ------------------------------------------------------------------ archive service
 

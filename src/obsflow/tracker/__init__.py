@@ -1,10 +1,12 @@
 """The observation status tracker: starts each pipeline when all its inputs exist.
 
-The files table is the tracker's durable, ordered event log: :meth:`Tracker.step` reads
-the files recorded since its cursor (``tracker_cursor``), so a file cached while the
-tracker was down is seen when it starts again. For each new file it finds the pipelines
-that take its product through the registry's index (never a scan of every pipeline),
-then the groups the file belongs to:
+The files table is the tracker's durable inbox: each row is recorded untracked, and
+:meth:`Tracker.step` reads the untracked rows (a partial index keeps that cheap at any
+size of catalog) and marks them tracked once their runs are queued, so a file cached
+while the tracker was down is seen when it starts again, and a file whose transaction
+commits after a later one (concurrent writers on PostgreSQL) is never skipped. For each
+new file it finds the pipelines that take its product through the registry's index
+(never a scan of every pipeline), then the groups the file belongs to:
 
 * as a pipeline's **primary** input (the first one), the file makes or joins the group
   whose key it computes (:mod:`obsflow.tracker.grouping`);
@@ -36,7 +38,7 @@ from obsflow.catalog.runs import NewRun, RunStore, input_hash
 from obsflow.errors import RecognitionError
 from obsflow.registry import Registry
 from obsflow.registry.specs import GroupBy, OnNewInput, PipelineSpec
-from obsflow.states import LedgerEvent
+from obsflow.states import FileState, LedgerEvent
 from obsflow.tracker.grouping import (
     GroupKey,
     file_values,
@@ -48,9 +50,7 @@ from obsflow.tracker.grouping import (
 from obsflow.tracker.readiness import Candidate, Decision, readiness
 
 log = logging.getLogger(__name__)
-CURSOR = "tracker"
 groups = schema.tracker_groups
-cursor = schema.tracker_cursor
 
 
 @dataclass(frozen=True)
@@ -73,34 +73,30 @@ class Tracker:
     # ------------------------------------------------------------ events
 
     def step(self, limit: int = 200) -> list[Started]:
-        """Read the files recorded since the cursor (at most ``limit``), queue the runs
-        they make ready, and move the cursor past them. Returns the runs queued."""
-        with self.catalog.read() as conn:
-            after = conn.execute(
-                select(cursor.c.last_file_id).where(cursor.c.name == CURSOR)
-            ).scalar()
-        new = self.catalog.files_after(int(after or 0), limit)
-        if not new:
-            return []
-        started: list[Started] = []
-        for record in new:
-            started += self.on_file(record)
-        with self.catalog.write() as conn:
-            self._move_cursor(conn, new[-1].id)
-        return started
+        """Read the files not tracked yet (at most ``limit``), queue the runs they make
+        ready, and mark them tracked. Returns the runs queued."""
+        return self._step(limit)[1]
 
     def drain(self) -> list[Started]:
-        """:meth:`step` until no new file is left."""
+        """:meth:`step` until no untracked file is left."""
         started: list[Started] = []
         while True:
-            batch = self.step()
+            read, batch = self._step(200)
             started += batch
-            with self.catalog.read() as conn:
-                after = conn.execute(
-                    select(cursor.c.last_file_id).where(cursor.c.name == CURSOR)
-                ).scalar()
-            if not self.catalog.files_after(int(after or 0), 1):
+            if not read:
                 return started
+
+    def _step(self, limit: int) -> tuple[int, list[Started]]:
+        new = self.catalog.untracked(limit)
+        started: list[Started] = []
+        for record in new:
+            if record.state is not FileState.REJECTED:
+                started += self.on_file(record)
+        if new:
+            # marked only once its runs are queued: a crash in between reads it again,
+            # and the unique (pipeline, group, input set) makes that harmless
+            self.catalog.mark_tracked([record.id for record in new])
+        return len(new), started
 
     def tick(self) -> list[Started]:
         """Evaluate the groups whose deadline has come."""
@@ -338,15 +334,6 @@ class Tracker:
                 .where(groups.c.pipeline == pipeline.id, groups.c.group_key == key.text())
                 .values(due_at=when, updated_at=self.clock())
             )
-
-    def _move_cursor(self, conn: Connection, file_id: int) -> None:
-        moved = conn.execute(
-            update(cursor)
-            .where(cursor.c.name == CURSOR, cursor.c.last_file_id < file_id)  # never back
-            .values(last_file_id=file_id)
-        ).rowcount
-        if not moved:
-            _insert_once(conn, insert(cursor).values(name=CURSOR, last_file_id=file_id))
 
 
 def _insert_once(conn: Connection, statement: Insert) -> None:

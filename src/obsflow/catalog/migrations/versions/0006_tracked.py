@@ -1,0 +1,57 @@
+"""The tracker's inbox: a per-file ``tracked`` mark instead of a cursor over file IDs.
+
+A cursor moved past an ID whose transaction had not committed yet when concurrent
+writers (PostgreSQL) committed out of ID order, and that file never started its runs.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-04
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+UNTRACKED = "tracked = false"
+
+
+def upgrade() -> None:
+    op.add_column(
+        "files", sa.Column("tracked", sa.Boolean(), server_default=sa.false(), nullable=False)
+    )
+    # what the cursor had passed is tracked; the rest waits for the tracker
+    op.execute(
+        "UPDATE files SET tracked = true WHERE id <= "
+        "(SELECT coalesce(max(last_file_id), 0) FROM tracker_cursor)"
+    )
+    op.create_index(
+        "ix_files_untracked",
+        "files",
+        ["id"],
+        sqlite_where=sa.text(UNTRACKED),
+        postgresql_where=sa.text(UNTRACKED),
+    )
+    op.drop_table("tracker_cursor")
+
+
+def downgrade() -> None:
+    op.create_table(
+        "tracker_cursor",
+        sa.Column("name", sa.String(32), nullable=False),
+        sa.Column("last_file_id", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_tracker_cursor")),
+    )
+    op.execute(
+        "INSERT INTO tracker_cursor (name, last_file_id) "
+        "SELECT 'tracker', coalesce(min(id) - 1, (SELECT coalesce(max(id), 0) FROM files)) "
+        "FROM files WHERE tracked = false"
+    )
+    op.drop_index("ix_files_untracked", table_name="files")
+    with op.batch_alter_table("files") as batch:
+        batch.drop_column("tracked")
