@@ -408,13 +408,6 @@ def test_sigkill_while_runs_execute_loses_doubles_and_half_publishes_nothing(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: nothing kills the processes of a SIGKILLed daemon: its steps run in sessions "
-    "of their own (controller.py, start_new_session=True; the run-worker processes of the "
-    "ProcessPoolExecutor in executor.py, if used, are orphaned too and live on), with no "
-    "PR_SET_PDEATHSIG, and a restarted daemon takes the run over without killing them",
-)
 def test_no_process_of_a_sigkilled_daemon_runs_on_once_its_run_is_taken_over(
     toy: ToySite,
     daemons: Daemons,

@@ -152,6 +152,21 @@ class Controller:
             return _Run(self, profile, work, out, listener, stop).execute()
 
 
+# The process groups of the steps running in this process, whatever run or thread started
+# them; a group leaves the set before its leader is reaped (its ID cannot be reused while
+# it is here). What must die with a run worker whose daemon died: see kill_every_step.
+_GROUPS: set[int] = set()
+
+
+def kill_every_step() -> None:
+    """SIGKILL the process group of every step this process has running. For a run worker
+    whose daemon died: a restarted daemon takes its runs over, and their old steps must
+    not run on beside the new ones."""
+    for group in list(_GROUPS):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+
+
 @dataclass(eq=False)
 class _Attempt:
     """One running process of one step."""
@@ -200,6 +215,7 @@ class _Run:
         except BaseException as exc:  # a listener's, ^C: leave no process behind
             for attempt in self.running:
                 _signal(attempt, signal.SIGKILL)
+                _GROUPS.discard(attempt.proc.pid)
                 attempt.proc.wait()
                 os.close(attempt.fd)
             self.write(f"==== {self.now()}  run {p.run_id} aborted: {exc!r}\n\n")
@@ -292,6 +308,7 @@ class _Run:
         except (OSError, ValueError, IndexError) as exc:
             self.attempt_done(step, number, at, None, f"cannot start: {_why_not(step, exc)}")
             return
+        _GROUPS.add(proc.pid)
         attempt = _Attempt(step, number, proc, at, time.monotonic() + step.timeout, _exit_fd(proc))
         self.poller.register(attempt.fd, select.POLLIN)
         self.running.append(attempt)
@@ -299,6 +316,7 @@ class _Run:
     def ended(self, attempt: _Attempt) -> None:
         """The main process of ``attempt`` exited (not yet reaped): clean up, reap, judge."""
         _signal(attempt, signal.SIGKILL)  # whatever it left running in its group
+        _GROUPS.discard(attempt.proc.pid)
         status = attempt.proc.wait()
         self.running.remove(attempt)
         self.poller.unregister(attempt.fd)

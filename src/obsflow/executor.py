@@ -22,6 +22,7 @@ is in the catalog and the run-time profile:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -40,7 +41,7 @@ from pathlib import Path
 from obsflow.app import Site, open_site
 from obsflow.catalog.records import FileRecord
 from obsflow.catalog.runs import RunRecord, RunStore, StepRow
-from obsflow.controller import Controller, StepResult, StopFlag
+from obsflow.controller import Controller, StepResult, StopFlag, kill_every_step
 from obsflow.errors import ObsflowError, RunError
 from obsflow.intake import Wakeable
 from obsflow.profile import OUTPUT_DIR, ParameterValue, RuntimeProfile, build_profile
@@ -105,7 +106,7 @@ class LocalExecutor(Executor):
             workers,
             mp_context=context,
             initializer=_worker_start,
-            initargs=(site.settings, self._stop_workers),
+            initargs=(site.settings, self._stop_workers, os.getpid()),
         )
         # start the workers now (a second or so: the imports), not at the first run
         for ready in [self._pool.submit(_worker_ready) for _ in range(workers)]:
@@ -164,11 +165,36 @@ class LocalExecutor(Executor):
 # receiver and storage), made once when the process starts: per-process state is what
 # a process pool's initializer is for.
 _WORKER: dict[str, tuple[Site, StopFlag]] = {}
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _worker_start(settings: Settings, stop: StopFlag) -> None:
+def _worker_start(settings: Settings, stop: StopFlag, daemon: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when runs stop
+    _die_with(daemon)
     _WORKER["site"] = (open_site(settings), stop)
+
+
+def _die_with(daemon: int) -> None:
+    """Make this worker end, with every step it runs, when its daemon dies, however it
+    dies (SIGKILL, OOM): else its steps run on beside the ones of the daemon that takes its
+    runs over when their leases expire. Linux tells an orphan by ``PR_SET_PDEATHSIG``
+    (the daemon makes its workers from its main thread, whose end is the daemon's). A
+    SIGTERM while the daemon lives (an operator, systemd's stop) is the daemon's to
+    handle: the worker ignores it."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: _orphaned(daemon))
+    if sys.platform.startswith("linux"):
+        # prctl by hand: a single call, and no maintained binding of it on PyPI
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("PR_SET_PDEATHSIG: %s", os.strerror(ctypes.get_errno()))
+    _orphaned(daemon)  # the daemon died before the line above
+
+
+def _orphaned(daemon: int) -> None:
+    if os.getppid() == daemon:
+        return
+    kill_every_step()
+    os._exit(1)
 
 
 def _worker_ready() -> bool:
