@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,10 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from obsflow.app import open_site
 from obsflow.catalog import FileQuery
+from obsflow.demo import free_port
 from obsflow.ioc import IocClient
 from obsflow.settings import Settings
 from obsflow.states import FileState, RequestState
@@ -35,10 +38,10 @@ DAEMON_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 @contextmanager
-def daemon(settings: Settings) -> Iterator[subprocess.Popen[str]]:
+def daemon(settings: Settings, *args: str) -> Iterator[subprocess.Popen[str]]:
     log = (settings.site / "daemon.log").open("a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "obsflow", "-v", "run", "--site", str(settings.site)],
+        [sys.executable, "-m", "obsflow", "-v", "run", "--site", str(settings.site), *args],
         stdout=log, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -309,3 +312,42 @@ def test_the_daemon_keeps_the_cache_within_its_budget_and_evicted_files_come_bac
         assert not site.catalog.records([record.id])[0].virtual
     finally:
         site.close()
+
+
+@pytest.mark.slow
+def test_run_listen_serves_the_api_while_the_daemon_archives(
+    settings: Settings, frames: list[Path]
+) -> None:
+    port = free_port()
+    with daemon(settings, "--listen", f"127.0.0.1:{port}") as proc:
+        wait_for(lambda: running(settings, proc), 30, "start-up")
+        status = json.loads((settings.site / ".obsflow" / "daemon.json").read_text())
+        assert status["api"] == f"http://127.0.0.1:{port}"
+        for frame in frames[:3]:
+            write_slowly(frame, settings.incoming / frame.name)
+        wait_for(lambda: len(archived(settings)) == 3, 60, "three frames archived")
+        with httpx.Client(base_url=status["api"], timeout=10) as client:
+            assert client.get("/healthz").status_code == 200
+            page = client.get("/api/v1/files", params={"product": "ofcam_raw"}).json()
+            assert sorted(f["archive_id"] for f in page["items"]) == sorted(
+                f.archive_id for f in archived(settings)
+            )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    with pytest.raises(httpx.ConnectError):  # the API stopped with the daemon
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_run_listen_on_an_address_in_use_says_so_and_starts_nothing(settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "obsflow", "run", "--site", str(settings.site),
+             "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert not (settings.site / ".obsflow" / "daemon.json").exists()

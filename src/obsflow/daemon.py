@@ -22,7 +22,7 @@ import threading
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from obsflow.app import Site
 from obsflow.catalog.seen import SeenLedger
@@ -34,6 +34,9 @@ from obsflow.tracker.loop import TrackerLoop
 from obsflow.trigger import Trigger
 from obsflow.trigger.scan import ReconcileScan
 from obsflow.trigger.watch import WatchTrigger
+
+if TYPE_CHECKING:
+    from obsflow.api import ApiServer
 
 log = logging.getLogger(__name__)
 STATUS_FILE = Path(".obsflow") / "daemon.json"
@@ -72,8 +75,19 @@ def build_triggers(site: Site) -> list[Trigger]:
 
 
 class Daemon:
-    def __init__(self, site: Site, triggers: Sequence[Trigger] | None = None) -> None:
+    """``listen``: where the REST API is served (``HOST:PORT``); else the settings'
+    ``api.listen``; neither: no API."""
+
+    def __init__(
+        self,
+        site: Site,
+        triggers: Sequence[Trigger] | None = None,
+        *,
+        listen: str | None = None,
+    ) -> None:
         self.site = site
+        self.listen = listen or site.settings.api.listen
+        self.api_url: str | None = None
         self.triggers = list(triggers) if triggers is not None else build_triggers(site)
         self.started = site.clock()
         self.counts: dict[Outcome, int] = {}
@@ -82,6 +96,14 @@ class Daemon:
 
     def run(self, stop: threading.Event) -> None:
         """Run until ``stop`` is set; then shut down cleanly."""
+        api = self._api()  # first: an address in use stops the daemon before it starts
+        try:
+            self._run(stop)
+        finally:
+            if api is not None:
+                api.stop()
+
+    def _run(self, stop: threading.Event) -> None:
         site = self.site
         swept = sweep_cache(site)
         if swept:
@@ -144,6 +166,18 @@ class Daemon:
                 thread.join()
             self.write_status(intake, running=False)
 
+    def _api(self) -> ApiServer | None:
+        """The REST API, serving from a thread of its own, if the daemon has an address."""
+        if self.listen is None:
+            return None
+        from obsflow.api import ApiServer, parse_listen  # FastAPI only when served
+
+        server = ApiServer(self.site, *parse_listen(self.listen))
+        server.start()
+        self.api_url = server.url
+        log.info("the REST API on %s/api/v1", server.url)
+        return server
+
     def _trim(self, stop: threading.Event) -> None:
         """Keep the cache within its budget (if it has one): evict the least recently
         used archived files, which become virtual."""
@@ -181,6 +215,7 @@ class Daemon:
             "status_seconds": self.site.settings.daemon.status_seconds,
             "in_flight": intake.in_flight,
             "runs_in_flight": self.executor.in_flight if self.executor is not None else 0,
+            "api": self.api_url,
             "received": counts,
             "triggers": [
                 {"name": t.name, "ok": h.ok, "detail": h.detail}

@@ -713,8 +713,20 @@ def _site(site: Path | None) -> Iterator[Site]:
 
 
 @app.command()
-def run(site: SiteOption = None) -> None:
-    """Run the daemon: triggers → receipt → cache → archive, until SIGINT or SIGTERM."""
+def run(
+    site: SiteOption = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            "--listen",
+            metavar="HOST:PORT",
+            help="Serve the REST API there (else the settings' api.listen, if set).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Run the daemon: triggers → receipt → cache → archive → pipelines (and the REST
+    API, if it has an address), until SIGINT or SIGTERM."""
     import signal
     import threading
 
@@ -729,10 +741,11 @@ def run(site: SiteOption = None) -> None:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     with _site(site) as s:
-        daemon = Daemon(s)
+        daemon = Daemon(s, listen=listen)
         err.print(
             f"obsflow run: site {s.settings.site}; triggers: "
-            + ", ".join(t.name for t in daemon.triggers),
+            + ", ".join(t.name for t in daemon.triggers)
+            + (f"; the API on {daemon.listen}" if daemon.listen else ""),
             highlight=False,
         )
         daemon.run(stop)
