@@ -323,6 +323,8 @@ def insert_rows(catalog: Catalog, rows: Rows) -> None:
                 f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({marks})",
                 list(zip(*by_column, strict=True)),
             )
+        widened = catalog.spans.widen(conn, rows["files"])  # as obsflow's recorder does
+    catalog.spans.remember(widened)
 
 
 def fill(

@@ -87,6 +87,31 @@ def test_lookups_by_every_filter(catalog: Catalog) -> None:
     assert len(catalog.find(FileQuery(state=FileState.CACHED, limit=2))) == 2
 
 
+def test_a_long_file_overlaps_a_window_long_after_it_started(catalog_url: str) -> None:
+    """The lookup bounds its scan by each product's longest span: a file that started
+    hours before the window (a night's catalog) is still found, by a second process too."""
+    catalog = Catalog.open(catalog_url)
+    _record(catalog, _new(1))  # 30 s
+    night = _new(2, product="ofcam_nightcat", start=T0, stop=T0 + timedelta(hours=10))
+    _record(catalog, night)
+    for n in range(3, 40):
+        _record(catalog, _new(n, product="ofcam_nightcat"))  # 30 s each, later
+    since, until = T0 + timedelta(hours=9), T0 + timedelta(hours=9, minutes=1)
+
+    def window(product: str | None = None) -> FileQuery:
+        return FileQuery(product=product, since=since, until=until)
+
+    found = catalog.find(window("ofcam_nightcat"))
+    assert [r.original_name for r in found] == [night.original_name]
+    assert [r.original_name for r in catalog.find(window())] == [night.original_name]
+    assert catalog.find(window("ofcam_raw")) == []
+    catalog.close()
+    other = Catalog.open(catalog_url)  # the spans are in the catalog, not in a process
+    found = other.find(window("ofcam_nightcat"))
+    assert [r.original_name for r in found] == [night.original_name]
+    other.close()
+
+
 def test_keywords_keep_their_types_and_tags_come_back(catalog: Catalog) -> None:
     archive_id = _record(catalog, _new(3))
     record = catalog.get(archive_id)

@@ -40,7 +40,7 @@ from obsflow.api.data import OpenFileResponse, UnsatisfiableError, parse_range
 from obsflow.api.params import ARCHIVE_ID, KEYWORD, NAME, TAG, TEXT, Day, Level, Time, utc
 from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
-from obsflow.catalog import schema
+from obsflow.catalog import schema, spans
 from obsflow.catalog.records import FileRecord
 from obsflow.errors import StorageError
 from obsflow.retrieval import InvalidTagError, NotFoundError
@@ -215,10 +215,6 @@ def list_files(
             where.append(files.c[column] == value)
     if state is not None:
         where.append(files.c.state == state.value)
-    if since_utc is not None:
-        where.append(files.c.stop_utc >= since_utc)
-    if until_utc is not None:
-        where.append(files.c.start_utc <= until_utc)
     if tag is not None:
         tags = schema.tags
         where.append(files.c.id.in_(select(tags.c.file_id).where(tags.c.tag == tag)))
@@ -229,8 +225,9 @@ def list_files(
     ]
     if private:
         where += [*private, _readable(who, now)]
-    stmt = select(files.c.id).where(and_(true(), *where)).order_by(files.c.id).limit(size + 1)
     with svc.site.catalog.read() as conn:
+        where += spans.overlapping(conn, product, since_utc, until_utc)
+        stmt = select(files.c.id).where(and_(true(), *where)).order_by(files.c.id).limit(size + 1)
         ids = list(conn.execute(stmt).scalars())
     shown, cursor_next = pages.next_cursor(ids, size)
     records = svc.site.catalog.records(shown)

@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from obsflow.catalog import batch, schema
+from obsflow.catalog import batch, schema, spans
 from obsflow.catalog.batch import CacheEntry, Recorded
 from obsflow.catalog.records import FileQuery, FileRecord, LedgerEntry
 from obsflow.errors import CatalogError
@@ -92,6 +92,7 @@ class Catalog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
+        self.spans = spans.Spans()
         # SQLite allows one writer; its busy handler waits by sleeping in growing steps
         # (1, 2, 5, 10 ... ms). Writers of this process queue on a lock instead, which wakes
         # the next at once, and writers of other processes (the executor's workers, the
@@ -205,7 +206,10 @@ class Catalog:
             placed: list[tuple[CacheEntry, str]] = []
             try:
                 with self.write() as conn:
-                    return batch.record(conn, entries, now, placed)
+                    recorded = batch.record(conn, entries, now, placed)
+                    widened = self.spans.widen(conn, [batch.file_values(e.new) for e in entries])
+                self.spans.remember(widened)
+                return recorded
             except BaseException as exc:
                 for entry, archive_id in reversed(placed):
                     entry.unplace(archive_id)
@@ -261,6 +265,7 @@ class Catalog:
         try:
             with self.write() as conn:
                 key = conn.execute(insert(schema.files).values(**values)).inserted_primary_key
+                widened = self.spans.widen(conn, [values])
                 assert key is not None
                 file_id = int(key[0])
                 stamps = [
@@ -268,6 +273,7 @@ class Catalog:
                 ]
                 if stamps:
                     conn.execute(insert(schema.ledger), stamps)
+                self.spans.remember(widened)
                 return file_id
         except IntegrityError:
             return None
@@ -297,19 +303,16 @@ class Catalog:
                 conditions.append(files.c[name] == value)
         if query.state is not None:
             conditions.append(files.c.state == query.state.value)
-        if query.since is not None:
-            conditions.append(files.c.stop_utc >= query.since)
-        if query.until is not None:
-            conditions.append(files.c.start_utc <= query.until)
         if query.tag is not None:
             tags = schema.tags
             conditions.append(files.c.id.in_(select(tags.c.file_id).where(tags.c.tag == query.tag)))
         if not query.include_superseded:
             conditions.append(files.c.superseded_by.is_(None))
-        stmt = stmt.where(and_(true(), *conditions)).order_by(files.c.start_utc, files.c.id)
-        if query.limit is not None:
-            stmt = stmt.limit(query.limit)
         with self.read() as conn:
+            conditions += spans.overlapping(conn, query.product, query.since, query.until)
+            stmt = stmt.where(and_(true(), *conditions)).order_by(files.c.start_utc, files.c.id)
+            if query.limit is not None:
+                stmt = stmt.limit(query.limit)
             rows = conn.execute(stmt).all()
             return self._records(conn, rows)
 

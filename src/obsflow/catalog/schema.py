@@ -157,6 +157,15 @@ keywords = Table(
     Index("ix_keywords_name_num", "name", "value_num"),
 )
 
+# The longest a file of each product lasts (stop - start): the lower bound of the
+# time-range lookups (see obsflow.catalog.spans).
+spans = Table(
+    "spans",
+    metadata,
+    Column("product", String(64), primary_key=True),
+    Column("longest_seconds", Float, nullable=False),
+)
+
 tags = Table(
     "tags",
     metadata,

@@ -1,7 +1,10 @@
-"""The tracker's inbox: a per-file ``tracked`` mark instead of a cursor over file IDs.
+"""The tracker's inbox, and the products' longest spans.
 
-A cursor moved past an ID whose transaction had not committed yet when concurrent
-writers (PostgreSQL) committed out of ID order, and that file never started its runs.
+* A per-file ``tracked`` mark instead of a cursor over file IDs: a cursor moved past an
+  ID whose transaction had not committed yet when concurrent writers (PostgreSQL)
+  committed out of ID order, and that file never started its runs.
+* ``spans``: the longest a file of each product lasts, the lower bound that keeps
+  time-range lookups on the (product, start) index (:mod:`obsflow.catalog.spans`).
 
 Revision ID: 0006
 Revises: 0005
@@ -38,9 +41,25 @@ def upgrade() -> None:
         postgresql_where=sa.text(UNTRACKED),
     )
     op.drop_table("tracker_cursor")
+    op.create_table(
+        "spans",
+        sa.Column("product", sa.String(64), nullable=False),
+        sa.Column("longest_seconds", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("product", name=op.f("pk_spans")),
+    )
+    if op.get_bind().dialect.name == "postgresql":
+        seconds = "extract(epoch FROM max(stop_utc - start_utc))"
+    else:
+        seconds = "max((julianday(stop_utc) - julianday(start_utc)) * 86400.0)"
+    op.execute(
+        f"INSERT INTO spans (product, longest_seconds) SELECT product, {seconds} FROM files "
+        "WHERE product IS NOT NULL AND start_utc IS NOT NULL AND stop_utc IS NOT NULL "
+        "GROUP BY product"
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("spans")
     op.create_table(
         "tracker_cursor",
         sa.Column("name", sa.String(32), nullable=False),
