@@ -162,6 +162,7 @@ class _Night:
         self.evening = datetime(night.year, night.month, night.day, 5, tzinfo=UTC)
         self.morning = self.evening + timedelta(seconds=NIGHT_SECONDS)
         self.ordinal = (night - FIRST_NIGHT).days
+        self.starts: dict[int, datetime] = {}
 
     def archive_id(self, seconds_of_day: int, hundredths: int) -> str:
         return f"OF.{self.day}.{seconds_of_day:05d}.{hundredths:02d}.fits"
@@ -205,10 +206,12 @@ class _Night:
             raise ValueError(f"not columns of the files rows: {sorted(unknown)}")
         values.update(fields)
         self.rows["files"].append(values)
+        self.starts[file_id] = start
         return file_id
 
     def tag(self, file_id: int, tags: list[str]) -> None:
-        self.rows["tags"] += [{"file_id": file_id, "tag": tag} for tag in tags]
+        start = self.starts[file_id]
+        self.rows["tags"] += [{"file_id": file_id, "tag": t, "start_utc": start} for t in tags]
 
     def keyword(self, file_id: int, word: str, value: float) -> None:
         code = "i" if isinstance(value, int) else "f"

@@ -547,7 +547,12 @@ class Retriever:
         check_tag(tag)
         file_id = self._file_id(archive_id)
         with self.catalog.write() as conn:
-            stmt = _insert_new(conn, tags).values(file_id=file_id, tag=tag).returning(tags.c.tag)
+            start = select(files.c.start_utc).where(files.c.id == file_id).scalar_subquery()
+            stmt = (
+                _insert_new(conn, tags)
+                .values(file_id=file_id, tag=tag, start_utc=start)
+                .returning(tags.c.tag)
+            )
             return conn.execute(stmt).first() is not None  # (rowcount is -1 on psycopg)
 
     def remove_tag(self, archive_id: str, tag: str) -> bool:

@@ -198,8 +198,9 @@ def list_files(
     since_utc, until_utc = utc(since), utc(until)
     if since_utc and until_utc and since_utc > until_utc:  # an empty interval: no overlap
         return json_response(FilePage(items=[], next=None))
+    after = pages.after(cursor)
     where: list[ColumnElement[bool]] = [
-        files.c.id > pages.after(cursor),
+        files.c.id > after,
         schema.is_live(),
         files.c.archive_id.is_not(None),
     ]
@@ -215,9 +216,17 @@ def list_files(
             where.append(files.c[column] == value)
     if state is not None:
         where.append(files.c.state == state.value)
-    if tag is not None:
+    stmt = select(files.c.id)
+    order: ColumnElement[Any] = files.c.id
+    if since_utc is not None or until_utc is not None:
+        # SQLite: not from the id index (which would read every older file of the
+        # product), but from the time range's, then sorted
+        order = files.c.id + 0
+    if tag is not None:  # from the tag's index, in id order
         tags = schema.tags
-        where.append(files.c.id.in_(select(tags.c.file_id).where(tags.c.tag == tag)))
+        stmt = stmt.join(tags, and_(tags.c.file_id == files.c.id, tags.c.tag == tag))
+        where.append(tags.c.file_id > after)
+        order = tags.c.file_id
     private = [
         *([files.c.original_name == original_name] if original_name is not None else []),
         *([files.c.object == object] if object is not None else []),
@@ -227,7 +236,7 @@ def list_files(
         where += [*private, _readable(who, now)]
     with svc.site.catalog.read() as conn:
         where += spans.overlapping(conn, product, since_utc, until_utc)
-        stmt = select(files.c.id).where(and_(true(), *where)).order_by(files.c.id).limit(size + 1)
+        stmt = stmt.where(and_(true(), *where)).order_by(order).limit(size + 1)
         ids = list(conn.execute(stmt).scalars())
     shown, cursor_next = pages.next_cursor(ids, size)
     records = svc.site.catalog.records(shown)

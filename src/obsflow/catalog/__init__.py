@@ -303,14 +303,18 @@ class Catalog:
                 conditions.append(files.c[name] == value)
         if query.state is not None:
             conditions.append(files.c.state == query.state.value)
+        order = [files.c.start_utc, files.c.id]
         if query.tag is not None:
+            # from the tag's index, in start order: reads the first ``limit`` files of a
+            # common tag, and only the files of a rare one
             tags = schema.tags
-            conditions.append(files.c.id.in_(select(tags.c.file_id).where(tags.c.tag == query.tag)))
+            stmt = stmt.join(tags, and_(tags.c.file_id == files.c.id, tags.c.tag == query.tag))
+            order = [tags.c.start_utc, tags.c.file_id]
         if not query.include_superseded:
             conditions.append(files.c.superseded_by.is_(None))
         with self.read() as conn:
             conditions += spans.overlapping(conn, query.product, query.since, query.until)
-            stmt = stmt.where(and_(true(), *conditions)).order_by(files.c.start_utc, files.c.id)
+            stmt = stmt.where(and_(true(), *conditions)).order_by(*order)
             if query.limit is not None:
                 stmt = stmt.limit(query.limit)
             rows = conn.execute(stmt).all()

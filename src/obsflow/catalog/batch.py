@@ -193,7 +193,7 @@ def _free_id(
 
 def _insert_details(conn: Connection, rows: list[tuple[CacheEntry, int]], now: datetime) -> None:
     tags = [
-        {"file_id": file_id, "tag": tag}
+        {"file_id": file_id, "tag": tag, "start_utc": entry.new.start}
         for entry, file_id in rows
         for tag in dict.fromkeys(entry.new.tags)
     ]

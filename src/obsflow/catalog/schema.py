@@ -171,7 +171,11 @@ tags = Table(
     metadata,
     Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
     Column("tag", String(64), primary_key=True),
-    Index("ix_tags_tag", "tag"),
+    # the file's start, copied (it never changes): a tag's files in start order straight
+    # from an index, however many files carry the tag
+    Column("start_utc", UTCDateTime),
+    Index("ix_tags_tag_start_utc_file_id", "tag", "start_utc", "file_id"),
+    Index("ix_tags_tag_file_id", "tag", "file_id"),  # ... and in the order they came
 )
 
 ledger = Table(

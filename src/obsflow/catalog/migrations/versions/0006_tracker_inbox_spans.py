@@ -1,10 +1,12 @@
-"""The tracker's inbox, and the products' longest spans.
+"""The tracker's inbox; the products' longest spans; tags in start order.
 
 * A per-file ``tracked`` mark instead of a cursor over file IDs: a cursor moved past an
   ID whose transaction had not committed yet when concurrent writers (PostgreSQL)
   committed out of ID order, and that file never started its runs.
 * ``spans``: the longest a file of each product lasts, the lower bound that keeps
   time-range lookups on the (product, start) index (:mod:`obsflow.catalog.spans`).
+* ``tags.start_utc`` (the file's start, copied) and indexes (tag, start, file) and
+  (tag, file): a tag's files in either order straight from an index.
 
 Revision ID: 0006
 Revises: 0005
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+
+from obsflow.catalog.schema import UTCDateTime
 
 revision = "0006"
 down_revision = "0005"
@@ -56,9 +60,21 @@ def upgrade() -> None:
         "WHERE product IS NOT NULL AND start_utc IS NOT NULL AND stop_utc IS NOT NULL "
         "GROUP BY product"
     )
+    op.add_column("tags", sa.Column("start_utc", UTCDateTime(), nullable=True))
+    op.execute(
+        "UPDATE tags SET start_utc = (SELECT start_utc FROM files WHERE files.id = tags.file_id)"
+    )
+    op.drop_index("ix_tags_tag", table_name="tags")
+    op.create_index("ix_tags_tag_start_utc_file_id", "tags", ["tag", "start_utc", "file_id"])
+    op.create_index("ix_tags_tag_file_id", "tags", ["tag", "file_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_tags_tag_file_id", table_name="tags")
+    op.drop_index("ix_tags_tag_start_utc_file_id", table_name="tags")
+    op.create_index("ix_tags_tag", "tags", ["tag"])
+    with op.batch_alter_table("tags") as batch:
+        batch.drop_column("start_utc")
     op.drop_table("spans")
     op.create_table(
         "tracker_cursor",
