@@ -30,6 +30,7 @@ from sqlalchemy import (
     Engine,
     Row,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -378,16 +379,10 @@ class Catalog:
         tags: dict[int, list[str]] = {}
         words: dict[int, dict[str, Any]] = {}
         for chunk in _chunks(ids, 500):
-            for t in conn.execute(
-                select(schema.tags)
-                .where(schema.tags.c.file_id.in_(chunk))
-                .order_by(schema.tags.c.tag)
-            ):
-                tags.setdefault(t.file_id, []).append(t.tag)
-            for k in conn.execute(
-                select(schema.keywords).where(schema.keywords.c.file_id.in_(chunk))
-            ):
-                words.setdefault(k.file_id, {})[k.name] = _keyword_from_row(k)
+            for file_id, tag in conn.execute(_TAGS_OF, {"ids": chunk}):
+                tags.setdefault(file_id, []).append(tag)
+            for file_id, name, kind, shown in conn.execute(_KEYWORDS_OF, {"ids": chunk}):
+                words.setdefault(file_id, {})[name] = _keyword_value(kind, shown)
         return [_record(r, tags.get(r.id, ()), words.get(r.id, {})) for r in rows]
 
     def ledger(self, file_id: int) -> list[LedgerEntry]:
@@ -403,14 +398,28 @@ class Catalog:
         return {FileState(state): count for state, count in rows}
 
 
-def _keyword_from_row(row: Row[Any]) -> Any:
-    kind, text = row.kind, row.value_text
+_TAGS_OF = (
+    select(schema.tags.c.file_id, schema.tags.c.tag)
+    .where(schema.tags.c.file_id.in_(bindparam("ids", expanding=True)))
+    .order_by(schema.tags.c.tag)
+)
+_KEYWORDS_OF = select(
+    schema.keywords.c.file_id,
+    schema.keywords.c.name,
+    schema.keywords.c.kind,
+    schema.keywords.c.value_text,
+).where(schema.keywords.c.file_id.in_(bindparam("ids", expanding=True)))
+
+
+def _keyword_value(kind: str, text: str | None) -> Any:
+    if kind == "s":
+        return text
     if kind == "b":
         return text == "T"
     if kind == "i":
-        return int(text)
+        return int(text or 0)
     if kind == "f":
-        return float(text)
+        return float(text or 0)
     return None if kind == "n" else text
 
 
