@@ -45,3 +45,40 @@ def test_readme_profile_example_fills_for_a_run(tmp_path: Path) -> None:
     assert out in combine.argv
     check = profile.step("check")
     assert check.enabled and check.argv == ("sh", "-c", f"test -s {out}")
+
+
+def test_readme_curl_examples_name_endpoints_and_parameters_the_api_has(tmp_path: Path) -> None:
+    """Each curl line of the README's API section asks for a path, method and query
+    parameters that the OpenAPI description declares."""
+    from obsflow.api import create_app
+    from obsflow.app import open_site
+    from obsflow.settings import load_settings
+    from obsflow.site import init_site
+
+    site = open_site(load_settings(init_site(tmp_path / "site")))
+    try:
+        spec = create_app(site).openapi()
+    finally:
+        site.close()
+    paths: dict[str, dict[str, object]] = spec["paths"]
+    calls = re.findall(
+        r'curl -s (?:-X (\w+) )?(?:-H "[^"]*" )*(?:-o \S+ )?"?(\$API|http://127\.0\.0\.1:8000)'
+        r'([^"\s]*)"?',
+        README.read_text(),
+    )
+    assert len(calls) >= 12, calls
+    for method, base, rest in calls:
+        path, _, query = rest.partition("?")
+        full = ("/api/v1" if base == "$API" else "") + path
+        matches = [
+            template
+            for template in paths
+            if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), full)
+        ]
+        assert matches, f"README: curl {full}: no such path in the OpenAPI description"
+        operation = paths[matches[0]].get((method or "get").lower())
+        assert isinstance(operation, dict), f"README: {method or 'GET'} {full}: no such method"
+        declared = {p["name"] for p in operation.get("parameters", [])}
+        for pair in filter(None, query.split("&")):
+            name = pair.partition("=")[0]
+            assert name in declared, f"README: {full}: no query parameter {name!r}"
