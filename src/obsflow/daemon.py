@@ -20,17 +20,22 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from obsflow.app import Site
 from obsflow.catalog.seen import SeenLedger
+from obsflow.errors import SiteError
 from obsflow.executor import Executor, make_executor
+from obsflow.ingest import Ingestor
 from obsflow.intake import Intake, Wake
 from obsflow.receipt import Outcome, Received
 from obsflow.registry.specs import EpicsTriggerSpec, WatchTriggerSpec
+from obsflow.settings import Role
 from obsflow.tracker.loop import TrackerLoop
+from obsflow.transfer import Client, Transferer
 from obsflow.trigger import Trigger
 from obsflow.trigger.scan import ReconcileScan
 from obsflow.trigger.watch import WatchTrigger
@@ -74,9 +79,25 @@ def build_triggers(site: Site) -> list[Trigger]:
     return triggers
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """Where an agent sends its frames: the archive server and a write token of its."""
+
+    server: str
+    token: str | None
+
+
 class Daemon:
-    """``listen``: where the REST API is served (``HOST:PORT``); else the settings'
-    ``api.listen``; neither: no API."""
+    """One site's daemon in its ``role`` (the settings' ``transfer.role`` if None):
+
+    * ``all``: triggers → receipt → cache → ingest → tracker → runs (one machine);
+    * ``agent``: triggers → receipt → cache → the outbox, sent to ``upstream``;
+    * ``server``: uploads (the API) → cache → ingest → tracker → runs, and any triggers
+      of its own.
+
+    ``listen``: where the REST API is served (``HOST:PORT``); else the settings'
+    ``api.listen``; neither: no API (a server must have one).
+    """
 
     def __init__(
         self,
@@ -84,10 +105,31 @@ class Daemon:
         triggers: Sequence[Trigger] | None = None,
         *,
         listen: str | None = None,
+        role: Role | None = None,
+        upstream: Upstream | None = None,
     ) -> None:
         self.site = site
+        self.role = role or site.settings.transfer.role
         self.listen = listen or site.settings.api.listen
+        transfer = site.settings.transfer
+        if upstream is None and transfer.server is not None:
+            upstream = Upstream(transfer.server, transfer.token)
+        self.upstream = upstream
+        if self.role is Role.AGENT and upstream is None:
+            raise SiteError(
+                "an agent needs its archive server: --server URL (or OBSFLOW_SERVER_URL, "
+                "or transfer.server in obsflow.yaml)"
+            )
+        if upstream is not None and not upstream.server.startswith(("http://", "https://")):
+            raise SiteError(f"the archive server {upstream.server!r}: expected an http(s) URL")
+        if self.role is Role.SERVER and self.listen is None:
+            raise SiteError(
+                "a server needs an address to listen on: --listen HOST:PORT (or api.listen)"
+            )
         self.api_url: str | None = None
+        committed = threading.Event()  # new files are queued: wakes the ingestors
+        new_files = threading.Event()  # ... and the tracker
+        self._events = (committed, new_files)
         self.triggers = list(triggers) if triggers is not None else build_triggers(site)
         self.started = site.clock()
         self.counts: dict[Outcome, int] = {}
@@ -108,8 +150,7 @@ class Daemon:
         swept = sweep_cache(site)
         if swept:
             log.warning("removed %d file(s) an interrupted run left in the cache", len(swept))
-        committed = threading.Event()  # new files are queued: wakes the ingestors
-        new_files = threading.Event()  # ... and the tracker
+        committed, new_files = self._events
         wake = Wake(committed, new_files)
         intake = Intake(
             site.receiver,
@@ -119,30 +160,37 @@ class Daemon:
             committed=wake,
             linger=0.002,  # frames arrive one by one: latency matters more than batching
         )
-        executor = make_executor(site, on_done=wake)  # a run's outputs are new files too
-        self.executor = executor
-        tracking = TrackerLoop(site, executor)
         tracker_stop = threading.Event()
-        tracker = threading.Thread(
-            target=tracking.run, args=(tracker_stop, new_files), name="tracker", daemon=True
-        )
+        executor: Executor | None = None
+        tracker: threading.Thread | None = None
+        if self.role is not Role.AGENT:  # an agent's pipelines run at the server
+            executor = make_executor(site, on_done=wake)  # a run's outputs are new files too
+            self.executor = executor
+            tracking = TrackerLoop(site, executor)
+            tracker = threading.Thread(
+                target=tracking.run, args=(tracker_stop, new_files), name="tracker", daemon=True
+            )
         ingest_stop = threading.Event()
+        client = self._client()
         ingestors = [
             threading.Thread(
-                target=site.ingestor().run,
+                target=self._ingestor(client).run,
                 args=(ingest_stop,),
                 kwargs={"wake": committed},
-                name=f"ingest-{n}",
+                name=f"ingest-{n}" if client is None else f"transfer-{n}",
                 daemon=True,
             )
-            for n in range(site.settings.workers.ingest)
+            for n in range(
+                site.settings.workers.ingest if client is None else site.settings.transfer.workers
+            )
         ]
         trimmer = threading.Thread(
             target=self._trim, args=(tracker_stop,), name="cache-trim", daemon=True
         )
         for thread in ingestors:
             thread.start()
-        tracker.start()
+        if tracker is not None:
+            tracker.start()
         trimmer.start()
         started: list[Trigger] = []
         try:
@@ -158,21 +206,49 @@ class Daemon:
                 trigger.stop()
             intake.close()
             tracker_stop.set()
-            tracker.join()
+            if tracker is not None:
+                tracker.join()
             trimmer.join()
-            executor.close(stop=True)  # runs in flight go back to the queue for next time
+            if executor is not None:
+                executor.close(stop=True)  # runs in flight go back to the queue for next time
             ingest_stop.set()
             for thread in ingestors:
                 thread.join()
+            if client is not None:
+                client.close()
             self.write_status(intake, running=False)
+
+    def _client(self) -> Client | None:
+        """The agent's connection to its server (None in the other roles)."""
+        if self.role is not Role.AGENT or self.upstream is None:
+            return None
+        timeout = self.site.settings.transfer.timeout_seconds
+        return Client(self.upstream.server, self.upstream.token, timeout=timeout)
+
+    def _ingestor(self, client: Client | None) -> Ingestor:
+        """An ingestor into the archive; an agent's sends its outbox to the server."""
+        site = self.site
+        if client is None:
+            return site.ingestor()
+        return Transferer(
+            site.catalog,
+            site.storage,
+            site.cache,
+            site.settings.ingest,
+            site.settings.transfer,
+            client,
+            site.settings.quarantine,
+            clock=site.clock,
+        )
 
     def _api(self) -> ApiServer | None:
         """The REST API, serving from a thread of its own, if the daemon has an address."""
         if self.listen is None:
             return None
-        from obsflow.api import ApiServer, parse_listen  # FastAPI only when served
+        from obsflow.api import ApiServer, create_app, parse_listen  # FastAPI only if served
 
-        server = ApiServer(self.site, *parse_listen(self.listen))
+        app = create_app(self.site, wake=Wake(*self._events))  # uploads wake the ingestors
+        server = ApiServer(self.site, *parse_listen(self.listen), app=app)
         server.start()
         self.api_url = server.url
         log.info("the REST API on %s/api/v1", server.url)
@@ -216,6 +292,8 @@ class Daemon:
             "in_flight": intake.in_flight,
             "runs_in_flight": self.executor.in_flight if self.executor is not None else 0,
             "api": self.api_url,
+            "role": self.role.value,
+            "server": self.upstream.server if self.upstream else None,
             "received": counts,
             "triggers": [
                 {"name": t.name, "ok": h.ok, "detail": h.detail}

@@ -13,6 +13,12 @@
     │   └── VanishedError      the file disappeared or changed while being received
     ├── CatalogError           the catalog database cannot be reached or migrated
     ├── StorageError           archive storage could not store or verify a file
+    │   └── transfer.TransferError  a frame did not reach the archive server this time
+    │       ├── BusyError      the server asked to wait (503 Retry-After, upload in progress)
+    │       ├── PendingError   the server cached it, has not archived it yet
+    │       ├── RefusedError   the server refused the bytes (a wrong checksum, a bad file)
+    │       ├── ConflictError  the server holds other bytes under its archive ID
+    │       └── DeniedError    the server refused the agent's token
     ├── RunError               a pipeline run could not be built, started or published
     │   ├── ProfileError       a profile cannot be filled for a run (names run, step, placeholder)
     │   └── StepError          a step cannot be started (names run, step; e.g. an image)

@@ -68,10 +68,10 @@ class Ingestor:
             try:
                 done.append((lease, self._archive(lease)))
             except (StorageError, OSError) as exc:
-                self._fail(lease, str(exc), report)
+                self._failed(lease, exc, report)
         if done:
             try:
-                self.storage.flush()
+                self._flush()
             except StorageError as exc:
                 for lease, _ in done:
                     self._fail(lease, str(exc), report)
@@ -81,6 +81,13 @@ class Ingestor:
             log.info("archived %s", lease.archive_id, extra={"archive_id": lease.archive_id})
             report.archived.append(lease.archive_id)
         return report
+
+    def _flush(self) -> None:
+        self.storage.flush()
+
+    def _failed(self, lease: Lease, exc: Exception, report: IngestReport) -> None:
+        """An attempt at ``lease`` raised ``exc``."""
+        self._fail(lease, str(exc), report)
 
     def _fail(self, lease: Lease, error: str, report: IngestReport) -> None:
         state = self.queue.fail(

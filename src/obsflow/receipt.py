@@ -22,7 +22,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import partial
@@ -79,6 +79,18 @@ class Received:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """What the site that received a file first (an observatory agent) says of it: the
+    archive server keeps its archive ID, and its moments acquired and received, so that
+    the ledger spans the way from the telescope to the archive."""
+
+    archive_id: str
+    sha256: str
+    acquired: datetime | None = None
+    received: datetime | None = None
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A file read, validated and copied to a cache temp file, waiting to be recorded."""
 
@@ -91,15 +103,19 @@ class Prepared:
     acquired: datetime
     received: datetime
     validated: datetime
+    archive_id: str | None = None  # given (a delivery); else made from the header
 
     def entry(self, cache: Cache, now: datetime) -> CacheEntry:
         """What the catalog needs to record this file and move it into the cache."""
         key = partial(Cache.key, self.instrument.name, self.meta.night)
+        make_id: Callable[[int], str] = partial(
+            metadata.archive_id, self.instrument, self.meta.date_obs, self.meta.night
+        )
+        if self.archive_id is not None:
+            make_id = partial(_given_id, self.archive_id)
         return CacheEntry(
             new=self.new,
-            make_archive_id=partial(
-                metadata.archive_id, self.instrument, self.meta.date_obs, self.meta.night
-            ),
+            make_archive_id=make_id,
             cache_path=key,
             place=lambda archive_id: cache.place(self.temp, key(archive_id)),
             unplace=lambda archive_id: cache.unplace(key(archive_id), self.temp),
@@ -113,6 +129,12 @@ class Prepared:
 
 
 _SITE_ERRORS = (OSError, CatalogError, StorageError, SQLAlchemyError)
+
+
+def _given_id(archive_id: str, bump: int) -> str:
+    if bump:  # the ID is taken by other bytes: never another ID for a delivered file
+        raise CatalogError(f"archive ID {archive_id} is taken by a file with other bytes")
+    return archive_id
 
 
 class Receiver:
@@ -135,12 +157,13 @@ class Receiver:
         self.clock = clock
         self.sleep = sleep
 
-    def receive(self, path: Path) -> Received:
-        """Receive one file; never raises for a bad file (it is quarantined instead)."""
-        prepared = self.prepare(path)
+    def receive(self, path: Path, delivery: Delivery | None = None) -> Received:
+        """Receive one file; never raises for a bad file (it is quarantined instead).
+        ``delivery``: the file comes from another site, which said this of it."""
+        prepared = self.prepare(path, delivery)
         return prepared if isinstance(prepared, Received) else self.commit([prepared])[0]
 
-    def prepare(self, path: Path) -> Prepared | Received:
+    def prepare(self, path: Path, delivery: Delivery | None = None) -> Prepared | Received:
         """Everything but recording: recognise, settle, validate, map, copy to a cache temp
         file. A refused file is quarantined here; its :class:`Received` says so."""
         received_at = self.clock()
@@ -155,7 +178,7 @@ class Receiver:
             return Received(path, Outcome.IGNORED, reason=exc.detail)
         try:
             stat = self._settle(path)
-            return self._prepare(path, recognised, stat, received_at)
+            prepared = self._prepare(path, recognised, stat, received_at)
         except _SITE_ERRORS as exc:
             # the site, not the file, is at fault (cache full, catalog down): the source is
             # untouched and a later trigger or scan will offer it again
@@ -168,6 +191,19 @@ class Receiver:
             )
         except ReceiptError as exc:
             return self._quarantine(path, exc, recognised, received_at)
+        if delivery is None:
+            return prepared
+        if prepared.new.sha256 != delivery.sha256:  # (the server checked it on the way in)
+            prepared.temp.unlink(missing_ok=True)
+            reason = f"sha256 {prepared.new.sha256[:12]}…, expected {delivery.sha256[:12]}…"
+            log.error("could not receive %s: %s", path, reason)
+            return Received(path, Outcome.ERROR, product=prepared.product.id, reason=reason)
+        return replace(
+            prepared,
+            archive_id=delivery.archive_id,
+            acquired=delivery.acquired or prepared.acquired,
+            received=delivery.received or prepared.received,
+        )
 
     def commit(self, batch: Sequence[Prepared]) -> list[Received]:
         """Record prepared files in one catalog transaction; each with its ingest request

@@ -7,6 +7,7 @@ calls :func:`load_settings` and passes the result down.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -113,6 +114,37 @@ class Api(_Section):
     """The most files or runs one page of a listing holds."""
 
 
+class Role(StrEnum):
+    """What ``obsflow run`` does at a site (see :mod:`obsflow.transfer`)."""
+
+    AGENT = "agent"  # observatory: triggers → receipt → the outbox to the server
+    SERVER = "server"  # archive: uploads → cache → ingest → tracker → pipelines → API
+    ALL = "all"  # one machine: both, without HTTP between them
+
+
+class Transfer(_Section):
+    role: Role = Role.ALL
+    """What ``obsflow run`` does (``--role`` overrides)."""
+    server: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    """Agent: the archive server's base URL (``--server``, ``OBSFLOW_SERVER_URL``)."""
+    token: str | None = None
+    """Agent: a token of the server's with write scope (``--token``, ``OBSFLOW_TOKEN``)."""
+    workers: int = Field(default=2, ge=1, le=64)
+    """Agent: frames uploaded at once."""
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    """Agent: a connection silent this long is given up (and the frame retried)."""
+    confirm_seconds: float = Field(default=10.0, ge=0)
+    """How long an upload waits for the server to archive the frame before it answers
+    ``cached`` (the agent then asks again later)."""
+    max_refusals: int = Field(default=3, ge=1)
+    """Agent: a frame the server refuses (a wrong checksum) this often is quarantined."""
+    keep_seconds: float | None = Field(default=None, ge=0)
+    """Agent: delete a frame's copy this long after the server archived it (None: keep)."""
+    max_queue: int = Field(default=1000, ge=1)
+    """Server: with more files than this waiting for the archive, uploads are answered
+    503 with Retry-After until it drains."""
+
+
 class _SettingsFile(_Section):
     paths: Paths = Paths()
     catalog: Catalog = Catalog()
@@ -123,6 +155,7 @@ class _SettingsFile(_Section):
     processing: Processing = Processing()
     cache_policy: CachePolicy = CachePolicy()
     api: Api = Api()
+    transfer: Transfer = Transfer()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -149,6 +182,7 @@ class Settings(_Section):
     processing: Processing
     cache_policy: CachePolicy
     api: Api
+    transfer: Transfer
 
 
 def load_settings(site: Path) -> Settings:
@@ -191,6 +225,7 @@ def from_file(site: Path, parsed: _SettingsFile) -> Settings:
         processing=parsed.processing,
         cache_policy=parsed.cache_policy,
         api=parsed.api,
+        transfer=parsed.transfer,
     )
 
 

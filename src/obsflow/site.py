@@ -74,6 +74,15 @@ cache_policy:
 api:
   listen: null            # e.g. 127.0.0.1:8080: `obsflow run` serves the REST API there
   page_limit: 1000        # the most files or runs in one page of a listing
+
+transfer:
+  role: all               # all: one machine | agent: observatory, uploads to `server` | server
+  server: null            # agent: the archive server, e.g. https://archive.example.org
+  token: null             # agent: a write token of the server's (better: OBSFLOW_TOKEN)
+  workers: 2              # agent: frames uploaded at once
+  confirm_seconds: 10     # an upload waits this long for the server to archive the frame
+  keep_seconds: null      # agent: delete frames this long after the server archived them
+  max_queue: 1000         # server: more files than this waiting to be archived: 503, retry later
 """
 
 

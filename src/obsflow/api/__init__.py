@@ -43,12 +43,13 @@ from fastapi.openapi.utils import get_openapi
 
 from obsflow import __version__
 from obsflow.access import TokenStore
-from obsflow.api import files, metrics, problems, runs, status
+from obsflow.api import files, metrics, problems, runs, status, transfer
 from obsflow.api.metrics import Metrics, RequestMetrics
-from obsflow.api.services import Services
+from obsflow.api.services import Services, Uploads
 from obsflow.app import Site
 from obsflow.catalog.runs import RunStore
 from obsflow.errors import ObsflowError
+from obsflow.intake import Wakeable
 from obsflow.retrieval import Retriever
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,11 @@ class ListenError(ObsflowError):
     """The API cannot listen where it was asked to (a bad HOST:PORT, or in use)."""
 
 
-def create_app(site: Site, *, retriever: Retriever | None = None) -> FastAPI:
-    """The API of ``site`` as an ASGI app (it keeps no state but its metrics)."""
+def create_app(
+    site: Site, *, retriever: Retriever | None = None, wake: Wakeable | None = None
+) -> FastAPI:
+    """The API of ``site`` as an ASGI app (it keeps no state but its metrics and the
+    uploads in progress). ``wake`` is set when an upload is cached."""
     retriever = retriever or Retriever(
         site.catalog, site.cache, site.storage, site.settings.cache_policy, site.clock
     )
@@ -98,9 +102,11 @@ def create_app(site: Site, *, retriever: Retriever | None = None) -> FastAPI:
         retriever=retriever,
         metrics=app_metrics,
         page_limit=site.settings.api.page_limit,
+        uploads=Uploads(),
+        wake=wake,
     )
     problems.install(app)
-    for module in (files, runs, status, metrics):
+    for module in (files, runs, status, metrics, transfer):
         app.include_router(module.router)
     app.add_middleware(RequestMetrics, metrics=app_metrics)
 

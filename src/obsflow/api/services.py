@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -14,10 +15,30 @@ from pydantic import BaseModel
 from obsflow.access import TokenStore
 from obsflow.app import Site
 from obsflow.catalog.runs import RunStore
+from obsflow.intake import Wakeable
 from obsflow.retrieval import Retriever
 
 if TYPE_CHECKING:
     from obsflow.api.metrics import Metrics
+
+
+class Uploads:
+    """The archive IDs being uploaded right now (one upload per ID at a time)."""
+
+    def __init__(self) -> None:
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, archive_id: str) -> bool:
+        with self._lock:
+            if archive_id in self._busy:
+                return False
+            self._busy.add(archive_id)
+            return True
+
+    def release(self, archive_id: str) -> None:
+        with self._lock:
+            self._busy.discard(archive_id)
 
 
 @dataclass(frozen=True)
@@ -29,6 +50,9 @@ class Services:
     metrics: Metrics
     page_limit: int
     """The most items one page of a listing holds (``settings.api.page_limit``)."""
+    uploads: Uploads
+    wake: Wakeable | None = None
+    """Set when an upload is cached (the daemon's ingestors and tracker)."""
 
     def now(self) -> datetime:
         return self.site.clock()

@@ -29,7 +29,7 @@ from obsflow.errors import ConfigError, ObsflowError, SiteError
 from obsflow.metadata import parse_time
 from obsflow.receipt import Outcome
 from obsflow.registry import load_registry
-from obsflow.settings import Settings, load_settings
+from obsflow.settings import Role, Settings, load_settings
 from obsflow.site import init_site
 from obsflow.states import FileState, RequestState, RunState
 
@@ -724,13 +724,38 @@ def run(
             show_default=False,
         ),
     ] = None,
+    role: Annotated[
+        Role | None,
+        typer.Option(
+            help="all: one machine; agent: send frames to --server; server: take them "
+            "(else the settings' transfer.role).",
+            show_default=False,
+        ),
+    ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OBSFLOW_SERVER_URL",
+            metavar="URL",
+            help="An agent's archive server (else the settings' transfer.server).",
+            show_default=False,
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OBSFLOW_TOKEN",
+            help="A write token of the server's (else the settings' transfer.token).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the daemon: triggers → receipt → cache → archive → pipelines (and the REST
     API, if it has an address), until SIGINT or SIGTERM."""
     import signal
     import threading
 
-    from obsflow.daemon import Daemon
+    from obsflow.daemon import Daemon, Upstream
 
     stop = threading.Event()
 
@@ -741,11 +766,16 @@ def run(
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     with _site(site) as s:
-        daemon = Daemon(s, listen=listen)
+        transfer = s.settings.transfer
+        upstream = None
+        if server or transfer.server:
+            upstream = Upstream(server or transfer.server or "", token or transfer.token)
+        daemon = Daemon(s, listen=listen, role=role, upstream=upstream)
         err.print(
-            f"obsflow run: site {s.settings.site}; triggers: "
+            f"obsflow run: site {s.settings.site}; role {daemon.role.value}; triggers: "
             + ", ".join(t.name for t in daemon.triggers)
-            + (f"; the API on {daemon.listen}" if daemon.listen else ""),
+            + (f"; the API on {daemon.listen}" if daemon.listen else "")
+            + (f"; frames to {upstream.server}" if daemon.role is Role.AGENT and upstream else ""),
             highlight=False,
         )
         daemon.run(stop)

@@ -1,0 +1,295 @@
+"""``/api/v1/transfers``: the archive server's side of the transfer protocol.
+
+An observatory agent (:mod:`obsflow.transfer`) sends each frame it has received, under
+the archive ID it gave it:
+
+1. ``GET /transfers/{id}?sha256=H`` — what the server has: ``archived`` or ``cached``
+   (these very bytes: nothing to send), ``conflict`` (other bytes under that ID),
+   ``partial`` with the ``offset`` of the bytes it holds of an interrupted upload, or
+   ``absent``.
+2. ``PUT /transfers/{id}`` — the bytes from ``Upload-Offset`` on (0, or the offset of
+   a partial upload), streamed, with ``Upload-Length`` (the whole size),
+   ``Obsflow-Sha256``, ``Obsflow-Name`` (the original file name), and the agent's
+   ``Obsflow-Acquired`` and ``Obsflow-Received`` moments (RFC 3339). The server appends
+   them to a partial file; once it is whole, checks its sha256 (a mismatch is refused
+   with 422 and the partial file removed: the agent sends it again), then receives it
+   as any file (the registry recognises it, the header is validated and mapped) under
+   the agent's archive ID, into the cache with its ingest request in one transaction,
+   and waits up to ``transfer.confirm_seconds`` for its ingestors to archive it. The
+   answer says ``archived`` or ``cached`` (the agent asks again later).
+
+The same ID with the same bytes again is a success that writes nothing; with other
+bytes, 409 ``conflict`` (never overwritten). With more than ``transfer.max_queue`` files
+waiting for the archive, uploads are answered 503 with ``Retry-After``. Both need a
+token with write scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import time
+from enum import StrEnum
+from pathlib import Path as FilePath
+from typing import Annotated, Final
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+from starlette.requests import ClientDisconnect
+
+from obsflow.api.auth import Writer
+from obsflow.api.files import ArchiveId
+from obsflow.api.params import Time, utc
+from obsflow.api.problems import ProblemError, documented
+from obsflow.api.services import Services, json_response, services
+from obsflow.catalog import schema
+from obsflow.receipt import Delivery, Outcome
+from obsflow.states import FileState, RequestState
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1", tags=["transfers"])
+Svc = Annotated[Services, Depends(services)]
+
+SHA256: Final = r"^[0-9a-f]{64}$"
+FILE_NAME: Final = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,254}$"
+MAX_SIZE: Final = 1 << 40  # 1 TiB: more is a mistake, not a frame
+UPLOADS: Final = ".uploads"  # under the cache (the same file system): partial files
+HASH_CHUNK: Final = 1 << 20
+
+
+class TransferStatus(StrEnum):
+    ABSENT = "absent"  # nothing of it here
+    PARTIAL = "partial"  # part of an interrupted upload: resume at ``offset``
+    CACHED = "cached"  # received, waiting for the archive
+    ARCHIVED = "archived"  # in the archive, its checksum verified
+    CONFLICT = "conflict"  # this archive ID holds other bytes
+
+
+class TransferState(BaseModel):
+    archive_id: str
+    state: TransferStatus
+    offset: int = Field(0, description="Bytes the server holds of a partial upload.")
+    detail: str | None = None
+
+
+Sha256Query = Annotated[
+    str, Query(pattern=SHA256, description="The sha256 of the bytes the agent has (hex).")
+]
+
+
+@router.get(
+    "/transfers/{archive_id}",
+    response_model=TransferState,
+    summary="What the server has of a file an agent would send",
+    responses=documented(401, 403),
+)
+def transfer_state(archive_id: ArchiveId, sha256: Sha256Query, who: Writer, svc: Svc) -> Response:
+    """``archived``/``cached``: the server has these bytes (send nothing);
+    ``conflict``: other bytes under this ID; ``partial``: resume at ``offset``;
+    ``absent``: send it all."""
+    return json_response(_state(svc, archive_id, sha256))
+
+
+@router.put(
+    "/transfers/{archive_id}",
+    response_model=TransferState,
+    summary="Upload a file under its archive ID (resumable)",
+    responses=documented(401, 403, 409, 413),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        }
+    },
+)
+async def upload(
+    archive_id: ArchiveId,
+    request: Request,
+    who: Writer,
+    svc: Svc,
+    name: Annotated[str, Header(alias="Obsflow-Name", pattern=FILE_NAME)],
+    sha256: Annotated[str, Header(alias="Obsflow-Sha256", pattern=SHA256)],
+    length: Annotated[int, Header(alias="Upload-Length", ge=0, le=MAX_SIZE)],
+    offset: Annotated[int, Header(alias="Upload-Offset", ge=0, le=MAX_SIZE)] = 0,
+    acquired: Annotated[Time | None, Header(alias="Obsflow-Acquired")] = None,
+    received: Annotated[Time | None, Header(alias="Obsflow-Received")] = None,
+) -> Response:
+    """Append the body to what the server holds of this file from ``Upload-Offset``;
+    when the file is whole, verify it and receive it. See the module's docstring."""
+    settings = svc.site.settings.transfer
+    if offset > length:
+        raise ProblemError(422, f"Upload-Offset {offset} is past Upload-Length {length}")
+    waiting = await anyio.to_thread.run_sync(_waiting, svc)
+    if waiting > settings.max_queue:
+        raise ProblemError(
+            503,
+            f"the archive is busy: {waiting} files wait for it (more than {settings.max_queue})",
+            kind="busy",
+            headers={"Retry-After": "2"},
+        )
+    state = await anyio.to_thread.run_sync(_state, svc, archive_id, sha256)
+    if state.state is TransferStatus.CONFLICT:
+        raise ProblemError(409, state.detail or "conflict", kind="conflict")
+    if state.state in (TransferStatus.CACHED, TransferStatus.ARCHIVED):
+        return json_response(state)  # these bytes are here already: nothing to write
+    if state.offset != offset:
+        raise ProblemError(
+            409,
+            f"the server holds {state.offset} bytes of {archive_id}, not {offset}: "
+            "resume from there",
+            kind="wrong-offset",
+            headers={"Upload-Offset": str(state.offset)},
+        )
+    uploads = svc.uploads
+    if not uploads.claim(archive_id):
+        raise ProblemError(
+            409, f"{archive_id} is being uploaded already", kind="in-progress",
+            headers={"Retry-After": "1"},
+        )  # fmt: skip
+    try:
+        part = _part(svc, archive_id, sha256)
+        digest = hashlib.sha256() if offset == 0 else None
+        size = await _append(request, part, offset, length, digest)
+        if size < length:
+            return json_response(
+                TransferState(archive_id=archive_id, state=TransferStatus.PARTIAL, offset=size)
+            )
+        delivery = Delivery(archive_id, sha256, utc(acquired), utc(received))
+        state = await anyio.to_thread.run_sync(_receive, svc, part, name, delivery, digest)
+    finally:
+        uploads.release(archive_id)
+    if state.state is TransferStatus.CACHED:
+        state = await _confirm(svc, state, settings.confirm_seconds)
+    return json_response(state, status_code=200)
+
+
+# ------------------------------------------------------------------ the steps
+
+
+def _state(svc: Services, archive_id: str, sha256: str) -> TransferState:
+    files = schema.files
+    with svc.site.catalog.read() as conn:
+        row = conn.execute(
+            select(files.c.sha256, files.c.state).where(
+                files.c.archive_id == archive_id, schema.is_live()
+            )
+        ).first()
+    if row is not None:
+        if row.sha256 != sha256:
+            return TransferState(
+                archive_id=archive_id,
+                state=TransferStatus.CONFLICT,
+                detail=f"{archive_id} holds other bytes (sha256 {row.sha256[:12]}…), "
+                f"not {sha256[:12]}…: never overwritten",
+            )
+        archived = row.state == FileState.ARCHIVED.value
+        status = TransferStatus.ARCHIVED if archived else TransferStatus.CACHED
+        return TransferState(archive_id=archive_id, state=status)
+    part = _part(svc, archive_id, sha256)
+    try:
+        held = part.stat().st_size
+    except FileNotFoundError:
+        return TransferState(archive_id=archive_id, state=TransferStatus.ABSENT)
+    return TransferState(archive_id=archive_id, state=TransferStatus.PARTIAL, offset=held)
+
+
+def _waiting(svc: Services) -> int:
+    requests = schema.ingest_requests
+    waiting = [RequestState.PENDING.value, RequestState.LEASED.value]
+    with svc.site.catalog.read() as conn:
+        count = conn.execute(
+            select(func.count()).select_from(requests).where(requests.c.state.in_(waiting))
+        ).scalar_one()
+    return int(count)
+
+
+def _part(svc: Services, archive_id: str, sha256: str) -> FilePath:
+    """Where the partial upload of these bytes lives (named by the bytes too: another
+    upload under the same ID, with other bytes, is another partial file)."""
+    return svc.site.settings.cache / UPLOADS / f"{archive_id}.{sha256[:16]}.part"
+
+
+async def _append(
+    request: Request, part: FilePath, offset: int, length: int, digest: hashlib._Hash | None
+) -> int:
+    """Append the request's body to ``part``; return its size after (short of
+    ``length`` when the client went away midway: the agent resumes from there)."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    size = offset
+    with part.open("r+b" if offset else "wb") as out:
+        out.truncate(offset)
+        out.seek(offset)
+        try:
+            async for chunk in request.stream():
+                if size + len(chunk) > length:
+                    out.truncate(offset)
+                    raise ProblemError(
+                        413, f"the body is longer than Upload-Length {length}", kind="too-long"
+                    )
+                out.write(chunk)  # (to the page cache: too quick to be worth a thread)
+                if digest is not None:
+                    digest.update(chunk)
+                size += len(chunk)
+        except ClientDisconnect:
+            log.info("upload of %s cut at %d of %d bytes", part.name, size, length)
+    return size
+
+
+def _receive(
+    svc: Services, part: FilePath, name: str, delivery: Delivery, digest: hashlib._Hash | None
+) -> TransferState:
+    """Verify the whole file and receive it under its archive ID (a worker thread)."""
+    archive_id = delivery.archive_id
+    if digest is None:  # a resumed upload: hash what the parts add up to
+        digest = hashlib.sha256()
+        with part.open("rb") as src:
+            while chunk := src.read(HASH_CHUNK):
+                digest.update(chunk)
+    if digest.hexdigest() != delivery.sha256:
+        part.unlink(missing_ok=True)
+        raise ProblemError(
+            422,
+            f"{archive_id}: the bytes received have sha256 {digest.hexdigest()[:12]}…, "
+            f"not {delivery.sha256[:12]}…; send it again",
+            kind="checksum-mismatch",
+        )
+    folder = part.with_suffix(".d")  # the file under its own name, for recognition
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    part.rename(path)
+    try:
+        result = svc.site.receiver.receive(path, delivery)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if result.outcome is Outcome.CACHED:
+        if svc.wake is not None:
+            svc.wake.set()  # the ingestors, the tracker
+        return TransferState(archive_id=archive_id, state=TransferStatus.CACHED)
+    if result.outcome is Outcome.DUPLICATE:  # these bytes are here under another ID
+        return _state(svc, result.archive_id or archive_id, delivery.sha256)
+    if result.outcome in (Outcome.REJECTED, Outcome.IGNORED):
+        raise ProblemError(422, f"{name}: refused: {result.reason}", kind="refused")
+    raise ProblemError(
+        503, f"{name}: the server could not take it now: {result.reason}", kind="busy",
+        headers={"Retry-After": "5"},
+    )  # fmt: skip
+
+
+async def _confirm(svc: Services, state: TransferState, seconds: float) -> TransferState:
+    """Wait (up to ``seconds``) until the ingestors have archived the file."""
+    files = schema.files
+    query = select(files.c.state).where(files.c.archive_id == state.archive_id)
+    deadline = time.monotonic() + seconds
+    pause = 0.005
+    while time.monotonic() < deadline:
+        await asyncio.sleep(pause)
+        pause = min(pause * 1.5, 0.1)
+        with svc.site.catalog.read() as conn:
+            now = conn.execute(query).scalar()
+        if now == FileState.ARCHIVED.value:
+            return TransferState(archive_id=state.archive_id, state=TransferStatus.ARCHIVED)
+    return state

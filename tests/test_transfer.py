@@ -1,0 +1,215 @@
+"""The transfer protocol: an agent's client against a real archive server on 127.0.0.1
+(the server's API in a thread, its ingestor in another; each side its own catalog)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from obsflow.access import Scope, TokenStore
+from obsflow.api import ApiServer, create_app
+from obsflow.app import Site, open_site
+from obsflow.catalog import FileQuery
+from obsflow.intake import Wake
+from obsflow.states import FileState, LedgerEvent
+from obsflow.transfer import (
+    BusyError,
+    Client,
+    ConflictError,
+    DeniedError,
+    Outgoing,
+    RefusedError,
+    TransferError,
+)
+from tests.conftest import SiteFactory
+
+ACQUIRED = datetime(2026, 11, 22, 5, 0, 1, tzinfo=UTC)
+
+
+@dataclass
+class Archive:
+    """A running archive server: its site, its URL, tokens of each kind."""
+
+    site: Site
+    url: str
+    write: str
+    read: str
+    requests: list[str]
+
+    def client(self, token: str | None = None) -> Client:
+        client = Client(self.url, token if token is not None else self.write, timeout=10)
+        client.http.event_hooks["request"] = [
+            lambda request: self.requests.append(f"{request.method} {request.url.path}")
+        ]
+        return client
+
+
+@pytest.fixture
+def archive(make_site: SiteFactory) -> Iterator[Archive]:
+    settings = make_site("server", transfer={"confirm_seconds": 5.0, "max_queue": 3})
+    site = open_site(settings)
+    committed = threading.Event()
+    stop = threading.Event()
+    ingestor = threading.Thread(
+        target=site.ingestor().run, args=(stop,), kwargs={"wake": committed}, daemon=True
+    )
+    ingestor.start()
+    server = ApiServer(site, app=create_app(site, wake=Wake(committed))).start()
+    tokens = TokenStore(site.catalog)
+    now = site.clock()
+    write, _ = tokens.create("agent", Scope.WRITE, [], now)
+    read, _ = tokens.create("reader", Scope.READ, [], now)
+    try:
+        yield Archive(site, server.url, write, read, [])
+    finally:
+        server.stop()
+        stop.set()
+        ingestor.join(30)
+        site.close()
+
+
+def outgoing(frame: Path, archive_id: str = "OF.20261122.18000.00.fits") -> Outgoing:
+    data = frame.read_bytes()
+    return Outgoing(
+        archive_id=archive_id,
+        path=frame,
+        name=frame.name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        acquired=ACQUIRED,
+        received=ACQUIRED + timedelta(seconds=0.05),
+    )
+
+
+def server_file(archive: Archive, archive_id: str) -> Any:
+    return archive.site.catalog.get(archive_id)
+
+
+def test_a_frame_arrives_once_verified_and_a_second_send_sends_no_bytes(
+    archive: Archive, frames: list[Path]
+) -> None:
+    out = outgoing(frames[0])
+    client = archive.client()
+    try:
+        client.send(out)
+        record = server_file(archive, out.archive_id)
+        assert record is not None and record.state is FileState.ARCHIVED
+        assert record.sha256 == out.sha256 and record.original_name == frames[0].name
+        stored = archive.site.storage.sha256(record.archive_path)
+        assert stored == out.sha256  # verified in the server's archive
+        ledger = {e.event: e.at for e in archive.site.catalog.ledger(record.id)}
+        assert ledger[LedgerEvent.ACQUIRED] == ACQUIRED  # the telescope's moment, kept
+        assert ledger[LedgerEvent.ARCHIVED] >= ledger[LedgerEvent.CACHED] > ACQUIRED
+        archive.requests.clear()
+        client.send(out)  # again (a retry after a lost answer): asks, sends nothing
+        assert archive.requests == [f"GET /api/v1/transfers/{out.archive_id}"]
+    finally:
+        client.close()
+    assert [r.archive_id for r in archive.site.catalog.find(FileQuery())] == [out.archive_id]
+    uploads = archive.site.settings.cache / ".uploads"
+    assert not uploads.exists() or list(uploads.iterdir()) == []  # nothing half-written
+
+
+def test_an_interrupted_upload_resumes_from_the_bytes_the_server_holds(
+    archive: Archive, frames: list[Path]
+) -> None:
+    out = outgoing(frames[1])
+    data = out.path.read_bytes()
+    half = len(data) // 2
+    headers = {
+        "Authorization": f"Bearer {archive.write}",
+        "Upload-Length": str(out.size),
+        "Upload-Offset": "0",
+        "Obsflow-Sha256": out.sha256,
+        "Obsflow-Name": out.name,
+    }
+    url = f"{archive.url}/api/v1/transfers/{out.archive_id}"
+    first = httpx.put(url, content=data[:half], headers=headers, timeout=10)  # the cut
+    assert first.status_code == 200 and first.json()["state"] == "partial"
+    client = archive.client()
+    try:
+        assert client.state(out.archive_id, out.sha256) == {
+            "archive_id": out.archive_id,
+            "state": "partial",
+            "offset": half,
+        }
+        archive.requests.clear()
+        client.send(out)
+    finally:
+        client.close()
+    record = server_file(archive, out.archive_id)
+    assert record is not None and record.state is FileState.ARCHIVED
+    assert record.sha256 == out.sha256
+    assert f"PUT /api/v1/transfers/{out.archive_id}" in archive.requests
+
+
+def test_a_wrong_checksum_is_refused_and_nothing_is_stored(
+    archive: Archive, frames: list[Path]
+) -> None:
+    out = outgoing(frames[2])
+    wrong = Outgoing(**{**out.__dict__, "sha256": hashlib.sha256(b"other").hexdigest()})
+    client = archive.client()
+    try:
+        with pytest.raises(RefusedError, match="sha256"):
+            client.send(wrong)
+    finally:
+        client.close()
+    assert server_file(archive, out.archive_id) is None
+    assert list((archive.site.settings.cache / ".uploads").glob("*.part")) == []
+
+
+def test_the_same_id_with_other_bytes_is_a_conflict_never_an_overwrite(
+    archive: Archive, frames: list[Path]
+) -> None:
+    client = archive.client()
+    try:
+        client.send(outgoing(frames[3], "OF.20261122.18000.00.fits"))
+        with pytest.raises(ConflictError, match="other bytes"):
+            client.send(outgoing(frames[4], "OF.20261122.18000.00.fits"))
+    finally:
+        client.close()
+    record = server_file(archive, "OF.20261122.18000.00.fits")
+    assert record is not None and record.original_name == frames[3].name
+
+
+@pytest.mark.parametrize("who", ["none", "bad", "read"])
+def test_a_transfer_needs_a_write_token_and_a_refused_one_stores_nothing(
+    archive: Archive, frames: list[Path], who: str
+) -> None:
+    token = {"none": "", "bad": "obsflow_" + "x" * 43, "read": archive.read}[who]
+    client = archive.client(token)
+    try:
+        with pytest.raises(DeniedError):
+            client.send(outgoing(frames[5]))
+    finally:
+        client.close()
+    assert server_file(archive, "OF.20261122.18000.00.fits") is None
+    assert not (archive.site.settings.cache / ".uploads").exists()
+
+
+def test_a_busy_archive_answers_503_with_retry_after(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    site = open_site(make_site("busy", transfer={"max_queue": 2, "confirm_seconds": 0}))
+    server = ApiServer(site).start()  # no ingestor: the queue only grows
+    token, _ = TokenStore(site.catalog).create("agent", Scope.WRITE, [], site.clock())
+    client = Client(server.url, token, timeout=10)
+    try:
+        for n, frame in enumerate(frames[:3]):
+            with pytest.raises(TransferError, match="cached at the server"):
+                client.send(outgoing(frame, f"OF.20261122.1800{n}.00.fits"))
+        with pytest.raises(BusyError, match="3 files wait") as busy:
+            client.send(outgoing(frames[3], "OF.20261122.18009.00.fits"))
+        assert busy.value.retry_after == 2.0
+    finally:
+        client.close()
+        server.stop()
+        site.close()
