@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -256,14 +256,22 @@ class Daemon:
 
     def _trim(self, stop: threading.Event) -> None:
         """Keep the cache within its budget (if it has one): evict the least recently
-        used archived files, which become virtual."""
+        used archived files, which become virtual. An agent with ``transfer.keep_seconds``
+        also lets go of the frames the server archived that long ago."""
         policy = self.site.settings.cache_policy
-        if policy.budget_bytes is None:
+        keep = self.site.settings.transfer.keep_seconds
+        if self.role is not Role.AGENT:
+            keep = None
+        if policy.budget_bytes is None and keep is None:
             return
         retriever = self.site.retriever()
         while not stop.wait(policy.trim_seconds):
             try:
-                if retriever.over_budget():
+                if keep is not None:
+                    gone = retriever.expire(self.site.clock() - timedelta(seconds=keep))
+                    if gone:
+                        log.info("%d frame(s) the server archived were let go", gone)
+                if policy.budget_bytes is not None and retriever.over_budget():
                     report = retriever.trim()
                     log.info(
                         "cache over budget: %d file(s) evicted, %d bytes freed",

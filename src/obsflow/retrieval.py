@@ -401,6 +401,39 @@ class Retriever:
             evicted, freed, remaining, skipped_pinned, skipped_unarchived, target=target
         )
 
+    def expire(self, archived_before: datetime) -> int:
+        """Evict the cached files archived at or before ``archived_before``, pinned ones
+        excepted (an agent's retention: its copies go once the archive server has
+        confirmed them); returns how many."""
+        led = schema.ledger
+        old = exists().where(
+            led.c.file_id == files.c.id,
+            led.c.event == LedgerEvent.ARCHIVED.value,
+            led.c.at <= archived_before,
+        )
+        stmt = (
+            select(
+                files.c.id,
+                files.c.archive_id,
+                files.c.size,
+                files.c.state,
+                files.c.cache_path,
+                files.c.last_access,
+            )
+            .where(_CACHED, files.c.state == FileState.ARCHIVED.value, old)
+            .where(~exists().where(pins.c.file_id == files.c.id))
+            .order_by(files.c.id)
+            .limit(WALK_CHUNK)
+        )
+        total = 0
+        while True:
+            with self.catalog.read() as conn:
+                rows: list[Row[Any]] = list(conn.execute(stmt))
+            evicted = self._evict(rows)
+            total += len(evicted)
+            if len(rows) < WALK_CHUNK or not evicted:
+                return total
+
     def _stamp_never_read(self, now: datetime) -> None:
         """Give cached files never read a ``last_access``: when they were cached."""
         led = schema.ledger

@@ -28,14 +28,15 @@ import logging
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
 import httpx
+from sqlalchemy import func, select
 
 from obsflow.cache import Cache
-from obsflow.catalog import Catalog
+from obsflow.catalog import Catalog, schema
 from obsflow.catalog.queue import Lease
 from obsflow.errors import StorageError
 from obsflow.ingest import Ingestor, IngestReport
@@ -263,6 +264,59 @@ class Transferer(Ingestor):
         note["at"] = self.clock().isoformat()
         target.with_name(target.name + ".reason.json").write_text(json.dumps(note, indent=2))
         log.error("quarantined %s: the server will not take it: %s", lease.archive_id, reason)
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """The state of an agent's outbox, for ``obsflow status``."""
+
+    depth: int  # frames not yet archived at the server
+    oldest: datetime | None  # when the oldest of them was queued
+    oldest_name: str | None
+    last_success: datetime | None  # when the server last confirmed a frame
+    bytes_per_second: float  # confirmed in the last ``window`` seconds
+    window: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "depth": self.depth,
+            "oldest": self.oldest.isoformat() if self.oldest else None,
+            "oldest_name": self.oldest_name,
+            "last_success": self.last_success.isoformat() if self.last_success else None,
+            "bytes_per_second": round(self.bytes_per_second, 1),
+            "window_seconds": self.window,
+        }
+
+
+def outbox(catalog: Catalog, now: datetime, window: float = 300.0) -> Outbox:
+    """Depth, oldest waiting frame, last confirmation and throughput of the outbox."""
+    requests, files, ledger = schema.ingest_requests, schema.files, schema.ledger
+    waiting = requests.c.state.in_([RequestState.PENDING.value, RequestState.LEASED.value])
+    archived = ledger.c.event == LedgerEvent.ARCHIVED.value
+    since = now - timedelta(seconds=window)
+    with catalog.read() as conn:
+        depth = conn.execute(select(func.count()).select_from(requests).where(waiting)).scalar()
+        oldest = conn.execute(
+            select(requests.c.created_at, files.c.original_name)
+            .join(files, files.c.id == requests.c.file_id)
+            .where(waiting)
+            .order_by(requests.c.created_at)
+            .limit(1)
+        ).first()
+        last = conn.execute(select(func.max(ledger.c.at)).where(archived)).scalar()
+        sent = conn.execute(
+            select(func.coalesce(func.sum(files.c.size), 0))
+            .join(ledger, ledger.c.file_id == files.c.id)
+            .where(archived, ledger.c.at >= since)
+        ).scalar()
+    return Outbox(
+        depth=int(depth or 0),
+        oldest=oldest.created_at if oldest else None,
+        oldest_name=oldest.original_name if oldest else None,
+        last_success=last,
+        bytes_per_second=float(sent or 0) / window,
+        window=window,
+    )
 
 
 def _read_from(path: Path, offset: int) -> Iterator[bytes]:

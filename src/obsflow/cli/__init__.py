@@ -525,6 +525,12 @@ def status(
         daemon = read_daemon_status(s.settings.site, s.clock())
         files = {state.value: counts.get(state, 0) for state in FileState}
         queue_depth = depth.get(RequestState.PENDING, 0) + depth.get(RequestState.LEASED, 0)
+        role = (daemon or {}).get("role") or s.settings.transfer.role.value
+        sending = None
+        if role == Role.AGENT.value:
+            from obsflow.transfer import outbox
+
+            sending = outbox(s.catalog, s.clock())
         if as_json:
             data = {
                 "files": files,
@@ -532,12 +538,28 @@ def status(
                 "queue_depth": queue_depth,
                 "daemon": daemon,
             }
+            if sending is not None:
+                data["outbox"] = sending.to_json()
             print(json.dumps(data, indent=1))
             return
         table = Table(title=f"obsflow status: {s.settings.site}", show_header=False)
         for state_name, n in files.items():
             table.add_row(f"files {state_name}", str(n))
         table.add_row("ingest queue depth", str(queue_depth))
+        if sending is not None:
+            server = (daemon or {}).get("server") or s.settings.transfer.server or "?"
+            table.add_row("outbox: frames to send", f"{sending.depth} (to {server})")
+            if sending.oldest is not None:
+                age = (s.clock() - sending.oldest).total_seconds()
+                table.add_row("outbox: oldest", f"{sending.oldest_name}, {age:.0f} s waiting")
+            last = sending.last_success
+            table.add_row(
+                "outbox: last confirmed", last.isoformat(timespec="seconds") if last else "never"
+            )
+            table.add_row(
+                "outbox: throughput",
+                f"{sending.bytes_per_second / 1e6:.2f} MB/s (last {sending.window:.0f} s)",
+            )
         if daemon is None or not daemon["alive"]:
             table.add_row("daemon", "not running")
         else:
