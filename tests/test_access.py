@@ -322,7 +322,7 @@ def test_token_commands(make_site: SiteFactory) -> None:
     assert made.returncode == 0, made.stderr
     data = json.loads(made.stdout)
     admin = data.pop("token")
-    assert data == {"id": 2, "user": "ops", "scope": "admin", "programs": []}
+    assert data == {"id": 2, "user": "ops", "scope": "admin", "programs": [], "instruments": []}
     assert admin != secret and _verify(settings, admin) == Principal(
         "ops", Scope.ADMIN, frozenset(), 2
     )

@@ -42,6 +42,7 @@ class Archive:
     url: str
     write: str
     read: str
+    elsewhere: str  # write scope, for another instrument's frames only
     requests: list[str]
 
     def client(self, token: str | None = None) -> Client:
@@ -67,8 +68,9 @@ def archive(make_site: SiteFactory) -> Iterator[Archive]:
     now = site.clock()
     write, _ = tokens.create("agent", Scope.WRITE, [], now)
     read, _ = tokens.create("reader", Scope.READ, [], now)
+    elsewhere, _ = tokens.create("other", Scope.WRITE, [], now, instruments=["OTHERCAM"])
     try:
-        yield Archive(site, server.url, write, read, [])
+        yield Archive(site, server.url, write, read, elsewhere, [])
     finally:
         server.stop()
         stop.set()
@@ -180,11 +182,16 @@ def test_the_same_id_with_other_bytes_is_a_conflict_never_an_overwrite(
     assert record is not None and record.original_name == frames[3].name
 
 
-@pytest.mark.parametrize("who", ["none", "bad", "read"])
+@pytest.mark.parametrize("who", ["none", "bad", "read", "elsewhere"])
 def test_a_transfer_needs_a_write_token_and_a_refused_one_stores_nothing(
     archive: Archive, frames: list[Path], who: str
 ) -> None:
-    token = {"none": "", "bad": "obsflow_" + "x" * 43, "read": archive.read}[who]
+    token = {
+        "none": "",
+        "bad": "obsflow_" + "x" * 43,
+        "read": archive.read,
+        "elsewhere": archive.elsewhere,
+    }[who]
     client = archive.client(token)
     try:
         with pytest.raises(DeniedError):

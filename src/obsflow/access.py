@@ -52,6 +52,7 @@ __all__ = [
     "Scope",
     "TokenInfo",
     "TokenStore",
+    "check_instrument",
     "check_program",
     "check_user",
     "may_read_data",
@@ -107,6 +108,22 @@ def check_user(name: str) -> str:
     return name
 
 
+def check_instrument(name: str) -> str:
+    """``name`` if it is a valid instrument name (1–64 of ``A-Z a-z 0-9 _ -``)."""
+    if not isinstance(name, str) or not _PROGRAM.fullmatch(name):
+        raise AccessError(
+            f"bad instrument name {name!r}: expected 1-64 characters of letters, digits, _ -"
+        )
+    return name
+
+
+def _names(text: str) -> list[str]:
+    names = json.loads(text)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{text!r} is not a JSON list of strings")
+    return names
+
+
 def check_program(program: str) -> str:
     """``program`` if it is a valid program ID (1–64 of ``A-Z a-z 0-9 _ -``)."""
     if not isinstance(program, str) or not _PROGRAM.fullmatch(program):
@@ -125,10 +142,18 @@ class Principal:
     programs: frozenset[str]
     token_id: int | None
     """The token this principal was verified from; None for :data:`ANONYMOUS`."""
+    instruments: frozenset[str] = frozenset()
+    """The instruments whose frames the token may send (transfers); empty: any."""
 
     def may(self, scope: Scope) -> bool:
         """Whether this principal holds ``scope`` (admin may write, write may read)."""
         return self.scope.rank >= scope.rank
+
+    def may_send(self, instrument: str) -> bool:
+        """Whether this principal may transfer frames of ``instrument`` to the archive."""
+        if not self.may(Scope.WRITE):
+            return False
+        return not self.instruments or instrument in self.instruments or self.may(Scope.ADMIN)
 
     @property
     def anonymous(self) -> bool:
@@ -251,6 +276,7 @@ class TokenInfo:
     programs: tuple[str, ...]
     created: datetime
     revoked: datetime | None
+    instruments: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -262,6 +288,7 @@ class TokenInfo:
             "user": self.user,
             "scope": self.scope.value,
             "programs": list(self.programs),
+            "instruments": list(self.instruments),
             "created": self.created.isoformat(),
             "revoked": self.revoked.isoformat() if self.revoked else None,
         }
@@ -274,15 +301,23 @@ class TokenStore:
         self.catalog = catalog
 
     def create(
-        self, user: str, scope: Scope, programs: Iterable[str], now: datetime
+        self,
+        user: str,
+        scope: Scope,
+        programs: Iterable[str],
+        now: datetime,
+        *,
+        instruments: Iterable[str] = (),
     ) -> tuple[str, Principal]:
         """Make a token; return its secret (to show once, never stored) and principal.
+        ``instruments``: the only ones whose frames it may transfer (none: any).
 
-        Raises :class:`AccessError` naming a bad user name, scope or program ID.
+        Raises :class:`AccessError` naming a bad user name, scope, program or instrument.
         """
         check_user(user)
         scope = parse_scope(scope)
         wanted = sorted({check_program(p) for p in programs})
+        senders = sorted({check_instrument(i) for i in instruments})
         secret = SECRET_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
         assert _SECRET.fullmatch(secret), "the secret's shape changed; update _SECRET"
         with self.catalog.write() as conn:
@@ -291,6 +326,7 @@ class TokenStore:
                     user=user,
                     scope=scope.value,
                     programs=json.dumps(wanted),
+                    instruments=json.dumps(senders),
                     token_hash=_hash(secret),
                     created_at=now,
                 )
@@ -298,7 +334,7 @@ class TokenStore:
         assert key is not None
         token_id = int(key[0])
         log.info("token %d created for %s (scope %s)", token_id, user, scope.value)
-        return secret, Principal(user, scope, frozenset(wanted), token_id)
+        return secret, Principal(user, scope, frozenset(wanted), token_id, frozenset(senders))
 
     def verify(self, secret: str) -> Principal | None:
         """The principal of an active token, or None: unknown, revoked, or not a secret
@@ -317,17 +353,21 @@ class TokenStore:
         tokens = schema.tokens
         with self.catalog.read() as conn:
             row = conn.execute(
-                select(tokens.c.id, tokens.c.user, tokens.c.scope, tokens.c.programs).where(
-                    tokens.c.token_hash == _hash(secret), tokens.c.revoked_at.is_(None)
-                )
+                select(
+                    tokens.c.id,
+                    tokens.c.user,
+                    tokens.c.scope,
+                    tokens.c.programs,
+                    tokens.c.instruments,
+                ).where(tokens.c.token_hash == _hash(secret), tokens.c.revoked_at.is_(None))
             ).first()
         if row is None:
             return None
         try:
-            programs = json.loads(row.programs)
-            if not isinstance(programs, list) or not all(isinstance(p, str) for p in programs):
-                raise ValueError(f"programs {row.programs!r} is not a JSON list of strings")
-            return Principal(row.user, Scope(row.scope), frozenset(programs), int(row.id))
+            programs, senders = _names(row.programs), _names(row.instruments)
+            return Principal(
+                row.user, Scope(row.scope), frozenset(programs), int(row.id), frozenset(senders)
+            )
         except ValueError as exc:  # a row edited by hand: refuse it, loudly
             log.error("token %s is unreadable, refused: %s", row.id, exc)
             return None
@@ -361,6 +401,7 @@ class TokenStore:
             tokens.c.user,
             tokens.c.scope,
             tokens.c.programs,
+            tokens.c.instruments,
             tokens.c.created_at,
             tokens.c.revoked_at,
         ).order_by(tokens.c.id)
@@ -376,6 +417,7 @@ class TokenStore:
                 programs=tuple(json.loads(r.programs)),
                 created=r.created_at,
                 revoked=r.revoked_at,
+                instruments=tuple(json.loads(r.instruments)),
             )
             for r in rows
         ]

@@ -47,6 +47,7 @@ from obsflow.api.params import Time, utc
 from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
 from obsflow.catalog import schema
+from obsflow.errors import RecognitionError
 from obsflow.receipt import Delivery, Outcome
 from obsflow.states import FileState, RequestState
 
@@ -123,6 +124,14 @@ async def upload(
     settings = svc.site.settings.transfer
     if offset > length:
         raise ProblemError(422, f"Upload-Offset {offset} is past Upload-Length {length}")
+    try:
+        instrument = svc.site.registry.instrument_of(svc.site.registry.recognise(name).product)
+    except RecognitionError as exc:
+        raise ProblemError(422, f"{name}: refused: {exc.detail}", kind="refused") from None
+    if not who.may_send(instrument.name):
+        raise ProblemError(
+            403, f"this token may not send frames of {instrument.name}", kind="forbidden"
+        )
     waiting = await anyio.to_thread.run_sync(_waiting, svc)
     if waiting > settings.max_queue:
         raise ProblemError(

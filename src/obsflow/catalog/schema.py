@@ -308,6 +308,8 @@ tokens = Table(
     Column("user", String(64), nullable=False),
     Column("scope", String(8), nullable=False),
     Column("programs", Text, nullable=False),  # JSON list
+    # JSON list: the instruments whose frames it may transfer; [] any
+    Column("instruments", Text, nullable=False, server_default=text("'[]'")),
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("revoked_at", UTCDateTime),

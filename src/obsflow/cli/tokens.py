@@ -9,7 +9,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from obsflow.access import AccessError, Scope, TokenStore, check_program, check_user
+from obsflow.access import (
+    AccessError,
+    Scope,
+    TokenStore,
+    check_instrument,
+    check_program,
+    check_user,
+)
 from obsflow.cli import JsonOption, SiteOption, _site, app, err, out
 
 token_app = typer.Typer(
@@ -33,6 +40,15 @@ def token_create(
             show_default=False,
         ),
     ] = None,
+    instrument: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--instrument",
+            help="With write scope: the only instrument whose frames it may transfer to "
+            "this archive (repeatable; default any).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON (with the secret) instead.")
     ] = False,
@@ -49,14 +65,23 @@ def token_create(
             check_program(p)
     except AccessError as exc:
         raise typer.BadParameter(str(exc), param_hint="--program") from None
+    instruments = instrument or []
+    try:
+        for i in instruments:
+            check_instrument(i)
+    except AccessError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--instrument") from None
     with _site(site) as s:
-        secret, who = TokenStore(s.catalog).create(user, scope, programs, s.clock())
+        secret, who = TokenStore(s.catalog).create(
+            user, scope, programs, s.clock(), instruments=instruments
+        )
     if as_json:
         data = {
             "id": who.token_id,
             "user": who.user,
             "scope": who.scope.value,
             "programs": sorted(who.programs),
+            "instruments": sorted(who.instruments),
             "token": secret,
         }
         print(json.dumps(data, indent=1))
@@ -65,6 +90,7 @@ def token_create(
     err.print(
         f"token {who.token_id} for {who.user} (scope {who.scope.value}"
         + (f", programs {', '.join(sorted(who.programs))}" if who.programs else "")
+        + (f", instruments {', '.join(sorted(who.instruments))}" if who.instruments else "")
         + "): the secret is shown this once; keep it now, it cannot be shown again",
         highlight=False,
         markup=False,

@@ -7,6 +7,7 @@
   time-range lookups on the (product, start) index (:mod:`obsflow.catalog.spans`).
 * ``tags.start_utc`` (the file's start, copied) and indexes (tag, start, file) and
   (tag, file): a tag's files in either order straight from an index.
+* ``tokens.instruments``: the instruments whose frames a token may transfer.
 
 Revision ID: 0006
 Revises: 0005
@@ -67,9 +68,15 @@ def upgrade() -> None:
     op.drop_index("ix_tags_tag", table_name="tags")
     op.create_index("ix_tags_tag_start_utc_file_id", "tags", ["tag", "start_utc", "file_id"])
     op.create_index("ix_tags_tag_file_id", "tags", ["tag", "file_id"])
+    op.add_column(
+        "tokens",
+        sa.Column("instruments", sa.Text(), server_default=sa.text("'[]'"), nullable=False),
+    )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("tokens") as batch:
+        batch.drop_column("instruments")
     op.drop_index("ix_tags_tag_file_id", table_name="tags")
     op.drop_index("ix_tags_tag_start_utc_file_id", table_name="tags")
     op.create_index("ix_tags_tag", "tags", ["tag"])
