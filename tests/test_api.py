@@ -28,6 +28,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from schemathesis import Case, GenerationMode
+from schemathesis.checks import positive_data_acceptance
 from schemathesis.core.result import Ok
 from sqlalchemy import insert, update
 
@@ -615,13 +616,21 @@ def test_the_openapi_document_holds_and_nothing_errs(world: World) -> None:
                 suppress_health_check=list(HealthCheck),
             )
             def check(case: Case[Any]) -> None:
+                for framing in ("content-length", "transfer-encoding", "host"):
+                    # the HTTP client's to set, not the API's: garbage there is an invalid
+                    # HTTP message, refused by the server's HTTP layer before the API
+                    for name in [h for h in case.headers or {} if h.lower() == framing]:
+                        del case.headers[name]
                 response = case.call(base_url=world.url, headers=token)
                 assert response.status_code < 500, case.as_curl_command()
-                case.validate_response(response, headers=token)
+                # an upload is valid by its content too (a name the registry knows, bytes
+                # whose sha256 is the one given), which no schema can say
+                excluded = [positive_data_acceptance] if "/transfers/" in case.path else []
+                case.validate_response(response, headers=token, excluded_checks=excluded)
 
             check()
         checked.append(operation.label)
-    assert len(checked) == 13, checked
+    assert len(checked) == 15, checked
 
 
 def test_the_document_is_served(world: World) -> None:
