@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from obsflow.states import FileState
 from obsflow.storage import LocalStorage
 from tests.conftest import SiteFactory
 from tests.faultproxy import FaultProxy, Faults
-from tests.test_daemon import wait_for, write_slowly
+from tests.test_daemon import daemon, wait_for, write_slowly
 
 pytestmark = pytest.mark.slow
 
@@ -80,25 +79,14 @@ def time_now() -> Any:
 
 @contextmanager
 def run(settings: Settings, *args: str) -> Iterator[subprocess.Popen[str]]:
-    """``obsflow run`` on ``settings`` with ``args``, its output in the site's log."""
-    log = (settings.site / "daemon.log").open("a")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "obsflow", "-v", "run", "--site", str(settings.site), *args],
-        stdout=log, stderr=subprocess.STDOUT, text=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith("OBSFLOW_")},
-    )  # fmt: skip
-    try:
+    """``obsflow run`` on ``settings`` with ``args`` (its output in the site's log),
+    started; stopped with SIGTERM at the end if it still runs."""
+    with daemon(settings, *args) as proc:
         wait_for(lambda: running(settings, proc), 30, f"{settings.site.name} to start")
         yield proc
-    finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
-        log.close()
+            proc.wait(timeout=30)
 
 
 def running(settings: Settings, proc: subprocess.Popen[str]) -> bool:

@@ -170,6 +170,15 @@ def _in_cache(table: FromClause) -> ColumnElement[bool]:
 
 
 _CACHED = _in_cache(files)
+# what eviction needs of a file (Retriever._evict)
+_EVICTABLE = (
+    files.c.id,
+    files.c.archive_id,
+    files.c.size,
+    files.c.state,
+    files.c.cache_path,
+    files.c.last_access,
+)
 
 
 class Retriever:
@@ -412,14 +421,7 @@ class Retriever:
             led.c.at <= archived_before,
         )
         stmt = (
-            select(
-                files.c.id,
-                files.c.archive_id,
-                files.c.size,
-                files.c.state,
-                files.c.cache_path,
-                files.c.last_access,
-            )
+            select(*_EVICTABLE)
             .where(_CACHED, files.c.state == FileState.ARCHIVED.value, old)
             .where(~exists().where(pins.c.file_id == files.c.id))
             .order_by(files.c.id)
@@ -467,15 +469,9 @@ class Retriever:
         in chunks (keyset pagination over ``(last_access, id)``; no transaction is held
         between chunks)."""
         pinned = exists().where(pins.c.file_id == files.c.id).label("pinned")
-        base = select(
-            files.c.id,
-            files.c.archive_id,
-            files.c.size,
-            files.c.state,
-            files.c.cache_path,
-            files.c.last_access,
-            pinned,
-        ).where(_CACHED, files.c.last_access.is_not(None), files.c.last_access <= until)
+        base = select(*_EVICTABLE, pinned).where(
+            _CACHED, files.c.last_access.is_not(None), files.c.last_access <= until
+        )
         stmt = base
         while True:
             with self.catalog.read() as conn:

@@ -55,22 +55,17 @@ def token_create(
     site: SiteOption = None,
 ) -> None:
     """Make a token and print its secret, once: only its hash is kept."""
-    try:
-        check_user(user)
-    except AccessError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--user") from None
-    programs = program or []
-    try:
-        for p in programs:
-            check_program(p)
-    except AccessError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--program") from None
-    instruments = instrument or []
-    try:
-        for i in instruments:
-            check_instrument(i)
-    except AccessError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--instrument") from None
+    programs, instruments = program or [], instrument or []
+    for hint, check, values in (
+        ("--user", check_user, [user]),
+        ("--program", check_program, programs),
+        ("--instrument", check_instrument, instruments),
+    ):
+        try:
+            for value in values:
+                check(value)
+        except AccessError as exc:
+            raise typer.BadParameter(str(exc), param_hint=hint) from None
     with _site(site) as s:
         secret, who = TokenStore(s.catalog).create(
             user, scope, programs, s.clock(), instruments=instruments
