@@ -88,6 +88,10 @@ class Delivery:
     sha256: str
     acquired: datetime | None = None
     received: datetime | None = None
+    verified: bool = False
+    """The file's bytes were checked to have ``sha256`` (by the server, as they came in),
+    and the file is the site's to take: it is moved into the cache, not copied and hashed
+    again (it must be on the cache's file system)."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,8 @@ class Receiver:
             return Received(path, Outcome.IGNORED, reason=exc.detail)
         try:
             stat = self._settle(path)
-            prepared = self._prepare(path, recognised, stat, received_at)
+            adopt = delivery.sha256 if delivery is not None and delivery.verified else None
+            prepared = self._prepare(path, recognised, stat, received_at, adopt=adopt)
         except _SITE_ERRORS as exc:
             # the site, not the file, is at fault (cache full, catalog down): the source is
             # untouched and a later trigger or scan will offer it again
@@ -289,8 +294,16 @@ class Receiver:
                 stat, quiet_since = again, time.monotonic()
 
     def _prepare(
-        self, path: Path, recognised: Recognised, stat: os.stat_result, received_at: datetime
+        self,
+        path: Path,
+        recognised: Recognised,
+        stat: os.stat_result,
+        received_at: datetime,
+        *,
+        adopt: str | None = None,
     ) -> Prepared:
+        """``adopt``: the sha256 the file is known to have; it is moved into the cache
+        temp file instead of copied and hashed."""
         product = recognised.product
         instrument = self.registry.instrument_of(product)
         temp = self.cache.temp_file()
@@ -309,10 +322,16 @@ class Receiver:
                 validated_at = self.clock()
                 # Durability: while the source stays, it is the durable copy; the cache copy
                 # is flushed to disk before the source may be removed.
-                sha256 = _stream_to(src, first, temp, sync=self.settings.receipt.remove_source)
-            after = _stat(path)
-            if (after.st_size, after.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-                raise VanishedError(path, "the file changed while being received")
+                if adopt is None:
+                    sync = self.settings.receipt.remove_source
+                    sha256 = _stream_to(src, first, temp, sync=sync)
+            if adopt is not None:
+                sha256 = adopt
+                os.replace(path, temp)
+            else:
+                after = _stat(path)
+                if (after.st_size, after.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+                    raise VanishedError(path, "the file changed while being received")
         except BaseException:
             temp.unlink(missing_ok=True)
             raise

@@ -31,6 +31,7 @@ import hashlib
 import logging
 import shutil
 import time
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path as FilePath
 from typing import Annotated, Final
@@ -270,8 +271,8 @@ def _receive(
     folder.mkdir(exist_ok=True)
     path = folder / name
     part.rename(path)
-    try:
-        result = svc.site.receiver.receive(path, delivery)
+    try:  # (verified: receipt moves it into the cache rather than copying it again)
+        result = svc.site.receiver.receive(path, replace(delivery, verified=True))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     if result.outcome is Outcome.CACHED:
