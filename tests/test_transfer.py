@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from obsflow.transfer import (
     DeniedError,
     Outgoing,
     RefusedError,
+    Transferer,
     TransferError,
 )
 from tests.conftest import SiteFactory
@@ -220,3 +222,47 @@ def test_a_busy_archive_answers_503_with_retry_after(
         client.close()
         server.stop()
         site.close()
+
+
+def test_an_agent_frame_the_server_keeps_refusing_is_quarantined_with_its_reason(
+    archive: Archive, make_site: SiteFactory, frames: list[Path]
+) -> None:
+    """The agent's cached copy went bad after receipt: every upload is refused (its
+    sha256 is not the one recorded), and after transfer.max_refusals the frame is
+    quarantined at the agent, failed, with the server's reason."""
+    agent = open_site(
+        make_site(
+            "agent",
+            catalog={"url": "sqlite:///agent.db"},
+            transfer={"max_refusals": 2},
+            ingest={"backoff_seconds": 0.0},
+        )
+    )
+    client = archive.client()
+    try:
+        received = agent.receiver.receive(frames[6])
+        assert received.archive_id is not None
+        record = agent.catalog.get(received.archive_id)
+        assert record is not None and record.cache_path is not None
+        cached = agent.cache.path(record.cache_path)
+        data = bytearray(cached.read_bytes())
+        data[-1] ^= 0xFF  # a bit flipped in the data, after the checksum was taken
+        cached.write_bytes(bytes(data))
+        sender = Transferer(
+            agent.catalog, agent.storage, agent.cache, agent.settings.ingest,
+            agent.settings.transfer, client, agent.settings.quarantine, clock=agent.clock,
+        )  # fmt: skip
+        for _ in range(2):
+            report = sender.run_once()
+            assert report.archived == [] and "sha256" in report.errors[0][1]
+        assert sender.run_once().errors == []  # failed for good: nothing more to try
+        failed = agent.catalog.get(received.archive_id)
+        assert failed is not None and failed.state is FileState.FAILED
+        (kept,) = agent.settings.quarantine.glob(f"*/{received.archive_id}")
+        note = json.loads(kept.with_name(kept.name + ".reason.json").read_text())
+        assert "sha256" in note["detail"] and note["archive_id"] == received.archive_id
+        assert kept.read_bytes() == bytes(data)
+    finally:
+        client.close()
+        agent.close()
+    assert server_file(archive, received.archive_id) is None  # nothing stored
