@@ -43,7 +43,6 @@ from rich.text import Text
 from sqlalchemy import func, select
 
 from obsflow.catalog import Catalog, schema
-from obsflow.catalog.runs import RunStore
 from obsflow.daemon import STATUS_FILE
 from obsflow.errors import SiteError
 from obsflow.latency import Percentiles, latencies
@@ -52,7 +51,6 @@ from obsflow.registry import load_registry
 from obsflow.settings import Settings, load_settings
 from obsflow.site import init_site
 from obsflow.states import FileState, RunState
-from obsflow.tracker import Tracker
 
 PV_PREFIX: Final = "OFCAM:"
 WATCH_TRIGGER: Final = re.compile(r"^    - kind: watch\b.*\n(?:      .*\n)*", re.MULTILINE)
@@ -184,7 +182,7 @@ def make_demo_site(root: Path, quiet_seconds: float | None = None) -> Settings:
     return settings
 
 
-def snapshot(settings: Settings, catalog: Catalog, tracker: Tracker, since: datetime) -> Snapshot:
+def snapshot(settings: Settings, catalog: Catalog, since: datetime) -> Snapshot:
     """The night so far: frames on disk, catalog counts, latencies, runs, trigger health."""
     acquired = sum(1 for p in settings.incoming.glob("ofc_*.fits"))
     counts = catalog.counts()
@@ -197,8 +195,8 @@ def snapshot(settings: Settings, catalog: Catalog, tracker: Tracker, since: date
         (str(t["name"]), bool(t["ok"]), str(t.get("detail") or ""))
         for t in status.get("triggers", [])
     )
-    files = schema.files
-    with catalog.read() as conn:
+    files, runs, groups = schema.files, schema.runs, schema.tracker_groups
+    with catalog.read() as conn:  # one snapshot: never quiet between two steps of the tracker
         by_level = conn.execute(
             select(files.c.level, files.c.state, func.count()).group_by(
                 files.c.level, files.c.state
@@ -206,6 +204,10 @@ def snapshot(settings: Settings, catalog: Catalog, tracker: Tracker, since: date
         ).all()
         untracked = conn.execute(
             select(func.count()).where(schema.is_untracked(), schema.is_live())
+        ).scalar_one()
+        by_state = conn.execute(select(runs.c.state, func.count()).group_by(runs.c.state)).all()
+        waiting = conn.execute(
+            select(func.count()).select_from(groups).where(groups.c.due_at.is_not(None))
         ).scalar_one()
     raw = {FileState(state): n for level, state, n in by_level if level == 0}
     products: dict[int, int] = {}
@@ -220,8 +222,8 @@ def snapshot(settings: Settings, catalog: Catalog, tracker: Tracker, since: date
         latency=total,
         triggers=triggers,
         products=products,
-        runs=RunStore(catalog).counts(),
-        waiting=bool(tracker.next_deadline()),
+        runs={RunState(state): n for state, n in by_state},
+        waiting=waiting > 0,
         unarchived=counts.get(FileState.CACHED, 0),
         untracked=int(untracked),
     )
@@ -277,7 +279,6 @@ def run_demo(
     env = loopback_epics_env(free_port())
     command = [sys.executable, "-m", "obsflow"]
     catalog = Catalog.open(settings.catalog_url)  # made here, before either program starts
-    tracker = Tracker(load_registry(settings.registry), catalog, utcnow)  # to read deadlines
     since = utcnow()
     began = clock()
     with (
@@ -291,12 +292,12 @@ def run_demo(
         simulator = _start([*command, "simulate", "--epics", *site, *night], env, simulator_log)
         daemon = _start([*command, "run", *site], env, daemon_log)
         try:
-            now = snapshot(settings, catalog, tracker, since)
+            now = snapshot(settings, catalog, since)
             with Live(render(plan, now, 0.0), console=console, refresh_per_second=4) as live:
                 finished_at: float | None = None
                 while True:
                     time.sleep(0.25)
-                    now = snapshot(settings, catalog, tracker, since)
+                    now = snapshot(settings, catalog, since)
                     over = simulator.poll() is not None
                     live.update(render(plan, now, clock() - began, night_over=over))
                     if daemon.poll() is not None:
@@ -311,7 +312,7 @@ def run_demo(
             simulator_exit = _stop(simulator)
             daemon_exit = _stop(daemon)
     try:
-        last = snapshot(settings, catalog, tracker, since)
+        last = snapshot(settings, catalog, since)
     finally:
         catalog.close()
     return DemoResult(settings, last, simulator_exit, daemon_exit, seconds=clock() - began)

@@ -103,19 +103,27 @@ class Tracker:
         now = self.clock()
         with self.catalog.read() as conn:
             due = conn.execute(
-                select(groups.c.pipeline, groups.c.group_key).where(groups.c.due_at <= now)
+                select(groups.c.pipeline, groups.c.group_key, groups.c.due_at).where(
+                    groups.c.due_at <= now
+                )
             ).all()
         started: list[Started] = []
-        for pipeline_id, text in due:
+        for pipeline_id, text, due_at in due:
             pipeline = self.registry.pipelines.get(pipeline_id)
+            if pipeline is not None:
+                started += self.evaluate(pipeline, GroupKey.parse(pipeline_id, text))
+            # cleared once its run exists (never a moment with neither: an observer would
+            # think the group done), unless the evaluation set a later deadline
             with self.catalog.write() as conn:
                 conn.execute(
                     update(groups)
-                    .where(groups.c.pipeline == pipeline_id, groups.c.group_key == text)
+                    .where(
+                        groups.c.pipeline == pipeline_id,
+                        groups.c.group_key == text,
+                        groups.c.due_at == due_at,
+                    )
                     .values(due_at=None, updated_at=now)
                 )
-            if pipeline is not None:
-                started += self.evaluate(pipeline, GroupKey.parse(pipeline_id, text))
         return started
 
     def next_deadline(self) -> datetime | None:
