@@ -202,6 +202,11 @@ class Transferer(Ingestor):
         self.client = client
         self.quarantine = quarantine
 
+    def run_once(self, limit: int | None = None) -> IngestReport:
+        """One frame at a time (not a batch, as into local storage): each is confirmed
+        the moment the server has it, and the transfer workers share the outbox."""
+        return super().run_once(limit or 1)
+
     def _archive(self, lease: Lease) -> str:
         ledger = {entry.event: entry.at for entry in self.catalog.ledger(lease.file_id)}
         record = self.catalog.get_by_id(lease.file_id)
