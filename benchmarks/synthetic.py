@@ -326,7 +326,8 @@ def insert_rows(catalog: Catalog, rows: Rows) -> None:
                 f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({marks})",
                 list(zip(*by_column, strict=True)),
             )
-        widened = catalog.spans.widen(conn, rows["files"])  # as obsflow's recorder does
+        spans = [(f["product"], f["start_utc"], f["stop_utc"]) for f in rows["files"]]
+        widened = catalog.spans.widen(conn, spans)  # as obsflow's recorder does
     catalog.spans.remember(widened)
 
 

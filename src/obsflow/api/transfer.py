@@ -293,13 +293,16 @@ async def _confirm(svc: Services, state: TransferState, seconds: float) -> Trans
     """Wait (up to ``seconds``) until the ingestors have archived the file."""
     files = schema.files
     query = select(files.c.state).where(files.c.archive_id == state.archive_id)
+
+    def archived() -> bool:
+        with svc.site.catalog.read() as conn:
+            return conn.execute(query).scalar() == FileState.ARCHIVED.value
+
     deadline = time.monotonic() + seconds
     pause = 0.005
     while time.monotonic() < deadline:
         await asyncio.sleep(pause)
         pause = min(pause * 1.5, 0.1)
-        with svc.site.catalog.read() as conn:
-            now = conn.execute(query).scalar()
-        if now == FileState.ARCHIVED.value:
+        if await anyio.to_thread.run_sync(archived):  # (the event loop never waits on SQL)
             return TransferState(archive_id=state.archive_id, state=TransferStatus.ARCHIVED)
     return state

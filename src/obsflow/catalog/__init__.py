@@ -208,7 +208,9 @@ class Catalog:
             try:
                 with self.write() as conn:
                     recorded = batch.record(conn, entries, now, placed)
-                    widened = self.spans.widen(conn, [batch.file_values(e.new) for e in entries])
+                    widened = self.spans.widen(
+                        conn, [(e.new.product, e.new.start, e.new.stop) for e in entries]
+                    )
                 self.spans.remember(widened)
                 return recorded
             except BaseException as exc:
@@ -266,7 +268,7 @@ class Catalog:
         try:
             with self.write() as conn:
                 key = conn.execute(insert(schema.files).values(**values)).inserted_primary_key
-                widened = self.spans.widen(conn, [values])
+                widened = self.spans.widen(conn, [(new.product, new.start, new.stop)])
                 assert key is not None
                 file_id = int(key[0])
                 stamps = [

@@ -25,6 +25,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from obsflow.catalog import schema
 
 spans = schema.spans
+Span = tuple[str | None, datetime | None, datetime | None]
+"""A recorded file's product, start and stop."""
 
 
 class Spans:
@@ -34,16 +36,14 @@ class Spans:
         self._known: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def widen(self, conn: Connection, files: Iterable[Mapping[str, object]]) -> dict[str, float]:
-        """Record, inside the caller's transaction, the span of each of ``files`` (rows
-        of the files table) that is longer than its product's known span; returns what
-        it wrote, for :meth:`remember` once the transaction has committed."""
+    def widen(self, conn: Connection, files: Iterable[Span]) -> dict[str, float]:
+        """Record, inside the caller's transaction, the span of each of ``files``
+        ((product, start, stop) of the files recorded) that is longer than its product's
+        known span; returns what it wrote, for :meth:`remember` once the transaction has
+        committed."""
         longest: dict[str, float] = {}
-        for row in files:
-            product, start, stop = row.get("product"), row.get("start_utc"), row.get("stop_utc")
-            if not isinstance(product, str):
-                continue
-            if not isinstance(start, datetime) or not isinstance(stop, datetime):
+        for product, start, stop in files:
+            if product is None or start is None or stop is None:
                 continue
             seconds = max(0.0, (stop - start).total_seconds())
             with self._lock:
