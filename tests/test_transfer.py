@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -266,3 +269,25 @@ def test_an_agent_frame_the_server_keeps_refusing_is_quarantined_with_its_reason
         client.close()
         agent.close()
     assert server_file(archive, received.archive_id) is None  # nothing stored
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--role", "agent"], "an agent needs its archive server"),
+        (["--role", "agent", "--server", "archive.example.org"], "expected an http(s) URL"),
+        (["--role", "server"], "a server needs an address to listen on"),
+    ],
+)
+def test_a_role_without_what_it_needs_says_so_and_starts_nothing(
+    make_site: SiteFactory, args: list[str], expected: str
+) -> None:
+    settings = make_site("lonely")
+    done = subprocess.run(
+        [sys.executable, "-m", "obsflow", "run", "--site", str(settings.site), *args],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("OBSFLOW_")},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert expected in done.stderr
+    assert not (settings.site / ".obsflow" / "daemon.json").exists()
