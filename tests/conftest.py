@@ -87,11 +87,10 @@ def make_site(tmp_path: Path, catalog_url: str) -> SiteFactory:
     ``pipelines=True``."""
 
     def make(name: str = "site", pipelines: bool = False, **sections: dict[str, Any]) -> Settings:
-        root = init_site(tmp_path / name)
+        root = init_site(tmp_path / name, catalog_url=catalog_url)
         if not pipelines:
             (root / "registry" / "ofcam_pipelines.yaml").unlink()
         config = yaml.safe_load((root / "obsflow.yaml").read_text())
-        config["catalog"]["url"] = catalog_url
         config["receipt"]["settle_seconds"] = 0.0
         config["ingest"]["backoff_seconds"] = 0.0
         for section, values in sections.items():

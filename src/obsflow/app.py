@@ -5,7 +5,9 @@ in one readable place and every dependency is passed in, never global.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from pathlib import Path
 from obsflow.cache import Cache
 from obsflow.catalog import Catalog
 from obsflow.catalog.queue import IngestQueue
+from obsflow.errors import CatalogUnavailableError
 from obsflow.ingest import Ingestor, IngestReport
 from obsflow.intake import Intake
 from obsflow.receipt import Clock, Outcome, Received, Receiver, utcnow
@@ -22,6 +25,8 @@ from obsflow.retrieval import Retriever
 from obsflow.settings import Settings
 from obsflow.states import RequestState
 from obsflow.storage import LocalStorage, Storage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,16 +69,39 @@ def open_site(
     storage: Storage | None = None,
     clock: Clock = utcnow,
     registry: Registry | None = None,
+    retry_seconds: float = 0.0,
 ) -> Site:
-    """Assemble a site from its settings; ``storage`` may be swapped (it is a seam)."""
+    """Assemble a site from its settings; ``storage`` may be swapped (it is a seam).
+
+    ``retry_seconds``: a catalog that cannot be reached now (its server still starting)
+    is tried again for this long, with a log line each time, before giving up; the
+    daemon and workers ask for this at start-up, a command does not.
+    """
     registry = registry or load_registry(settings.registry)
-    catalog = Catalog.open(settings.catalog_url)
+    catalog = open_catalog(settings.catalog_url, retry_seconds)
     cache = Cache(settings.cache)
     cache.clean_temp()
     storage = storage or LocalStorage(settings.archive)
     storage.recover()
     receiver = Receiver(settings, registry, catalog, cache, clock=clock)
     return Site(settings, registry, catalog, cache, storage, receiver, clock)
+
+
+def open_catalog(url: str, retry_seconds: float = 0.0) -> Catalog:
+    """Open the catalog at ``url``, trying again for ``retry_seconds`` while it is
+    unavailable (a connection refused, a lock held too long)."""
+    deadline = time.monotonic() + retry_seconds
+    pause = 0.5
+    while True:
+        try:
+            return Catalog.open(url)
+        except CatalogUnavailableError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            log.warning("%s; trying again for up to %.0f s", exc, left)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 5.0)
 
 
 @dataclass

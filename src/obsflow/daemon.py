@@ -9,8 +9,9 @@ arrived while nobody watched. On SIGINT/SIGTERM it stops the triggers, finishes
 the files in flight, lets each ingestor finish its batch, and exits; a SIGKILL
 loses nothing either (leases expire; the scan and the sweep recover the rest).
 
-Every ``status_seconds`` it writes ``SITE/.obsflow/daemon.json`` (pid, times, the
-health of each trigger) for ``obsflow status``.
+Once every part is up it writes ``SITE/.obsflow/daemon.json`` with ``ready: true``
+(pid, times, the health of each trigger), then again every ``status_seconds``, for
+``obsflow status``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -134,18 +135,22 @@ class Daemon:
         self.started = site.clock()
         self.counts: dict[Outcome, int] = {}
         self.executor: Executor | None = None
+        self.ready = False
+        """Every part is up and every trigger started (and not yet stopping)."""
         self._lock = threading.Lock()
 
-    def run(self, stop: threading.Event) -> None:
-        """Run until ``stop`` is set; then shut down cleanly."""
+    def run(self, stop: threading.Event, on_ready: Callable[[], object] = lambda: None) -> None:
+        """Run until ``stop`` is set; then shut down cleanly. ``on_ready`` is called once
+        every part is up (ingestors, tracker, API, every trigger started): from then on
+        ``obsflow status --json`` shows ``daemon.ready: true``."""
         api = self._api()  # first: an address in use stops the daemon before it starts
         try:
-            self._run(stop)
+            self._run(stop, on_ready)
         finally:
             if api is not None:
                 api.stop()
 
-    def _run(self, stop: threading.Event) -> None:
+    def _run(self, stop: threading.Event, on_ready: Callable[[], object]) -> None:
         site = self.site
         swept = sweep_cache(site)
         if swept:
@@ -198,9 +203,14 @@ class Daemon:
                 trigger.start(intake.offer)
                 started.append(trigger)
                 log.info("trigger %s started", trigger.name)
+            self.ready = True
+            self.write_status(intake, running=True)
+            log.info("ready: %d trigger(s) started", len(started))
+            on_ready()
             while not stop.wait(site.settings.daemon.status_seconds):
                 self.write_status(intake, running=True)
         finally:
+            self.ready = False
             log.info("stopping: triggers, files in flight, the tracker, runs, then ingestors")
             for trigger in reversed(started):
                 trigger.stop()
@@ -294,6 +304,7 @@ class Daemon:
         status: dict[str, Any] = {
             "pid": os.getpid(),
             "running": running,
+            "ready": running and self.ready,
             "started": self.started.isoformat(),
             "updated": now.isoformat(),
             "status_seconds": self.site.settings.daemon.status_seconds,
@@ -317,13 +328,15 @@ class Daemon:
 
 
 def read_status(site_dir: Path, now: datetime) -> dict[str, Any] | None:
-    """The daemon's last status, with ``alive`` (updated recently and still running)."""
+    """The daemon's last status, with ``alive`` (updated recently and still running) and
+    ``ready`` (alive, with every trigger started)."""
     try:
         status: dict[str, Any] = json.loads((site_dir / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return None
     age = (now - datetime.fromisoformat(status["updated"])).total_seconds()
     status["alive"] = bool(status.get("running")) and age < 3 * float(status["status_seconds"])
+    status["ready"] = status["alive"] and bool(status.get("ready"))
     return status
 
 

@@ -12,6 +12,8 @@
     │   ├── RecognitionError   the filename matches no product, or two (ambiguous)
     │   └── VanishedError      the file disappeared or changed while being received
     ├── CatalogError           the catalog database cannot be reached or migrated
+    │   └── CatalogUnavailableError  not now (the server is down, a lock held too long):
+    │                                a daemon or worker starting up tries again
     ├── StorageError           archive storage could not store or verify a file
     │   └── transfer.TransferError  a frame did not reach the archive server this time
     │       ├── BusyError      the server asked to wait (503 Retry-After, upload in progress)
@@ -119,6 +121,10 @@ class VanishedError(ReceiptError):
 
 class CatalogError(ObsflowError):
     """The catalog database cannot be reached, migrated or written."""
+
+
+class CatalogUnavailableError(CatalogError):
+    """The catalog cannot be reached now; trying again later may succeed."""
 
 
 class StorageError(ObsflowError):

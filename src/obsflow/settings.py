@@ -74,6 +74,9 @@ class Daemon(_Section):
     """How often ``obsflow run`` scans the watched directories for files no trigger offered."""
     status_seconds: float = Field(default=2.0, gt=0)
     """How often the daemon writes its status (health of triggers) for ``obsflow status``."""
+    start_seconds: float = Field(default=120.0, ge=0)
+    """At start-up the daemon (and a worker) tries this long to open a catalog it cannot
+    reach yet (the database server still starting, a migration by another process)."""
 
 
 class Processing(_Section):

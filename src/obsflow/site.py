@@ -9,18 +9,22 @@
       cache/            files between receipt and the archive
       archive/          permanent storage: {instrument}/{night}/{archive_id}
       quarantine/       refused files, each with a .reason.json
-      catalog.db        the SQLite catalog (unless catalog.url says otherwise)
+      catalog.db        the SQLite catalog (unless catalog.url says otherwise), made at
+                        once, at the newest schema
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
 
-from obsflow.errors import SiteError
+from obsflow.catalog import Catalog
+from obsflow.errors import CatalogError, SiteError
 from obsflow.settings import SETTINGS_FILE, load_settings
 
+DEFAULT_CATALOG_URL = "sqlite:///catalog.db"
 SETTINGS_TEMPLATE = """\
 # obsflow site settings. Relative paths are relative to this directory.
 paths:
@@ -58,6 +62,7 @@ ingest:
 daemon:
   reconcile_seconds: 60   # scan watched directories for files no trigger offered
   status_seconds: 2       # how often `obsflow run` records its health for `obsflow status`
+  start_seconds: 120      # at start-up, keep trying this long to open an unreachable catalog
 
 processing:
   executor: local         # local: a pool of `workers.runs` runs at once | inline: one by one
@@ -91,15 +96,27 @@ def example_registry() -> Path:
     return Path(str(resources.files("obsflow") / "examples" / "registry"))
 
 
-def init_site(directory: Path, *, registry: Path | None = None) -> Path:
-    """Create a site in ``directory`` (empty or new); return its absolute path."""
+def init_site(
+    directory: Path, *, registry: Path | None = None, catalog_url: str | None = None
+) -> Path:
+    """Create a site in ``directory`` (empty or new), with its catalog (``catalog_url``,
+    else SQLite in the site) at the newest schema, so that the site is complete before
+    the daemon, a command or a worker opens it; return its absolute path."""
     directory = directory.resolve()
     if (directory / SETTINGS_FILE).exists():
         raise SiteError(f"{directory}: already an obsflow site ({SETTINGS_FILE} exists)")
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / SETTINGS_FILE).write_text(SETTINGS_TEMPLATE)
+    text = SETTINGS_TEMPLATE
+    if catalog_url is not None:
+        text = text.replace(f"url: {DEFAULT_CATALOG_URL}", f"url: {json.dumps(catalog_url)}")
+    (directory / SETTINGS_FILE).write_text(text)
     shutil.copytree(registry or example_registry(), directory / "registry", dirs_exist_ok=True)
     settings = load_settings(directory)
     for path in (settings.incoming, settings.cache, settings.archive, settings.quarantine):
         path.mkdir(parents=True, exist_ok=True)
+    try:
+        Catalog.open(settings.catalog_url).close()
+    except CatalogError:
+        (directory / SETTINGS_FILE).unlink()  # not a site yet: `obsflow init` may be run again
+        raise
     return directory

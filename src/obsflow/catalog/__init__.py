@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -41,18 +42,24 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from obsflow.catalog import batch, schema, spans
 from obsflow.catalog.batch import CacheEntry, Recorded
 from obsflow.catalog.records import FileQuery, FileRecord, LedgerEntry
-from obsflow.errors import CatalogError
+from obsflow.errors import CatalogError, CatalogUnavailableError
 from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 SCHEMA_REVISION = "0006"
 """The newest migration; a test checks it is Alembic's head."""
+MIGRATION_WAIT_SECONDS = 120.0
+"""How long opening a catalog waits for another process's migration of it."""
+MIGRATION_LOCK_KEY = 0x0B5F_1017
+"""PostgreSQL advisory lock key under which obsflow migrates a database."""
+_PG_TRY_LOCK = text(f"SELECT pg_try_advisory_lock({MIGRATION_LOCK_KEY})")
+_PG_UNLOCK = text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")
 
 __all__ = ["CacheEntry", "Catalog", "FileQuery", "FileRecord", "LedgerEntry", "NewFile", "Recorded"]
 
@@ -108,8 +115,10 @@ class Catalog:
             self._file_lock = os.open(f"{database}-writelock", os.O_CREAT | os.O_RDWR, 0o644)
 
     @classmethod
-    def open(cls, url: str, *, migrate: bool = True) -> Catalog:
-        """Connect to ``url`` and bring its schema up to date."""
+    def open(
+        cls, url: str, *, migrate: bool = True, wait_seconds: float = MIGRATION_WAIT_SECONDS
+    ) -> Catalog:
+        """Connect to ``url`` and bring its schema up to date (see :meth:`migrate`)."""
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
             _configure_sqlite(engine)
@@ -117,33 +126,108 @@ class Catalog:
             engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         catalog = cls(engine)
         if migrate:
-            catalog.migrate()
+            try:
+                catalog.migrate(wait_seconds=wait_seconds)
+            except BaseException:
+                catalog.close()
+                raise
         return catalog
 
-    def migrate(self) -> None:
-        """Bring the schema to :data:`SCHEMA_REVISION` (Alembic is loaded only if needed)."""
-        try:
-            if self.revision() == SCHEMA_REVISION:
-                return
-            from alembic import command
-            from alembic.config import Config
+    def migrate(self, *, wait_seconds: float = MIGRATION_WAIT_SECONDS) -> None:
+        """Bring the schema to :data:`SCHEMA_REVISION` (Alembic is loaded only if needed).
 
-            config = Config()
-            config.set_main_option("script_location", str(MIGRATIONS))
-            with self.engine.begin() as conn:
-                config.attributes["connection"] = conn
-                command.upgrade(config, "head")
-        except OperationalError as exc:
-            raise CatalogError(
+        Safe when several processes open one catalog at once (the daemon, a command,
+        workers): a catalog already at head is only read (under WAL a read never waits
+        for a writer). Otherwise the migration runs under a lock across processes (the
+        writers' flock on SQLite, an advisory lock on PostgreSQL); a process that finds
+        the lock taken waits for it, up to ``wait_seconds``, saying so in the log, then
+        finds the schema at head and has nothing to do.
+        """
+        try:
+            if self.revision() == SCHEMA_REVISION and self._journal_ok():
+                return
+            with self._migration_lock(wait_seconds) as conn:
+                if self.is_sqlite:
+                    # Set once, here, under the lock (it is a property of the database
+                    # file, kept across connections), outside any transaction.
+                    driver: Any = conn.connection.driver_connection
+                    driver.execute("PRAGMA journal_mode=WAL").close()
+                if _revision(conn) == SCHEMA_REVISION:
+                    return  # another process migrated it while this one waited
+                from alembic import command
+                from alembic.config import Config
+
+                config = Config()
+                config.set_main_option("script_location", str(MIGRATIONS))
+                with conn.execution_options(obsflow_immediate=True).begin():
+                    config.attributes["connection"] = conn
+                    command.upgrade(config, "head")
+                log.info("catalog %s migrated to schema %s", self.engine.url, SCHEMA_REVISION)
+        except (OperationalError, InterfaceError) as exc:
+            raise CatalogUnavailableError(
                 f"cannot open the catalog at {self.engine.url!r}: {exc.orig}"
             ) from exc
+
+    def _journal_ok(self) -> bool:
+        """SQLite's journal is WAL (a read of the connection's mode takes no lock)."""
+        if not self.is_sqlite or self.engine.url.database in (None, "", ":memory:"):
+            return True
+        with self.engine.connect() as conn:
+            mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+        return str(mode).lower() == "wal"
+
+    @contextmanager
+    def _migration_lock(self, wait_seconds: float) -> Iterator[Connection]:
+        """A connection holding the lock that serialises migrations across processes:
+        the writers' flock on SQLite, a session advisory lock on PostgreSQL (a
+        transaction's would end with the migration's first commit)."""
+        deadline = time.monotonic() + wait_seconds
+        waited = False
+
+        def wait_or_give_up() -> None:
+            nonlocal waited
+            if not waited:
+                log.info("catalog %s: another process is migrating it; waiting", self.engine.url)
+                waited = True
+            if time.monotonic() > deadline:
+                raise CatalogUnavailableError(
+                    f"cannot open the catalog at {self.engine.url!r}: another process held "
+                    f"its migration lock for over {wait_seconds:g} s"
+                )
+            time.sleep(0.05)
+
+        def try_flock(lock: int) -> bool:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        with self._write_lock, self.engine.connect() as conn:
+            if self._file_lock is not None:
+                while not try_flock(self._file_lock):
+                    wait_or_give_up()
+            elif not self.is_sqlite:
+                while not conn.execute(_PG_TRY_LOCK).scalar():
+                    wait_or_give_up()
+                conn.commit()
+            if waited:
+                log.info("catalog %s: the other process is done", self.engine.url)
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction():
+                    conn.rollback()
+                if self._file_lock is not None:
+                    fcntl.flock(self._file_lock, fcntl.LOCK_UN)
+                elif not self.is_sqlite:
+                    conn.execute(_PG_UNLOCK)
+                    conn.commit()
 
     def revision(self) -> str | None:
         """The schema revision the database is at (None for an empty database)."""
         with self.engine.connect() as conn:
-            if not inspect(conn).has_table("alembic_version"):
-                return None
-            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            return _revision(conn)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -449,12 +533,22 @@ def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
         yield items[start : start + size]
 
 
+def _revision(conn: Connection) -> str | None:
+    try:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        version: str | None = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return version
+    finally:
+        if conn.in_transaction():
+            conn.rollback()  # a read: end it, so the connection holds no snapshot
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see below)
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA foreign_keys=ON")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -85,9 +87,18 @@ def _main(
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="The directory to make a site of.")],
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="The catalog database, e.g. postgresql+psycopg://obsflow@dbhost/obsflow "
+            "(default: SQLite in the site).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Create a site: settings, the example registry, and its directories."""
-    site = init_site(directory)
+    """Create a site: settings, the example registry, its directories and its catalog."""
+    site = init_site(directory, catalog_url=catalog)
     out.print(f"Created an obsflow site in [bold]{site}[/]")
     out.print(f"  settings: {site / 'obsflow.yaml'}\n  registry: {site / 'registry'}")
     out.print(f"Next: obsflow --help, or 'export OBSFLOW_SITE={site}'")
@@ -563,8 +574,10 @@ def status(
         if daemon is None or not daemon["alive"]:
             table.add_row("daemon", "not running")
         else:
+            readiness = "ready" if daemon["ready"] else "starting"
             table.add_row(
-                "daemon", f"running (pid {daemon['pid']}, {daemon['in_flight']} in flight)"
+                "daemon",
+                f"running (pid {daemon['pid']}, {readiness}, {daemon['in_flight']} in flight)",
             )
             for trigger in daemon["triggers"]:
                 state = "ok" if trigger["ok"] else f"[red]ALARM[/]: {trigger['detail']}"
@@ -787,7 +800,10 @@ def run(
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    with _site(site) as s:
+    notify_socket = os.environ.get("NOTIFY_SOCKET")  # set by systemd for Type=notify
+    settings = _settings(site)
+    s = open_site(settings, retry_seconds=settings.daemon.start_seconds)
+    try:
         transfer = s.settings.transfer
         upstream = None
         if server or transfer.server:
@@ -800,8 +816,30 @@ def run(
             + (f"; frames to {upstream.server}" if daemon.role is Role.AGENT and upstream else ""),
             highlight=False,
         )
-        daemon.run(stop)
+
+        def ready() -> None:
+            err.print("obsflow run: ready", highlight=False)
+            _notify_systemd(notify_socket, b"READY=1")
+
+        daemon.run(stop, on_ready=ready)
+        _notify_systemd(notify_socket, b"STOPPING=1")
         err.print("obsflow run: stopped cleanly", highlight=False)
+    finally:
+        s.close()
+
+
+def _notify_systemd(address: str | None, message: bytes) -> None:
+    """Tell systemd (a ``Type=notify`` unit) of readiness: the sd_notify protocol is one
+    datagram on the socket systemd names, written here rather than adding a dependency."""
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message, address)
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc)
 
 
 def _command_name() -> str:
