@@ -67,11 +67,10 @@ from typing import Any, NoReturn
 import yaml
 from sqlalchemy import Engine, event
 
-from obsflow.app import Site, open_site
 from obsflow.catalog import Catalog, FileQuery
 from obsflow.daemon import read_status
 from obsflow.settings import SETTINGS_FILE, load_settings
-from obsflow.site import init_site
+from obsflow.site import Site, init_site, open_site
 from synthetic import FIRST_NIGHT, NIGHT_SECONDS, fill, load, machine, verdict
 
 TARGET_MS = 10.0

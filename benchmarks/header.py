@@ -1,4 +1,4 @@
-"""How fast is obsflow.fitsheader, next to astropy and fitsio?
+"""How fast is obsflow.receipt.header, next to astropy and fitsio?
 
 Writes a few hundred small FITS files with a realistic ~80-card primary header (WCS,
 observing keywords, HIERARCH, COMMENT/HISTORY, a CONTINUE long string) to a temporary
@@ -28,7 +28,7 @@ from types import ModuleType
 import numpy as np
 from astropy.io import fits
 
-from obsflow.fitsheader import Header, parse_header, walk_hdus
+from obsflow.receipt.header import Header, parse_header, walk_hdus
 
 
 def optional_module(name: str) -> ModuleType | None:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from obsflow.fitsheader import parse_header
+from obsflow.receipt.header import parse_header
 
 TARGET = 0.5
 CHUNK = 1 << 20
@@ -152,7 +152,7 @@ def run(cmd: list[str], what: str) -> tuple[float, str]:
 
 
 def generate(out: Path, n: int, shape: tuple[int, int], seed: int) -> list[Path]:
-    from obsflow.simulate import simulate_night  # numpy/astropy: only the harness needs them
+    from obsflow.sim.simulate import simulate_night  # numpy/astropy: only the harness needs them
 
     frames = simulate_night(out, n, seed=seed, shape=shape)
     (out / "injected_stars.ecsv").unlink(missing_ok=True)  # only frames in the directory

@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from obsflow.live import frame_bytes, write_in_chunks
-from obsflow.simulate import night_frames
+from obsflow.sim.live import frame_bytes, write_in_chunks
+from obsflow.sim.simulate import night_frames
 from obsflow.site import init_site
 
 PY = sys.executable

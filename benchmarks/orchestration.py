@@ -69,16 +69,15 @@ from typing import Any, NoReturn
 
 from sqlalchemy import Engine, event, func, select
 
-from obsflow.app import Site, open_site
 from obsflow.catalog import Catalog, schema
 from obsflow.catalog.runs import NewRun, RunStore
-from obsflow.executor import LocalExecutor
+from obsflow.processing.executor import LocalExecutor
+from obsflow.processing.tracker import Tracker
+from obsflow.processing.tracker.grouping import GroupKey
 from obsflow.registry import load_registry
 from obsflow.settings import load_settings
-from obsflow.site import init_site
+from obsflow.site import Site, init_site, open_site
 from obsflow.states import RunState, StepState
-from obsflow.tracker import Tracker
-from obsflow.tracker.grouping import GroupKey
 from synthetic import FILTERS, fill, frame_kind, insert_rows, load, machine, night_rows, verdict
 
 FANOUT_TARGET = 3.0

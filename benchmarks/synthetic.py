@@ -40,8 +40,8 @@ from typing import Any
 from sqlalchemy import Table
 
 from obsflow.catalog import Catalog, schema
+from obsflow.processing.tracker.grouping import GroupKey
 from obsflow.states import FileState, LedgerEvent
-from obsflow.tracker.grouping import GroupKey
 
 FRAMES_PER_NIGHT = 500
 CHUNK = 50_000

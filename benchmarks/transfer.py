@@ -72,16 +72,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from obsflow.access import Scope as TokenScope
 from obsflow.access import TokenStore
+from obsflow.archive.storage import LocalStorage
 from obsflow.catalog import Catalog, FileQuery
-from obsflow.demo import free_port
-from obsflow.latency import LatencyReport, Percentiles, latency_report
-from obsflow.live import frame_bytes
-from obsflow.receipt import utcnow
+from obsflow.catalog.latency import LatencyReport, Percentiles, latency_report
+from obsflow.receipt.receiver import utcnow
 from obsflow.settings import SETTINGS_FILE, load_settings
-from obsflow.simulate import night_frames
+from obsflow.sim.demo import free_port
+from obsflow.sim.live import frame_bytes
+from obsflow.sim.simulate import night_frames
 from obsflow.site import init_site
 from obsflow.states import FileState
-from obsflow.storage import LocalStorage
 from synthetic import load, machine
 
 PY = sys.executable

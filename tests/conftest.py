@@ -20,10 +20,9 @@ import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from obsflow.app import Site, open_site
 from obsflow.settings import Settings, load_settings
-from obsflow.simulate import SimulatedFrame, simulate_night
-from obsflow.site import init_site
+from obsflow.sim.simulate import SimulatedFrame, simulate_night
+from obsflow.site import Site, init_site, open_site
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REQUIRE_SERVICES = os.environ.get("OBSFLOW_REQUIRE_SERVICES") == "1"

@@ -36,11 +36,11 @@ from obsflow.access import (
     released,
     visible_fields,
 )
-from obsflow.app import Site, ingest_paths, open_site
 from obsflow.catalog import schema
 from obsflow.catalog.records import FileQuery, FileRecord
-from obsflow.metadata import add_months
+from obsflow.receipt.metadata import add_months
 from obsflow.settings import Settings
+from obsflow.site import Site, ingest_paths, open_site
 from tests.conftest import SiteFactory
 
 NOW = datetime(2027, 3, 1, 12, tzinfo=UTC)

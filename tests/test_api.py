@@ -34,11 +34,11 @@ from sqlalchemy import insert, update
 
 from obsflow.access import Scope, TokenStore
 from obsflow.api import OPENAPI_URL, ApiServer, ListenError, parse_listen
-from obsflow.app import Site, ingest_paths, open_site
+from obsflow.archive.retrieval import Retriever
 from obsflow.catalog import schema
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import NewRun, RunStore
-from obsflow.retrieval import Retriever
+from obsflow.site import Site, ingest_paths, open_site
 from obsflow.states import RunState, StepState
 from tests.conftest import SiteFactory
 

@@ -25,9 +25,9 @@ import pytest
 from sqlalchemy import update
 
 from obsflow.access import Scope, TokenStore
-from obsflow.app import ingest_paths, open_site
 from obsflow.catalog import schema
 from obsflow.catalog.records import FileQuery, FileRecord
+from obsflow.site import ingest_paths, open_site
 from tests.conftest import SiteFactory
 from tests.test_api import SERVE
 

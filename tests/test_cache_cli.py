@@ -1,7 +1,7 @@
 """The cache commands as a user runs them, each a real ``python -m obsflow`` subprocess:
 ``cache status|trim|pin|unpin``, ``fetch`` and ``tag add|rm`` (with ``find --tag``).
 
-The catalog is only read and written through :mod:`obsflow.retrieval`, whose tests run
+The catalog is only read and written through :mod:`obsflow.archive.retrieval`, whose tests run
 on both engines; here SQLite is enough.
 """
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from obsflow.app import ingest_paths, open_site
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.cli.cache import parse_size
 from obsflow.settings import load_settings
+from obsflow.site import ingest_paths, open_site
 from tests.conftest import SiteFactory
 from tests.test_cli import as_json, obsflow
 

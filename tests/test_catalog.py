@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from obsflow.app import Site, ingest_paths
 from obsflow.catalog import Catalog, FileQuery, NewFile
 from obsflow.catalog.queue import IngestQueue
+from obsflow.site import Site, ingest_paths
 from obsflow.states import FileState, LedgerEvent, RequestState
 
 T0 = datetime(2026, 11, 22, 5, 0, tzinfo=UTC)
@@ -183,7 +183,7 @@ def test_sqlite_catalog_is_in_wal_mode(tmp_path: Path) -> None:
 
 def test_two_processes_worth_of_sites_share_one_catalog(site: Site, frames: list[Path]) -> None:
     """Receipt from two Site objects (as two processes would) never doubles a file."""
-    from obsflow.app import open_site
+    from obsflow.site import open_site
 
     other = open_site(site.settings)
     try:

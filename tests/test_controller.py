@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from obsflow.controller import Controller, RunOutcome, StepResult
 from obsflow.errors import RunError
-from obsflow.profile import RuntimeProfile, RuntimeStep
+from obsflow.processing.controller import Controller, RunOutcome, StepResult
+from obsflow.processing.profile import RuntimeProfile, RuntimeStep
 from obsflow.states import StepState
 
 RUN = "r1"

@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
-from obsflow.app import open_site
 from obsflow.catalog import FileQuery
-from obsflow.demo import free_port
-from obsflow.ioc import IocClient
 from obsflow.settings import Settings
+from obsflow.sim.demo import free_port
+from obsflow.sim.ioc import IocClient
+from obsflow.site import open_site
 from obsflow.states import FileState, RequestState
 from tests.conftest import SiteFactory
 from tests.test_epics import IocProcess, client_env, make_ioc
@@ -213,7 +213,7 @@ def test_ingest_command_works_while_the_daemon_runs(
 def test_sigkill_at_random_moments_loses_nothing_and_doubles_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:
-    from obsflow.simulate import simulate_night
+    from obsflow.sim.simulate import simulate_night
 
     night = simulate_night(tmp_path / "night", 200, seed=11, shape=(32, 32))
     rng = random.Random(5)

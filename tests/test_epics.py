@@ -27,11 +27,11 @@ from caproto import CaprotoError
 from typer.testing import CliRunner
 
 from obsflow.cli import app
-from obsflow.demo import free_port
-from obsflow.ioc import IocClient, PublishError
-from obsflow.live import frame_bytes, run_live, write_in_chunks
 from obsflow.registry.specs import EpicsTriggerSpec
-from obsflow.simulate import night_frames, simulate_night
+from obsflow.sim.demo import free_port
+from obsflow.sim.ioc import IocClient, PublishError
+from obsflow.sim.live import frame_bytes, run_live, write_in_chunks
+from obsflow.sim.simulate import night_frames, simulate_night
 from obsflow.trigger.epics import EpicsTrigger
 from tests.conftest import service_missing
 
@@ -65,7 +65,7 @@ def server_env(port: int) -> dict[str, str]:
 
 
 class IocProcess:
-    """``python -m obsflow.ioc`` in a subprocess, which can be killed and started again."""
+    """``python -m obsflow.sim.ioc`` in a subprocess, which can be killed and started again."""
 
     def __init__(self, log: Path, *, heartbeat_seconds: float = 1.0) -> None:
         self.prefix = f"T{uuid.uuid4().hex[:8]}:"
@@ -77,7 +77,7 @@ class IocProcess:
         self.log = log  # the IOC's standard error
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "obsflow.ioc", "--prefix", self.prefix]
+        argv = [sys.executable, "-m", "obsflow.sim.ioc", "--prefix", self.prefix]
         argv += ["--interfaces", "127.0.0.1", "--port", str(self.port)]
         argv += ["--heartbeat-seconds", str(self.heartbeat_seconds)]
         with open(self.log, "a") as stderr:
@@ -86,7 +86,7 @@ class IocProcess:
             )
         assert self.process.stdout is not None
         line = read_line(self.process.stdout, STARTUP_SECONDS)
-        if not line.startswith("obsflow.ioc: serving"):
+        if not line.startswith("obsflow.sim.ioc: serving"):
             self.kill()
             service_missing(
                 f"the caproto IOC did not start: {line!r} {self.log.read_text()[-800:]}"
@@ -573,7 +573,7 @@ def test_simulate_epics_serves_its_own_ioc(
     try:
         assert process.stdout is not None
         line = read_line(process.stdout, STARTUP_SECONDS)
-        if not line.startswith("obsflow.ioc: serving OFCAM:LASTFILE"):
+        if not line.startswith("obsflow.sim.ioc: serving OFCAM:LASTFILE"):
             process.kill()
             service_missing(f"simulate --epics did not start its IOC: {line!r}")
         client_env(monkeypatch, port)

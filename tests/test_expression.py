@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from obsflow.expression import ExpressionError, parse
+from obsflow.registry.expression import ExpressionError, parse
 
 
 @pytest.mark.parametrize(

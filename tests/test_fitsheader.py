@@ -1,4 +1,4 @@
-"""obsflow.fitsheader against astropy on real files, and on every kind of broken input."""
+"""obsflow.receipt.header against astropy on real files, and on every kind of broken input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from astropy.io import fits
 
 from obsflow.errors import FitsError
-from obsflow.fitsheader import BLOCK, Header, HeaderValue, parse_header, walk_hdus
+from obsflow.receipt.header import BLOCK, Header, HeaderValue, parse_header, walk_hdus
 
 # --- helpers ---------------------------------------------------------------------------------
 

@@ -9,9 +9,7 @@ from typing import Any
 import pytest
 
 from obsflow.catalog.records import FileRecord
-from obsflow.registry.specs import InputSpec, PipelineSpec
-from obsflow.states import FileState
-from obsflow.tracker.grouping import (
+from obsflow.processing.tracker.grouping import (
     GroupKey,
     file_values,
     group_key,
@@ -20,6 +18,8 @@ from obsflow.tracker.grouping import (
     night_end,
     window_start,
 )
+from obsflow.registry.specs import InputSpec, PipelineSpec
+from obsflow.states import FileState
 
 START = datetime(2026, 11, 22, 5, 17, 42, 250000, tzinfo=UTC)
 

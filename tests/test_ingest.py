@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from obsflow.app import Site, ingest_paths, open_site
+from obsflow.archive.ingest import IngestReport
+from obsflow.archive.storage import LocalStorage, Storage
 from obsflow.catalog import FileQuery, FileRecord
 from obsflow.catalog.records import RequestRecord
 from obsflow.errors import StorageError
-from obsflow.ingest import IngestReport
-from obsflow.receipt import Outcome
+from obsflow.receipt.receiver import Outcome
 from obsflow.settings import Settings
+from obsflow.site import Site, ingest_paths, open_site
 from obsflow.states import FileState, LedgerEvent, RequestState
-from obsflow.storage import LocalStorage, Storage
 
 SiteFactory = Callable[..., Settings]
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from obsflow.catalog import Catalog, NewFile
-from obsflow.catalog.queue import IngestQueue
-from obsflow.latency import (
+from obsflow.catalog.latency import (
     Percentiles,
     StuckList,
     latencies,
@@ -19,6 +18,7 @@ from obsflow.latency import (
     stage_name,
     stuck_files,
 )
+from obsflow.catalog.queue import IngestQueue
 from obsflow.states import FileState, LedgerEvent, RequestState
 from tests.conftest import SiteFactory
 from tests.test_cli import as_json, obsflow

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from obsflow.app import Site, ingest_paths, open_site
 from obsflow.catalog import schema
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import RunStore
-from obsflow.executor import InlineExecutor, LocalExecutor
+from obsflow.processing.executor import InlineExecutor, LocalExecutor
+from obsflow.processing.tracker import Tracker
+from obsflow.processing.tracker.loop import TrackerLoop, process_until_idle
+from obsflow.site import Site, ingest_paths, open_site
 from obsflow.states import FileState, LedgerEvent, RunState, StepState
-from obsflow.tracker import Tracker
-from obsflow.tracker.loop import TrackerLoop, process_until_idle
 from tests.conftest import SiteFactory
 
 STACK = Path(__file__).parent / "tools" / "stack.py"

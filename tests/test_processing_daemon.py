@@ -35,15 +35,15 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from obsflow.app import open_site
-from obsflow.cache import Cache
+from obsflow.archive.cache import Cache
 from obsflow.catalog import Catalog, schema
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import RunRecord, RunStore, input_hash
-from obsflow.receipt import Outcome, Received, Receiver
+from obsflow.processing.tracker import Tracker
+from obsflow.receipt.receiver import Outcome, Received, Receiver
 from obsflow.settings import Settings
+from obsflow.site import open_site
 from obsflow.states import FileState, RunState
-from obsflow.tracker import Tracker
 from tests.conftest import SiteFactory
 from tests.test_daemon import daemon, running, wait_for, write_slowly
 from tests.test_runs_cli import toy_site

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from obsflow.errors import ProfileError
-from obsflow.profile import RuntimeProfile, build_profile
+from obsflow.processing.profile import RuntimeProfile, build_profile
 from obsflow.registry.specs import PipelineSpec, ProfileSpec
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from obsflow.processing.tracker.readiness import Candidate, Decision, readiness
 from obsflow.registry.specs import PipelineSpec
-from obsflow.tracker.readiness import Candidate, Decision, readiness
 
 NIGHT_END = datetime(2026, 11, 22, 17, 0, tzinfo=UTC)
 T0 = datetime(2026, 11, 22, 6, 0, tzinfo=UTC)

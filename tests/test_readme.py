@@ -23,7 +23,7 @@ def test_readme_registry_example_loads_and_recognises(tmp_path: Path) -> None:
 
 
 def test_readme_profile_example_fills_for_a_run(tmp_path: Path) -> None:
-    from obsflow.profile import build_profile
+    from obsflow.processing.profile import build_profile
 
     blocks = re.findall(r"```yaml\n(# registry/(\S+)\n.*?)```", README.read_text(), re.DOTALL)
     for text, name in blocks:
@@ -51,9 +51,8 @@ def test_readme_curl_examples_name_endpoints_and_parameters_the_api_has(tmp_path
     """Each curl line of the README's API section asks for a path, method and query
     parameters that the OpenAPI description declares."""
     from obsflow.api import create_app
-    from obsflow.app import open_site
     from obsflow.settings import load_settings
-    from obsflow.site import init_site
+    from obsflow.site import init_site, open_site
 
     site = open_site(load_settings(init_site(tmp_path / "site")))
     try:

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from astropy.io import fits
 
-from obsflow.app import Site, open_site
 from obsflow.catalog import FileQuery, FileRecord
-from obsflow.receipt import Outcome, Received
+from obsflow.receipt.receiver import Outcome, Received
 from obsflow.settings import Settings
-from obsflow.simulate import write_frame
+from obsflow.sim.simulate import write_frame
+from obsflow.site import Site, open_site
 from obsflow.states import FileState, LedgerEvent
 
 SiteFactory = Callable[..., Settings]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from obsflow.errors import AmbiguousError, Problem, RecognitionError, RegistryError
-from obsflow.metadata import extract
+from obsflow.receipt.metadata import extract
 from obsflow.registry import Registry, load_registry
 from obsflow.site import example_registry
 

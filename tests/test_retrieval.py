@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text, update
 
-from obsflow.app import Site, ingest_paths
-from obsflow.cache import TMP
+from obsflow.archive.cache import TMP
+from obsflow.archive.retrieval import InvalidTagError, NotFoundError, Retriever, check_tag
 from obsflow.catalog import schema
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.errors import StorageError
-from obsflow.retrieval import InvalidTagError, NotFoundError, Retriever, check_tag
 from obsflow.settings import CachePolicy
+from obsflow.site import Site, ingest_paths
 from obsflow.states import FileState
 
 SQLITE_ONLY = pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
@@ -453,7 +453,7 @@ def test_concurrent_fetches_of_one_virtual_file(site: Site, archived: list[FileR
 def test_fetches_and_trims_at_once_keep_the_catalog_and_the_disk_in_step(
     site: Site, archived: list[FileRecord], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="obsflow.retrieval")
+    caplog.set_level(logging.INFO, logger="obsflow.archive.retrieval")
     retriever = make_retriever(site)
     stop = threading.Event()
     errors: list[BaseException] = []

@@ -22,14 +22,14 @@ from typing import Any
 import pytest
 from astropy.io import fits
 
-from obsflow.app import Site, ingest_paths, open_site
 from obsflow.catalog.records import FileQuery
 from obsflow.catalog.runs import RunStore
-from obsflow.executor import InlineExecutor
+from obsflow.processing.executor import InlineExecutor
+from obsflow.processing.tracker.loop import process_until_idle
 from obsflow.settings import Settings
-from obsflow.simulate import simulate_night
+from obsflow.sim.simulate import simulate_night
+from obsflow.site import Site, ingest_paths, open_site
 from obsflow.states import FileState, RunState, StepState
-from obsflow.tracker.loop import process_until_idle
 from tests.conftest import SiteFactory
 from tests.test_cli import as_json, obsflow
 

@@ -1,4 +1,4 @@
-"""Tests of obsflow.simulate: real FITS files in temporary directories, read back with astropy.
+"""Tests of obsflow.sim.simulate: real FITS files in temporary directories, read back with astropy.
 
 The suite turns warnings into errors, so every read here also checks that astropy (and
 astropy.wcs) accept the files without complaint.
@@ -19,7 +19,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from obsflow.simulate import GAIN, RDNOISE, SimulatedFrame, simulate_night
+from obsflow.sim.simulate import GAIN, RDNOISE, SimulatedFrame, simulate_night
 
 SHAPE = (96, 128)  # rows, columns: small, and not square, to catch swapped axes
 REQUIRED = [

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from obsflow.app import Site, ingest_paths
 from obsflow.catalog import FileQuery
-from obsflow.receipt import Outcome
+from obsflow.receipt.receiver import Outcome
+from obsflow.site import Site, ingest_paths
 from obsflow.states import FileState, LedgerEvent
 
 

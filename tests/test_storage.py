@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from obsflow.archive.storage import LocalStorage, check_key
 from obsflow.errors import StorageError
-from obsflow.storage import LocalStorage, check_key
 
 
 @pytest.mark.parametrize(

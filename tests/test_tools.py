@@ -27,10 +27,10 @@ from astropy.stats import mad_std, sigma_clip, sigma_clipped_stats
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
-from obsflow import fitsheader
-from obsflow.metadata import extract
+from obsflow.receipt import header as fitsheader
+from obsflow.receipt.metadata import extract
 from obsflow.registry import load_registry
-from obsflow.simulate import _flat_pattern, simulate_night
+from obsflow.sim.simulate import _flat_pattern, simulate_night
 from obsflow.tools import BadInputError, ccd, check_same
 from obsflow.tools.ccd import calibrate, clean_cosmics, find_cosmics
 from obsflow.tools.sources import SATURATED, detect, merge, read_catalog

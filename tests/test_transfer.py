@@ -20,11 +20,11 @@ import pytest
 
 from obsflow.access import Scope, TokenStore
 from obsflow.api import ApiServer, create_app
-from obsflow.app import Site, open_site
 from obsflow.catalog import FileQuery
-from obsflow.intake import Wake
+from obsflow.receipt.intake import Wake
+from obsflow.site import Site, open_site
 from obsflow.states import FileState, LedgerEvent
-from obsflow.transfer import (
+from obsflow.transfer.agent import (
     BusyError,
     Client,
     ConflictError,

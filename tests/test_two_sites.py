@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 
 from obsflow.access import Scope, TokenStore
+from obsflow.archive.storage import LocalStorage
 from obsflow.catalog import Catalog, FileQuery
-from obsflow.demo import free_port
 from obsflow.settings import Settings
+from obsflow.sim.demo import free_port
 from obsflow.states import FileState
-from obsflow.storage import LocalStorage
 from tests.conftest import SiteFactory
 from tests.faultproxy import FaultProxy, Faults
 from tests.test_daemon import daemon, wait_for, write_slowly
@@ -72,7 +72,7 @@ def sites(make_site: SiteFactory) -> Sites:
 
 
 def time_now() -> Any:
-    from obsflow.receipt import utcnow
+    from obsflow.receipt.receiver import utcnow
 
     return utcnow()
 

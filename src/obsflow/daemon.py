@@ -26,17 +26,17 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from obsflow.app import Site
+from obsflow.archive.ingest import Ingestor
 from obsflow.catalog.seen import SeenLedger
 from obsflow.errors import SiteError
-from obsflow.executor import Executor, make_executor
-from obsflow.ingest import Ingestor
-from obsflow.intake import Intake, Wake
-from obsflow.receipt import Outcome, Received
+from obsflow.processing.executor import Executor, make_executor
+from obsflow.processing.tracker.loop import TrackerLoop
+from obsflow.receipt.intake import Intake, Wake
+from obsflow.receipt.receiver import Outcome, Received
 from obsflow.registry.specs import EpicsTriggerSpec, WatchTriggerSpec
 from obsflow.settings import Role
-from obsflow.tracker.loop import TrackerLoop
-from obsflow.transfer import Client, Transferer
+from obsflow.site import Site
+from obsflow.transfer.agent import Client, Transferer
 from obsflow.trigger import Trigger
 from obsflow.trigger.scan import ReconcileScan
 from obsflow.trigger.watch import WatchTrigger

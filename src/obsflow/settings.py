@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.engine import make_url
 
-from obsflow import yamlfile
 from obsflow.errors import Problem, SettingsError, SiteError
+from obsflow.registry import yamlfile
 
 SETTINGS_FILE = "obsflow.yaml"
 
@@ -118,7 +118,7 @@ class Api(_Section):
 
 
 class Role(StrEnum):
-    """What ``obsflow run`` does at a site (see :mod:`obsflow.transfer`)."""
+    """What ``obsflow run`` does at a site (see :mod:`obsflow.transfer.agent`)."""
 
     AGENT = "agent"  # observatory: triggers → receipt → the outbox to the server
     SERVER = "server"  # archive: uploads → cache → ingest → tracker → pipelines → API

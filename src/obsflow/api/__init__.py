@@ -46,11 +46,11 @@ from obsflow.access import TokenStore
 from obsflow.api import files, metrics, problems, runs, status, transfer
 from obsflow.api.metrics import Metrics, RequestMetrics
 from obsflow.api.services import Services, Uploads
-from obsflow.app import Site
+from obsflow.archive.retrieval import Retriever
 from obsflow.catalog.runs import RunStore
 from obsflow.errors import ObsflowError
-from obsflow.intake import Wakeable
-from obsflow.retrieval import Retriever
+from obsflow.receipt.intake import Wakeable
+from obsflow.site import Site
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,10 @@ from obsflow.api.data import OpenFileResponse, UnsatisfiableError, parse_range
 from obsflow.api.params import ARCHIVE_ID, KEYWORD, NAME, TAG, TEXT, Day, Level, Time, utc
 from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
+from obsflow.archive.retrieval import InvalidTagError, NotFoundError
 from obsflow.catalog import schema, spans
 from obsflow.catalog.records import FileRecord
 from obsflow.errors import StorageError
-from obsflow.retrieval import InvalidTagError, NotFoundError
 from obsflow.states import FileState, LedgerEvent, RequestState, RunState
 
 log = logging.getLogger(__name__)

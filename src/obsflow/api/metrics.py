@@ -31,14 +31,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from obsflow import latency
 from obsflow.api.problems import documented
 from obsflow.api.services import Services, services
-from obsflow.app import Site
-from obsflow.catalog import schema
+from obsflow.archive.retrieval import Retriever
+from obsflow.catalog import latency, schema
 from obsflow.catalog.queue import IngestQueue
 from obsflow.catalog.runs import RunStore
-from obsflow.retrieval import Retriever
+from obsflow.site import Site
 from obsflow.states import FileState, LedgerEvent, RequestState, RunState
 
 OVERLAP: Final = timedelta(minutes=2)

@@ -13,10 +13,10 @@ from fastapi import Request, Response
 from pydantic import BaseModel
 
 from obsflow.access import TokenStore
-from obsflow.app import Site
+from obsflow.archive.retrieval import Retriever
 from obsflow.catalog.runs import RunStore
-from obsflow.intake import Wakeable
-from obsflow.retrieval import Retriever
+from obsflow.receipt.intake import Wakeable
+from obsflow.site import Site
 
 if TYPE_CHECKING:
     from obsflow.api.metrics import Metrics

@@ -15,12 +15,12 @@ from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
-from obsflow import latency
 from obsflow.access import Scope
 from obsflow.api.auth import Caller
 from obsflow.api.params import Level, Time, utc
 from obsflow.api.problems import documented
 from obsflow.api.services import Services, json_response, services
+from obsflow.catalog import latency
 from obsflow.states import FileState, RequestState, RunState
 
 router = APIRouter(tags=["status"])

@@ -1,6 +1,6 @@
 """``/api/v1/transfers``: the archive server's side of the transfer protocol.
 
-An observatory agent (:mod:`obsflow.transfer`) sends each frame it has received, under
+An observatory agent (:mod:`obsflow.transfer.agent`) sends each frame it has received, under
 the archive ID it gave it:
 
 1. ``GET /transfers/{id}?sha256=H`` — what the server has: ``archived`` or ``cached``
@@ -49,7 +49,7 @@ from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
 from obsflow.catalog import schema
 from obsflow.errors import RecognitionError
-from obsflow.receipt import Delivery, Outcome
+from obsflow.receipt.receiver import Delivery, Outcome
 from obsflow.states import FileState, RequestState
 
 log = logging.getLogger(__name__)

@@ -22,17 +22,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from obsflow import __version__
-from obsflow import latency as latency_ledger
-from obsflow.app import IngestSummary, Site, ingest_paths, open_site
+from obsflow.catalog import latency as latency_ledger
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import RunStore
 from obsflow.daemon import read_status as read_daemon_status
 from obsflow.errors import ConfigError, ObsflowError, SiteError
-from obsflow.metadata import parse_time
-from obsflow.receipt import Outcome
+from obsflow.receipt.metadata import parse_time
+from obsflow.receipt.receiver import Outcome
 from obsflow.registry import load_registry
 from obsflow.settings import Role, Settings, load_settings
-from obsflow.site import init_site
+from obsflow.site import IngestSummary, Site, ingest_paths, init_site, open_site
 from obsflow.states import FileState, RequestState, RunState
 
 app = typer.Typer(
@@ -209,7 +208,7 @@ def demo(
 ) -> None:
     """A short night in real time: an EPICS simulator announces frames; the daemon archives
     them and reduces them, L0 → L3, as they arrive."""
-    from obsflow.demo import ANNOUNCEMENTS, PV_PREFIX, DemoPlan, run_demo
+    from obsflow.sim.demo import ANNOUNCEMENTS, PV_PREFIX, DemoPlan, run_demo
 
     root = directory or Path(tempfile.mkdtemp(prefix="obsflow-demo-"))
     plan = DemoPlan(root, frames=frames, cadence=cadence, size=size, quiet_seconds=quiet_seconds)
@@ -539,7 +538,7 @@ def status(
         role = (daemon or {}).get("role") or s.settings.transfer.role.value
         sending = None
         if role == Role.AGENT.value:
-            from obsflow.transfer import outbox
+            from obsflow.transfer.agent import outbox
 
             sending = outbox(s.catalog, s.clock())
         if as_json:
@@ -668,7 +667,7 @@ def simulate(
         raise typer.BadParameter("--wait-listener is for the IOC started here, not --pv-prefix")
     target = out_dir or _settings(site).incoming
     if not live:
-        from obsflow.simulate import simulate_night  # numpy/astropy only when simulating
+        from obsflow.sim.simulate import simulate_night  # numpy/astropy only when simulating
 
         written = simulate_night(target, frames, seed=seed, shape=(size, size))
         out.print(f"wrote {len(written)} frame(s) to {target}")
@@ -700,9 +699,9 @@ def _simulate_live(
     publish: bool,
     wait_listener: float,
 ) -> None:
-    """``obsflow simulate`` with --cadence or --epics: see :mod:`obsflow.live`."""
-    from obsflow.ioc import InstrumentIoc, IocClient
-    from obsflow.live import Publisher, run_live
+    """``obsflow simulate`` with --cadence or --epics: see :mod:`obsflow.sim.live`."""
+    from obsflow.sim.ioc import InstrumentIoc, IocClient
+    from obsflow.sim.live import Publisher, run_live
 
     ioc: InstrumentIoc | None = None
     client: IocClient | None = None

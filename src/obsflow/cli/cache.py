@@ -1,5 +1,5 @@
 """The cache commands: ``cache status|trim|pin|unpin``, ``fetch`` and ``tag add|rm``.
-Registered on the main app by :mod:`obsflow.cli`; the policy is :mod:`obsflow.retrieval`."""
+Registered on the main app by :mod:`obsflow.cli`; the policy is :mod:`obsflow.archive.retrieval`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from obsflow.archive.retrieval import InvalidTagError, NotFoundError, Retriever, check_tag
 from obsflow.cli import JsonOption, SiteOption, _site, app, err, out
-from obsflow.retrieval import InvalidTagError, NotFoundError, Retriever, check_tag
 
 cache_app = typer.Typer(
     help="The cache: its size and budget, trimming it, pinning files in it.",

@@ -15,17 +15,17 @@ import typer
 import yaml
 from rich.table import Table
 
-from obsflow.app import Site, open_site
 from obsflow.catalog.runs import NewRun, RunRecord, RunStore
 from obsflow.cli import JsonOption, SiteOption, _settings, _site, app, err, out, registry_app
 from obsflow.daemon import read_status
-from obsflow.executor import make_executor
-from obsflow.profile import ParameterValue
+from obsflow.processing.executor import make_executor
+from obsflow.processing.profile import ParameterValue
+from obsflow.processing.tracker import Tracker
+from obsflow.processing.tracker.grouping import GroupKey
+from obsflow.processing.tracker.loop import process_until_idle
 from obsflow.settings import load_settings
+from obsflow.site import Site, open_site
 from obsflow.states import RunState
-from obsflow.tracker import Tracker
-from obsflow.tracker.grouping import GroupKey
-from obsflow.tracker.loop import process_until_idle
 
 runs_app = typer.Typer(
     help="Pipeline runs: list them (no subcommand), show one, retry one.",
@@ -280,7 +280,7 @@ def registry_replay(
         )
         replay = open_site(load_settings(scratch))
         try:
-            from obsflow.app import ingest_paths
+            from obsflow.site import ingest_paths
 
             files = sorted(p for p in directory.iterdir() if p.is_file())
             summary = ingest_paths(replay, files, wait=False)

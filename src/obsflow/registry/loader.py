@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from obsflow import yamlfile
 from obsflow.errors import Problem, RegistryError
+from obsflow.registry import yamlfile
 from obsflow.registry.specs import (
     InstrumentSpec,
     PipelineSpec,

@@ -38,8 +38,9 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
-from obsflow import __version__, fitsheader
+from obsflow import __version__
 from obsflow.errors import FitsError, ObsflowError
+from obsflow.receipt import header as fitsheader
 
 FloatArray = npt.NDArray[np.float64]
 

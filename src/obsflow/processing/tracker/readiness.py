@@ -2,7 +2,7 @@
 
 :func:`readiness` takes a pipeline's spec and, per input name, the candidate files
 already found for one group (right product, ``where`` met, right night; see
-:mod:`obsflow.tracker.grouping`), and decides:
+:mod:`obsflow.processing.tracker.grouping`), and decides:
 
 - **selection**: per input, every candidate, or with ``max`` the newest ``max``
   by file id; ids ascending.

@@ -18,10 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from obsflow.app import Site
 from obsflow.catalog.runs import RunStore
-from obsflow.executor import Executor
-from obsflow.tracker import Tracker
+from obsflow.processing.executor import Executor
+from obsflow.processing.tracker import Tracker
+from obsflow.site import Site
 
 log = logging.getLogger(__name__)
 

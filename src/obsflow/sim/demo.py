@@ -43,10 +43,10 @@ from rich.text import Text
 from sqlalchemy import func, select
 
 from obsflow.catalog import Catalog, schema
+from obsflow.catalog.latency import Percentiles, latencies
 from obsflow.daemon import STATUS_FILE
 from obsflow.errors import SiteError
-from obsflow.latency import Percentiles, latencies
-from obsflow.receipt import utcnow
+from obsflow.receipt.receiver import utcnow
 from obsflow.registry import load_registry
 from obsflow.settings import Settings, load_settings
 from obsflow.site import init_site

@@ -31,8 +31,7 @@ from typing import BinaryIO
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from obsflow import fitsheader, metadata
-from obsflow.cache import Cache
+from obsflow.archive.cache import Cache
 from obsflow.catalog import CacheEntry, Catalog, NewFile, Recorded
 from obsflow.errors import (
     AmbiguousError,
@@ -43,7 +42,9 @@ from obsflow.errors import (
     StorageError,
     VanishedError,
 )
-from obsflow.metadata import Metadata
+from obsflow.receipt import header as fitsheader
+from obsflow.receipt import metadata
+from obsflow.receipt.metadata import Metadata
 from obsflow.registry import InstrumentSpec, ProductSpec, Recognised, Registry
 from obsflow.settings import Settings
 from obsflow.states import LedgerEvent

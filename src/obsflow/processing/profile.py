@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from obsflow import expression
 from obsflow.errors import ProfileError
+from obsflow.registry import expression
 from obsflow.registry.specs import PipelineSpec, ProfileSpec
 
 ParameterValue = str | int | float | bool | None

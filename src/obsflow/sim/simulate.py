@@ -3,7 +3,7 @@
 :func:`simulate_night` writes biases, dome flats in B, V and R, and science exposures of a fixed
 star field, as single-HDU unsigned 16-bit FITS files named ``ofc_YYYYMMDD_NNNN.fits``, plus the
 list of injected stars as ``injected_stars.ecsv``; :func:`night_frames` yields the same frames
-without writing them (:mod:`obsflow.live` writes them one by one, as a detector does).  The
+without writing them (:mod:`obsflow.sim.live` writes them one by one, as a detector does).  The
 physics is simple but honest, so that a pipeline can reduce the frames for real and compare its
 photometry with the truth:
 
@@ -146,7 +146,7 @@ def _catalog(seed: int, shape: tuple[int, int]) -> Table:
         zeropoint={f: b.zeropoint for f, b in BANDS.items()},
         extinction={f: b.extinction for f, b in BANDS.items()},
         comments=[
-            "Stars injected by obsflow.simulate; mags are above the atmosphere.",
+            "Stars injected by obsflow.sim.simulate; mags are above the atmosphere.",
             "e-/s in filter f = 10**(-0.4*(mag_f - zeropoint[f] + extinction[f]*AIRMASS)).",
         ],
     )
@@ -328,7 +328,7 @@ def night_frames(
 
     Yields ``(frame, data, header)``; ``frame.path`` is where the frame belongs in ``out``
     (nothing is created there). Each frame is computed only when asked for, so a live
-    simulation can write them at its own pace (:mod:`obsflow.live`).
+    simulation can write them at its own pace (:mod:`obsflow.sim.live`).
     """
     _check_arguments("night_frames", frames, seed, start_number, shape)
     return _frames(out, frames, seed, night, shape, start_number)

@@ -35,8 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
-from obsflow import expression
 from obsflow.catalog.records import FileRecord
+from obsflow.registry import expression
 from obsflow.registry.specs import GroupBy, InputSpec, PipelineSpec
 
 GROUP = "group."

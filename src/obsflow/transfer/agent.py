@@ -35,16 +35,16 @@ from typing import Any, Final
 import httpx
 from sqlalchemy import func, select
 
-from obsflow.cache import Cache
+from obsflow.archive.cache import Cache
+from obsflow.archive.ingest import Ingestor, IngestReport
+from obsflow.archive.storage import Storage
 from obsflow.catalog import Catalog, schema
 from obsflow.catalog.queue import Lease
 from obsflow.errors import StorageError
-from obsflow.ingest import Ingestor, IngestReport
-from obsflow.receipt import Clock, utcnow
+from obsflow.receipt.receiver import Clock, utcnow
 from obsflow.settings import Ingest as IngestSettings
 from obsflow.settings import Transfer as TransferSettings
 from obsflow.states import LedgerEvent, RequestState
-from obsflow.storage import Storage
 
 log = logging.getLogger(__name__)
 CHUNK: Final = 1 << 20

@@ -13,7 +13,7 @@ import uuid
 from datetime import date
 from pathlib import Path
 
-from obsflow.storage import check_key
+from obsflow.archive.storage import check_key
 
 TMP = ".tmp"
 

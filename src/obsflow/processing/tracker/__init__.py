@@ -9,12 +9,12 @@ new file it finds the pipelines that take its product through the registry's ind
 (never a scan of every pipeline), then the groups the file belongs to:
 
 * as a pipeline's **primary** input (the first one), the file makes or joins the group
-  whose key it computes (:mod:`obsflow.tracker.grouping`);
+  whose key it computes (:mod:`obsflow.processing.tracker.grouping`);
 * as a **secondary** input (a master bias for the night's flats), it joins every group of
   that pipeline and night whose ``where`` it meets (found by the groups' night index).
 
 Each touched group is evaluated: its candidates are read per input (by product and
-night, an index lookup), :func:`~obsflow.tracker.readiness.readiness` decides, and a
+night, an index lookup), :func:`~obsflow.processing.tracker.readiness.readiness` decides, and a
 ready group gets a queued run. The catalog's unique constraint on (pipeline, group, input
 set) makes a duplicate event or a second tracker harmless. When a group already ran, a
 different input set starts a new run version only if the pipeline says
@@ -36,10 +36,7 @@ from obsflow.catalog import Catalog, schema
 from obsflow.catalog.records import FileRecord
 from obsflow.catalog.runs import NewRun, RunStore, input_hash
 from obsflow.errors import RecognitionError
-from obsflow.registry import Registry
-from obsflow.registry.specs import GroupBy, OnNewInput, PipelineSpec
-from obsflow.states import FileState, LedgerEvent
-from obsflow.tracker.grouping import (
+from obsflow.processing.tracker.grouping import (
     GroupKey,
     file_values,
     group_key,
@@ -47,7 +44,10 @@ from obsflow.tracker.grouping import (
     matches,
     night_end,
 )
-from obsflow.tracker.readiness import Candidate, Decision, readiness
+from obsflow.processing.tracker.readiness import Candidate, Decision, readiness
+from obsflow.registry import Registry
+from obsflow.registry.specs import GroupBy, OnNewInput, PipelineSpec
+from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 groups = schema.tracker_groups

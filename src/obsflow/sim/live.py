@@ -3,7 +3,7 @@
 A detector system writes a frame under its final name a piece at a time as the readout goes
 (a reader looking at the wrong moment sees a partial file), and only when the file is
 complete does it announce it; at Keck, by setting a keyword such as ``LASTFILE``.
-:func:`run_live` does the same with :mod:`obsflow.simulate`'s frames (the same bytes
+:func:`run_live` does the same with :mod:`obsflow.sim.simulate`'s frames (the same bytes
 :func:`~obsflow.simulate.simulate_night` writes): for each frame, wait for its turn, write it in
 ``chunks`` pieces over ``write_seconds``, fsync it, then publish its absolute path
 ``duplicates`` times through a :class:`Publisher` (:class:`obsflow.ioc.InstrumentIoc` or
@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
-from obsflow.ioc import PublishError
-from obsflow.simulate import SimulatedFrame, night_frames, write_injected_stars
+from obsflow.sim.ioc import PublishError
+from obsflow.sim.simulate import SimulatedFrame, night_frames, write_injected_stars
 
 log = logging.getLogger(__name__)
 

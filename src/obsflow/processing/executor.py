@@ -4,7 +4,7 @@
 thread (tests, the embedded default's simplest form); :class:`LocalExecutor` executes up
 to ``workers.runs`` runs at once on a pool of worker processes, each with its own site
 (catalog connections, receiver), so that two runs' book-keeping happens in parallel. Each
-step of a run is its own subprocess either way (:mod:`obsflow.controller`). Only run IDs
+step of a run is its own subprocess either way (:mod:`obsflow.processing.controller`). Only run IDs
 cross to a worker: a later Celery executor takes the same IDs.
 
 :func:`execute_run` is what every executor does with a run ID, and everything it needs
@@ -13,7 +13,8 @@ is in the catalog and the run-time profile:
 1. claim the run (queued → running, with a lease; a second claim loses);
 2. if an earlier attempt already published all its outputs (it died before saying so),
    finish it as succeeded;
-3. resolve the inputs to local paths, fill the profile (:mod:`obsflow.profile`), store it;
+3. resolve the inputs to local paths, fill the profile
+   (:mod:`obsflow.processing.profile`), store it;
 4. run it with the controller, every step recorded in the catalog and the run's log;
 5. if it succeeded, publish its outputs through receipt (recognised by the registry,
    cached, queued for the archive, with the run as provenance), then finish the run.
@@ -38,18 +39,18 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from obsflow.app import Site, open_site
+from obsflow.archive.retrieval import NotFoundError
 from obsflow.catalog.records import FileRecord
 from obsflow.catalog.runs import RunRecord, RunStore, StepRow
-from obsflow.controller import Controller, StepResult, StopFlag, kill_every_step
 from obsflow.errors import ObsflowError, RunError
-from obsflow.intake import Wakeable
-from obsflow.profile import OUTPUT_DIR, ParameterValue, RuntimeProfile, build_profile
-from obsflow.receipt import Outcome, Prepared
-from obsflow.retrieval import NotFoundError
+from obsflow.processing.controller import Controller, StepResult, StopFlag, kill_every_step
+from obsflow.processing.profile import OUTPUT_DIR, ParameterValue, RuntimeProfile, build_profile
+from obsflow.processing.tracker.grouping import GroupKey, file_values
+from obsflow.receipt.intake import Wakeable
+from obsflow.receipt.receiver import Outcome, Prepared
 from obsflow.settings import Settings
+from obsflow.site import Site, open_site
 from obsflow.states import RunState, StepState
-from obsflow.tracker.grouping import GroupKey, file_values
 
 log = logging.getLogger(__name__)
 

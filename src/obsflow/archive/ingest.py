@@ -17,13 +17,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from obsflow.cache import Cache
+from obsflow.archive.cache import Cache
+from obsflow.archive.storage import Storage
 from obsflow.catalog import Catalog
 from obsflow.catalog.queue import IngestQueue, Lease
 from obsflow.errors import StorageError
-from obsflow.receipt import Clock, utcnow
+from obsflow.receipt.receiver import Clock, utcnow
 from obsflow.settings import Ingest as IngestSettings
-from obsflow.storage import Storage
 
 log = logging.getLogger(__name__)
 

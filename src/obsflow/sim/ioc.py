@@ -2,7 +2,7 @@
 
 At Keck, a newly written file is announced by the instrument's keyword system: a keyword
 such as ``LASTFILE`` takes the file's name, and whoever monitors the keyword is called back.
-This IOC plays that part for the simulator (:mod:`obsflow.live`) and the tests. It serves,
+This IOC plays that part for the simulator (:mod:`obsflow.sim.live`) and the tests. It serves,
 under a prefix (default ``OFCAM:``):
 
 ``{prefix}LASTFILE``
@@ -13,14 +13,14 @@ under a prefix (default ``OFCAM:``):
 
 Run it on its own, until SIGTERM or SIGINT::
 
-    python -m obsflow.ioc --prefix OFCAM: [--interfaces 127.0.0.1 ...] [--port N]
+    python -m obsflow.sim.ioc --prefix OFCAM: [--interfaces 127.0.0.1 ...] [--port N]
                           [--heartbeat-seconds 1]
 
 ``--port`` is the Channel Access search port (UDP) and the first TCP port tried; without it,
 and for everything else about the network (beacons, ...), caproto follows the usual EPICS
 environment (``EPICS_CA_SERVER_PORT``, ``EPICS_CAS_INTF_ADDR_LIST``,
 ``EPICS_CAS_BEACON_ADDR_LIST``, ...). On start it prints one line to standard output,
-``obsflow.ioc: serving ...``, naming the PVs and ports.
+``obsflow.sim.ioc: serving ...``, naming the PVs and ports.
 
 From Python, :class:`InstrumentIoc` runs the IOC in this process on a thread of its own and
 publishes names; :class:`IocClient` connects to an IOC running elsewhere and publishes by
@@ -236,7 +236,7 @@ class InstrumentIoc:
             self.tcp_port, self.search_port = int(context.port), int(context.ca_server_port)
             addresses = ", ".join(context.interfaces)
             print(
-                f"obsflow.ioc: serving {self.lastfile_pv} and {self.heartbeat_pv} on "
+                f"obsflow.sim.ioc: serving {self.lastfile_pv} and {self.heartbeat_pv} on "
                 f"{addresses} (search port {self.search_port}, tcp port {self.tcp_port})",
                 flush=True,
             )
@@ -292,7 +292,7 @@ class IocClient:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m obsflow.ioc",
+        prog="python -m obsflow.sim.ioc",
         description="Serve the simulated instrument's LASTFILE and HEARTBEAT PVs "
         "(EPICS Channel Access) until SIGTERM or SIGINT.",
     )
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ioc.run(handle_signals=True)
     except (OSError, CaprotoError) as exc:  # e.g. an interface this host does not have
-        print(f"obsflow.ioc: cannot serve: {exc}", file=sys.stderr)
+        print(f"obsflow.sim.ioc: cannot serve: {exc}", file=sys.stderr)
         return 1
     return 0
 

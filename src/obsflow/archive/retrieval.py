@@ -64,12 +64,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import FromClause
 
-from obsflow.cache import Cache
+from obsflow.archive.cache import Cache
+from obsflow.archive.storage import Storage
 from obsflow.catalog import Catalog, schema
 from obsflow.errors import ObsflowError, StorageError
 from obsflow.settings import CachePolicy
 from obsflow.states import FileState, LedgerEvent
-from obsflow.storage import Storage
 
 log = logging.getLogger(__name__)
 

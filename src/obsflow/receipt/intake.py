@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from obsflow.catalog.seen import SeenLedger, Stat
-from obsflow.receipt import Outcome, Prepared, Received, Receiver
+from obsflow.receipt.receiver import Outcome, Prepared, Received, Receiver
 
 log = logging.getLogger(__name__)
 

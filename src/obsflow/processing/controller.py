@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import IO, Final, Protocol
 
 from obsflow.errors import RunError
-from obsflow.profile import OUTPUT_DIR, RuntimeProfile, RuntimeStep
-from obsflow.receipt import utcnow
+from obsflow.processing.profile import OUTPUT_DIR, RuntimeProfile, RuntimeStep
+from obsflow.receipt.receiver import utcnow
 from obsflow.states import StepState
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from obsflow.errors import MetadataError
-from obsflow.fitsheader import HeaderValue
+from obsflow.receipt.header import HeaderValue
 from obsflow.registry.specs import InstrumentSpec, ProductSpec, TimeFrom
 
 MJD_EPOCH = datetime(1858, 11, 17, tzinfo=UTC)
