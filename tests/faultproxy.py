@@ -8,6 +8,12 @@ connection is decided when it is accepted, from ``proxy.faults`` and the proxy's
 A drawn reset, cut or stall always happens before the client sees a response: if the
 client sends fewer bytes than the drawn point (a small request), the fault happens when the
 server's first response byte arrives instead.
+
+Why our own and not Toxiproxy (issue 19 asked): Toxiproxy is a Go server; Debian has no
+package of it, and PyPI has only clients (``toxiproxy-python``) that need that server, so
+it cannot be installed from the registries this project's machines and CI reach. This
+proxy is ~300 lines with a seeded, reproducible choice of faults, which Toxiproxy's
+toxics (probabilistic per connection) would not give us anyway.
 """
 
 from __future__ import annotations
