@@ -70,10 +70,10 @@ from typing import Any, NoReturn
 from sqlalchemy import Engine, event, func, select
 
 from obsflow.catalog import Catalog, schema
+from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.runs import NewRun, RunStore
 from obsflow.processing.executor import LocalExecutor
 from obsflow.processing.tracker import Tracker
-from obsflow.processing.tracker.grouping import GroupKey
 from obsflow.registry import load_registry
 from obsflow.settings import load_settings
 from obsflow.site import Site, init_site, open_site
@@ -203,7 +203,7 @@ def create_runs(site: Site, pipeline: str, count: int) -> list[int]:
     with site.catalog.write() as conn:
         for i in range(count):
             key = GroupKey.of(pipeline, {"night": night.isoformat(), "file": f"b{i:05d}"})
-            new = NewRun(pipeline, key.text(), night, inputs={}, reason="bench")
+            new = NewRun(pipeline, key, night, inputs={}, reason="bench")
             run_id = runs.create(new, now, conn)
             if run_id is None:
                 fail(f"{pipeline}: run {i} was not created")

@@ -40,7 +40,7 @@ from typing import Any
 from sqlalchemy import Table
 
 from obsflow.catalog import Catalog, schema
-from obsflow.processing.tracker.grouping import GroupKey
+from obsflow.catalog.groupkey import GroupKey
 from obsflow.states import FileState, LedgerEvent
 
 FRAMES_PER_NIGHT = 500

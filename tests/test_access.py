@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from obsflow.access import (
     ADMIN_FIELDS,
@@ -30,17 +30,19 @@ from obsflow.access import (
     PUBLIC_FIELDS,
     AccessError,
     Principal,
+    ReadRule,
     Scope,
     TokenStore,
     may_read_data,
     released,
     visible_fields,
 )
-from obsflow.catalog import schema
+from obsflow.catalog import Catalog, NewFile, schema
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.receipt.metadata import add_months
 from obsflow.settings import Settings
 from obsflow.site import Site, ingest_paths, open_site
+from obsflow.states import LedgerEvent
 from tests.conftest import SiteFactory
 
 NOW = datetime(2027, 3, 1, 12, tzinfo=UTC)
@@ -174,6 +176,79 @@ def test_a_file_without_release_date_is_public(record: FileRecord) -> None:
     assert not may_read_data(reader, nobody, NOW)  # no program: admin only until released
 
 
+# ------------------------------------------------------------------ the rule, twice
+
+
+def test_the_sql_form_of_the_rule_selects_exactly_what_the_python_form_accepts(
+    catalog_url: str,
+) -> None:
+    """ReadRule.sql (the catalog's filter) and ReadRule.accepts (may_read_data) agree for
+    every kind of file and reader, on each engine: released long ago, at this very
+    instant, a microsecond later, never proprietary; of one program, another, none."""
+    catalog = Catalog.open(catalog_url)
+    try:
+        releases = {
+            "public": None,
+            "released": NOW - timedelta(days=400),
+            "at-now": NOW,  # released at that instant
+            "now+1us": NOW + timedelta(microseconds=1),
+            "next-year": NOW + timedelta(days=365),
+        }
+        n = 0
+        for program in ("A", "B", None):
+            for until in releases.values():
+                n += 1
+                new = NewFile(
+                    product="ofcam_raw",
+                    instrument="OFCAM",
+                    level=0,
+                    original_name=f"f{n}.fits",
+                    source_path=f"/in/f{n}.fits",
+                    size=n,
+                    sha256=f"{n:064x}",
+                    program=program,
+                    proprietary_until=until,
+                )
+                catalog.record_cached(
+                    new,
+                    make_archive_id=f"OF.f{n}.{{:02d}}".format,
+                    cache_path=lambda aid: aid,
+                    place=lambda aid: None,
+                    ledger={LedgerEvent.CACHED: NOW},
+                    now=NOW,
+                )
+        records = catalog.find(FileQuery())
+        assert len(records) == 15
+        readers = {
+            "anonymous": ANONYMOUS,
+            "other program": Principal("o", Scope.READ, frozenset({"C"}), 1),
+            "own program": Principal("a", Scope.READ, frozenset({"A"}), 2),
+            "two programs, write": Principal("w", Scope.WRITE, frozenset({"A", "B"}), 3),
+            "admin": Principal("root", Scope.ADMIN, frozenset(), 4),
+        }
+        for label, who in readers.items():
+            rule = ReadRule.of(who, NOW)
+            selected = [r.id for r in catalog.find(FileQuery(readable_by=rule))]
+            accepted = [r.id for r in records if may_read_data(who, r, NOW)]
+            assert accepted == [r.id for r in records if rule.accepts(r)]
+            assert selected == accepted, label
+        # the cases are not all alike: public files for everyone, more for a program, all
+        # for admin
+        counts = {
+            label: len(catalog.find(FileQuery(readable_by=ReadRule.of(who, NOW))))
+            for label, who in readers.items()
+        }
+        assert counts == {
+            "anonymous": 9,  # public, released, at-now, of each program
+            "other program": 9,
+            "own program": 11,  # and A's two not yet released
+            "two programs, write": 13,
+            "admin": 15,
+        }
+    finally:
+        catalog.close()
+
+
 # ------------------------------------------------------------------ tokens
 
 
@@ -208,6 +283,23 @@ def test_token_create_verify_revoke(site: Site) -> None:
     assert info is not None and not info.active
     assert info.revoked == NOW + timedelta(hours=1)
     assert store.get(99) is None
+
+
+def test_a_token_row_edited_by_hand_is_refused_loudly(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = TokenStore(site.catalog)
+    lists, _ = store.create("ana", Scope.READ, ["A"], NOW)
+    scope, _ = store.create("bob", Scope.READ, [], NOW)
+    fine, _ = store.create("cy", Scope.READ, [], NOW)
+    with site.catalog.write() as conn:
+        tokens = schema.tokens
+        conn.execute(update(tokens).where(tokens.c.id == 1).values(programs='{"A": 1}'))
+        conn.execute(update(tokens).where(tokens.c.id == 2).values(scope="root"))
+    assert store.verify(lists) is None and store.verify(scope) is None
+    assert store.verify(fine) is not None
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(said) == 2 and "token 1" in said[0] and "token 2" in said[1], said
 
 
 def _garbage(secret: str) -> Iterator[Any]:

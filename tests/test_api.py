@@ -36,6 +36,7 @@ from obsflow.access import Scope, TokenStore
 from obsflow.api import OPENAPI_URL, ApiServer, ListenError, parse_listen
 from obsflow.archive.retrieval import Retriever
 from obsflow.catalog import schema
+from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import NewRun, RunStore
 from obsflow.site import Site, ingest_paths, open_site
@@ -412,7 +413,7 @@ def make_run(world: World, inputs: list[FileRecord], output: FileRecord, *, fail
     run_id = store.create(
         NewRun(
             pipeline="ofcam_masterbias",
-            group_key=f"night={night}",
+            group_key=GroupKey.of("ofcam_masterbias", {"night": str(night)}),
             night=night,
             inputs={"bias": tuple(r.id for r in inputs)},
             reason="test",

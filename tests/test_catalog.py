@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from obsflow.catalog import Catalog, FileQuery, NewFile
+from obsflow.catalog import Catalog, FileOrder, FileQuery, KeywordIs, NewFile
 from obsflow.catalog.queue import IngestQueue
 from obsflow.site import Site, ingest_paths
 from obsflow.states import FileState, LedgerEvent, RequestState
@@ -87,6 +87,45 @@ def test_lookups_by_every_filter(catalog: Catalog) -> None:
     assert len(catalog.find(FileQuery(state=FileState.CACHED, limit=2))) == 2
 
 
+def test_the_listing_order_cursor_keywords_and_live_files(catalog: Catalog) -> None:
+    """What the REST listing asks of find: ID order (recorded), a cursor, program, level,
+    header keywords (numbers as numbers), only live files with an archive ID."""
+    for n in range(1, 7):  # recorded in one order, started in the reverse one
+        start = T0 + timedelta(minutes=10 - n)
+        changes = {"start": start, "stop": start + timedelta(seconds=30)}
+        _record(catalog, _new(n, program="A" if n % 2 else "B", level=n % 3, **changes))
+    catalog.record_rejected(_new(7, sha256="f" * 64), "not FITS", None, {})
+    live, ids = FileQuery(live_only=True), [r.id for r in catalog.find(FileQuery())]
+    assert len(ids) == 7 and len(catalog.find(live)) == 6
+
+    def names(**asked: object) -> list[str]:
+        query = FileQuery(live_only=True, order=FileOrder.RECORDED, **asked)  # type: ignore[arg-type]
+        return [r.original_name[-9:-5] for r in catalog.find(query)]
+
+    assert names() == ["0001", "0002", "0003", "0004", "0005", "0006"]
+    started = [r.original_name[-9:-5] for r in catalog.find(live)]
+    assert started == ["0006", "0005", "0004", "0003", "0002", "0001"]
+    first = min(ids)
+    assert names(after=first + 1, limit=2) == ["0003", "0004"]
+    assert names(tag="special", after=first + 2) == ["0006"]
+    assert names(tag="special") == ["0003", "0006"]
+    window = {"since": T0 + timedelta(minutes=5), "until": T0 + timedelta(minutes=6)}
+    assert names(**window) == ["0004", "0005"]  # (4: 0:06–0:06:30, 5: 0:05–0:05:30)
+    assert names(**window, after=first + 3) == ["0005"]
+    assert names(program="B") == ["0002", "0004", "0006"]
+    assert names(level=0) == ["0003", "0006"]
+    assert names(program="B", level=0) == ["0006"]
+    assert names(keywords=(KeywordIs("FRAMENUM", "4"),)) == ["0004"]
+    assert names(keywords=(KeywordIs("FRAMENUM", "4.0e0"),)) == ["0004"]  # as a number
+    assert names(keywords=(KeywordIs("AIRMASS", "1.250"),)) == names()
+    assert names(keywords=(KeywordIs("OBSMODE", "img"), KeywordIs("FRAMENUM", "x"))) == []
+    assert names(keywords=(KeywordIs("OBSMODE", "img"), KeywordIs("FRAMENUM", "2"))) == ["0002"]
+    assert names(keywords=(KeywordIs("FRAMENUM", "inf"),)) == []
+    with pytest.raises(ValueError, match="RECORDED"):
+        FileQuery(after=3)  # a cursor over IDs means nothing in start order
+    assert catalog.tag_counts() == [("raw", 6), ("special", 2)]
+
+
 def test_a_long_file_overlaps_a_window_long_after_it_started(catalog_url: str) -> None:
     """The lookup bounds its scan by each product's longest span: a file that started
     hours before the window (a night's catalog) is still found, by a second process too."""
@@ -146,7 +185,7 @@ def test_record_cached_is_one_transaction_with_its_request(catalog: Catalog) -> 
         )
     # nothing of file 2 was kept: no row, no request
     assert catalog.find(FileQuery(original_name="ofc_20261122_0002.fits")) == []
-    assert sum(IngestQueue(catalog).depth().values()) == 1
+    assert sum(IngestQueue(catalog).counts().values()) == 1
 
 
 def test_same_bytes_are_a_duplicate_and_a_taken_archive_id_is_bumped(catalog: Catalog) -> None:

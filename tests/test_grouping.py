@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.records import FileRecord
+from obsflow.processing.inputs import file_values
 from obsflow.processing.tracker.grouping import (
-    GroupKey,
-    file_values,
     group_key,
     group_values,
     matches,
@@ -200,6 +200,7 @@ def test_text_is_canonical(values: dict[str, str], text: str) -> None:
     key = GroupKey.of("p", values)
     assert key.text() == text
     assert GroupKey.parse("p", text) == key
+    assert str(key) == text  # what a log line or a table shows
 
 
 AWKWARD = [

@@ -174,12 +174,12 @@ def empty(report: IngestReport) -> bool:
 def test_run_once_on_an_empty_queue_does_nothing(site: Site, frames: list[Path]) -> None:
     ingestor = site.ingestor()
     assert empty(ingestor.run_once())
-    assert site.queue.depth() == {}
+    assert site.queue.counts() == {}
     [record] = receive(site, frames[0])
     assert ingestor.run_once().archived == [record.archive_id]
     report = ingestor.run_once()  # only a done request is left
     assert empty(report)
-    assert site.queue.depth() == {RequestState.DONE: 1}
+    assert site.queue.counts() == {RequestState.DONE: 1}
     assert_archived(site, record)
 
 

@@ -6,6 +6,7 @@ subprocesses (``tests/tools/stack.py``, ``sh``), on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from sqlalchemy import update
 from obsflow.catalog import schema
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import RunStore
+from obsflow.errors import RecognitionError
 from obsflow.processing.executor import InlineExecutor, LocalExecutor
 from obsflow.processing.tracker import Tracker
 from obsflow.processing.tracker.loop import TrackerLoop, process_until_idle
@@ -270,3 +272,76 @@ def test_two_trackers_at_once_queue_each_run_once(toy_site: Callable[..., Site])
     assert sorted(results) == sorted(r.id for r in queued)
     keys = [(r.pipeline, r.group_key) for r in queued]
     assert len(keys) == len(set(keys))
+
+
+# ------------------------------------------------------------------ facts from the row
+
+
+def _set_rows(site: Site, ids: list[int], **values: object) -> None:
+    with site.catalog.write() as conn:
+        conn.execute(update(schema.files).where(schema.files.c.id.in_(ids)).values(**values))
+
+
+def test_the_tracker_and_the_executor_read_name_groups_from_the_row(
+    toy_site: Callable[..., Site],
+) -> None:
+    """What receipt recorded is what downstream reads: the name is not recognised again
+    (the calibrated frames are named from the stored ``frame`` group)."""
+    site = toy_site()
+    objects = [r for r in products(site, "ofcam_raw") if r.frame_type == "OBJECT"]
+    for record in objects:
+        assert record.name_groups is not None and set(record.name_groups) == {"date", "frame"}
+        stored = {**record.name_groups, "frame": f"9{record.name_groups['frame']}"}
+        _set_rows(site, [record.id], name_groups=stored)
+    assert process_until_idle(site, InlineExecutor(site), timeout=120)
+    names = sorted(r.original_name for r in products(site, "ofcam_calibrated"))
+    expected = sorted(
+        f"ofc_{r.name_groups['date']}_9{r.name_groups['frame']}_cal.fits"
+        for r in objects
+        if r.name_groups is not None
+    )
+    assert names == expected
+
+
+def test_a_row_recorded_before_name_groups_were_kept_is_recognised_again(
+    toy_site: Callable[..., Site],
+) -> None:
+    site = toy_site()
+    raw = products(site, "ofcam_raw")
+    _set_rows(site, [r.id for r in raw], name_groups=None)  # as schema 0006 left them
+    assert all(r.name_groups is None for r in products(site, "ofcam_raw"))
+    assert process_until_idle(site, InlineExecutor(site), timeout=120)
+    objects = [r for r in raw if r.frame_type == "OBJECT"]
+    calibrated = products(site, "ofcam_calibrated")
+    assert len(calibrated) == len(objects) > 0
+    assert {r.name_groups and r.name_groups["frame"] for r in calibrated} == {
+        r.original_name.split("_")[2].removesuffix(".fits") for r in objects
+    }
+
+
+def test_a_file_that_cannot_be_recognised_again_is_an_error_naming_it(
+    toy_site: Callable[..., Site],
+) -> None:
+    """Never an empty set of name groups: the tracker leaves the file out, says which,
+    and tracks the others; a run whose first input it is fails naming it."""
+    site = toy_site()
+    raw = products(site, "ofcam_raw")
+    lost = next(r for r in raw if r.frame_type == "OBJECT")
+    _set_rows(site, [lost.id], name_groups=None, original_name="renamed-by-hand.fits")
+    tracker = Tracker(site.registry, site.catalog, site.clock)
+    with pytest.raises(RecognitionError, match=re.escape(lost.archive_id or "?")):
+        tracker.drain()
+    assert tracker.drain() == []  # every file was read: the inbox moves on
+    assert site.catalog.untracked(10) == []
+    queued = RunStore(site.catalog).find()
+    assert {r.pipeline for r in queued} == {"toy_bias"}  # the night's biases went on
+    # a run whose primary input can no longer be read fails, naming it
+    (bias_run,) = queued
+    primary = bias_run.inputs["biases"][0]
+    (first,) = site.catalog.records([primary])
+    _set_rows(site, [primary], name_groups=None, original_name="renamed-too.fits")
+    InlineExecutor(site).submit(bias_run.id)
+    failed = RunStore(site.catalog).get(bias_run.id)
+    assert failed is not None and failed.state is RunState.FAILED
+    assert first.archive_id and first.archive_id in (failed.error or "")
+    assert "renamed-too.fits" in (failed.error or "")

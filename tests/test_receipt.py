@@ -83,7 +83,7 @@ def nothing_stored(site: Site) -> None:
     """Nothing in the cache (temp files included), the archive or the ingest queue."""
     assert files_under(site.settings.cache) == []
     assert files_under(site.settings.archive) == []
-    assert site.queue.depth() == {}
+    assert site.queue.counts() == {}
 
 
 def one_row(site: Site, name: str) -> FileRecord:
@@ -441,7 +441,7 @@ def test_the_same_bytes_twice_are_a_duplicate_with_one_row(site: Site, frames: l
         assert (dup.archive_id, dup.file_id) == (first.archive_id, first.file_id)
     row = one_row(site, frames[4].name)
     assert site.catalog.find(FileQuery()) == [row]
-    assert sum(site.queue.depth().values()) == 1
+    assert sum(site.queue.counts().values()) == 1
     assert len(files_under(site.settings.cache)) == 1
     assert files_under(site.settings.quarantine) == []
 
@@ -470,7 +470,7 @@ def test_the_same_name_with_new_bytes_is_a_new_version_superseding_the_old(
     assert old.cache_path is not None and new.cache_path is not None
     assert site.cache.path(old.cache_path).read_bytes() == old_bytes
     assert site.cache.path(new.cache_path).read_bytes() == new_bytes
-    assert sum(site.queue.depth().values()) == 2
+    assert sum(site.queue.counts().values()) == 2
 
 
 def test_frames_of_the_same_hundredth_of_a_second_get_distinct_archive_ids(
@@ -717,7 +717,7 @@ def test_remove_source_keeps_it_when_it_cannot_be_cached(
         assert result.reason is not None and "OFCAM" in result.reason
         assert source.read_bytes() == content
         assert site.catalog.find(FileQuery()) == []
-        assert site.queue.depth() == {}
+        assert site.queue.counts() == {}
         assert files_under(site.settings.cache) == [obstacle]  # no temp file left
         obstacle.unlink()
         assert site.receiver.receive(source).outcome is Outcome.CACHED
@@ -736,3 +736,15 @@ def test_remove_source_removes_a_rejected_file_once_quarantined(
         assert not source.exists()
         row = one_row(site, BAD_NAME)
         assert (site.settings.quarantine / str(row.quarantine_path)).read_bytes() == content
+
+
+def test_what_receipt_recognised_is_kept_on_the_row(site: Site, frames: list[Path]) -> None:
+    """The product and the name's groups are recorded once, at receipt, for every stage
+    after it to read (they never recognise the name again)."""
+    source = frames[4]
+    assert site.receiver.receive(source).outcome is Outcome.CACHED
+    record = one_row(site, source.name)
+    _, date_part, frame = source.name.removesuffix(".fits").split("_")
+    assert record.product == "ofcam_raw"
+    assert record.name_groups == {"date": date_part, "frame": frame}
+    assert record.to_json()["name_groups"] == {"date": date_part, "frame": frame}

@@ -453,7 +453,7 @@ def test_concurrent_fetches_of_one_virtual_file(site: Site, archived: list[FileR
 def test_fetches_and_trims_at_once_keep_the_catalog_and_the_disk_in_step(
     site: Site, archived: list[FileRecord], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="obsflow.archive.retrieval")
+    caplog.set_level(logging.INFO, logger="obsflow.archive.fetch")
     retriever = make_retriever(site)
     stop = threading.Event()
     errors: list[BaseException] = []

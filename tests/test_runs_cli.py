@@ -332,7 +332,7 @@ def test_runs_lists_each_run_with_inputs_and_outputs_and_filters(night: Settings
             }
             assert run["outputs"] == [names[i] for i in store.outputs(record.id)]
             assert len(run["outputs"]) == (run["state"] == "succeeded")
-            assert run["group"] == record.group_key
+            assert run["group"] == record.group_key.text()
         raw = {f.archive_id or "": f for f in site.catalog.find(FileQuery(product="ofcam_raw"))}
     (bias,) = [r for r in listed if r["pipeline"] == "toy_bias"]
     assert sorted(bias["inputs"]["biases"]) == sorted(

@@ -24,14 +24,14 @@ from obsflow.catalog import FileQuery
 from obsflow.receipt.intake import Wake
 from obsflow.site import Site, open_site
 from obsflow.states import FileState, LedgerEvent
-from obsflow.transfer.agent import (
+from obsflow.transfer.agent import Transferer
+from obsflow.transfer.client import (
     BusyError,
     Client,
     ConflictError,
     DeniedError,
     Outgoing,
     RefusedError,
-    Transferer,
     TransferError,
 )
 from tests.conftest import SiteFactory

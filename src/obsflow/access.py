@@ -10,22 +10,24 @@ question the same way and the rules are tested without a server:
   instrument's ``proprietary_months`` (or the program's exception in
   ``program_proprietary_months``). Until then, a file's bytes and its non-public
   metadata go only to tokens of its program, or of admin scope
-  (:func:`may_read_data`); from then on, to anyone.
+  (:func:`may_read_data`); from then on, to anyone. The rule is written once,
+  :class:`ReadRule`, in its two forms side by side: over a record in Python, and as
+  the SQL condition the catalog filters with (``FileQuery(readable_by=...)``); a test
+  holds them to the same answer on both engines.
 - **Anonymous readers** (:data:`ANONYMOUS`) hold read scope and no program: they see
   released data, and the :data:`PUBLIC_FIELDS` of the rest.
 - **Paths** (:data:`ADMIN_FIELDS`) are the site's business: only admin tokens see
   them, whatever the release date.
 
-:class:`TokenStore` keeps the tokens in the catalog's ``tokens`` table. A secret is
-shown once, when it is made; only its SHA-256 is stored, so a copy of the catalog
-gives no one a usable token.
+:class:`TokenStore` keeps the tokens in the catalog's ``tokens`` table (through
+:mod:`obsflow.catalog.tokens`). A secret is shown once, when it is made; only its
+SHA-256 is stored, so a copy of the catalog gives no one a usable token.
 """
 
 from __future__ import annotations
 
 import builtins
 import hashlib
-import json
 import logging
 import re
 import secrets
@@ -35,10 +37,11 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import ColumnElement, or_, true
 
-from obsflow.catalog import Catalog, schema
+from obsflow.catalog import Catalog
 from obsflow.catalog.records import FileRecord
+from obsflow.catalog.tokens import TokenRow, Tokens
 from obsflow.errors import ObsflowError
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ __all__ = [
     "PUBLIC_FIELDS",
     "AccessError",
     "Principal",
+    "ReadRule",
     "Scope",
     "TokenInfo",
     "TokenStore",
@@ -115,13 +119,6 @@ def check_instrument(name: str) -> str:
             f"bad instrument name {name!r}: expected 1-64 characters of letters, digits, _ -"
         )
     return name
-
-
-def _names(text: str) -> list[str]:
-    names = json.loads(text)
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{text!r} is not a JSON list of strings")
-    return names
 
 
 def check_program(program: str) -> str:
@@ -223,17 +220,54 @@ PROPRIETARY_MARKER: Final = "proprietary"
 """The key :func:`visible_fields` adds (true) when it withholds a file's metadata."""
 
 
+@dataclass(frozen=True)
+class ReadRule:
+    """The proprietary rule for one reader at one instant, in both forms it is asked in:
+    a file's bytes and non-public metadata go, once it is released (no
+    ``proprietary_until``, or that instant has come), to anyone; before, to admin tokens
+    and to tokens of the file's program. A file without a program is admin's alone
+    until its release.
+
+    :meth:`accepts` asks it of a record in Python, :meth:`sql` of a row in SQL (for
+    :attr:`obsflow.catalog.records.FileQuery.readable_by`); they read the same two
+    fields and must say the same: keep them side by side, and change both or neither
+    (``tests/test_access.py`` compares them on SQLite and PostgreSQL).
+    """
+
+    programs: frozenset[str]
+    admin: bool
+    now: datetime
+
+    @classmethod
+    def of(cls, who: Principal, now: datetime) -> ReadRule:
+        return cls(frozenset(who.programs), who.may(Scope.ADMIN), now)
+
+    def accepts(self, record: FileRecord) -> bool:
+        """Whether the reader may read ``record``'s data."""
+        if self.admin or released(record, self.now):
+            return True
+        return record.program is not None and record.program in self.programs
+
+    def sql(
+        self, proprietary_until: ColumnElement[Any], program: ColumnElement[Any]
+    ) -> ColumnElement[bool]:
+        """The same, as a condition over a file's ``proprietary_until`` and ``program``
+        columns (SQL's ``program IN (...)`` is not true for a NULL program either)."""
+        if self.admin:
+            return true()
+        mine = [program.in_(sorted(self.programs))] if self.programs else []
+        return or_(proprietary_until.is_(None), proprietary_until <= self.now, *mine)
+
+
 def released(record: FileRecord, now: datetime) -> bool:
     """Whether the file's proprietary period is over (or it never had one)."""
     return record.proprietary_until is None or record.proprietary_until <= now
 
 
 def may_read_data(who: Principal, record: FileRecord, now: datetime) -> bool:
-    """Whether ``who`` may have the file's bytes and its non-public metadata: once it is
-    released, anyone; before, admin tokens and tokens of the file's program."""
-    if released(record, now) or who.may(Scope.ADMIN):
-        return True
-    return record.program is not None and record.program in who.programs
+    """Whether ``who`` may have the file's bytes and its non-public metadata
+    (:class:`ReadRule`)."""
+    return ReadRule.of(who, now).accepts(record)
 
 
 def visible_fields(who: Principal, record: FileRecord, now: datetime) -> dict[str, Any]:
@@ -295,10 +329,12 @@ class TokenInfo:
 
 
 class TokenStore:
-    """API tokens in the catalog's ``tokens`` table, stored as SHA-256 of the secret."""
+    """API tokens, stored in the catalog as SHA-256 of the secret
+    (:class:`obsflow.catalog.tokens.Tokens`)."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
+        self._rows = Tokens(catalog)
 
     def create(
         self,
@@ -320,19 +356,7 @@ class TokenStore:
         senders = sorted({check_instrument(i) for i in instruments})
         secret = SECRET_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
         assert _SECRET.fullmatch(secret), "the secret's shape changed; update _SECRET"
-        with self.catalog.write() as conn:
-            key = conn.execute(
-                insert(schema.tokens).values(
-                    user=user,
-                    scope=scope.value,
-                    programs=json.dumps(wanted),
-                    instruments=json.dumps(senders),
-                    token_hash=_hash(secret),
-                    created_at=now,
-                )
-            ).inserted_primary_key
-        assert key is not None
-        token_id = int(key[0])
+        token_id = self._rows.add(user, scope.value, wanted, senders, _hash(secret), now)
         log.info("token %d created for %s (scope %s)", token_id, user, scope.value)
         return secret, Principal(user, scope, frozenset(wanted), token_id, frozenset(senders))
 
@@ -350,74 +374,45 @@ class TokenStore:
             return None
         if not _SECRET.fullmatch(secret):
             return None
-        tokens = schema.tokens
-        with self.catalog.read() as conn:
-            row = conn.execute(
-                select(
-                    tokens.c.id,
-                    tokens.c.user,
-                    tokens.c.scope,
-                    tokens.c.programs,
-                    tokens.c.instruments,
-                ).where(tokens.c.token_hash == _hash(secret), tokens.c.revoked_at.is_(None))
-            ).first()
+        try:  # a row edited by hand is refused, loudly
+            row = self._rows.active(_hash(secret))
+        except ValueError as exc:
+            log.error("%s: unreadable, refused", exc)
+            return None
         if row is None:
             return None
         try:
-            programs, senders = _names(row.programs), _names(row.instruments)
-            return Principal(
-                row.user, Scope(row.scope), frozenset(programs), int(row.id), frozenset(senders)
-            )
-        except ValueError as exc:  # a row edited by hand: refuse it, loudly
-            log.error("token %s is unreadable, refused: %s", row.id, exc)
+            scope = Scope(row.scope)
+        except ValueError:
+            log.error("token %d has an unknown scope %r: refused", row.id, row.scope)
             return None
+        programs, senders = frozenset(row.programs), frozenset(row.instruments)
+        return Principal(row.user, scope, programs, row.id, senders)
 
     def revoke(self, token_id: int, now: datetime) -> bool:
         """Revoke a token; False if there is no such token or it was revoked already."""
-        tokens = schema.tokens
-        with self.catalog.write() as conn:
-            done = conn.execute(
-                update(tokens)
-                .where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
-                .values(revoked_at=now)
-            ).rowcount
+        done = self._rows.revoke(token_id, now)
         if done:
             log.info("token %d revoked", token_id)
-        return bool(done)
+        return done
 
     def get(self, token_id: int) -> TokenInfo | None:
         """One token (revoked or not), or None."""
-        found = self._infos(token_id)
-        return found[0] if found else None
+        found = self._rows.rows(token_id)
+        return _info(found[0]) if found else None
 
     def list(self) -> builtins.list[TokenInfo]:
         """Every token, revoked ones too, in the order they were made."""
-        return self._infos(None)
+        return [_info(r) for r in self._rows.rows()]
 
-    def _infos(self, token_id: int | None) -> builtins.list[TokenInfo]:
-        tokens = schema.tokens
-        stmt = select(
-            tokens.c.id,
-            tokens.c.user,
-            tokens.c.scope,
-            tokens.c.programs,
-            tokens.c.instruments,
-            tokens.c.created_at,
-            tokens.c.revoked_at,
-        ).order_by(tokens.c.id)
-        if token_id is not None:
-            stmt = stmt.where(tokens.c.id == token_id)
-        with self.catalog.read() as conn:
-            rows = conn.execute(stmt).all()
-        return [
-            TokenInfo(
-                id=int(r.id),
-                user=r.user,
-                scope=Scope(r.scope),
-                programs=tuple(json.loads(r.programs)),
-                created=r.created_at,
-                revoked=r.revoked_at,
-                instruments=tuple(json.loads(r.instruments)),
-            )
-            for r in rows
-        ]
+
+def _info(row: TokenRow) -> TokenInfo:
+    return TokenInfo(
+        id=row.id,
+        user=row.user,
+        scope=Scope(row.scope),
+        programs=row.programs,
+        created=row.created,
+        revoked=row.revoked,
+        instruments=row.instruments,
+    )

@@ -10,8 +10,10 @@ the files in flight, lets each ingestor finish its batch, and exits; a SIGKILL
 loses nothing either (leases expire; the scan and the sweep recover the rest).
 
 Once every part is up it writes ``SITE/.obsflow/daemon.json`` with ``ready: true``
-(pid, times, the health of each trigger), then again every ``status_seconds``, for
-``obsflow status``.
+(pid, times, the health of each trigger and of the tracker), then again every
+``status_seconds``, for ``obsflow status``. The ``tracker`` object (``null`` for an
+agent, which runs no pipelines) holds ``ok``, ``last_error``, ``failures`` (passes failed
+in a row) and ``since`` (see :class:`~obsflow.processing.tracker.loop.TrackerHealth`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class Daemon:
         self.started = site.clock()
         self.counts: dict[Outcome, int] = {}
         self.executor: Executor | None = None
+        self.tracking: TrackerLoop | None = None
+        """The tracker's loop (not for an agent), whose health the status file shows."""
         self.ready = False
         """Every part is up and every trigger started (and not yet stopping)."""
         self._lock = threading.Lock()
@@ -172,6 +176,7 @@ class Daemon:
             executor = make_executor(site, on_done=wake)  # a run's outputs are new files too
             self.executor = executor
             tracking = TrackerLoop(site, executor)
+            self.tracking = tracking
             tracker = threading.Thread(
                 target=tracking.run, args=(tracker_stop, new_files), name="tracker", daemon=True
             )
@@ -319,6 +324,7 @@ class Daemon:
                 for t in self.triggers
                 for h in [t.health()]
             ],
+            "tracker": self.tracking.health.as_json() if self.tracking is not None else None,
         }
         path = self.site.settings.site / STATUS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,9 @@
 """Every error obsflow raises on purpose, as one small tree.
 
+A name without a module is defined here, in :mod:`obsflow.errors`; ``module.Name`` is
+defined in ``obsflow.module`` (and so are its children that name no module of their own).
+``tests/test_health.py`` holds this tree to the classes the code defines.
+
 ::
 
     ObsflowError
@@ -9,27 +13,39 @@
     ├── ReceiptError           a file was refused at receipt; it goes to quarantine
     │   ├── FitsError          not FITS, truncated, header without END, bad card
     │   ├── MetadataError      a required keyword is missing or cannot be parsed
-    │   ├── RecognitionError   the filename matches no product, or two (ambiguous)
+    │   ├── RecognitionError   the filename matches no product
+    │   │   └── AmbiguousError the filename matches two or more products
     │   └── VanishedError      the file disappeared or changed while being received
-    ├── CatalogError           the catalog database cannot be reached or migrated
+    ├── CatalogError           the catalog database cannot be reached, migrated or written
     │   └── CatalogUnavailableError  not now (the server is down, a lock held too long):
     │                                a daemon or worker starting up tries again
     ├── StorageError           archive storage could not store or verify a file
-    │   └── transfer.TransferError  a frame did not reach the archive server this time
+    │   └── transfer.client.TransferError  a frame did not reach the archive server this time
     │       ├── BusyError      the server asked to wait (503 Retry-After, upload in progress)
     │       ├── PendingError   the server cached it, has not archived it yet
     │       ├── RefusedError   the server refused the bytes (a wrong checksum, a bad file)
     │       ├── ConflictError  the server holds other bytes under its archive ID
     │       └── DeniedError    the server refused the agent's token
     ├── RunError               a pipeline run could not be built, started or published
-    │   ├── ProfileError       a profile cannot be filled for a run (names run, step, placeholder)
-    │   └── StepError          a step cannot be started (names run, step; e.g. an image)
-    ├── retrieval.NotFoundError   no (live) file with this archive ID
-    ├── retrieval.InvalidTagError a tag that does not follow the registry's rule
+    │   └── ProfileError       a profile cannot be filled for a run (names run, step, placeholder)
+    ├── NotFoundError          no (live) file with this archive ID
+    ├── catalog.tags.InvalidTagError  a tag that does not follow the registry's rule
     ├── access.AccessError     a bad user, program or scope name
+    ├── api.ListenError        the API cannot listen where asked (a bad HOST:PORT, in use)
+    ├── sim.ioc.PublishError   the simulated IOC is not running or cannot be reached
     ├── tools.BadInputError    a science tool's input is missing or unfit (the step exits 2)
     ├── tools.UsageError       a science tool's command line is wrong (the step exits 2)
     └── SiteError              the site directory is missing or not a site
+
+A step that cannot be started (a missing program) is no error: the controller records
+it as a failed attempt of the step, with the reason (``cannot start: ...``).
+
+Three exceptions stay outside the tree on purpose, because none leaves its own layer:
+
+* ``registry.expression.ExpressionError`` (a ``ValueError``, so that pydantic reports it
+  as a problem of the registry file, which becomes a :class:`RegistryError`);
+* ``api.problems.ProblemError`` (a handler's way to answer with a problem detail);
+* ``api.data.UnsatisfiableError`` (a byte range past the end: the API answers 416).
 
 Messages name the culprit (the file and line, the path, the product, the archive ID)
 so that an operator can act on the message alone.
@@ -139,8 +155,12 @@ class ProfileError(RunError):
     """A profile cannot be filled for a run: a missing parameter, input or output."""
 
 
-class StepError(RunError):
-    """A step cannot be started (a missing program, a container image not supported)."""
+class NotFoundError(ObsflowError):
+    """No live file has this archive ID (unknown, or refused and quarantined)."""
+
+    def __init__(self, archive_id: str) -> None:
+        self.archive_id = archive_id
+        super().__init__(f"no file with archive ID {archive_id!r}")
 
 
 class SiteError(ObsflowError):

@@ -1,7 +1,29 @@
-"""The closed sets of states a file and an ingest request can be in, and their moves.
+"""The closed sets of states of a file, an ingest request, a pipeline run and a step,
+and the moves each state may make.
 
-Every state change goes through :func:`FileState.can_move_to` /
-:func:`RequestState.can_move_to`; nothing compares bare strings.
+Nothing compares bare strings: the catalog stores ``.value`` and reads back the Enum.
+The ``_*_MOVES`` tables below are the map of the moves allowed. Where they are enforced:
+
+* **runs** — :meth:`obsflow.catalog.runs.RunStore.finish` checks
+  ``RunState.RUNNING.can_move_to`` before it writes (running → succeeded or failed). Every
+  other move of a run is an ``UPDATE`` in :mod:`obsflow.catalog.runs` whose ``WHERE``
+  names the state it leaves: ``claim`` (queued → running), ``release`` and ``recover``
+  (running → queued), ``recover`` (running → failed), ``retry`` (failed → queued).
+  No code moves a run queued → failed, although the table allows it.
+* **files and ingest requests** — :meth:`FileState.can_move_to` and
+  :meth:`RequestState.can_move_to` are called by no code: the moves are made in SQL in
+  :mod:`obsflow.catalog.queue`, each selecting its rows by the state they leave, in the
+  same write transaction: ``lease`` (pending, or leased with an expired lease → leased),
+  ``fail`` (leased → pending or failed; the file cached → failed on the last attempt),
+  ``retry_failed`` (failed → pending; the file failed → cached). ``complete`` sets the
+  request done and the file archived by ID with no state guard, on purpose: completing
+  is idempotent (the bytes are archived and verified, whoever held the lease last). A
+  file is born ``cached`` with its request ``pending`` (:mod:`obsflow.catalog.batch`),
+  or ``rejected`` (:meth:`obsflow.catalog.Catalog.record_rejected`), which never moves.
+
+The guard is in the SQL, not in a Python call, because these moves are made on many rows
+at once by concurrent writers: the check and the move must be one atomic statement, and a
+call to ``can_move_to`` beside it could only compare two constants.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def create_app(
         site.catalog, site.cache, site.storage, site.settings.cache_policy, site.clock
     )
     run_store = RunStore(site.catalog)
-    app_metrics = Metrics(site, run_store, retriever)
+    app_metrics = Metrics(site)
     app = FastAPI(
         title="obsflow",
         version=__version__,

@@ -22,18 +22,15 @@ when it is proprietary.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 from collections.abc import Callable
 from datetime import date, datetime
 from typing import Annotated, Any, BinaryIO, Final
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, Field, StringConstraints
-from sqlalchemy import ColumnElement, and_, func, or_, select, true
 
-from obsflow.access import Principal, Scope, may_read_data, visible_fields
+from obsflow.access import Principal, ReadRule, Scope, may_read_data, visible_fields
 from obsflow.api import pages
 from obsflow.api.auth import Caller, Writer, denied
 from obsflow.api.data import OpenFileResponse, UnsatisfiableError, parse_range
@@ -41,8 +38,7 @@ from obsflow.api.params import ARCHIVE_ID, KEYWORD, NAME, TAG, TEXT, Day, Level,
 from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
 from obsflow.archive.retrieval import InvalidTagError, NotFoundError
-from obsflow.catalog import schema, spans
-from obsflow.catalog.records import FileRecord
+from obsflow.catalog.records import FileOrder, FileQuery, FileRecord, KeywordIs
 from obsflow.errors import StorageError
 from obsflow.states import FileState, LedgerEvent, RequestState, RunState
 
@@ -50,15 +46,12 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["files"])
 Svc = Annotated[Services, Depends(services)]
 
-_NUMBER: Final = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 FITS: Final = "application/fits"
 
 ArchiveId = Annotated[
     str, Path(pattern=ARCHIVE_ID, max_length=96, description="The file's archive ID.")
 ]
 TagPath = Annotated[str, Path(pattern=TAG, max_length=64, description="A tag.")]
-
-files = schema.files
 
 
 # ------------------------------------------------------------------ models
@@ -198,70 +191,38 @@ def list_files(
     since_utc, until_utc = utc(since), utc(until)
     if since_utc and until_utc and since_utc > until_utc:  # an empty interval: no overlap
         return json_response(FilePage(items=[], next=None))
-    after = pages.after(cursor)
-    where: list[ColumnElement[bool]] = [
-        files.c.id > after,
-        schema.is_live(),
-        files.c.archive_id.is_not(None),
-    ]
-    for column, value in (
-        ("archive_id", archive_id),
-        ("product", product),
-        ("instrument", instrument),
-        ("program", program),
-        ("level", level),
-        ("night", night),
-    ):
-        if value is not None:
-            where.append(files.c[column] == value)
-    if state is not None:
-        where.append(files.c.state == state.value)
-    stmt = select(files.c.id)
-    order: ColumnElement[Any] = files.c.id
-    if since_utc is not None or until_utc is not None:
-        # SQLite: not from the id index (which would read every older file of the
-        # product), but from the time range's, then sorted
-        order = files.c.id + 0
-    if tag is not None:  # from the tag's index, in id order
-        tags = schema.tags
-        stmt = stmt.join(tags, and_(tags.c.file_id == files.c.id, tags.c.tag == tag))
-        where.append(tags.c.file_id > after)
-        order = tags.c.file_id
-    private = [
-        *([files.c.original_name == original_name] if original_name is not None else []),
-        *([files.c.object == object] if object is not None else []),
-        *(_keyword_condition(k) for k in keyword or ()),
-    ]
-    if private:
-        where += [*private, _readable(who, now)]
-    with svc.site.catalog.read() as conn:
-        where += spans.overlapping(conn, product, since_utc, until_utc)
-        stmt = stmt.where(and_(true(), *where)).order_by(order).limit(size + 1)
-        ids = list(conn.execute(stmt).scalars())
-    shown, cursor_next = pages.next_cursor(ids, size)
-    records = svc.site.catalog.records(shown)
-    if private:  # the SQL said so already; the policy has the last word
-        records = [r for r in records if may_read_data(who, r, now)]
-    items = [_file_out(who, r, now) for r in records]
+    words = tuple(_keyword(k) for k in keyword or ())
+    # filters on withheld fields match only the files the caller may read
+    private = original_name is not None or object is not None or bool(words)
+    query = FileQuery(
+        archive_id=archive_id,
+        original_name=original_name,
+        product=product,
+        instrument=instrument,
+        program=program,
+        level=level,
+        state=state,
+        night=night,
+        since=since_utc,
+        until=until_utc,
+        tag=tag,
+        object=object,
+        keywords=words,
+        readable_by=ReadRule.of(who, now) if private else None,
+        live_only=True,
+        order=FileOrder.RECORDED,
+        after=pages.after(cursor),
+        limit=size + 1,
+    )
+    records = svc.site.catalog.find(query)
+    shown, cursor_next = pages.next_cursor([r.id for r in records], size)
+    items = [_file_out(who, r, now) for r in records[: len(shown)]]
     return json_response(FilePage(items=items, next=cursor_next))
 
 
-def _readable(who: Principal, now: datetime) -> ColumnElement[bool]:
-    """SQL for :func:`~obsflow.access.may_read_data`."""
-    if who.may(Scope.ADMIN):
-        return true()
-    until = files.c.proprietary_until
-    mine = [files.c.program.in_(sorted(who.programs))] if who.programs else []
-    return or_(until.is_(None), until <= now, *mine)
-
-
-def _keyword_condition(text: str) -> ColumnElement[bool]:
+def _keyword(text: str) -> KeywordIs:
     name, _, value = text.partition("=")
-    kw = schema.keywords
-    match: ColumnElement[bool] = kw.c.value_text == value
-    if _NUMBER.fullmatch(value) and math.isfinite(number := float(value)):
-        match = or_(kw.c.value_num == number, match)
-    return files.c.id.in_(select(kw.c.file_id).where(kw.c.name == name, match))
+    return KeywordIs(name, value)
 
 
 def _file_out(who: Principal, record: FileRecord, now: datetime) -> FileOut:
@@ -446,16 +407,7 @@ def _open(svc: Services, archive_id: str) -> BinaryIO:
 )
 def list_tags(who: Caller, svc: Svc) -> Response:
     """Every tag with how many files have it."""
-    tags = schema.tags
-    stmt = (
-        select(tags.c.tag, func.count())
-        .join(files, files.c.id == tags.c.file_id)
-        .where(schema.is_live(), files.c.archive_id.is_not(None))
-        .group_by(tags.c.tag)
-        .order_by(tags.c.tag)
-    )
-    with svc.site.catalog.read() as conn:
-        rows = conn.execute(stmt).all()
+    rows = svc.site.catalog.tag_counts()
     body = "[" + ",".join(TagCount(tag=t, files=n).model_dump_json() for t, n in rows) + "]"
     return Response(body, media_type="application/json")
 

@@ -2,10 +2,13 @@
 
 Gauges are read from the catalog when Prometheus scrapes (nothing is counted twice,
 nothing drifts): files by state, ingest requests by state and the queue's depth,
-runs by state (their outcomes), stuck files, and the cache.
+runs by state (their outcomes) and the cache, from the site's status snapshot
+(:func:`obsflow.catalog.status.site_status`, what ``obsflow status`` shows), and the
+stuck files from the latency ledger.
 
 The latency histogram ``obsflow_latency_seconds{stage}`` (``acquired_to_archived``,
-and each stage between consecutive ledger events) is fed from the ledger: each scrape
+and each stage between consecutive ledger events) is fed from the ledger
+(:func:`obsflow.catalog.latency.archived_stamps`): each scrape
 observes the files archived since the scrape before, once each. The first scrape
 takes the files archived in the 24 hours before it. A file whose ``archived`` stamp
 commits late (a transaction open over a scrape) is still seen: each scrape looks
@@ -18,27 +21,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
-from sqlalchemy import case, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from obsflow.api.problems import documented
 from obsflow.api.services import Services, services
-from obsflow.archive.retrieval import Retriever
-from obsflow.catalog import latency, schema
-from obsflow.catalog.queue import IngestQueue
-from obsflow.catalog.runs import RunStore
+from obsflow.catalog import latency
+from obsflow.catalog.status import site_status
 from obsflow.site import Site
-from obsflow.states import FileState, LedgerEvent, RequestState, RunState
 
 OVERLAP: Final = timedelta(minutes=2)
 LATENCY_BUCKETS: Final = (
@@ -46,13 +44,6 @@ LATENCY_BUCKETS: Final = (
     4 * 3600.0, 24 * 3600.0, float("inf"),
 )  # fmt: skip
 REQUEST_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, float("inf"))
-_WAY: Final = (
-    LedgerEvent.ACQUIRED,
-    LedgerEvent.RECEIVED,
-    LedgerEvent.VALIDATED,
-    LedgerEvent.CACHED,
-    LedgerEvent.ARCHIVED,
-)
 
 router = APIRouter(tags=["status"])
 
@@ -60,10 +51,10 @@ router = APIRouter(tags=["status"])
 class Metrics:
     """The app's Prometheus registry and what feeds it."""
 
-    def __init__(self, site: Site, runs: RunStore, retriever: Retriever) -> None:
+    def __init__(self, site: Site) -> None:
         self.site = site
         self.registry = CollectorRegistry()
-        self.registry.register(_CatalogCollector(site, runs, retriever))
+        self.registry.register(_CatalogCollector(site))
         self.latency = Histogram(
             "obsflow_latency_seconds",
             "Seconds files took, acquired to archived and per stage (observed when archived).",
@@ -97,31 +88,13 @@ class Metrics:
     def _observe_archived(self) -> None:
         now = self.site.clock()
         since = now - latency.DEFAULT_WINDOW if self._newest is None else self._newest - OVERLAP
-        led = schema.ledger
-        archived = select(led.c.file_id).where(
-            led.c.event == LedgerEvent.ARCHIVED.value, led.c.at >= since
-        )
-        pivot = (
-            select(
-                led.c.file_id,
-                *(func.max(case((led.c.event == e.value, led.c.at))).label(e.value) for e in _WAY),
-            )
-            .where(led.c.file_id.in_(archived), led.c.event.in_([e.value for e in _WAY]))
-            .group_by(led.c.file_id)
-        )
-        with self.site.catalog.read() as conn:
-            rows = conn.execute(pivot).all()
-        for row in rows:
-            stamps = row._mapping
-            at = stamps[LedgerEvent.ARCHIVED.value]
-            if row.file_id in self._observed or at is None:
+        for stamps in latency.archived_stamps(self.site.catalog, since):
+            at = stamps.archived
+            if stamps.file_id in self._observed or at is None:
                 continue
-            self._observed[row.file_id] = at
-            for start, end in (latency.TOTAL, *latency.STAGES):
-                began, ended = stamps[start.value], stamps[end.value]
-                if began is not None and ended is not None:
-                    seconds = max((ended - began).total_seconds(), 0.0)
-                    self.latency.labels(latency.stage_name(start, end)).observe(seconds)
+            self._observed[stamps.file_id] = at
+            for stage, seconds in stamps.stages():
+                self.latency.labels(stage).observe(seconds)
             if self._newest is None or at > self._newest:
                 self._newest = at
         if self._newest is None:
@@ -137,32 +110,28 @@ class Metrics:
 class _CatalogCollector(Collector):
     """Gauges computed from the catalog at each scrape."""
 
-    def __init__(self, site: Site, runs: RunStore, retriever: Retriever) -> None:
+    def __init__(self, site: Site) -> None:
         self.site = site
-        self.runs = runs
-        self.retriever = retriever
 
     def describe(self) -> Iterator[Metric]:
         return iter(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        catalog = self.site.catalog
+        site = self.site
+        now = site.clock()
+        status = site_status(site.catalog, now, role=site.settings.transfer.role)
         families = self._families()
         files, requests, depth, runs, stuck, cache_files, cache_bytes, virtual = families
-        for state, n in _all(FileState, catalog.counts()):
-            files.add_metric([state], n)
-        queue = IngestQueue(catalog).depth()
-        for state, n in _all(RequestState, queue):
-            requests.add_metric([state], n)
-        depth.add_metric([], queue.get(RequestState.PENDING, 0) + queue.get(RequestState.LEASED, 0))
-        for state, n in _all(RunState, self.runs.counts()):
-            runs.add_metric([state], n)
-        stuck_list = latency.stuck_files(catalog, self.site.clock(), limit=1)
-        stuck.add_metric([], stuck_list.total)
-        cache = self.retriever.status()
-        cache_files.add_metric([], cache.files)
-        cache_bytes.add_metric([], cache.bytes)
-        virtual.add_metric([], cache.virtual)
+        for counts, family in ((status.files, files), (status.queue, requests)):
+            for state, n in counts.items():
+                family.add_metric([state.value], n)
+        depth.add_metric([], status.queue_depth)
+        for run_state, n in status.runs.items():
+            runs.add_metric([run_state.value], n)
+        stuck.add_metric([], latency.stuck_files(site.catalog, now, limit=1).total)
+        cache_files.add_metric([], status.cache.files)
+        cache_bytes.add_metric([], status.cache.bytes)
+        virtual.add_metric([], status.cache.virtual)
         return iter(families)
 
     @staticmethod
@@ -182,12 +151,6 @@ class _CatalogCollector(Collector):
             GaugeMetricFamily("obsflow_cache_bytes", "Bytes in the cache."),
             GaugeMetricFamily("obsflow_virtual_files", "Files evicted from the cache."),
         ]
-
-
-def _all(states: Iterable[StrEnum], counts: Mapping[Any, int]) -> Iterator[tuple[str, int]]:
-    """Every state with its count (0 for the states nothing is in)."""
-    for state in states:
-        yield state.value, counts.get(state, 0)
 
 
 class RequestMetrics:

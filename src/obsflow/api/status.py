@@ -1,19 +1,21 @@
-"""``/api/v1/status`` (what ``obsflow status --latency`` tells) and ``/healthz``.
+"""``/api/v1/status`` (what ``obsflow status`` and ``obsflow status --latency`` tell)
+and ``/healthz``.
 
-The status counts files by state, the ingest queue and runs by state, takes latency
-percentiles from the ledger (:func:`obsflow.latency.latency_report`) and lists the
-stuck files by archive ID; their original names and error details (which quote
-paths and header values) are shown to admin tokens only.
+The status is the site's snapshot (:func:`obsflow.catalog.status.site_status`, the one
+``obsflow status --json`` prints: files, the ingest queue and its depth, runs, the
+tracker's backlog, the cache, an agent's outbox) with the latency percentiles from the
+ledger (:func:`obsflow.catalog.latency.latency_report`) and the stuck files by archive
+ID. Their original names and error details (which quote paths and header values), and
+the daemon's status (which quotes paths and addresses), are shown to admin tokens only.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import text
 
 from obsflow.access import Scope
 from obsflow.api.auth import Caller
@@ -21,6 +23,9 @@ from obsflow.api.params import Level, Time, utc
 from obsflow.api.problems import documented
 from obsflow.api.services import Services, json_response, services
 from obsflow.catalog import latency
+from obsflow.catalog.status import answers, site_status
+from obsflow.daemon import read_status as read_daemon_status
+from obsflow.settings import Role
 from obsflow.states import FileState, RequestState, RunState
 
 router = APIRouter(tags=["status"])
@@ -50,12 +55,41 @@ class StuckOut(BaseModel):
     detail: str | None = Field(default=None, description="Admin tokens only.")
 
 
+class TrackerOut(BaseModel):
+    untracked: int = Field(description="Live files the tracker has not read yet.")
+    groups_waiting: int = Field(description="Groups of inputs waiting for a deadline.")
+
+
+class CacheOut(BaseModel):
+    files: int = Field(description="Files whose bytes are in the cache.")
+    bytes: int
+    virtual: int = Field(description="Files evicted from the cache.")
+    pinned: int = Field(description="Files with at least one pin.")
+    unarchived_bytes: int = Field(description="Bytes of cached files not archived yet.")
+
+
+class OutboxOut(BaseModel):
+    depth: int = Field(description="Frames not yet archived at the server.")
+    oldest: datetime | None = Field(description="When the oldest of them was queued.")
+    oldest_name: str | None
+    last_success: datetime | None = Field(description="When the server last confirmed one.")
+    bytes_per_second: float
+    window_seconds: float
+
+
 class StatusOut(BaseModel):
     now: datetime
+    role: Role
     files: dict[FileState, int]
     queue: dict[RequestState, int]
     queue_depth: int = Field(description="Ingest requests pending or leased.")
     runs: dict[RunState, int]
+    tracker: TrackerOut
+    cache: CacheOut
+    outbox: OutboxOut | None = Field(default=None, description="An agent's outbox only.")
+    daemon: dict[str, Any] | None = Field(
+        default=None, description="The daemon's status (null: it never ran); admin tokens only."
+    )
     latency: LatencyOut
     stuck: list[StuckOut] = Field(description="The oldest stuck files.")
     stuck_total: int
@@ -69,7 +103,7 @@ class Health(BaseModel):
 @router.get(
     "/api/v1/status",
     response_model=StatusOut,
-    summary="Counts, queue depth, latency, stuck files",
+    summary="Counts, queue depth, cache, latency, stuck files",
     responses=documented(401),
 )
 def get_status(
@@ -85,36 +119,41 @@ def get_status(
     level: Annotated[Level | None, Query(description="Only files of this level.")] = None,
 ) -> Response:
     now = svc.now()
+    settings = svc.site.settings
+    site = site_status(
+        svc.site.catalog,
+        now,
+        role=settings.transfer.role,
+        daemon=read_daemon_status(settings.site, now),
+    )
+    snapshot = {**site.to_json(), **site.details_json()}
     report = latency.latency_report(svc.site.catalog, now, utc(since), stuck_after, level=level)
-    counts = svc.site.catalog.counts()
-    depth = svc.site.queue.depth()
-    runs = svc.runs.counts()
     admin = who.may(Scope.ADMIN)
-    status = StatusOut(
-        now=now,
-        files={state: counts.get(state, 0) for state in FileState},
-        queue={state: depth.get(state, 0) for state in RequestState},
-        queue_depth=depth.get(RequestState.PENDING, 0) + depth.get(RequestState.LEASED, 0),
-        runs={state: runs.get(state, 0) for state in RunState},
-        latency=LatencyOut(
-            since=report.since,
-            total=PercentilesOut.model_validate(report.total.to_json()),
-            stages={
-                k: PercentilesOut.model_validate(p.to_json()) for k, p in report.stages.items()
-            },
-        ),
-        stuck=[
-            StuckOut(
-                archive_id=f.archive_id,
-                state=f.state,
-                since=f.since,
-                seconds=f.seconds,
-                **({"original_name": f.original_name, "detail": f.detail} if admin else {}),
-            )
-            for f in report.stuck
-        ],
-        stuck_total=report.stuck_total,
-        stuck_after_seconds=report.stuck_after,
+    if not admin:
+        del snapshot["daemon"]
+    status = StatusOut.model_validate(
+        {
+            **snapshot,
+            "latency": LatencyOut(
+                since=report.since,
+                total=PercentilesOut.model_validate(report.total.to_json()),
+                stages={
+                    k: PercentilesOut.model_validate(p.to_json()) for k, p in report.stages.items()
+                },
+            ),
+            "stuck": [
+                StuckOut(
+                    archive_id=f.archive_id,
+                    state=f.state,
+                    since=f.since,
+                    seconds=f.seconds,
+                    **({"original_name": f.original_name, "detail": f.detail} if admin else {}),
+                )
+                for f in report.stuck
+            ],
+            "stuck_total": report.stuck_total,
+            "stuck_after_seconds": report.stuck_after,
+        }
     )
     return json_response(status)
 
@@ -126,6 +165,5 @@ def get_status(
     responses=documented(),
 )
 def healthz(svc: Svc) -> Response:
-    with svc.site.catalog.read() as conn:
-        conn.execute(text("SELECT 1"))
+    answers(svc.site.catalog)
     return json_response(Health(status="ok"))

@@ -39,7 +39,6 @@ from typing import Annotated, Final
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
 from starlette.requests import ClientDisconnect
 
 from obsflow.api.auth import Writer
@@ -47,10 +46,10 @@ from obsflow.api.files import ArchiveId
 from obsflow.api.params import Time, utc
 from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
-from obsflow.catalog import schema
+from obsflow.catalog.holdings import Holdings
 from obsflow.errors import RecognitionError
 from obsflow.receipt.receiver import Delivery, Outcome
-from obsflow.states import FileState, RequestState
+from obsflow.states import FileState
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["transfers"])
@@ -181,22 +180,16 @@ async def upload(
 
 
 def _state(svc: Services, archive_id: str, sha256: str) -> TransferState:
-    files = schema.files
-    with svc.site.catalog.read() as conn:
-        row = conn.execute(
-            select(files.c.sha256, files.c.state).where(
-                files.c.archive_id == archive_id, schema.is_live()
-            )
-        ).first()
-    if row is not None:
-        if row.sha256 != sha256:
+    here = Holdings(svc.site.catalog).of(archive_id)
+    if here is not None:
+        if here.sha256 != sha256:
             return TransferState(
                 archive_id=archive_id,
                 state=TransferStatus.CONFLICT,
-                detail=f"{archive_id} holds other bytes (sha256 {row.sha256[:12]}…), "
+                detail=f"{archive_id} holds other bytes (sha256 {here.sha256[:12]}…), "
                 f"not {sha256[:12]}…: never overwritten",
             )
-        archived = row.state == FileState.ARCHIVED.value
+        archived = here.state is FileState.ARCHIVED
         status = TransferStatus.ARCHIVED if archived else TransferStatus.CACHED
         return TransferState(archive_id=archive_id, state=status)
     part = _part(svc, archive_id, sha256)
@@ -208,13 +201,7 @@ def _state(svc: Services, archive_id: str, sha256: str) -> TransferState:
 
 
 def _waiting(svc: Services) -> int:
-    requests = schema.ingest_requests
-    waiting = [RequestState.PENDING.value, RequestState.LEASED.value]
-    with svc.site.catalog.read() as conn:
-        count = conn.execute(
-            select(func.count()).select_from(requests).where(requests.c.state.in_(waiting))
-        ).scalar_one()
-    return int(count)
+    return svc.site.queue.depth()
 
 
 def _part(svc: Services, archive_id: str, sha256: str) -> FilePath:
@@ -291,12 +278,10 @@ def _receive(
 
 async def _confirm(svc: Services, state: TransferState, seconds: float) -> TransferState:
     """Wait (up to ``seconds``) until the ingestors have archived the file."""
-    files = schema.files
-    query = select(files.c.state).where(files.c.archive_id == state.archive_id)
+    holdings = Holdings(svc.site.catalog)
 
     def archived() -> bool:
-        with svc.site.catalog.read() as conn:
-            return conn.execute(query).scalar() == FileState.ARCHIVED.value
+        return holdings.is_archived(state.archive_id)
 
     deadline = time.monotonic() + seconds
     pause = 0.005

@@ -5,6 +5,8 @@ few operations the stations need: receipt records a cached file and its ingest
 request in one transaction (:meth:`Catalog.record_cached`) or a rejection;
 the ingest queue lives in :mod:`obsflow.catalog.queue`; ``find``/``show``/``status``
 read through :meth:`Catalog.find`, :meth:`Catalog.ledger`, :meth:`Catalog.counts`.
+:meth:`Catalog.find` is the one query of files (:mod:`obsflow.catalog.search`), for the
+commands and the REST listing alike; API tokens are kept by :mod:`obsflow.catalog.tokens`.
 
 SQLite runs in WAL mode with a busy timeout, and write transactions start with
 ``BEGIN IMMEDIATE`` so that a read-then-write transaction never fails on a
@@ -30,7 +32,6 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
-    and_,
     bindparam,
     create_engine,
     event,
@@ -39,20 +40,19 @@ from sqlalchemy import (
     inspect,
     select,
     text,
-    true,
     update,
 )
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
-from obsflow.catalog import batch, schema, spans
+from obsflow.catalog import batch, schema, search, spans
 from obsflow.catalog.batch import CacheEntry, Recorded
-from obsflow.catalog.records import FileQuery, FileRecord, LedgerEntry
+from obsflow.catalog.records import FileOrder, FileQuery, FileRecord, KeywordIs, LedgerEntry
 from obsflow.errors import CatalogError, CatalogUnavailableError
 from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 """The newest migration; a test checks it is Alembic's head."""
 MIGRATION_WAIT_SECONDS = 120.0
 """How long opening a catalog waits for another process's migration of it."""
@@ -61,7 +61,17 @@ MIGRATION_LOCK_KEY = 0x0B5F_1017
 _PG_TRY_LOCK = text(f"SELECT pg_try_advisory_lock({MIGRATION_LOCK_KEY})")
 _PG_UNLOCK = text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")
 
-__all__ = ["CacheEntry", "Catalog", "FileQuery", "FileRecord", "LedgerEntry", "NewFile", "Recorded"]
+__all__ = [
+    "CacheEntry",
+    "Catalog",
+    "FileOrder",
+    "FileQuery",
+    "FileRecord",
+    "KeywordIs",
+    "LedgerEntry",
+    "NewFile",
+    "Recorded",
+]
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class NewFile:
     proprietary_until: datetime | None = None
     tags: tuple[str, ...] = ()
     keywords: Mapping[str, Any] | None = None
+    name_groups: Mapping[str, str] | None = None
+    """The named regex groups of the file name, from its recognition (None: unrecognised)."""
     made_by_run: int | None = None
     """The pipeline run that made this file (provenance), if one did."""
 
@@ -381,31 +393,16 @@ class Catalog:
     # ------------------------------------------------------------ queries
 
     def find(self, query: FileQuery) -> list[FileRecord]:
-        files = schema.files
-        stmt = select(files)
-        conditions = []
-        for name in ("product", "instrument", "object", "archive_id", "original_name", "night"):
-            value = getattr(query, name)
-            if value is not None:
-                conditions.append(files.c[name] == value)
-        if query.state is not None:
-            conditions.append(files.c.state == query.state.value)
-        order = [files.c.start_utc, files.c.id]
-        if query.tag is not None:
-            # from the tag's index, in start order: reads the first ``limit`` files of a
-            # common tag, and only the files of a rare one
-            tags = schema.tags
-            stmt = stmt.join(tags, and_(tags.c.file_id == files.c.id, tags.c.tag == query.tag))
-            order = [tags.c.start_utc, tags.c.file_id]
-        if not query.include_superseded:
-            conditions.append(files.c.superseded_by.is_(None))
+        """The files ``query`` asks for, in its order: the one query of files, for
+        ``obsflow find``, the REST listing and the rest (see :mod:`obsflow.catalog.search`)."""
         with self.read() as conn:
-            conditions += spans.overlapping(conn, query.product, query.since, query.until)
-            stmt = stmt.where(and_(true(), *conditions)).order_by(*order)
-            if query.limit is not None:
-                stmt = stmt.limit(query.limit)
-            rows = conn.execute(stmt).all()
+            rows = conn.execute(search.statement(conn, query)).all()
             return self._records(conn, rows)
+
+    def tag_counts(self) -> list[tuple[str, int]]:
+        """Every tag with how many live files with an archive ID carry it, by tag."""
+        with self.read() as conn:
+            return search.tag_counts(conn)
 
     def untracked(self, limit: int) -> list[FileRecord]:
         """Files the tracker has not read yet (live or not), oldest first: the files table

@@ -9,14 +9,21 @@ file is a few parameter rows rather than a dozen statements.
 A batch is cut into *rounds* in which no two files share bytes or a name, so
 that a duplicate or a new version inside one batch sees the earlier file as if
 it had been received first.
+
+Receipt hands each file over as plain values (:meth:`CacheEntry.of`): its facts, the
+archive IDs it may take (:class:`ArchiveIdScheme`, or the one :class:`GivenArchiveId`
+of a delivered file), the temp file holding its bytes, and the cache to move them into
+(anything with :class:`Placement`'s methods); nothing here calls back into receipt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from datetime import date, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection, bindparam, insert, select, text, update
 
@@ -34,8 +41,70 @@ transaction) hold it shared; the orphan sweep holds it exclusively."""
 
 
 @dataclass(frozen=True)
+class ArchiveIdScheme:
+    """The archive IDs a frame may take: an instrument's ``archive_id`` template over the
+    moment of its DATE-OBS; ``bump`` moves that moment on by hundredths of a second past
+    IDs already taken. Called with a bump, it gives that candidate."""
+
+    template: str
+    """The instrument's ``archive_id`` (fields: ``prefix instrument yyyymmdd yyyy mm dd
+    hh mi ss seconds_of_day hundredths night``)."""
+    prefix: str
+    instrument: str
+    date_obs: datetime
+    night: date
+
+    def __call__(self, bump: int) -> str:
+        moment = self.date_obs + timedelta(milliseconds=10 * bump)
+        seconds = moment.hour * 3600 + moment.minute * 60 + moment.second
+        return self.template.format(
+            prefix=self.prefix,
+            instrument=self.instrument,
+            yyyymmdd=moment.strftime("%Y%m%d"),
+            yyyy=moment.year,
+            mm=moment.month,
+            dd=moment.day,
+            hh=moment.hour,
+            mi=moment.minute,
+            ss=moment.second,
+            seconds_of_day=seconds,
+            hundredths=moment.microsecond // 10000,
+            night=self.night.strftime("%Y%m%d"),
+        )
+
+
+@dataclass(frozen=True)
+class GivenArchiveId:
+    """The one archive ID a delivered file keeps (the site that received it first gave
+    it): never another, so a bump means it is taken by other bytes."""
+
+    archive_id: str
+
+    def __call__(self, bump: int) -> str:
+        if bump:
+            raise CatalogError(f"archive ID {self.archive_id} is taken by a file with other bytes")
+        return self.archive_id
+
+
+class Placement(Protocol):
+    """The cache as recording needs it (:class:`obsflow.archive.cache.Cache` is one)."""
+
+    def key(self, instrument: str, night: date, archive_id: str) -> str:
+        """The file's relative path in the cache."""
+
+    def place(self, temp: Path, key: str) -> object:
+        """Move a finished temp file to ``key``."""
+
+    def unplace(self, key: str, temp: Path) -> object:
+        """Undo :meth:`place`."""
+
+
+@dataclass(frozen=True)
 class CacheEntry:
-    """One file to record: its facts, and how to name it and move it into the cache."""
+    """One file to record: its facts, and how to name it and move it into the cache.
+
+    Receipt makes one with :meth:`of` from plain values; :meth:`Catalog.record_cached
+    <obsflow.catalog.Catalog.record_cached>` takes the callables themselves."""
 
     new: NewFile
     make_archive_id: Callable[[int], str]
@@ -46,6 +115,29 @@ class CacheEntry:
     unplace: Callable[[str], object]
     """Undo ``place`` when the transaction fails after it."""
     ledger: Mapping[LedgerEvent, datetime]
+
+    @classmethod
+    def of(
+        cls,
+        new: NewFile,
+        archive_ids: ArchiveIdScheme | GivenArchiveId,
+        temp: Path,
+        cache: Placement,
+        ledger: Mapping[LedgerEvent, datetime],
+    ) -> CacheEntry:
+        """The entry of a file whose bytes wait in ``temp``, to be moved into ``cache``
+        under ``cache.key(instrument, night, archive ID)`` (``new`` has both)."""
+        if new.instrument is None or new.night is None:
+            raise CatalogError(f"{new.original_name}: a cached file needs an instrument and night")
+        key = partial(cache.key, new.instrument, new.night)
+        return cls(
+            new=new,
+            make_archive_id=archive_ids,
+            cache_path=key,
+            place=lambda archive_id: cache.place(temp, key(archive_id)),
+            unplace=lambda archive_id: cache.unplace(key(archive_id), temp),
+            ledger=ledger,
+        )
 
 
 @dataclass(frozen=True)

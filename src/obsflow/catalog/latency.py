@@ -15,17 +15,20 @@ is the value at rank ``ceil(p / 100 * n)`` (1-based), always one of the values.
 threshold, files in state ``failed`` (with their error), and ingest requests
 whose lease has expired (their ingestor crashed): oldest first, capped, with the
 total count.
+
+:func:`archived_stamps` gives the stamps of each file archived since a moment, for
+``/metrics`` to observe each file's latencies once, in its histogram.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import RowMapping, Select, and_, case, func, or_, select
+from sqlalchemy import Connection, RowMapping, Select, and_, case, func, or_, select
 
 from obsflow.catalog import Catalog, schema
 from obsflow.states import FileState, LedgerEvent, RequestState
@@ -156,10 +159,11 @@ def latency_report(
     level: int | None = None,
 ) -> LatencyReport:
     """Latencies of the files that reached a stage since ``since`` (default: 24 h before
-    ``now``), and the files stuck as of ``now``."""
+    ``now``), and the files stuck as of ``now``, read in one transaction."""
     window_start = now - DEFAULT_WINDOW if since is None else since
-    total, stages = latencies(catalog, window_start, level)
-    stuck = stuck_files(catalog, now, stuck_after, stuck_limit)
+    with catalog.read() as conn:
+        total, stages = _latencies(conn, window_start, level)
+        stuck = _stuck_files(conn, now, stuck_after, stuck_limit)
     return LatencyReport(
         now=now,
         since=window_start,
@@ -176,6 +180,13 @@ def latencies(
 ) -> tuple[Percentiles, dict[str, Percentiles]]:
     """The total (acquired → archived) and each stage, for stages ending at or after ``since``
     (of the files of one processing ``level`` if given: 0 for the instruments' frames)."""
+    with catalog.read() as conn:
+        return _latencies(conn, since, level)
+
+
+def _latencies(
+    conn: Connection, since: datetime, level: int | None
+) -> tuple[Percentiles, dict[str, Percentiles]]:
     led = schema.ledger
     recent = select(led.c.file_id).where(
         led.c.event.in_([e.value for e in _WAY[1:]]), led.c.at >= since
@@ -183,13 +194,7 @@ def latencies(
     if level is not None:
         files = schema.files
         recent = recent.where(led.c.file_id.in_(select(files.c.id).where(files.c.level == level)))
-    pivot = (
-        select(*(func.max(case((led.c.event == e.value, led.c.at))).label(e.value) for e in _WAY))
-        .where(led.c.file_id.in_(recent), led.c.event.in_([e.value for e in _WAY]))
-        .group_by(led.c.file_id)
-    )
-    with catalog.read() as conn:
-        rows = [dict(row._mapping) for row in conn.execute(pivot)]
+    rows = [dict(row._mapping) for row in conn.execute(_pivot(recent))]
 
     def stage(start: LedgerEvent, end: LedgerEvent) -> Percentiles:
         return Percentiles.of(
@@ -203,6 +208,49 @@ def latencies(
     return stage(*TOTAL), {stage_name(a, b): stage(a, b) for a, b in STAGES}
 
 
+@dataclass(frozen=True)
+class FileStamps:
+    """One file's stamps on the way to the archive (None for an event it has none of)."""
+
+    file_id: int
+    at: Mapping[LedgerEvent, datetime | None]
+
+    @property
+    def archived(self) -> datetime | None:
+        return self.at[LedgerEvent.ARCHIVED]
+
+    def stages(self) -> Iterator[tuple[str, float]]:
+        """(stage name, seconds) of the total and of each stage the file has both ends of;
+        a negative span (clocks of two machines) counts as 0."""
+        for start, end in (TOTAL, *STAGES):
+            began, ended = self.at[start], self.at[end]
+            if began is not None and ended is not None:
+                yield stage_name(start, end), max((ended - began).total_seconds(), 0.0)
+
+
+def archived_stamps(catalog: Catalog, since: datetime) -> list[FileStamps]:
+    """The stamps of each file whose ``archived`` stamp is at or after ``since``."""
+    led = schema.ledger
+    archived = select(led.c.file_id).where(
+        led.c.event == LedgerEvent.ARCHIVED.value, led.c.at >= since
+    )
+    with catalog.read() as conn:
+        rows = conn.execute(_pivot(archived, led.c.file_id)).all()
+    return [FileStamps(row.file_id, {e: row._mapping[e.value] for e in _WAY}) for row in rows]
+
+
+def _pivot(file_ids: Select[Any], *columns: Any) -> Select[Any]:
+    """One row per file of ``file_ids``: ``columns``, then the time of each event on the way
+    (labelled by its value), by ``MAX(CASE ...)`` over the ledger grouped by file."""
+    led = schema.ledger
+    stamps = (func.max(case((led.c.event == e.value, led.c.at))).label(e.value) for e in _WAY)
+    return (
+        select(*columns, *stamps)
+        .where(led.c.file_id.in_(file_ids), led.c.event.in_([e.value for e in _WAY]))
+        .group_by(led.c.file_id)
+    )
+
+
 def stuck_files(
     catalog: Catalog,
     now: datetime,
@@ -210,6 +258,11 @@ def stuck_files(
     limit: int = STUCK_LIMIT,
 ) -> StuckList:
     """Files stuck as of ``now``, oldest first, at most ``limit`` of them, and how many in all."""
+    with catalog.read() as conn:
+        return _stuck_files(conn, now, stuck_after, limit)
+
+
+def _stuck_files(conn: Connection, now: datetime, stuck_after: float, limit: int) -> StuckList:
     files, req = schema.files, schema.ingest_requests
     cached = schema.ledger.alias("cached_stamp")
     expired = and_(req.c.state == RequestState.LEASED.value, req.c.lease_expires < now)
@@ -263,21 +316,20 @@ def stuck_files(
     ]
     found: list[StuckFile] = []
     total = 0
-    with catalog.read() as conn:
-        for state, query in queries:
-            rows = conn.execute(query).all()
-            total += rows[0].total if rows else 0
-            found += [
-                StuckFile(
-                    r.archive_id,
-                    r.original_name,
-                    state,
-                    r.since,
-                    _ms(now - r.since) / 1000,
-                    _detail(state, r._mapping),
-                )
-                for r in rows
-            ]
+    for state, query in queries:
+        rows = conn.execute(query).all()
+        total += rows[0].total if rows else 0
+        found += [
+            StuckFile(
+                r.archive_id,
+                r.original_name,
+                state,
+                r.since,
+                _ms(now - r.since) / 1000,
+                _detail(state, r._mapping),
+            )
+            for r in rows
+        ]
     found.sort(key=lambda f: (f.since, f.original_name))
     return StuckList(tuple(found[: max(limit, 0)]), total)
 

@@ -5,15 +5,22 @@ A request is *leased* by one ingestor for ``lease_seconds``; a lease that expire
 Each lease counts as an attempt; a request that has used ``max_attempts`` ends
 ``failed`` (the file too, with the error), visible and retryable, and never
 blocks the requests behind it.
+
+The queue's **depth** is the number of requests pending or leased (:data:`WAITING`):
+work not done yet and not failed for good. :func:`depth_of` is that rule, used by
+:meth:`IngestQueue.depth`, the site's status (:mod:`obsflow.catalog.status`) and so
+by ``obsflow status``, ``/api/v1/status``, ``/metrics`` and an agent's outbox.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import Final
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, func, or_, select, update
 
 from obsflow.catalog import Catalog, schema
 from obsflow.catalog.records import RequestRecord
@@ -21,6 +28,26 @@ from obsflow.states import FileState, LedgerEvent, RequestState
 
 requests = schema.ingest_requests
 files = schema.files
+
+WAITING: Final = (RequestState.PENDING, RequestState.LEASED)
+"""The states of the requests that make the queue's depth."""
+
+
+def depth_of(counts: Mapping[RequestState, int]) -> int:
+    """The queue's depth from its requests counted by state: those pending or leased."""
+    return sum(counts.get(state, 0) for state in WAITING)
+
+
+def is_waiting() -> ColumnElement[bool]:
+    """The requests that count in the depth (pending or leased), as a WHERE clause."""
+    return requests.c.state.in_([state.value for state in WAITING])
+
+
+def count_by_state(conn: Connection) -> dict[RequestState, int]:
+    """The requests by state (the states nothing is in are absent), on ``conn``."""
+    rows = conn.execute(select(requests.c.state, func.count()).group_by(requests.c.state)).all()
+    return {RequestState(s): n for s, n in rows}
+
 
 _DONE = (
     update(requests)
@@ -213,12 +240,14 @@ class IngestQueue:
             )
         return len(failed)
 
-    def depth(self) -> dict[RequestState, int]:
+    def counts(self) -> dict[RequestState, int]:
+        """The requests by state (the states nothing is in are absent)."""
         with self.catalog.read() as conn:
-            rows = conn.execute(
-                select(requests.c.state, func.count()).group_by(requests.c.state)
-            ).all()
-        return {RequestState(s): n for s, n in rows}
+            return count_by_state(conn)
+
+    def depth(self) -> int:
+        """The queue's depth: requests pending or leased (see :func:`depth_of`)."""
+        return depth_of(self.counts())
 
     def requests_for(self, file_ids: list[int]) -> list[RequestRecord]:
         out: list[RequestRecord] = []

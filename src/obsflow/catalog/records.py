@@ -1,13 +1,18 @@
-"""Frozen records the catalog hands out, and the query the ``find`` command builds."""
+"""Frozen records the catalog hands out, and the one query of files (:class:`FileQuery`)
+that ``obsflow find`` and the REST listing build."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
 
 from obsflow.states import FileState, LedgerEvent, RequestState
+
+if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,10 @@ class FileRecord:
     superseded_by: int | None
     made_by_run: int | None = None
     """The run that made this file, if a pipeline did (provenance)."""
+    name_groups: Mapping[str, str] | None = None
+    """The named regex groups of ``original_name`` that receipt recognised ``product``
+    by (e.g. ``date``, ``frame``); None for a row recorded before the catalog kept them
+    (schema 0007) or a file no product recognised."""
     virtual: bool = False
     """Evicted from the cache: its bytes are only in the archive (fetch restores them)."""
     last_access: datetime | None = None
@@ -86,14 +95,44 @@ class RequestRecord:
     last_error: str | None
 
 
+class FileOrder(StrEnum):
+    """The order :meth:`~obsflow.catalog.Catalog.find` returns files in."""
+
+    START = "start"
+    """By start time, then ID (``obsflow find``); with a tag, from the tag's start index."""
+    RECORDED = "recorded"
+    """By ID: the order the files were recorded (the REST listing, whose cursor is an ID)."""
+
+
+class ReadRule(Protocol):
+    """Whom a file's data may be shown to, as SQL: the catalog asks only for the condition
+    over a file's two columns the rule reads. :class:`obsflow.access.ReadRule` is the one
+    implementation, beside its Python form; the catalog does not import the policy."""
+
+    def sql(
+        self, proprietary_until: ColumnElement[Any], program: ColumnElement[Any]
+    ) -> ColumnElement[bool]: ...
+
+
+@dataclass(frozen=True)
+class KeywordIs:
+    """A header keyword the file has with this value: the text as written, or, if the
+    text reads as a finite number, that number (``1.5`` matches ``1.50`` and ``1.5e0``)."""
+
+    name: str
+    value: str
+
+
 @dataclass(frozen=True)
 class FileQuery:
-    """What ``obsflow find`` asks for; every field narrows the result (all are ANDed)."""
+    """What ``obsflow find`` and ``GET /api/v1/files`` ask for; every field narrows the
+    result (all are ANDed)."""
 
     product: str | None = None
     instrument: str | None = None
     since: datetime | None = None
-    """Files whose [start, stop] overlaps [since, until]."""
+    """Files whose [start, stop] overlaps [since, until] (bounded by the spans: see
+    :mod:`obsflow.catalog.spans`)."""
     until: datetime | None = None
     night: date | None = None
     tag: str | None = None
@@ -103,3 +142,18 @@ class FileQuery:
     original_name: str | None = None
     include_superseded: bool = True
     limit: int | None = None
+    program: str | None = None
+    level: int | None = None
+    keywords: tuple[KeywordIs, ...] = ()
+    """Header keywords the file has, each with its value."""
+    readable_by: ReadRule | None = None
+    """Only files this rule lets the reader read (see :class:`ReadRule`)."""
+    live_only: bool = False
+    """Only files that are not rejected and have an archive ID (what the REST API lists)."""
+    order: FileOrder = FileOrder.START
+    after: int | None = None
+    """Only files with a greater ID: a cursor, for :attr:`FileOrder.RECORDED` only."""
+
+    def __post_init__(self) -> None:
+        if self.after is not None and self.order is not FileOrder.RECORDED:
+            raise ValueError("FileQuery.after is a cursor over IDs: it needs FileOrder.RECORDED")

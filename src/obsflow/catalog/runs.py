@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from obsflow.catalog import Catalog, schema
+from obsflow.catalog.groupkey import GroupKey
 from obsflow.states import LedgerEvent, RunState, StepState
 
 runs = schema.runs
@@ -120,7 +121,7 @@ _STAMP_PROCESSED = insert(_LEDGER).from_select(
 @dataclass(frozen=True)
 class NewRun:
     pipeline: str
-    group_key: str
+    group_key: GroupKey
     night: date | None
     inputs: Mapping[str, tuple[int, ...]]
     """Input name → file IDs."""
@@ -129,6 +130,12 @@ class NewRun:
     request: str = ""
     """Empty, or the reprocessing request that asks for this run on purpose."""
     overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.group_key.pipeline != self.pipeline:
+            raise ValueError(
+                f"run of {self.pipeline!r} given a group key of {self.group_key.pipeline!r}"
+            )
 
     @property
     def input_hash(self) -> str:
@@ -209,7 +216,7 @@ class StepRecord:
 class RunRecord:
     id: int
     pipeline: str
-    group_key: str
+    group_key: GroupKey
     night: date | None
     version: int
     state: RunState
@@ -232,7 +239,7 @@ class RunRecord:
         return {
             "run_id": self.id,
             "pipeline": self.pipeline,
-            "group": self.group_key,
+            "group": self.group_key.text(),
             "night": None if self.night is None else self.night.isoformat(),
             "version": self.version,
             "state": self.state.value,
@@ -264,7 +271,7 @@ class RunStore:
         digest = new.input_hash
         exists = select(runs.c.id).where(
             runs.c.pipeline == new.pipeline,
-            runs.c.group_key == new.group_key,
+            runs.c.group_key == new.group_key.text(),
             runs.c.input_hash == digest,
             runs.c.request == new.request,
         )
@@ -272,7 +279,7 @@ class RunStore:
             return None
         version = conn.execute(
             select(func.coalesce(func.max(runs.c.version), 0)).where(
-                runs.c.pipeline == new.pipeline, runs.c.group_key == new.group_key
+                runs.c.pipeline == new.pipeline, runs.c.group_key == new.group_key.text()
             )
         ).scalar_one()
         try:
@@ -281,7 +288,7 @@ class RunStore:
                     insert(runs)
                     .values(
                         pipeline=new.pipeline,
-                        group_key=new.group_key,
+                        group_key=new.group_key.text(),
                         night=new.night,
                         input_hash=digest,
                         request=new.request,
@@ -531,12 +538,12 @@ class RunStore:
             rows = conn.execute(select(runs.c.state, func.count()).group_by(runs.c.state)).all()
         return {RunState(state): n for state, n in rows}
 
-    def latest_for_group(self, pipeline: str, group_key: str) -> RunRecord | None:
+    def latest_for_group(self, key: GroupKey) -> RunRecord | None:
         """The group's newest run (any request), if any."""
         with self.catalog.read() as conn:
             run_id = conn.execute(
                 select(runs.c.id)
-                .where(runs.c.pipeline == pipeline, runs.c.group_key == group_key)
+                .where(runs.c.pipeline == key.pipeline, runs.c.group_key == key.text())
                 .order_by(runs.c.version.desc())
                 .limit(1)
             ).scalar()
@@ -557,7 +564,7 @@ def _records(conn: Connection, rows: Sequence[Row[Any]]) -> list[RunRecord]:
         RunRecord(
             id=r.id,
             pipeline=r.pipeline,
-            group_key=r.group_key,
+            group_key=GroupKey.parse(r.pipeline, r.group_key),
             night=r.night,
             version=r.version,
             state=RunState(r.state),

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Column,
@@ -87,6 +88,9 @@ files = Table(
     Column("instrument", String(64), index=True),
     Column("level", Integer),
     Column("original_name", String(255), nullable=False, index=True),
+    # the named regex groups of the name that recognised ``product``, written once at
+    # receipt (JSON); NULL for rows recorded before schema 0007 (see processing.inputs)
+    Column("name_groups", JSON(none_as_null=True)),
     Column("source_path", Text, nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),

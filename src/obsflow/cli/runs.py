@@ -21,7 +21,6 @@ from obsflow.daemon import read_status
 from obsflow.processing.executor import make_executor
 from obsflow.processing.profile import ParameterValue
 from obsflow.processing.tracker import Tracker
-from obsflow.processing.tracker.grouping import GroupKey
 from obsflow.processing.tracker.loop import process_until_idle
 from obsflow.settings import load_settings
 from obsflow.site import Site, open_site
@@ -81,7 +80,7 @@ def runs_list(
             table.add_row(
                 str(r.id),
                 r.pipeline,
-                r.group_key,
+                str(r.group_key),
                 str(r.version),
                 f"[{style}]{r.state.value}[/]" if style else r.state.value,
                 r.started.isoformat(timespec="seconds") if r.started else "",
@@ -230,16 +229,15 @@ def reprocess(
         tracker = Tracker(s.registry, s.catalog, s.clock)
         request = f"reprocess-{s.clock():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         queued: list[int] = []
-        for key_text, primary in tracker.known_groups(spec, when):
-            key = GroupKey.parse(spec.id, key_text)
+        for key, primary in tracker.known_groups(spec, when):
             decision = tracker.decide(spec, key, primary, deadline_passed=True)
             if not decision.ready:
-                out.print(f"  {key_text}: not ready ({'; '.join(decision.unmet)}); skipped")
+                out.print(f"  {key}: not ready ({'; '.join(decision.unmet)}); skipped")
                 continue
             run_id = tracker.runs.create(
                 NewRun(
                     pipeline=spec.id,
-                    group_key=key_text,
+                    group_key=key,
                     night=date.fromisoformat(key.night) if key.night else None,
                     inputs={k: v for k, v in decision.selected.items() if v},
                     reason=f"reprocess ({request})",

@@ -23,7 +23,8 @@ profile whose ``needs`` do not form a graph of its own steps, before anything ru
 * The run log (appended to ``log_path``) holds the profile JSON, each attempt's argv,
   times, exit status, stdout and stderr (up to 1 MB each), each skip and the outcome.
 
-Scheduling is done by hand, in the thread that calls :meth:`Controller.run`, rather than
+Which steps are ready is :class:`graphlib.TopologicalSorter`'s to say (``get_ready`` and
+``done``); starting them is done in the thread that calls :meth:`Controller.run`, not
 with asyncio (whose child watchers want the main thread's event loop, while runs come from
 an executor's worker threads): the only waiting is for child processes, and ``poll()`` on
 a pidfd per process (Linux; elsewhere a small thread per process blocks in ``os.waitid``
@@ -143,13 +144,13 @@ class Controller:
         stop: StopFlag | None = None,
     ) -> RunOutcome:
         """Run every step of ``profile``; see the module docstring for the rules."""
-        _check_graph(profile)
+        graph = _graph(profile)
         work = Path(profile.work)
         (work / OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
         (work / LOG_DIR).mkdir(exist_ok=True)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8", errors="replace") as out:
-            return _Run(self, profile, work, out, listener, stop).execute()
+            return _Run(self, profile, work, out, listener, stop, graph).execute()
 
 
 # The process groups of the steps running in this process, whatever run or thread started
@@ -191,10 +192,10 @@ class _Run:
     out: IO[str]
     listener: StepListener | None
     stop: StopFlag | None
-    pending: dict[str, RuntimeStep] = field(default_factory=dict)
+    graph: graphlib.TopologicalSorter[str]
+    ready: set[str] = field(default_factory=set)  # needs resolved, not yet started
     results: dict[str, StepResult] = field(default_factory=dict)
     blocker: dict[str, str] = field(default_factory=dict)  # step → the failed step it waits on
-    failures: list[str] = field(default_factory=list)  # failed steps, first first
     running: list[_Attempt] = field(default_factory=list)
     poller: select.poll = field(default_factory=select.poll)
     stopped: bool = False
@@ -206,7 +207,7 @@ class _Run:
             f"started {self.now()}  work {self.work}  parallel {self.controller.parallel}\n"
             f"run-time profile:\n{p.dumps()}\n\n"
         )
-        self.pending = {s.name: s for s in p.steps}
+        self.ready.update(self.graph.get_ready())
         try:
             self.schedule()
             while self.running:
@@ -225,38 +226,45 @@ class _Run:
     # -- scheduling ---------------------------------------------------------------------
 
     def schedule(self) -> None:
-        """Resolve or start every step whose needs are resolved, until nothing changes."""
+        """Resolve or start ready steps in profile order until nothing changes (one made
+        ready in a pass is taken in that pass if it comes later in the profile)."""
         if self.stop is not None and self.stop.is_set() and not self.stopped:
-            self.stopped = True
-            for attempt in self.running:
-                self.terminate(attempt, KILLED_BY_STOP)
-            for step in list(self.pending.values()):
-                self.skip(step, SKIPPED_BY_STOP, blocker=step.name)
+            self.halt()
         changed = True
         while changed:
             changed = False
-            for step in list(self.pending.values()):
-                if not all(n in self.results for n in step.needs):
-                    continue
-                blocked = [self.blocker[n] for n in step.needs if n in self.blocker]
-                if blocked:
-                    self.skip(step, f"needs {blocked[0]}, which failed", blocker=blocked[0])
-                elif not step.enabled:
-                    self.skip(step, f"when false: {step.when}", blocker=None)
-                elif step.image is not None:
-                    del self.pending[step.name]
-                    reason = (
-                        f"container images are not run yet (image {step.image!r}); "
-                        "a later release runs them"
-                    )
-                    self.write(f"---- {self.now()}  step {step.name} failed: {reason}\n\n")
-                    self.finish(_result(step, StepState.FAILED, 0, reason))
-                elif len(self.running) < self.controller.parallel:
-                    del self.pending[step.name]
-                    self.launch(step, 1)
-                else:
-                    continue
-                changed = True
+            for step in self.profile.steps:
+                if step.name in self.ready and self.resolve(step):
+                    self.ready.remove(step.name)
+                    changed = True
+
+    def resolve(self, step: RuntimeStep) -> bool:
+        """Skip, fail or start a ready step; False if it must wait for a free slot."""
+        blocked = [self.blocker[n] for n in step.needs if n in self.blocker]
+        if blocked:
+            self.blocker[step.name] = blocked[0]
+            self.end_unrun(step, StepState.SKIPPED, f"needs {blocked[0]}, which failed")
+        elif not step.enabled:
+            self.end_unrun(step, StepState.SKIPPED, f"when false: {step.when}")
+        elif step.image is not None:
+            why = f"container images are not run yet (image {step.image!r})"
+            self.end_unrun(step, StepState.FAILED, f"{why}; a later release runs them")
+        elif len(self.running) < self.controller.parallel:
+            self.launch(step, 1)
+        else:
+            return False
+        return True
+
+    def halt(self) -> None:
+        """Kill the running steps and skip every step not started; nothing starts after."""
+        self.stopped = True
+        self.ready.clear()
+        for attempt in self.running:
+            self.terminate(attempt, KILLED_BY_STOP)
+        running = {attempt.step.name for attempt in self.running}
+        for step in self.profile.steps:
+            if step.name not in self.results and step.name not in running:
+                self.end_unrun(step, StepState.SKIPPED, SKIPPED_BY_STOP)
 
     def wait(self) -> None:
         """Wait for a process to exit, a deadline or a look at ``stop``; act on them."""
@@ -358,19 +366,18 @@ class _Run:
             StepResult(step.name, state, number, step.argv, started, now, status, out, err, reason)
         )
 
-    def skip(self, step: RuntimeStep, reason: str, *, blocker: str | None) -> None:
-        """Skip ``step``; ``blocker`` is the failed step it needs (None: counts as done)."""
-        del self.pending[step.name]
-        if blocker is not None:
-            self.blocker[step.name] = blocker
-        self.write(f"---- {self.now()}  step {step.name} skipped: {reason}\n\n")
-        self.finish(_result(step, StepState.SKIPPED, 0, reason))
+    def end_unrun(self, step: RuntimeStep, state: StepState, reason: str) -> None:
+        """Record a step that never started: SKIPPED, or FAILED without starting."""
+        self.write(f"---- {self.now()}  step {step.name} {state}: {reason}\n\n")
+        self.finish(StepResult(step.name, state, 0, step.argv, None, None, None, "", "", reason))
 
     def finish(self, result: StepResult) -> None:
         if result.state is StepState.FAILED:
             self.blocker[result.name] = result.name
-            self.failures.append(result.name)
         self.results[result.name] = result
+        if not self.stopped:  # after a stop nothing more is scheduled
+            self.graph.done(result.name)
+            self.ready.update(self.graph.get_ready())
         if self.listener is not None:
             self.listener.step_finished(self.profile.run_id, result)
 
@@ -379,20 +386,21 @@ class _Run:
     def outcome(self) -> RunOutcome:
         p = self.profile
         steps = tuple(self.results[s.name] for s in p.steps)
+        failures = [r for r in self.results.values() if r.state is StepState.FAILED]  # first first
         missing: tuple[str, ...] = ()
         error: str | None = None
         if self.stopped:
             killed = sum(r.reason == KILLED_BY_STOP for r in steps)
             skipped = sum(r.reason == SKIPPED_BY_STOP for r in steps)
             error = f"run {p.run_id}: stopped ({killed} step(s) killed, {skipped} not started)"
-        elif self.failures:
-            first = self.results[self.failures[0]]
+        elif failures:
+            first = failures[0]
             error = f"run {p.run_id} step {first.name}: {first.reason}"
             lines = [line.strip() for line in first.stderr_tail.splitlines() if line.strip()]
             if lines:
                 error += f": {lines[-1][:300]}"
-            if len(self.failures) > 1:
-                error += f" (also failed: {', '.join(self.failures[1:])})"
+            if len(failures) > 1:
+                error += f" (also failed: {', '.join(r.name for r in failures[1:])})"
         else:
             missing = tuple(o for o in p.outputs.values() if not (self.work / o).is_file())
             if missing:
@@ -441,10 +449,6 @@ def _signal(attempt: _Attempt, sig: signal.Signals) -> None:
         os.killpg(attempt.proc.pid, sig)
 
 
-def _result(step: RuntimeStep, state: StepState, attempts: int, reason: str) -> StepResult:
-    return StepResult(step.name, state, attempts, step.argv, None, None, None, "", "", reason)
-
-
 def _why_not(step: RuntimeStep, exc: BaseException) -> str:
     if not step.argv:
         return "the step has an empty command"
@@ -483,9 +487,9 @@ def _read_stream(path: Path, tail_bytes: int) -> tuple[str, str]:
     return text, tail.decode("utf-8", "replace")
 
 
-def _check_graph(profile: RuntimeProfile) -> None:
-    """Raise :class:`RunError` unless step names are unique, usable as file names, and
-    ``needs`` name steps of this profile without a cycle."""
+def _graph(profile: RuntimeProfile) -> graphlib.TopologicalSorter[str]:
+    """The steps' ``needs`` as a prepared sorter; :class:`RunError` unless step names are
+    unique, usable as file names, and ``needs`` name steps of this profile without a cycle."""
     where = f"run {profile.run_id}"
     if not profile.work:
         raise RunError(f"{where}: the run-time profile has no work directory")
@@ -496,7 +500,9 @@ def _check_graph(profile: RuntimeProfile) -> None:
         for need in step.needs:
             if need not in names:
                 raise RunError(f"{where} step {step.name}: needs {need!r}, which is not a step")
+    graph = graphlib.TopologicalSorter({s.name: s.needs for s in profile.steps})
     try:
-        graphlib.TopologicalSorter({s.name: s.needs for s in profile.steps}).prepare()
+        graph.prepare()
     except graphlib.CycleError as exc:
         raise RunError(f"{where}: needs form a cycle: {' -> '.join(exc.args[1])}") from None
+    return graph

@@ -42,10 +42,10 @@ from pathlib import Path
 from obsflow.archive.retrieval import NotFoundError
 from obsflow.catalog.records import FileRecord
 from obsflow.catalog.runs import RunRecord, RunStore, StepRow
-from obsflow.errors import ObsflowError, RunError
+from obsflow.errors import ObsflowError, RecognitionError, RunError
 from obsflow.processing.controller import Controller, StepResult, StopFlag, kill_every_step
+from obsflow.processing.inputs import values_of
 from obsflow.processing.profile import OUTPUT_DIR, ParameterValue, RuntimeProfile, build_profile
-from obsflow.processing.tracker.grouping import GroupKey, file_values
 from obsflow.receipt.intake import Wakeable
 from obsflow.receipt.receiver import Outcome, Prepared
 from obsflow.settings import Settings
@@ -356,13 +356,19 @@ def _build(site: Site, run: RunRecord) -> RuntimeProfile:
     if primary_ids:
         primary = records[primary_ids[0]]
         try:
-            names = site.registry.recognise(primary.original_name).groups
-        except ObsflowError:
-            names = {}
-        for name, value in file_values(primary, names).items():
+            values = values_of(primary, site.registry)  # the facts receipt recorded
+        except RecognitionError as exc:
+            log.error(
+                "run %d: input %s",
+                run.id,
+                exc,
+                extra={"archive_id": primary.archive_id, "run_id": run.id},
+            )
+            raise RunError(f"run {run.id}: input {exc}") from exc
+        for name, value in values.items():
             if isinstance(value, str | int | float | bool) or value is None:
                 parameters[name] = value
-    parameters.update(dict(GroupKey.parse(run.pipeline, run.group_key).values))
+    parameters.update(dict(run.group_key.values))
     parameters.update(_name_parts(parameters))
     parameters.update(pipeline.parameters)
     parameters.update({"site": str(site.settings.site), "python": sys.executable})

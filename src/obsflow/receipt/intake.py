@@ -132,9 +132,11 @@ class Intake:
                     self._ready.put(None)  # stop after this batch
                     break
                 done.append(item)
-            self._settle(done)
+            self._record_batch(done)
 
-    def _settle(self, done: list[_Ready]) -> None:
+    def _record_batch(self, done: list[_Ready]) -> None:
+        """Commit the prepared files of one batch in one transaction, report every
+        result, and remember the final ones as seen."""
         prepared = [r for _, r in done if isinstance(r, Prepared)]
         results: list[Received] = [r for _, r in done if isinstance(r, Received)]
         if prepared:

@@ -2,8 +2,8 @@
 
 Nothing here knows a keyword name: the instrument spec says which keyword holds
 DATE-OBS, the exposure time, the filter and so on. This module also computes the
-product's start and stop time, the night, the proprietary release date and the
-archive ID.
+product's start and stop time, the night and the proprietary release date (the
+archive IDs a frame may take are :class:`obsflow.catalog.batch.ArchiveIdScheme`).
 """
 
 from __future__ import annotations
@@ -215,23 +215,3 @@ def add_months(moment: datetime, months: int) -> datetime:
 
 def mjd(moment: datetime) -> float:
     return (moment - MJD_EPOCH).total_seconds() / 86400.0
-
-
-def archive_id(instrument: InstrumentSpec, date_obs: datetime, night: date, bump: int = 0) -> str:
-    """The archive ID of a frame; ``bump`` moves it on by hundredths past a collision."""
-    moment = date_obs + timedelta(milliseconds=10 * bump)
-    seconds = moment.hour * 3600 + moment.minute * 60 + moment.second
-    return instrument.archive_id.format(
-        prefix=instrument.prefix,
-        instrument=instrument.name,
-        yyyymmdd=moment.strftime("%Y%m%d"),
-        yyyy=moment.year,
-        mm=moment.month,
-        dd=moment.day,
-        hh=moment.hour,
-        mi=moment.minute,
-        ss=moment.second,
-        seconds_of_day=seconds,
-        hundredths=moment.microsecond // 10000,
-        night=night.strftime("%Y%m%d"),
-    )

@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
-from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from obsflow.archive.cache import Cache
 from obsflow.catalog import CacheEntry, Catalog, NewFile, Recorded
+from obsflow.catalog.batch import ArchiveIdScheme, GivenArchiveId
 from obsflow.errors import (
     AmbiguousError,
     CatalogError,
@@ -111,19 +111,22 @@ class Prepared:
     archive_id: str | None = None  # given (a delivery); else made from the header
 
     def entry(self, cache: Cache, now: datetime) -> CacheEntry:
-        """What the catalog needs to record this file and move it into the cache."""
-        key = partial(Cache.key, self.instrument.name, self.meta.night)
-        make_id: Callable[[int], str] = partial(
-            metadata.archive_id, self.instrument, self.meta.date_obs, self.meta.night
+        """What the catalog needs to record this file and move it into the cache: plain
+        values (the archive IDs it may take, its temp file, the cache)."""
+        archive_ids: ArchiveIdScheme | GivenArchiveId = ArchiveIdScheme(
+            template=self.instrument.archive_id,
+            prefix=self.instrument.prefix,
+            instrument=self.instrument.name,
+            date_obs=self.meta.date_obs,
+            night=self.meta.night,
         )
         if self.archive_id is not None:
-            make_id = partial(_given_id, self.archive_id)
-        return CacheEntry(
-            new=self.new,
-            make_archive_id=make_id,
-            cache_path=key,
-            place=lambda archive_id: cache.place(self.temp, key(archive_id)),
-            unplace=lambda archive_id: cache.unplace(key(archive_id), self.temp),
+            archive_ids = GivenArchiveId(self.archive_id)
+        return CacheEntry.of(
+            self.new,
+            archive_ids,
+            self.temp,
+            cache,
             ledger={
                 LedgerEvent.ACQUIRED: self.acquired,
                 LedgerEvent.RECEIVED: self.received,
@@ -134,12 +137,6 @@ class Prepared:
 
 
 _SITE_ERRORS = (OSError, CatalogError, StorageError, SQLAlchemyError)
-
-
-def _given_id(archive_id: str, bump: int) -> str:
-    if bump:  # the ID is taken by other bytes: never another ID for a delivered file
-        raise CatalogError(f"archive ID {archive_id} is taken by a file with other bytes")
-    return archive_id
 
 
 class Receiver:
@@ -361,6 +358,7 @@ class Receiver:
             proprietary_until=meta.proprietary_until,
             tags=product.tags,
             keywords=meta.keywords,
+            name_groups=dict(recognised.groups),
         )
         return Prepared(
             path=path,
@@ -437,6 +435,7 @@ class Receiver:
                 source_path=str(path),
                 size=size,
                 sha256=sha256,
+                name_groups=dict(recognised.groups) if recognised else None,
             ),
             reason,
             str(target.relative_to(self.settings.quarantine)),

@@ -13,7 +13,8 @@ Two programs run, as they would on two terminals at an observatory:
 Both talk over Channel Access on 127.0.0.1 only, on a free port chosen here (the EPICS
 environment of the two child processes; nothing goes out on the network). The daemon also
 runs the registry's pipelines as their inputs arrive (L0 → L3). Meanwhile this process
-reads the catalog and shows, four times a second, the frames acquired, received, archived
+reads the site's status (:func:`obsflow.catalog.status.site_status`, what ``obsflow
+status`` shows) and shows, four times a second, the frames acquired, received, archived
 and in flight, the latency percentiles acquired → archived so far, the products made per
 level and the runs per state. When the night is over, every frame archived and nothing
 left to run (or ``settle_seconds`` have passed), the daemon is stopped with SIGTERM and
@@ -22,7 +23,6 @@ left to run (or ``settle_seconds`` have passed), the daemon is stopped with SIGT
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -34,17 +34,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Final
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import func, select
 
-from obsflow.catalog import Catalog, schema
+from obsflow.catalog import Catalog
 from obsflow.catalog.latency import Percentiles, latencies
-from obsflow.daemon import STATUS_FILE
+from obsflow.catalog.status import site_status
+from obsflow.daemon import read_status as read_daemon_status
 from obsflow.errors import SiteError
 from obsflow.receipt.receiver import utcnow
 from obsflow.registry import load_registry
@@ -183,49 +183,35 @@ def make_demo_site(root: Path, quiet_seconds: float | None = None) -> Settings:
 
 
 def snapshot(settings: Settings, catalog: Catalog, since: datetime) -> Snapshot:
-    """The night so far: frames on disk, catalog counts, latencies, runs, trigger health."""
+    """The night so far: frames on disk, the site's status, latencies, trigger health."""
     acquired = sum(1 for p in settings.incoming.glob("ofc_*.fits"))
-    counts = catalog.counts()
+    now = utcnow()
+    daemon = read_daemon_status(settings.site, now)
+    # one snapshot of the catalog: never quiet between two steps of the tracker
+    status = site_status(catalog, now, role=settings.transfer.role, daemon=daemon)
     total, _ = latencies(catalog, since, level=0)  # the frames, not the products
-    try:
-        status: dict[str, Any] = json.loads((settings.site / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        status = {}
     triggers = tuple(
         (str(t["name"]), bool(t["ok"]), str(t.get("detail") or ""))
-        for t in status.get("triggers", [])
+        for t in (daemon or {}).get("triggers", [])
     )
-    files, runs, groups = schema.files, schema.runs, schema.tracker_groups
-    with catalog.read() as conn:  # one snapshot: never quiet between two steps of the tracker
-        by_level = conn.execute(
-            select(files.c.level, files.c.state, func.count()).group_by(
-                files.c.level, files.c.state
-            )
-        ).all()
-        untracked = conn.execute(
-            select(func.count()).where(schema.is_untracked(), schema.is_live())
-        ).scalar_one()
-        by_state = conn.execute(select(runs.c.state, func.count()).group_by(runs.c.state)).all()
-        waiting = conn.execute(
-            select(func.count()).select_from(groups).where(groups.c.due_at.is_not(None))
-        ).scalar_one()
-    raw = {FileState(state): n for level, state, n in by_level if level == 0}
-    products: dict[int, int] = {}
-    for level, state, n in by_level:
-        if level and state == FileState.ARCHIVED.value:
-            products[level] = products.get(level, 0) + n
+    raw = status.at_level(0)
+    products = {
+        level: n
+        for level, counts in status.levels.items()
+        if level and (n := counts.get(FileState.ARCHIVED, 0))
+    }
     return Snapshot(
         acquired=acquired,
         received=sum(raw.values()) - raw.get(FileState.REJECTED, 0),
         archived=raw.get(FileState.ARCHIVED, 0),
-        quarantined=counts.get(FileState.REJECTED, 0),
+        quarantined=status.files[FileState.REJECTED],
         latency=total,
         triggers=triggers,
         products=products,
-        runs={RunState(state): n for state, n in by_state},
-        waiting=waiting > 0,
-        unarchived=counts.get(FileState.CACHED, 0),
-        untracked=int(untracked),
+        runs={state: n for state, n in status.runs.items() if n},
+        waiting=status.groups_waiting > 0,
+        unarchived=status.files[FileState.CACHED],
+        untracked=status.untracked,
     )
 
 

@@ -13,6 +13,11 @@ new file it finds the pipelines that take its product through the registry's ind
 * as a **secondary** input (a master bias for the night's flats), it joins every group of
   that pipeline and night whose ``where`` it meets (found by the groups' night index).
 
+What a ``where`` sees of a file comes from its catalog row, as receipt recorded it
+(:mod:`obsflow.processing.inputs`); its name is not recognised again. A file whose
+values cannot be read is left out of every group and reported (:meth:`Tracker.step`
+raises, naming it), never matched as if it had no name groups.
+
 Each touched group is evaluated: its candidates are read per input (by product and
 night, an index lookup), :func:`~obsflow.processing.tracker.readiness.readiness` decides, and a
 ready group gets a queued run. The catalog's unique constraint on (pipeline, group, input
@@ -33,17 +38,12 @@ from sqlalchemy import Connection, Insert, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from obsflow.catalog import Catalog, schema
+from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.records import FileRecord
 from obsflow.catalog.runs import NewRun, RunStore, input_hash
 from obsflow.errors import RecognitionError
-from obsflow.processing.tracker.grouping import (
-    GroupKey,
-    file_values,
-    group_key,
-    group_values,
-    matches,
-    night_end,
-)
+from obsflow.processing.inputs import values_of
+from obsflow.processing.tracker.grouping import group_key, group_values, matches, night_end
 from obsflow.processing.tracker.readiness import Candidate, Decision, readiness
 from obsflow.registry import Registry
 from obsflow.registry.specs import GroupBy, OnNewInput, PipelineSpec
@@ -59,7 +59,7 @@ class Started:
 
     run_id: int
     pipeline: str
-    group: str
+    group: GroupKey
     degraded: bool
 
 
@@ -69,6 +69,9 @@ class Tracker:
         self.catalog = catalog
         self.runs = RunStore(catalog)
         self.clock = clock
+        self.unreadable: dict[int, RecognitionError] = {}
+        """Files whose values could not be read since the last :meth:`step` raised them
+        (by file ID): left out of every group, each logged once with its archive ID."""
 
     # ------------------------------------------------------------ events
 
@@ -87,6 +90,11 @@ class Tracker:
                 return started
 
     def _step(self, limit: int) -> tuple[int, list[Started]]:
+        """One batch of the inbox, then marked tracked. A file whose values cannot be read
+        (recorded before the catalog kept name groups, and no longer recognised) is left
+        out of every group rather than block the others; once the batch is marked, the
+        first such error is raised (RecognitionError naming the file) for the caller to
+        report."""
         new = self.catalog.untracked(limit)
         started: list[Started] = []
         for record in new:
@@ -96,6 +104,11 @@ class Tracker:
             # marked only once its runs are queued: a crash in between reads it again,
             # and the unique (pipeline, group, input set) makes that harmless
             self.catalog.mark_tracked([record.id for record in new])
+        if self.unreadable:
+            failed = list(self.unreadable.values())
+            self.unreadable.clear()
+            more = f" (and {len(failed) - 1} more file(s), see the log)" if len(failed) > 1 else ""
+            raise RecognitionError(failed[0].path, f"{failed[0].detail}{more}")
         return len(new), started
 
     def tick(self) -> list[Started]:
@@ -139,6 +152,8 @@ class Tracker:
         if record.product is None or record.superseded_by is not None:
             return []
         values = self._values(record)
+        if values is None:
+            return []
         started: list[Started] = []
         for pipeline in self.registry.consumers.get(record.product, ()):
             for position, spec in enumerate(pipeline.inputs):
@@ -152,7 +167,10 @@ class Tracker:
                     started += self.evaluate(pipeline, key)
                 else:
                     for key, primary in self._groups_of_night(pipeline, record.night):
-                        group = group_values(key, self._values(primary))
+                        primary_values = self._values(primary)
+                        if primary_values is None:
+                            continue
+                        group = group_values(key, primary_values)
                         if matches(spec, values, group, primary=False):
                             started += self.evaluate(pipeline, key)
         return started
@@ -171,7 +189,7 @@ class Tracker:
                 self._set_due(pipeline, key, decision.wait_until)
             return []
         selected = {name: ids for name, ids in decision.selected.items() if ids}
-        latest = self.runs.latest_for_group(pipeline.id, key.text())
+        latest = self.runs.latest_for_group(key)
         reason = "deadline, inputs short (degraded)" if decision.degraded else "inputs ready"
         if latest is not None:  # (a reprocessing run too: it is the group's newest)
             if input_hash(latest.inputs) == input_hash(selected):
@@ -181,7 +199,7 @@ class Tracker:
             reason = f"new input since run {latest.id} (on_new_input: rerun)"
         new = NewRun(
             pipeline=pipeline.id,
-            group_key=key.text(),
+            group_key=key,
             night=date.fromisoformat(key.night) if key.night else None,
             inputs=selected,
             reason=reason,
@@ -190,8 +208,8 @@ class Tracker:
         run_id = self.runs.create(new, now)
         if run_id is None:
             return []  # this input set has its run already
-        log.info("run %d queued: %s %s (%s)", run_id, pipeline.id, key.text(), reason)
-        return [Started(run_id, pipeline.id, key.text(), decision.degraded)]
+        log.info("run %d queued: %s %s (%s)", run_id, pipeline.id, key, reason)
+        return [Started(run_id, pipeline.id, key, decision.degraded)]
 
     def decide(
         self,
@@ -204,6 +222,9 @@ class Tracker:
         """The readiness of one group, from its candidates in the catalog
         (``deadline_passed``: as if every deadline had come, for reprocessing)."""
         primary_values = self._values(primary)
+        if primary_values is None:
+            reason = f"its first file {primary.archive_id} cannot be read"
+            return Decision(False, False, {}, (reason,), None)
         group = group_values(key, primary_values)
         chosen: dict[str, list[FileRecord]] = {}
         for position, spec in enumerate(pipeline.inputs):
@@ -217,7 +238,8 @@ class Tracker:
                     continue
                 if position == 0 and group_key(pipeline, record) != key:
                     continue
-                if matches(spec, self._values(record), group, primary=position == 0):
+                values = self._values(record)
+                if values is not None and matches(spec, values, group, primary=position == 0):
                     matched.append(record)
         arrived = self._cached_at([r.id for records in chosen.values() for r in records])
         candidates = {
@@ -236,7 +258,7 @@ class Tracker:
 
     def known_groups(
         self, pipeline: PipelineSpec, night: date | None = None
-    ) -> list[tuple[str, FileRecord]]:
+    ) -> list[tuple[GroupKey, FileRecord]]:
         """Every group of ``pipeline`` the tracker has seen (of one night), with the file
         that made it."""
         query = select(groups.c.group_key, groups.c.primary_file_id).where(
@@ -248,19 +270,26 @@ class Tracker:
             rows = conn.execute(query.order_by(groups.c.group_key)).all()
         primaries = {r.id: r for r in self.catalog.records([row.primary_file_id for row in rows])}
         return [
-            (row.group_key, primaries[row.primary_file_id])
+            (GroupKey.parse(pipeline.id, row.group_key), primaries[row.primary_file_id])
             for row in rows
             if row.primary_file_id in primaries
         ]
 
     # ------------------------------------------------------------ the catalog
 
-    def _values(self, record: FileRecord) -> dict[str, object]:
+    def _values(self, record: FileRecord) -> dict[str, object] | None:
+        """What a ``where`` sees of ``record``, from its row; None (the file is noted in
+        :attr:`unreadable`, and :meth:`step` raises) if its name groups were never
+        recorded and its name is no longer recognised."""
         try:
-            names = self.registry.recognise(record.original_name).groups
-        except RecognitionError:
-            names = {}
-        return file_values(record, names)
+            return values_of(record, self.registry)
+        except RecognitionError as exc:
+            if record.id not in self.unreadable:
+                self.unreadable[record.id] = exc
+                log.error(
+                    "left out of every group: %s", exc, extra={"archive_id": record.archive_id}
+                )
+            return None
 
     def _of_night(self, product: str, night: date | None) -> list[FileRecord]:
         if night is None:

@@ -22,8 +22,10 @@ The key always carries ``night`` as well, even when ``by`` does not name it: a
 per-file group still belongs to a night. A dimension the file has no value for is
 the empty string.
 
+The key is a :class:`~obsflow.catalog.groupkey.GroupKey` (its text form lives with it).
 A candidate file is judged by :func:`matches` over plain values: the file's own
-(:func:`file_values`) and the group's ``group.*`` names (:func:`group_values`).
+(:func:`obsflow.processing.inputs.file_values`) and the group's ``group.*`` names
+(:func:`group_values`).
 Secondary inputs (every input but the first) belong to a group by night: a file
 of the same night that meets the input's ``where``.
 """
@@ -32,9 +34,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
+from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.records import FileRecord
 from obsflow.registry import expression
 from obsflow.registry.specs import GroupBy, InputSpec, PipelineSpec
@@ -42,148 +44,8 @@ from obsflow.registry.specs import GroupBy, InputSpec, PipelineSpec
 GROUP = "group."
 """The prefix of the names a ``where`` reads about the group, e.g. ``group.filter``."""
 
-_DIMENSIONS = frozenset(d.value for d in GroupBy)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-_SPECIAL = frozenset("\\,=")
-
-
-@dataclass(frozen=True)
-class GroupKey:
-    """The group one run of a pipeline works on: sorted ``(dimension, value)`` pairs.
-
-    ``values`` is sorted by dimension, names each dimension once, always includes
-    ``night`` and names only :class:`~obsflow.registry.specs.GroupBy` dimensions;
-    build one from a mapping with :meth:`of`.
-    """
-
-    pipeline: str
-    values: tuple[tuple[str, str], ...]
-
-    def __post_init__(self) -> None:
-        dims = [dim for dim, _ in self.values]
-        if dims != sorted(set(dims)):
-            raise ValueError(
-                f"group key of {self.pipeline!r}: dimensions {dims} are not sorted and unique"
-            )
-        unknown = set(dims) - _DIMENSIONS
-        if unknown:
-            raise ValueError(
-                f"group key of {self.pipeline!r}: unknown dimension(s) {sorted(unknown)}; "
-                f"expected some of: {', '.join(sorted(_DIMENSIONS))}"
-            )
-        if GroupBy.NIGHT.value not in dims:
-            raise ValueError(f"group key of {self.pipeline!r} has no night: {self.values}")
-
-    @classmethod
-    def of(cls, pipeline: str, values: Mapping[str, str]) -> GroupKey:
-        """The key of ``pipeline`` with ``values`` (any order)."""
-        return cls(pipeline, tuple(sorted(values.items())))
-
-    def get(self, dim: str) -> str | None:
-        """The value of dimension ``dim``, or None when the key does not carry it."""
-        for name, value in self.values:
-            if name == dim:
-                return value
-        return None
-
-    @property
-    def night(self) -> str:
-        """The group's night, ISO date (empty when the primary file had none)."""
-        night = self.get(GroupBy.NIGHT.value)
-        assert night is not None  # checked in __post_init__
-        return night
-
-    def text(self) -> str:
-        """The canonical text, e.g. ``filter=R,night=2026-11-21``; :meth:`parse` reads it.
-
-        ``\\``, ``,`` and ``=`` in dimensions and values are escaped with a backslash.
-        Stable: it is stored in a unique database constraint.
-        """
-        return ",".join(f"{_escape(dim)}={_escape(value)}" for dim, value in self.values)
-
-    @classmethod
-    def parse(cls, pipeline: str, text: str) -> GroupKey:
-        """The key whose :meth:`text` is ``text``; ValueError if it is not such a text."""
-        pairs: list[tuple[str, str]] = []
-        dim: str | None = None
-        part: list[str] = []
-        chars = iter(text)
-        for char in chars:
-            if char == "\\":
-                escaped = next(chars, None)
-                if escaped is None or escaped not in _SPECIAL:
-                    raise ValueError(f"group key {text!r}: bad escape '\\{escaped or ''}'")
-                part.append(escaped)
-            elif char == "=" and dim is None:
-                dim, part = "".join(part), []
-            elif char == ",":
-                if dim is None:
-                    raise ValueError(f"group key {text!r}: {''.join(part)!r} has no '='")
-                pairs.append((dim, "".join(part)))
-                dim, part = None, []
-            elif char == "=":
-                raise ValueError(f"group key {text!r}: unescaped '=' in the value of {dim!r}")
-            else:
-                part.append(char)
-        if dim is None:
-            raise ValueError(f"group key {text!r}: {''.join(part)!r} has no '='")
-        pairs.append((dim, "".join(part)))
-        return cls(pipeline, tuple(pairs))
-
-
-def _escape(text: str) -> str:
-    return "".join(f"\\{c}" if c in _SPECIAL else c for c in text)
-
-
-def _iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
-
-
-def keyword_name(keyword: str) -> str:
-    """The name a ``where`` reads a header keyword by: lower case, ``-`` and `` `` as ``_``.
-
-    ``AIRMASS`` → ``airmass``, ``DATE-OBS`` → ``date_obs``,
-    ``HIERARCH ESO DET DIT`` → ``hierarch_eso_det_dit``.
-    """
-    return keyword.lower().replace("-", "_").replace(" ", "_")
-
-
-def file_values(record: FileRecord, filename_groups: Mapping[str, str]) -> dict[str, object]:
-    """The values a ``where`` sees for ``record``.
-
-    Its archived keywords (by :func:`keyword_name`), then its filename's named
-    regex groups (e.g. ``date``, ``frame``), then its metadata: ``product, level,
-    instrument, archive_id, original_name, night`` (ISO date), ``exptime, filter,
-    object, frame_type, program, observer, telescope, ra, dec, start, stop`` (ISO
-    UTC) and ``version``. A later source wins a name over an earlier one, so a
-    keyword or a group named ``filter`` never hides the metadata.
-    """
-    values: dict[str, object] = {keyword_name(k): v for k, v in record.keywords.items()}
-    values.update(filename_groups)
-    values.update(
-        product=record.product,
-        level=record.level,
-        instrument=record.instrument,
-        archive_id=record.archive_id,
-        original_name=record.original_name,
-        night=record.night.isoformat() if record.night else None,
-        exptime=record.exptime,
-        filter=record.filter,
-        object=record.object,
-        frame_type=record.frame_type,
-        program=record.program,
-        observer=record.observer,
-        telescope=record.telescope,
-        ra=record.ra,
-        dec=record.dec,
-        start=_iso(record.start),
-        stop=_iso(record.stop),
-        version=record.version,
-    )
-    return values
 
 
 def window_start(moment: datetime, window_seconds: float) -> datetime:
@@ -227,10 +89,11 @@ def group_key(pipeline: PipelineSpec, primary: FileRecord) -> GroupKey:
 def group_values(key: GroupKey, primary_values: Mapping[str, object]) -> dict[str, object]:
     """The ``group.*`` names a ``where`` reads: the primary file's values, then the key's.
 
-    ``primary_values`` is :func:`file_values` of the file that made the group; the
-    key's dimensions win over fields of the same name (they agree for ``night`` and
-    ``filter`` etc. anyway). Only the key's dimensions are the same for every file
-    of the group; another ``group.<field>`` is the value of the file that made it.
+    ``primary_values`` is :func:`~obsflow.processing.inputs.file_values` of the file
+    that made the group; the key's dimensions win over fields of the same name (they
+    agree for ``night`` and ``filter`` etc. anyway). Only the key's dimensions are the
+    same for every file of the group; another ``group.<field>`` is the value of the
+    file that made it.
     """
     values = {f"{GROUP}{name}": value for name, value in primary_values.items()}
     values.update({f"{GROUP}{dim}": value for dim, value in key.values})
@@ -251,12 +114,12 @@ def matches(
 ) -> bool:
     """Whether a file with ``values`` is a candidate for input ``spec`` of a group.
 
-    ``values`` is :func:`file_values` of the file, ``group`` is :func:`group_values`
-    of the group. A secondary input (``primary=False``) must be of the group's
-    night (a group without a night takes no secondary inputs); every input must
-    meet its ``where``. The product is the caller's to check. For the primary input
-    the caller picks the files whose :func:`group_key` is the group's key, which
-    already implies the night.
+    ``values`` is :func:`~obsflow.processing.inputs.file_values` of the file,
+    ``group`` is :func:`group_values` of the group. A secondary input
+    (``primary=False``) must be of the group's night (a group without a night takes no
+    secondary inputs); every input must meet its ``where``. The product is the
+    caller's to check. For the primary input the caller picks the files whose
+    :func:`group_key` is the group's key, which already implies the night.
     """
     if not primary:
         night = group.get(f"{GROUP}{GroupBy.NIGHT.value}")

@@ -9,6 +9,11 @@ as new files, which wake it again: that is the cascade L0 → L1 → L2 → L3.
 
 :func:`process_until_idle` does the same without a daemon, until nothing is left to do
 (``obsflow ingest --process``, tests).
+
+A pass that fails (the catalog unreachable, a privilege missing) is tried again at the
+next turn, forever; :attr:`TrackerLoop.health` says how the passes go (the last error,
+the failures in a row, since when), and the daemon writes it into its status file, so
+that ``obsflow status`` shows a tracker that keeps failing.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from obsflow.catalog.runs import RunStore
 from obsflow.processing.executor import Executor
@@ -24,6 +32,31 @@ from obsflow.processing.tracker import Tracker
 from obsflow.site import Site
 
 log = logging.getLogger(__name__)
+ERROR_CHARS = 500
+"""The most of an error's message that :class:`TrackerHealth` keeps."""
+
+
+@dataclass(frozen=True)
+class TrackerHealth:
+    """How the tracker's passes go, as ``obsflow status`` shows it (``daemon.tracker``)."""
+
+    ok: bool
+    """The last pass succeeded (or none has run yet)."""
+    last_error: str | None
+    """The error of the last pass that failed (kept once the passes succeed again)."""
+    failures: int
+    """Passes failed in a row (0 when ``ok``)."""
+    since: datetime
+    """When ``ok`` took its present value: the first of the failures in a row, the first
+    pass that succeeded after them, or the loop's start."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "last_error": self.last_error,
+            "failures": self.failures,
+            "since": self.since.isoformat(),
+        }
 
 
 class TrackerLoop:
@@ -34,6 +67,8 @@ class TrackerLoop:
         self.runs = RunStore(site.catalog)
         self.poll_seconds = poll_seconds
         self._last_recovery = 0.0
+        self.health = TrackerHealth(ok=True, last_error=None, failures=0, since=site.clock())
+        """Replaced (never changed) after each pass of :meth:`run`: read it from any thread."""
 
     def recover(self) -> None:
         """Runs whose executor died go back to the queue (or fail); hand over the queue."""
@@ -64,15 +99,41 @@ class TrackerLoop:
         return len(started)
 
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
-        """Until ``stop``: a pass each time ``wake`` is set, or every ``poll_seconds``."""
-        self.recover()
+        """Until ``stop``: a pass each time ``wake`` is set, or every ``poll_seconds``
+        (the first one after :meth:`recover`). A pass that fails is tried again at the
+        next turn; :attr:`health` says how they go."""
+        recovered = False
         while not stop.is_set():
             try:
+                if not recovered:
+                    self.recover()
+                    recovered = True
                 self.once()
-            except Exception:  # the catalog briefly unreachable: never let the loop die
+            except Exception as exc:  # the catalog briefly unreachable: never let the loop die
                 log.exception("tracker pass failed; trying again")
+                self._failed(exc)
+            else:
+                self._passed()
             if wake.wait(self.poll_seconds):
                 wake.clear()
+
+    def _failed(self, exc: Exception) -> None:
+        before = self.health
+        message = f"{type(exc).__name__}: {(str(exc).strip() or '-').splitlines()[0]}"
+        self.health = TrackerHealth(
+            ok=False,
+            last_error=message[:ERROR_CHARS],
+            failures=before.failures + 1,
+            since=self.site.clock() if before.ok else before.since,
+        )
+
+    def _passed(self) -> None:
+        before = self.health
+        if not before.ok:
+            log.warning("tracker passes succeed again, after %d failure(s)", before.failures)
+            self.health = TrackerHealth(
+                ok=True, last_error=before.last_error, failures=0, since=self.site.clock()
+            )
 
 
 def process_until_idle(

@@ -1,0 +1,160 @@
+"""The commands that look files up in the catalog: ``find`` and ``show``."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from obsflow.catalog.records import FileQuery, FileRecord
+from obsflow.catalog.runs import RunStore
+from obsflow.cli import JsonOption, SiteOption, _site, _time, app, err, out
+from obsflow.site import Site
+from obsflow.states import FileState
+
+
+@app.command()
+def find(
+    product: Annotated[str | None, typer.Option(help="Product ID.")] = None,
+    instrument: Annotated[str | None, typer.Option(help="Instrument name.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Overlapping this time or later (ISO, UTC).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Overlapping this time or earlier (ISO, UTC).")
+    ] = None,
+    night: Annotated[str | None, typer.Option(help="Observing night, YYYY-MM-DD.")] = None,
+    tag: Annotated[str | None, typer.Option(help="A tag.")] = None,
+    object_: Annotated[str | None, typer.Option("--object", help="OBJECT name.")] = None,
+    state: Annotated[FileState | None, typer.Option(help="File state.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many.")] = None,
+    as_json: JsonOption = False,
+    site: SiteOption = None,
+) -> None:
+    """Find files in the catalog."""
+    try:
+        night_date = date.fromisoformat(night) if night else None
+    except ValueError:
+        raise typer.BadParameter(f"{night!r} is not YYYY-MM-DD", param_hint="--night") from None
+    query = FileQuery(
+        product=product,
+        instrument=instrument,
+        since=_time(since, "--since"),
+        until=_time(until, "--until"),
+        night=night_date,
+        tag=tag,
+        object=object_,
+        state=state,
+        limit=limit,
+    )
+    with _site(site) as s:
+        records = s.catalog.find(query)
+        if as_json:
+            print(json.dumps([_file_json(s, r) for r in records], indent=1))
+            return
+        table = Table(title=f"{len(records)} file(s)")
+        for column in (
+            "archive ID",
+            "product",
+            "state",
+            "start (UTC)",
+            "object",
+            "type",
+            "filter",
+            "original name",
+        ):
+            table.add_column(column)
+        for r in records:
+            table.add_row(
+                r.archive_id or "-",
+                r.product or "-",
+                r.state.value,
+                r.start.strftime("%Y-%m-%d %H:%M:%S") if r.start else "-",
+                r.object or "",
+                r.frame_type or "",
+                r.filter or "",
+                r.original_name,
+            )
+        out.print(table)
+
+
+def _file_json(s: Site, record: FileRecord) -> dict[str, Any]:
+    data = record.to_json()
+    key = record.archive_path
+    data["archive_path"] = s.storage.describe(key) if key else None
+    data["cache_path"] = str(s.cache.path(record.cache_path)) if record.cache_path else None
+    if record.quarantine_path:
+        data["quarantine_path"] = str(s.settings.quarantine / record.quarantine_path)
+    return data
+
+
+@app.command()
+def show(
+    archive_id: Annotated[str, typer.Argument(help="Archive ID (or original file name).")],
+    as_json: JsonOption = False,
+    site: SiteOption = None,
+) -> None:
+    """Show one file: metadata, tags, keywords, ledger and ingest request."""
+    with _site(site) as s:
+        record = s.catalog.get(archive_id)
+        if record is None:
+            versions = s.catalog.find(FileQuery(original_name=archive_id))
+            record = versions[-1] if versions else None
+        if record is None:
+            err.print(f"[red]no file[/] with archive ID or name {archive_id!r}")
+            raise typer.Exit(1)
+        ledger = s.catalog.ledger(record.id)
+        requests = s.queue.requests_for([record.id])
+        data = _file_json(s, record)
+        data["ledger"] = [{"event": e.event.value, "at": e.at.isoformat()} for e in ledger]
+        run = RunStore(s.catalog).get(record.made_by_run) if record.made_by_run else None
+        if run is not None:  # provenance: which run made it, from which inputs
+            ids = [i for group in run.inputs.values() for i in group]
+            names = {r.id: r.archive_id or r.original_name for r in s.catalog.records(ids)}
+            data["made_by"] = {
+                "run_id": run.id,
+                "pipeline": run.pipeline,
+                "version": run.version,
+                "inputs": {k: [names.get(i, str(i)) for i in v] for k, v in run.inputs.items()},
+            }
+        data["ingest"] = (
+            {
+                "state": requests[0].state.value,
+                "attempts": requests[0].attempts,
+                "last_error": requests[0].last_error,
+            }
+            if requests
+            else None
+        )
+        if as_json:
+            print(json.dumps(data, indent=1))
+            return
+        table = Table(title=record.archive_id or record.original_name, show_header=False)
+        for key, value in data.items():
+            if key in ("ledger", "keywords", "ingest", "made_by"):
+                continue
+            table.add_row(key, "" if value is None else str(value))
+        for key, value in record.keywords.items():
+            table.add_row(f"keyword {key}", str(value))
+        if data["ingest"]:
+            table.add_row("ingest", json.dumps(data["ingest"]))
+        if "made_by" in data:
+            made = data["made_by"]
+            table.add_row(
+                "made by", f"run {made['run_id']} ({made['pipeline']} v{made['version']})"
+            )
+            for name, inputs in made["inputs"].items():
+                table.add_row(f"  from {name}", ", ".join(inputs))
+        out.print(table)
+        first = ledger[0].at if ledger else None
+        ledger_table = Table(title="ledger")
+        ledger_table.add_column("event")
+        ledger_table.add_column("at (UTC)")
+        ledger_table.add_column("since first", justify="right")
+        for entry in ledger:
+            since = (entry.at - first).total_seconds() if first else 0.0
+            ledger_table.add_row(entry.event.value, entry.at.isoformat(), f"{since:.3f} s")
+        out.print(ledger_table)

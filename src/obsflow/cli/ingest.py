@@ -1,0 +1,94 @@
+"""The ingest commands: ``ingest`` files by hand, and ``retry`` the failed requests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from obsflow.cli import SiteOption, _site, app, err, out
+from obsflow.receipt.receiver import Outcome
+from obsflow.site import IngestSummary, Site, ingest_paths
+
+
+def _expand(paths: list[Path], recursive: bool) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.iterdir()
+            yield from sorted(p for p in found if p.is_file() and not p.name.startswith("."))
+        else:
+            yield path
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories to ingest.")],
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Descend into directories.")
+    ] = False,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Return once files are cached and queued.")
+    ] = False,
+    site: SiteOption = None,
+) -> None:
+    """Receive files into the cache and (unless --no-wait) archive them."""
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise typer.BadParameter(
+            "no such file or directory: " + ", ".join(map(str, missing)), param_hint="PATHS"
+        )
+    with _site(site) as s:
+        summary = _ingest(s, list(_expand(paths, recursive)), wait=not no_wait)
+        out.print(f"site: {s.settings.site}")
+        failed = summary.of(Outcome.REJECTED) + summary.of(Outcome.ERROR)
+        if failed or (summary.ingest.errors and not no_wait):
+            raise typer.Exit(1)
+
+
+def _ingest(s: Site, files: list[Path], *, wait: bool) -> IngestSummary:
+    """Ingest with a progress bar; print the summary table and every problem."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("receiving", total=len(files))
+        summary = ingest_paths(s, files, wait=wait, on_received=lambda r: progress.advance(task))
+    table = Table(title="obsflow ingest", show_header=False)
+    table.add_row("received", str(len(summary.received)))
+    table.add_row("new, cached", str(len(summary.of(Outcome.CACHED))))
+    if wait:
+        table.add_row("archived", str(len(summary.ingest.archived)))
+    table.add_row("duplicate", str(len(summary.of(Outcome.DUPLICATE))))
+    table.add_row("rejected", str(len(summary.of(Outcome.REJECTED))))
+    table.add_row("ignored (no product)", str(len(summary.of(Outcome.IGNORED))))
+    table.add_row("vanished or still changing", str(len(summary.of(Outcome.VANISHED))))
+    if summary.of(Outcome.ERROR):
+        table.add_row("not received (site error)", str(len(summary.of(Outcome.ERROR))))
+    out.print(table)
+    for r in summary.of(Outcome.REJECTED):
+        err.print(f"[red]rejected[/] {r.path}: {r.reason}", highlight=False)
+    for r in summary.of(Outcome.VANISHED):
+        err.print(f"[yellow]not received[/] {r.path}: {r.reason}", highlight=False)
+    for r in summary.of(Outcome.ERROR):
+        err.print(f"[red]not received[/] {r.path}: {r.reason}", highlight=False)
+    for archive_id, error in dict(summary.ingest.errors).items():
+        err.print(
+            f"[red]not archived yet[/] {archive_id}: {error} (it stays cached and queued)",
+            highlight=False,
+        )
+    return summary
+
+
+@app.command()
+def retry(site: SiteOption = None) -> None:
+    """Put every failed ingest request back in the queue (after fixing the cause)."""
+    with _site(site) as s:
+        n = s.ingestor().retry_failed()
+        out.print(f"{n} failed request(s) queued again; run 'obsflow ingest' or the daemon")
