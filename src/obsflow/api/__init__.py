@@ -14,7 +14,7 @@ RFC 9457 problem details, :mod:`~obsflow.api.auth` says who is asking.
 ``GET /api/v1/runs``                       pipeline runs (filters, cursor pages)
 ``GET /api/v1/runs/{n}``                   one run, with its steps and log
 ``POST /api/v1/runs/{n}/retry``            queue a failed run again (write scope)
-``GET /api/v1/status``                     counts, queue depth, latency, stuck files
+``GET /api/v1/status``                     site snapshot: counts, depth, runs, cache, latency, stuck
 ``GET /healthz``                           alive, and the catalog answers
 ``GET /metrics``                           Prometheus
 ``GET /api/v1/openapi.json``               this API, described

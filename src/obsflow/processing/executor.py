@@ -401,7 +401,7 @@ def _name_parts(parameters: dict[str, ParameterValue]) -> dict[str, ParameterVal
 
 def _local_path(site: Site, run: RunRecord, record: FileRecord) -> Path:
     """Where an input's bytes are: the cache, or restored there from the archive (the one
-    retrieval path, :meth:`obsflow.retrieval.Retriever.fetch`); pinned by the run."""
+    retrieval path, :meth:`obsflow.archive.fetch.Fetcher.fetch`); pinned by the run."""
     if record.archive_id is None:
         raise RunError(f"run {run.id}: input {record.original_name} has no archive ID")
     try:
