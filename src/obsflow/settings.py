@@ -7,11 +7,12 @@ calls :func:`load_settings` and passes the result down.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy.engine import make_url
 
 from obsflow.errors import Problem, SettingsError, SiteError
@@ -80,8 +81,18 @@ class Daemon(_Section):
 
 
 class Processing(_Section):
-    executor: Literal["local", "inline"] = "local"
-    """``local``: runs execute on a pool of workers; ``inline``: one at a time, in line."""
+    executor: Literal["local", "inline", "celery"] = "local"
+    """``local``: runs execute on a pool of worker processes of the daemon; ``inline``: one
+    at a time, in line; ``celery``: on Celery workers (``obsflow worker``) through
+    ``broker``."""
+    broker: str | None = Field(default=None, pattern=r"^(redis|rediss|amqp|amqps|pyamqp)://\S*$")
+    """The Celery broker's URL for ``executor: celery`` (``redis://HOST:6379/0`` or
+    ``amqp://USER:PASSWORD@HOST:5672//``); ``$OBSFLOW_BROKER`` overrides it."""
+    queue: str = Field(default="obsflow", pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+    """The Celery queue of runs whose pipeline and profile name none."""
+    dispatch_seconds: float = Field(default=3600.0, gt=0)
+    """A run handed to the broker this long ago and still queued is handed to it again
+    (a broker that lost it); the claim makes a second delivery harmless."""
     parallel_steps: int = Field(default=2, ge=1, le=64)
     """Independent steps of one run executed at once."""
     max_attempts: int = Field(default=3, ge=1)
@@ -89,6 +100,20 @@ class Processing(_Section):
     lease_seconds: float = Field(default=60.0, gt=0)
     keep_work: bool = False
     """Keep a successful run's work directory (a failed run's is always kept)."""
+
+
+class Containers(_Section):
+    """Where container steps (a step with ``image:``) run: a Docker Engine API."""
+
+    host: str | None = None
+    """The API's URL (``unix:///run/podman/podman.sock``, ``tcp://HOST:2375``);
+    ``$OBSFLOW_CONTAINER_HOST`` overrides it; None: ``$DOCKER_HOST``, else the standard
+    sockets (Docker's, then Podman's)."""
+    user: str | None = Field(default=None, pattern=r"^[0-9]+(:[0-9]+)?$")
+    """``UID[:GID]`` steps run as; None: the user obsflow runs as, or ``nobody``
+    (65534) when that is root."""
+    stop_seconds: float = Field(default=5.0, ge=0)
+    """After a timeout, seconds between SIGTERM and SIGKILL to the container."""
 
 
 class CachePolicy(_Section):
@@ -156,6 +181,7 @@ class _SettingsFile(_Section):
     ingest: Ingest = Ingest()
     daemon: Daemon = Daemon()
     processing: Processing = Processing()
+    containers: Containers = Containers()
     cache_policy: CachePolicy = CachePolicy()
     api: Api = Api()
     transfer: Transfer = Transfer()
@@ -183,6 +209,7 @@ class Settings(_Section):
     work: Path
     logs: Path
     processing: Processing
+    containers: Containers
     cache_policy: CachePolicy
     api: Api
     transfer: Transfer
@@ -226,6 +253,7 @@ def from_file(site: Path, parsed: _SettingsFile) -> Settings:
         work=site / paths.work,
         logs=site / paths.logs,
         processing=parsed.processing,
+        containers=parsed.containers,
         cache_policy=parsed.cache_policy,
         api=parsed.api,
         transfer=parsed.transfer,
@@ -245,3 +273,29 @@ def _resolve_sqlite(url: str, site: Path) -> str:
     if parsed.get_backend_name() == "sqlite" and relative:
         return parsed.set(database=str(site / database)).render_as_string(hide_password=False)
     return url
+
+
+ENVIRONMENT: Final = {
+    "OBSFLOW_BROKER": "processing.broker",
+    "OBSFLOW_CONTAINER_HOST": "containers.host",
+}
+"""The environment variables that override a setting (the CLI applies them, once)."""
+
+
+def with_environment(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """``settings`` with the overrides of :data:`ENVIRONMENT` that ``environ`` sets (an
+    empty value sets nothing); the CLI calls it with ``os.environ``, nothing else does."""
+    broker = environ.get("OBSFLOW_BROKER") or None
+    host = environ.get("OBSFLOW_CONTAINER_HOST") or None
+    if broker is not None:
+        try:
+            processing = Processing.model_validate(
+                {**settings.processing.model_dump(), "broker": broker}
+            )
+        except ValidationError as exc:
+            raise SiteError(f"$OBSFLOW_BROKER: {exc.errors()[0]['msg']}: {broker!r}") from None
+        settings = settings.model_copy(update={"processing": processing})
+    if host is not None:
+        containers = settings.containers.model_copy(update={"host": host})
+        settings = settings.model_copy(update={"containers": containers})
+    return settings

@@ -12,6 +12,7 @@ and :mod:`~obsflow.cli.tokens`."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from typer.models import CommandInfo
 from obsflow import __version__
 from obsflow.errors import ConfigError, ObsflowError, SiteError
 from obsflow.receipt.metadata import parse_time
-from obsflow.settings import Settings, load_settings
+from obsflow.settings import Settings, load_settings, with_environment
 from obsflow.site import Site, open_site
 
 app = typer.Typer(
@@ -58,7 +59,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 
 def _settings(site: Path | None) -> Settings:
-    return load_settings(site or Path.cwd())
+    return with_environment(load_settings(site or Path.cwd()), os.environ)
 
 
 @app.callback()

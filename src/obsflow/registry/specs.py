@@ -293,18 +293,36 @@ class PipelineSpec(Spec):
     outputs: tuple[OutputSpec, ...] = ()
     on_new_input: OnNewInput = OnNewInput.IGNORE
     parameters: dict[str, str | int | float | bool] = {}
+    queue: Identifier | None = None
+    """The executor's queue for this pipeline's runs (Celery: workers started with
+    ``--queues`` naming it, e.g. ``gpu``); None: the profile's, else ``processing.queue``."""
     source: Source | None = None
 
 
 # ------------------------------------------------------------------- profile
+
+ImageName = Annotated[
+    str, Field(pattern=r"^[a-z0-9][a-z0-9._/:@-]{0,254}$", description="a container image")
+]
+MemorySize = Annotated[
+    str, Field(pattern=r"^[1-9][0-9]*[bkmg]?$", description="bytes, or a number with k, m, g")
+]
 
 
 class StepSpec(Spec):
     name: Identifier
     command: tuple[str, ...] = Field(min_length=1)
     """argv; ``{parameter}`` placeholders are filled by the builder."""
-    image: str | None = None
-    """A container image to run ``command`` in (a later release runs containers)."""
+    image: ImageName | None = None
+    """A container image to run ``command`` in, through the Docker Engine API
+    (``containers.host``); the inputs are mounted read-only, the work directory
+    read-write."""
+    network: bool = False
+    """A container step reaches the network only if this is true."""
+    cpus: float | None = Field(default=None, gt=0, le=1024)
+    """A container step's CPU limit (1.5: one and a half CPUs); None: no limit."""
+    memory: MemorySize | None = None
+    """A container step's memory limit (``512m``, ``2g``); None: no limit."""
     needs: tuple[Identifier, ...] = ()
     when: str | None = None
     timeout: float = Field(default=3600, gt=0)
@@ -319,6 +337,8 @@ class ProfileSpec(Spec):
     id: Identifier
     description: str = ""
     steps: tuple[StepSpec, ...] = Field(min_length=1)
+    queue: Identifier | None = None
+    """The executor's queue for runs of this profile, unless their pipeline names one."""
     source: Source | None = None
 
 
