@@ -10,9 +10,14 @@ import pytest
 from sqlalchemy import inspect
 
 from obsflow.catalog import Catalog, FileOrder, FileQuery, KeywordIs, NewFile
+from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.queue import IngestQueue
+from obsflow.catalog.runs import NewRun, RunStore
+from obsflow.catalog.tags import Tags
+from obsflow.catalog.tracking import TrackerGroups
+from obsflow.errors import NotFoundError
 from obsflow.site import Site, ingest_paths
-from obsflow.states import FileState, LedgerEvent, RequestState
+from obsflow.states import FileState, LedgerEvent, RequestState, RunState
 
 T0 = datetime(2026, 11, 22, 5, 0, tzinfo=UTC)
 
@@ -210,6 +215,67 @@ def test_same_bytes_are_a_duplicate_and_a_taken_archive_id_is_bumped(catalog: Ca
     )
     assert not second.duplicate
     assert second.archive_id == "OF.ofc_20261122_0001.fits.01"
+
+
+def test_a_live_files_row_id_by_its_archive_id(catalog: Catalog) -> None:
+    archive_id = _record(catalog, _new(1))
+    record = catalog.get(archive_id)
+    assert record is not None and catalog.file_id(archive_id) == record.id
+    assert catalog.file_id("no-such-id") is None
+    # tags and pins name files by archive ID through this one lookup
+    assert Tags(catalog).add(archive_id, "checked")
+    with pytest.raises(NotFoundError, match="no-such-id"):
+        Tags(catalog).add("no-such-id", "checked")
+
+
+def test_a_page_of_runs_after_a_cursor_narrowed_by_state_pipeline_and_night(
+    catalog: Catalog,
+) -> None:
+    store = RunStore(catalog)
+    files = [catalog.get(_record(catalog, _new(n))) for n in range(5)]
+    ids = []
+    for n, file in enumerate(files):
+        assert file is not None
+        night = date(2026, 11, 21 + n % 2)
+        pipeline = "bias" if n < 4 else "flat"
+        key = GroupKey.of(pipeline, {"night": night.isoformat(), "file": str(n)})
+        new = NewRun(pipeline, key, night, {"raw": (file.id,)}, "inputs ready")
+        run_id = store.create(new, T0)
+        assert run_id is not None
+        ids.append(run_id)
+    assert store.page(0, 2) == ids[:2]
+    assert store.page(ids[1], 2) == ids[2:4]  # after the cursor: nothing repeated or skipped
+    assert store.page(ids[-1], 2) == []
+    assert store.page(0, 10, pipeline="flat") == [ids[4]]
+    assert store.page(0, 10, night=date(2026, 11, 22)) == [ids[1], ids[3]]
+    assert store.page(0, 10, state=RunState.QUEUED, pipeline="bias") == ids[:4]
+    assert store.page(0, 10, state=RunState.RUNNING) == []
+
+
+def test_a_groups_deadline_is_cleared_only_if_nobody_set_another(catalog: Catalog) -> None:
+    groups = TrackerGroups(catalog)
+    first = catalog.get(_record(catalog, _new(1)))
+    second = catalog.get(_record(catalog, _new(2)))
+    assert first is not None and second is not None
+    night = date(2026, 11, 21)
+    key = GroupKey.of("bias", {"night": night.isoformat()})
+    groups.open(key, night, first.id, T0)
+    groups.open(key, night, second.id, T0)  # known already: the file that made it stays
+    assert groups.primary(key) == first
+    assert groups.of_night("bias", night) == [(key, first)]
+    assert groups.of_pipeline("bias", date(2026, 11, 22)) == []
+    assert groups.next_deadline() is None
+
+    groups.set_due(key, T0 + timedelta(minutes=5), T0)
+    assert groups.due(T0) == []
+    [due] = groups.due(T0 + timedelta(minutes=5))
+    assert due.key == key and groups.next_deadline() == T0 + timedelta(minutes=5)
+    groups.set_due(key, T0 + timedelta(hours=1), T0)  # its evaluation waits longer
+    groups.clear_due(due, T0)
+    assert groups.next_deadline() == T0 + timedelta(hours=1)  # the later deadline holds
+    groups.clear_due(groups.due(T0 + timedelta(hours=1))[0], T0)
+    assert groups.next_deadline() is None
+    assert groups.cached_at([first.id, second.id, 424242]) == {first.id: T0, second.id: T0}
 
 
 def test_sqlite_catalog_is_in_wal_mode(tmp_path: Path) -> None:

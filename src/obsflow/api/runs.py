@@ -18,7 +18,6 @@ from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import ColumnElement, and_, select, true
 
 from obsflow.access import Principal, Scope, may_read_data
 from obsflow.api import pages
@@ -26,7 +25,6 @@ from obsflow.api.auth import Caller, Writer, denied
 from obsflow.api.params import NAME, Day, RowId
 from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
-from obsflow.catalog import schema
 from obsflow.catalog.records import FileRecord
 from obsflow.catalog.runs import RunRecord
 from obsflow.states import RunState, StepState
@@ -121,17 +119,8 @@ def list_runs(
 ) -> Response:
     """Runs in the order they were created, a page at a time."""
     size = pages.page_size(limit, svc.page_limit)
-    runs = schema.runs
-    where: list[ColumnElement[bool]] = [runs.c.id > pages.after(cursor)]
-    if state is not None:
-        where.append(runs.c.state == state.value)
-    if pipeline is not None:
-        where.append(runs.c.pipeline == pipeline)
-    if night is not None:
-        where.append(runs.c.night == night)
-    stmt = select(runs.c.id).where(and_(true(), *where)).order_by(runs.c.id).limit(size + 1)
-    with svc.site.catalog.read() as conn:
-        ids = list(conn.execute(stmt).scalars())
+    after = pages.after(cursor)
+    ids = svc.runs.page(after, size + 1, state=state, pipeline=pipeline, night=night)
     shown, cursor_next = pages.next_cursor(ids, size)
     found = svc.runs.find(run_ids=shown) if shown else []
     views = _views(svc, who, found)

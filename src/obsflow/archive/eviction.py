@@ -40,7 +40,7 @@ from typing import Any, Final
 
 from obsflow.archive.cache import Cache
 from obsflow.catalog import Catalog
-from obsflow.catalog.cachestate import CacheState, Candidate
+from obsflow.catalog.cachestate import CacheFigures, CacheState, Candidate
 from obsflow.settings import CachePolicy
 from obsflow.states import FileState
 
@@ -51,18 +51,12 @@ WALK_CHUNK: Final = 500
 
 
 @dataclass(frozen=True)
-class CacheStatus:
-    """The cache at one moment, from the catalog (files not virtual are in the cache)."""
+class CacheStatus(CacheFigures):
+    """The cache's figures at one moment (:class:`~obsflow.catalog.cachestate.CacheFigures`,
+    the same the site's status shows), against the site's budget."""
 
-    files: int
-    bytes: int
-    virtual: int
-    pinned: int
-    """Files with at least one pin."""
     budget: int | None
     low_water: int | None
-    unarchived_bytes: int
-    """Bytes of cached files not archived yet: they cannot be evicted."""
 
     @property
     def over_budget(self) -> bool:
@@ -70,13 +64,9 @@ class CacheStatus:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "files": self.files,
-            "bytes": self.bytes,
-            "virtual": self.virtual,
-            "pinned": self.pinned,
+            **super().to_json(),
             "budget": self.budget,
             "low_water": self.low_water,
-            "unarchived_bytes": self.unarchived_bytes,
             "over_budget": self.over_budget,
         }
 
@@ -123,15 +113,10 @@ class Evictor:
         return budget is not None and self.cached_bytes() > budget
 
     def status(self) -> CacheStatus:
-        figures = self.state.figures()
         return CacheStatus(
-            files=figures.files,
-            bytes=figures.bytes,
-            virtual=figures.virtual,
-            pinned=figures.pinned,
+            **asdict(self.state.figures()),
             budget=self.policy.budget_bytes,
             low_water=self.policy.low_water,
-            unarchived_bytes=figures.unarchived_bytes,
         )
 
     # ------------------------------------------------------------ trim and expire

@@ -44,7 +44,7 @@ class Pins:
         return self.state.unpin_holder(holder)
 
     def _file_id(self, archive_id: str) -> int:
-        found = self.state.live_file_id(archive_id)
+        found = self.state.catalog.file_id(archive_id)
         if found is None:
             raise NotFoundError(archive_id)
         return found

@@ -52,7 +52,7 @@ from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 """The newest migration; a test checks it is Alembic's head."""
 MIGRATION_WAIT_SECONDS = 120.0
 """How long opening a catalog waits for another process's migration of it."""
@@ -448,6 +448,15 @@ class Catalog:
     def get(self, archive_id: str) -> FileRecord | None:
         found = self.find(FileQuery(archive_id=archive_id))
         return found[0] if found else None
+
+    def file_id(self, archive_id: str) -> int | None:
+        """The row ID of the live file with this archive ID (None: no such file, or only
+        a refused one): the one lookup behind tagging or pinning a file by its archive ID."""
+        files = schema.files
+        stmt = select(files.c.id).where(files.c.archive_id == archive_id, schema.is_live())
+        with self.read() as conn:
+            found = conn.execute(stmt).scalar()
+        return None if found is None else int(found)
 
     def get_by_id(self, file_id: int) -> FileRecord | None:
         with self.read() as conn:

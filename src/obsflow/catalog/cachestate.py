@@ -221,14 +221,6 @@ class CacheState:
         m = found._mapping
         return Resident(**{**m, "state": FileState(m["state"]), "virtual": bool(m["virtual"])})
 
-    def live_file_id(self, archive_id: str) -> int | None:
-        """The row ID of the live file with this archive ID (None: no such file)."""
-        with self.catalog.read() as conn:
-            found = conn.execute(
-                select(files.c.id).where(files.c.archive_id == archive_id, schema.is_live())
-            ).scalar()
-        return None if found is None else int(found)
-
     def touch(self, file_id: int, now: datetime) -> bool:
         """Record that the file was read ``now``; False if it is virtual (evicted)."""
         stmt = (

@@ -1,5 +1,6 @@
-"""Pipeline runs in the catalog: created once per (pipeline, group, input set), leased
-by an executor, their steps recorded, finished; and the tracker's groups and cursor.
+"""Pipeline runs in the catalog: created once per (pipeline, group, input set), handed
+to an executor once, leased by a worker, their steps recorded, finished (the tracker's
+groups are :mod:`obsflow.catalog.tracking`).
 
 Every state change goes through :class:`RunStore`, which checks it against
 :class:`~obsflow.states.RunState`'s moves with a compare-and-set ``UPDATE ... WHERE
@@ -26,6 +27,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     update,
 )
@@ -182,6 +184,37 @@ class StepRow:
             "reason": self.reason,
         }
 
+    def to_json(self) -> dict[str, Any]:
+        """As a worker reports it over HTTP (:meth:`from_json` reads it back)."""
+        return {
+            "step": self.step,
+            **self.values(),
+            "argv": list(self.argv),
+            "started_at": _iso(self.started),
+            "finished_at": _iso(self.finished),
+            "new": self.new,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StepRow:
+        def moment(value: Any) -> datetime | None:
+            return None if value is None else datetime.fromisoformat(str(value))
+
+        return cls(
+            step=str(data["step"]),
+            position=int(data["position"]),
+            state=StepState(data["state"]),
+            attempts=int(data["attempts"]),
+            argv=tuple(str(a) for a in data["argv"]),
+            started=moment(data.get("started_at")),
+            finished=moment(data.get("finished_at")),
+            exit_status=None if data.get("exit_status") is None else int(data["exit_status"]),
+            stdout_tail=data.get("stdout_tail"),
+            stderr_tail=data.get("stderr_tail"),
+            reason=data.get("reason"),
+            new=bool(data.get("new", True)),
+        )
+
 
 @dataclass(frozen=True)
 class StepRecord:
@@ -330,14 +363,13 @@ class RunStore:
                 conn.execute(_FORGET_STEPS, {"b_id": run_id})
             return _records(conn, [row])[0]
 
-    def renew(
-        self, run_ids: Sequence[int], owner: str, now: datetime, lease_seconds: float
-    ) -> None:
-        """Extend the leases ``owner`` holds on running runs (its heartbeat)."""
+    def renew(self, run_ids: Sequence[int], owner: str, now: datetime, lease_seconds: float) -> int:
+        """Extend the leases ``owner`` holds on running runs (its heartbeat); returns how
+        many it extended (fewer than asked: a lease was lost, its run taken over)."""
         if not run_ids:
-            return
+            return 0
         with self.catalog.write() as conn:
-            conn.execute(
+            return conn.execute(
                 update(runs)
                 .where(
                     runs.c.id.in_(list(run_ids)),
@@ -345,7 +377,7 @@ class RunStore:
                     runs.c.state == RunState.RUNNING.value,
                 )
                 .values(lease_expires=now + timedelta(seconds=lease_seconds))
-            )
+            ).rowcount
 
     def record_steps(
         self,
@@ -424,6 +456,7 @@ class RunStore:
                     lease_owner=None,
                     lease_expires=None,
                     attempts=runs.c.attempts - 1,
+                    dispatched_at=None,
                 )
             ).rowcount
             if moved:  # its next attempt starts with no steps
@@ -442,7 +475,12 @@ class RunStore:
                 conn.execute(
                     update(runs)
                     .where(runs.c.id.in_(again), expired)
-                    .values(state=RunState.QUEUED.value, lease_owner=None, lease_expires=None)
+                    .values(
+                        state=RunState.QUEUED.value,
+                        lease_owner=None,
+                        lease_expires=None,
+                        dispatched_at=None,  # to be handed to an executor again, once
+                    )
                 )
             if given_up:
                 conn.execute(
@@ -464,11 +502,72 @@ class RunStore:
             moved = conn.execute(
                 update(runs)
                 .where(runs.c.id == run_id, runs.c.state == RunState.FAILED.value)
-                .values(state=RunState.QUEUED.value, attempts=0, error=None, finished_at=None)
+                .values(
+                    state=RunState.QUEUED.value,
+                    attempts=0,
+                    error=None,
+                    finished_at=None,
+                    dispatched_at=None,
+                )
             ).rowcount
             if moved:  # its next attempt starts with no steps
                 conn.execute(_FORGET_STEPS, {"b_id": run_id})
         return bool(moved)
+
+    # ------------------------------------------------------------- dispatching
+
+    def to_dispatch(self, stale_before: datetime, limit: int = 1000) -> list[tuple[int, str]]:
+        """Queued runs to hand to the executor, oldest first, as (run ID, pipeline): those
+        never handed over since they were last queued, and those handed over before
+        ``stale_before`` that are still queued (a broker that lost them)."""
+        query = (
+            select(runs.c.id, runs.c.pipeline)
+            .where(
+                runs.c.state == RunState.QUEUED.value,
+                or_(runs.c.dispatched_at.is_(None), runs.c.dispatched_at < stale_before),
+            )
+            .order_by(runs.c.id)
+            .limit(limit)
+        )
+        with self.catalog.read() as conn:
+            return [(int(r.id), str(r.pipeline)) for r in conn.execute(query)]
+
+    def dispatched(self, run_ids: Sequence[int], now: datetime) -> None:
+        """Record that these queued runs were handed to the executor (after the handing:
+        a crash in between hands them over twice, which the claim makes harmless)."""
+        if not run_ids:
+            return
+        with self.catalog.write() as conn:
+            conn.execute(
+                update(runs)
+                .where(runs.c.id.in_(list(run_ids)), runs.c.state == RunState.QUEUED.value)
+                .values(dispatched_at=now)
+            )
+
+    def forget_dispatch(self) -> int:
+        """Forget every queued run's handing-over: an executor that keeps its queue in
+        memory (the daemon's own pool) lost it when its daemon stopped. Returns how many."""
+        with self.catalog.write() as conn:
+            return int(
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.state == RunState.QUEUED.value, runs.c.dispatched_at.is_not(None))
+                    .values(dispatched_at=None)
+                ).rowcount
+            )
+
+    def holds(self, run_id: int, owner: str, now: datetime) -> bool:
+        """``owner`` holds a live lease on running run ``run_id``."""
+        with self.catalog.read() as conn:
+            found = conn.execute(
+                select(runs.c.id).where(
+                    runs.c.id == run_id,
+                    runs.c.state == RunState.RUNNING.value,
+                    runs.c.lease_owner == owner,
+                    runs.c.lease_expires >= now,
+                )
+            ).first()
+        return found is not None
 
     # ------------------------------------------------------------- reading
 
@@ -491,19 +590,29 @@ class RunStore:
         limit: int | None = None,
     ) -> list[RunRecord]:
         """Runs, oldest first, narrowed by every argument given."""
-        query = select(runs).order_by(runs.c.id)
-        if state is not None:
-            query = query.where(runs.c.state == state.value)
-        if pipeline is not None:
-            query = query.where(runs.c.pipeline == pipeline)
-        if night is not None:
-            query = query.where(runs.c.night == night)
+        query = _narrowed(select(runs).order_by(runs.c.id), state, pipeline, night)
         if run_ids is not None:
             query = query.where(runs.c.id.in_(list(run_ids)))
         if limit is not None:
             query = query.limit(limit)
         with self.catalog.read() as conn:
             return _read(conn, query)
+
+    def page(
+        self,
+        after: int,
+        limit: int,
+        *,
+        state: RunState | None = None,
+        pipeline: str | None = None,
+        night: date | None = None,
+    ) -> list[int]:
+        """The IDs of up to ``limit`` runs whose ID is over ``after``, in ID order, narrowed
+        by every argument given: one page of a listing whose cursor is the last ID shown
+        (``GET /api/v1/runs``), which reads the runs themselves with :meth:`find`."""
+        query = _narrowed(select(runs.c.id).where(runs.c.id > after), state, pipeline, night)
+        with self.catalog.read() as conn:
+            return list(conn.execute(query.order_by(runs.c.id).limit(limit)).scalars())
 
     def steps(self, run_id: int) -> list[StepRecord]:
         with self.catalog.read() as conn:
@@ -533,11 +642,6 @@ class RunStore:
             query = select(files.c.id).where(files.c.made_by_run == run_id).order_by(files.c.id)
             return list(conn.execute(query).scalars())
 
-    def counts(self) -> dict[RunState, int]:
-        with self.catalog.read() as conn:
-            rows = conn.execute(select(runs.c.state, func.count()).group_by(runs.c.state)).all()
-        return {RunState(state): n for state, n in rows}
-
     def latest_for_group(self, key: GroupKey) -> RunRecord | None:
         """The group's newest run (any request), if any."""
         with self.catalog.read() as conn:
@@ -548,6 +652,20 @@ class RunStore:
                 .limit(1)
             ).scalar()
         return None if run_id is None else self.get(int(run_id))
+
+
+def _narrowed(
+    query: Select[Any], state: RunState | None, pipeline: str | None, night: date | None
+) -> Select[Any]:
+    """``query`` narrowed to the runs in ``state``, of ``pipeline``, of ``night`` (each
+    if given): the one filter of :meth:`RunStore.find` and :meth:`RunStore.page`."""
+    if state is not None:
+        query = query.where(runs.c.state == state.value)
+    if pipeline is not None:
+        query = query.where(runs.c.pipeline == pipeline)
+    if night is not None:
+        query = query.where(runs.c.night == night)
+    return query
 
 
 def _read(conn: Connection, query: Select[Any]) -> list[RunRecord]:

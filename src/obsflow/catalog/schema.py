@@ -242,6 +242,7 @@ runs = Table(
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("lease_owner", String(64)),
     Column("lease_expires", UTCDateTime),
+    Column("dispatched_at", UTCDateTime),  # handed to the executor (cleared when requeued)
     Column("created_at", UTCDateTime, nullable=False),
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),

@@ -8,7 +8,7 @@ SQLite's read transaction in WAL mode, PostgreSQL's ``REPEATABLE READ``):
 * ingest requests by state and the queue's depth (pending or leased,
   :func:`obsflow.catalog.queue.depth_of`);
 * runs by state; the tracker's backlog (files it has not read yet, groups waiting
-  for a deadline);
+  for a deadline, :func:`obsflow.catalog.tracking.groups_waiting`);
 * the cache's figures (:func:`obsflow.catalog.cachestate.cache_figures`: files whose
   bytes are in it, their bytes, virtual files, pinned files, bytes not archived yet);
 * for an agent, its outbox (its ingest queue, whose archive is the server): the depth,
@@ -38,6 +38,7 @@ from sqlalchemy import Connection, func, literal_column, select
 from obsflow.catalog import Catalog, schema
 from obsflow.catalog.cachestate import CacheFigures, cache_figures
 from obsflow.catalog.queue import count_by_state, depth_of, is_waiting
+from obsflow.catalog.tracking import groups_waiting
 from obsflow.settings import Role
 from obsflow.states import FileState, LedgerEvent, RequestState, RunState
 
@@ -157,10 +158,7 @@ def site_status(
         untracked = conn.execute(
             select(func.count()).where(schema.is_untracked(), schema.is_live())
         ).scalar_one()
-        groups = schema.tracker_groups
-        waiting = conn.execute(
-            select(func.count()).select_from(groups).where(groups.c.due_at.is_not(None))
-        ).scalar_one()
+        waiting = groups_waiting(conn)
         cache = cache_figures(conn)
         depth = depth_of(queue)
         outbox = _outbox(conn, now, depth, outbox_window) if effective is Role.AGENT else None

@@ -66,10 +66,7 @@ class Tags:
             return bool(conn.execute(stmt).rowcount > 0)
 
     def _file_id(self, archive_id: str) -> int:
-        with self.catalog.read() as conn:
-            found = conn.execute(
-                select(files.c.id).where(files.c.archive_id == archive_id, schema.is_live())
-            ).scalar()
+        found = self.catalog.file_id(archive_id)
         if found is None:
             raise NotFoundError(archive_id)
-        return int(found)
+        return found

@@ -24,7 +24,8 @@ ready group gets a queued run. The catalog's unique constraint on (pipeline, gro
 set) makes a duplicate event or a second tracker harmless. When a group already ran, a
 different input set starts a new run version only if the pipeline says
 ``on_new_input: rerun``. A deadline kickoff is a ``due_at`` on the group, which
-:meth:`Tracker.tick` picks up.
+:meth:`Tracker.tick` picks up. The groups' rows are read and written through
+:class:`~obsflow.catalog.tracking.TrackerGroups`; no SQL is written here.
 """
 
 from __future__ import annotations
@@ -34,23 +35,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-from sqlalchemy import Connection, Insert, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
-
-from obsflow.catalog import Catalog, schema
+from obsflow.catalog import Catalog
 from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.records import FileRecord
 from obsflow.catalog.runs import NewRun, RunStore, input_hash
+from obsflow.catalog.tracking import TrackerGroups
 from obsflow.errors import RecognitionError
 from obsflow.processing.inputs import values_of
 from obsflow.processing.tracker.grouping import group_key, group_values, matches, night_end
 from obsflow.processing.tracker.readiness import Candidate, Decision, readiness
 from obsflow.registry import Registry
 from obsflow.registry.specs import GroupBy, OnNewInput, PipelineSpec
-from obsflow.states import FileState, LedgerEvent
+from obsflow.states import FileState
 
 log = logging.getLogger(__name__)
-groups = schema.tracker_groups
 
 
 @dataclass(frozen=True)
@@ -68,6 +66,7 @@ class Tracker:
         self.registry = registry
         self.catalog = catalog
         self.runs = RunStore(catalog)
+        self.groups = TrackerGroups(catalog)
         self.clock = clock
         self.unreadable: dict[int, RecognitionError] = {}
         """Files whose values could not be read since the last :meth:`step` raised them
@@ -114,38 +113,19 @@ class Tracker:
     def tick(self) -> list[Started]:
         """Evaluate the groups whose deadline has come."""
         now = self.clock()
-        with self.catalog.read() as conn:
-            due = conn.execute(
-                select(groups.c.pipeline, groups.c.group_key, groups.c.due_at).where(
-                    groups.c.due_at <= now
-                )
-            ).all()
         started: list[Started] = []
-        for pipeline_id, text, due_at in due:
-            pipeline = self.registry.pipelines.get(pipeline_id)
+        for due in self.groups.due(now):
+            pipeline = self.registry.pipelines.get(due.key.pipeline)
             if pipeline is not None:
-                started += self.evaluate(pipeline, GroupKey.parse(pipeline_id, text))
+                started += self.evaluate(pipeline, due.key)
             # cleared once its run exists (never a moment with neither: an observer would
             # think the group done), unless the evaluation set a later deadline
-            with self.catalog.write() as conn:
-                conn.execute(
-                    update(groups)
-                    .where(
-                        groups.c.pipeline == pipeline_id,
-                        groups.c.group_key == text,
-                        groups.c.due_at == due_at,
-                    )
-                    .values(due_at=None, updated_at=now)
-                )
+            self.groups.clear_due(due, now)
         return started
 
     def next_deadline(self) -> datetime | None:
         """The earliest deadline a group waits for, if any."""
-        with self.catalog.read() as conn:
-            due: datetime | None = conn.execute(
-                select(func.min(groups.c.due_at)).where(groups.c.due_at.is_not(None))
-            ).scalar()
-        return due
+        return self.groups.next_deadline()
 
     def on_file(self, record: FileRecord) -> list[Started]:
         """The groups ``record`` makes or joins, evaluated."""
@@ -163,7 +143,7 @@ class Tracker:
                     key = group_key(pipeline, record)
                     if not matches(spec, values, group_values(key, values), primary=True):
                         continue
-                    self._open_group(pipeline, key, record)
+                    self.groups.open(key, record.night, record.id, self.clock())
                     started += self.evaluate(pipeline, key)
                 else:
                     for key, primary in self._groups_of_night(pipeline, record.night):
@@ -179,14 +159,14 @@ class Tracker:
 
     def evaluate(self, pipeline: PipelineSpec, key: GroupKey) -> list[Started]:
         """Decide whether the group is ready; queue its run if so."""
-        primary = self._primary(pipeline, key)
+        primary = self.groups.primary(key)
         if primary is None:
             return []
         decision = self.decide(pipeline, key, primary)
         now = self.clock()
         if not decision.ready:
             if decision.wait_until is not None:
-                self._set_due(pipeline, key, decision.wait_until)
+                self.groups.set_due(key, decision.wait_until, self.clock())
             return []
         selected = {name: ids for name, ids in decision.selected.items() if ids}
         latest = self.runs.latest_for_group(key)
@@ -241,7 +221,7 @@ class Tracker:
                 values = self._values(record)
                 if values is not None and matches(spec, values, group, primary=position == 0):
                     matched.append(record)
-        arrived = self._cached_at([r.id for records in chosen.values() for r in records])
+        arrived = self.groups.cached_at([r.id for records in chosen.values() for r in records])
         candidates = {
             name: [Candidate(r.id, arrived.get(r.id, r.start or self.clock())) for r in records]
             for name, records in chosen.items()
@@ -261,19 +241,7 @@ class Tracker:
     ) -> list[tuple[GroupKey, FileRecord]]:
         """Every group of ``pipeline`` the tracker has seen (of one night), with the file
         that made it."""
-        query = select(groups.c.group_key, groups.c.primary_file_id).where(
-            groups.c.pipeline == pipeline.id
-        )
-        if night is not None:
-            query = query.where(groups.c.night == night)
-        with self.catalog.read() as conn:
-            rows = conn.execute(query.order_by(groups.c.group_key)).all()
-        primaries = {r.id: r for r in self.catalog.records([row.primary_file_id for row in rows])}
-        return [
-            (GroupKey.parse(pipeline.id, row.group_key), primaries[row.primary_file_id])
-            for row in rows
-            if row.primary_file_id in primaries
-        ]
+        return self.groups.of_pipeline(pipeline.id, night)
 
     # ------------------------------------------------------------ the catalog
 
@@ -296,88 +264,13 @@ class Tracker:
             return []
         return self.catalog.of_night(product, night)
 
-    def _cached_at(self, file_ids: list[int]) -> dict[int, datetime]:
-        """When each file was cached (its arrival, for a ``last_input`` deadline)."""
-        led = schema.ledger
-        found: dict[int, datetime] = {}
-        with self.catalog.read() as conn:
-            for start in range(0, len(file_ids), 500):
-                rows = conn.execute(
-                    select(led.c.file_id, led.c.at).where(
-                        led.c.event == LedgerEvent.CACHED.value,
-                        led.c.file_id.in_(file_ids[start : start + 500]),
-                    )
-                )
-                found.update({int(r.file_id): r.at for r in rows})
-        return found
-
     def _instrument_offset(self, record: FileRecord) -> float | None:
         instrument = self.registry.instruments.get(record.instrument or "")
         return None if instrument is None else instrument.utc_offset_hours
-
-    def _primary(self, pipeline: PipelineSpec, key: GroupKey) -> FileRecord | None:
-        with self.catalog.read() as conn:
-            file_id = conn.execute(
-                select(groups.c.primary_file_id).where(
-                    groups.c.pipeline == pipeline.id, groups.c.group_key == key.text()
-                )
-            ).scalar()
-        if file_id is None:
-            return None
-        found = self.catalog.records([int(file_id)])
-        return found[0] if found else None
-
-    def _open_group(self, pipeline: PipelineSpec, key: GroupKey, record: FileRecord) -> None:
-        now = self.clock()
-        with self.catalog.write() as conn:
-            known = conn.execute(
-                select(groups.c.primary_file_id).where(
-                    groups.c.pipeline == pipeline.id, groups.c.group_key == key.text()
-                )
-            ).first()
-            if known is None:
-                row = {
-                    "pipeline": pipeline.id,
-                    "group_key": key.text(),
-                    "night": record.night or date.min,
-                    "primary_file_id": record.id,
-                    "due_at": None,
-                    "updated_at": now,
-                }
-                _insert_once(conn, insert(groups).values(**row))
 
     def _groups_of_night(
         self, pipeline: PipelineSpec, night: date | None
     ) -> list[tuple[GroupKey, FileRecord]]:
         if night is None:
             return []
-        with self.catalog.read() as conn:
-            rows = conn.execute(
-                select(groups.c.group_key, groups.c.primary_file_id).where(
-                    groups.c.pipeline == pipeline.id, groups.c.night == night
-                )
-            ).all()
-        primaries = {r.id: r for r in self.catalog.records([row.primary_file_id for row in rows])}
-        return [
-            (GroupKey.parse(pipeline.id, row.group_key), primaries[row.primary_file_id])
-            for row in rows
-            if row.primary_file_id in primaries
-        ]
-
-    def _set_due(self, pipeline: PipelineSpec, key: GroupKey, when: datetime) -> None:
-        with self.catalog.write() as conn:
-            conn.execute(
-                update(groups)
-                .where(groups.c.pipeline == pipeline.id, groups.c.group_key == key.text())
-                .values(due_at=when, updated_at=self.clock())
-            )
-
-
-def _insert_once(conn: Connection, statement: Insert) -> None:
-    """Insert a row another tracker may be inserting at the same moment: whoever is
-    second finds the row there, which is as good (a savepoint keeps the transaction)."""
-    try:
-        with conn.begin_nested():
-            conn.execute(statement)
-    except IntegrityError:
-        pass
+        return self.groups.of_night(pipeline.id, night)
