@@ -280,7 +280,9 @@ def test_disabled_step_is_skipped_and_its_dependents_still_run(tmp_path: Path) -
     assert (tmp_path / "work" / "reduce.ran").exists()
 
 
-def test_image_step_fails_clearly_without_starting(tmp_path: Path) -> None:
+def test_image_step_without_a_container_runner_fails_clearly_without_starting(
+    tmp_path: Path,
+) -> None:
     recorder = Recorder()
     prof = profile(
         tmp_path,
@@ -293,8 +295,8 @@ def test_image_step_fails_clearly_without_starting(tmp_path: Path) -> None:
     assert not outcome.succeeded
     assert step.state is StepState.FAILED and step.attempts == 0 and step.exit_status is None
     assert step.reason == (
-        "container images are not run yet (image 'ghcr.io/lco/banzai:1.9'); "
-        "a later release runs them"
+        "image 'ghcr.io/lco/banzai:1.9' needs a container engine, and none is configured "
+        "(settings: containers.host)"
     )
     assert outcome.error == f"run r1 step containerised: {step.reason}"
     assert not (tmp_path / "work" / "ran").exists()

@@ -89,10 +89,19 @@ daemon:
 
 processing:
   executor: local         # local: a pool of `workers.runs` runs at once | inline: one by one
+                          # | celery: on `obsflow worker`s, through the broker
+  broker: null            # celery: redis://HOST:6379/0 or amqp://USER:PASSWORD@HOST// (or OBSFLOW_BROKER)
+  queue: obsflow          # celery: the queue of runs whose pipeline and profile name none
   parallel_steps: 2       # independent steps of one run at once
   max_attempts: 3         # a run whose executor died this often is marked failed
   lease_seconds: 60       # a run is retried this long after its executor died
   keep_work: false        # keep a successful run's work directory (failed ones are kept)
+
+containers:               # steps with `image:` run through a Docker Engine API (Docker or Podman)
+  host: null              # e.g. unix:///run/podman/podman.sock (or OBSFLOW_CONTAINER_HOST; else
+                          #   DOCKER_HOST, then the standard sockets)
+  user: null              # UID[:GID] steps run as (default: obsflow's user; nobody if that is root)
+  stop_seconds: 5         # after a step's timeout, SIGTERM then SIGKILL this much later
 
 cache_policy:
   budget_bytes: null      # e.g. 500000000000; over it, least recently used archived files

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,11 @@ from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import RunStore
 from obsflow.cli import SiteOption, _settings, _site, app, err, out
 from obsflow.states import FileState, RunState
+
+
+class DemoExecutor(StrEnum):
+    LOCAL = "local"
+    CELERY = "celery"
 
 
 @app.command()
@@ -37,13 +43,32 @@ def demo(
             show_default=False,
         ),
     ] = None,
+    executor: Annotated[
+        DemoExecutor,
+        typer.Option(
+            help="local: the daemon's own pool of processes; celery: two `obsflow worker` "
+            "processes take the runs from --broker."
+        ),
+    ] = DemoExecutor.LOCAL,
+    broker: Annotated[
+        str,
+        typer.Option(envvar="OBSFLOW_BROKER", help="The Celery broker, with --executor celery."),
+    ] = "redis://127.0.0.1:6379/0",
 ) -> None:
     """A short night in real time: an EPICS simulator announces frames; the daemon archives
     them and reduces them, L0 → L3, as they arrive."""
     from obsflow.sim.demo import ANNOUNCEMENTS, PV_PREFIX, DemoPlan, run_demo
 
     root = directory or Path(tempfile.mkdtemp(prefix="obsflow-demo-"))
-    plan = DemoPlan(root, frames=frames, cadence=cadence, size=size, quiet_seconds=quiet_seconds)
+    celery = executor is DemoExecutor.CELERY
+    plan = DemoPlan(
+        root,
+        frames=frames,
+        cadence=cadence,
+        size=size,
+        quiet_seconds=quiet_seconds,
+        broker=broker if celery else None,
+    )
     out.rule("[bold]obsflow demo")
     out.print(
         f"site: [bold]{root}[/]\n"
@@ -51,7 +76,8 @@ def demo(
         f"every {cadence:g} s, announcing each {ANNOUNCEMENTS}x on {PV_PREFIX}LASTFILE;\n"
         "the daemon (obsflow run) hears it over EPICS Channel Access, archives each frame once,\n"
         "and runs the registry's pipelines as their inputs arrive: master bias and flats (L1),\n"
-        "calibrated frames (L1), source catalogs (L2), the night's catalog of the field (L3)",
+        "calibrated frames (L1), source catalogs (L2), the night's catalog of the field (L3)"
+        + (f";\nthe runs go through Celery ({broker}) to {plan.workers} workers" if celery else ""),
         highlight=False,
     )
     result = run_demo(plan, out)
@@ -114,7 +140,9 @@ def demo(
     if not result.ok:
         err.print(
             f"[red]the demo did not archive and reduce every frame[/] (simulator exit "
-            f"{result.simulator_exit}, daemon exit {result.daemon_exit}); see the logs above",
+            f"{result.simulator_exit}, daemon exit {result.daemon_exit}"
+            + "".join(f", worker exit {code}" for code in result.worker_exits)
+            + "); see the logs above",
             highlight=False,
         )
         raise typer.Exit(1)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from obsflow.cli import SiteOption, _settings, app, out, registry_app
+from obsflow.cli import SiteOption, _settings, app, err, out, registry_app
 from obsflow.registry import load_registry
 from obsflow.site import init_site
 
@@ -37,6 +37,15 @@ def registry_check(site: SiteOption = None) -> None:
     """Validate every registry file; print each problem as file:line: what, expected."""
     settings = _settings(site)
     registry = load_registry(settings.registry)
+    from obsflow.processing.container import check_images  # docker-py loads only here
+
+    images = check_images(registry, settings.containers)  # on the engine, if reachable
+    for warning in images.warnings:
+        err.print(f"[yellow]warning[/]: {warning}", highlight=False)
+    if images.problems:
+        for problem in images.problems:
+            err.print(problem, highlight=False)
+        raise typer.Exit(1)
     out.print(
         f"[green]registry OK[/]: {len(registry.instruments)} instrument(s), "
         f"{len(registry.products)} product(s), {len(registry.pipelines)} pipeline(s), "

@@ -16,7 +16,11 @@ profile whose ``needs`` do not form a graph of its own steps, before anything ru
   more times; if it still fails, every step that needs it, directly or not, is skipped
   and the run fails. Steps that do not depend on the failure still run to the end: an
   operator learns about every broken branch from one run, and no process is left behind.
-* A step with a container ``image`` fails without starting (images are not run yet).
+* A step with a container ``image`` runs through the controller's ``containers`` runner
+  (:class:`~obsflow.processing.container.ContainerRunner`: the Docker Engine API, Docker or
+  Podman); without one it fails without starting, naming the setting (``containers.host``).
+  Both kinds sit behind one seam, :class:`StepRunner` → :class:`StepProcess`: the loop
+  below neither knows nor cares whether a step is a process group or a container.
 * When ``stop`` is set, running steps are killed (FAILED, "stopped: ...") and steps not
   started are skipped; it is checked every 0.1 s.
 * When every step succeeded, each declared output must exist as a file, or the run fails.
@@ -26,13 +30,15 @@ profile whose ``needs`` do not form a graph of its own steps, before anything ru
 Which steps are ready is :class:`graphlib.TopologicalSorter`'s to say (``get_ready`` and
 ``done``); starting them is done in the thread that calls :meth:`Controller.run`, not
 with asyncio (whose child watchers want the main thread's event loop, while runs come from
-an executor's worker threads): the only waiting is for child processes, and ``poll()`` on
-a pidfd per process (Linux; elsewhere a small thread per process blocks in ``os.waitid``
-and closes a pipe) wakes the run's thread the moment a child exits, or at the next
-deadline, with no fixed sleeps and no thread per step. That one thread does everything:
-it starts, signals and reaps processes, writes the log and calls the listener, so calls
-to the listener for one run are never concurrent (no lock needed), and a process group
-is only signalled while its leader is unreaped (its ID cannot have been reused).
+an executor's worker threads): the only waiting is for steps to end, and ``poll()`` on one
+file descriptor per step wakes the run's thread the moment one ends, or at the next
+deadline, with no fixed sleeps. For a subprocess that descriptor is a pidfd (Linux;
+elsewhere a small thread blocks in ``os.waitid`` and closes a pipe); for a container, a
+small thread blocks in the engine's ``wait`` and closes a pipe. That one thread does
+everything else: it starts, signals and reaps steps, writes the log and calls the
+listener, so calls to the listener for one run are never concurrent (no lock needed), and
+a process group is only signalled while its leader is unreaped (its ID cannot have been
+reused).
 """
 
 from __future__ import annotations
@@ -52,12 +58,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Final, Protocol
+from typing import IO, TYPE_CHECKING, Final, Protocol
 
 from obsflow.errors import RunError
 from obsflow.processing.profile import OUTPUT_DIR, RuntimeProfile, RuntimeStep
 from obsflow.receipt.receiver import utcnow
 from obsflow.states import StepState
+
+if TYPE_CHECKING:
+    from obsflow.processing.container import ContainerRunner
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +126,97 @@ class RunOutcome:
     """One line naming the run, the step and the cause, when the run failed."""
 
 
+class StepProcess(Protocol):
+    """One started attempt of one step, as the controller drives it.
+
+    The controller polls :attr:`fd`, may :meth:`signal` the step while it runs, and calls
+    :meth:`finish` exactly once, after ``fd`` became readable (or after a SIGKILL, when a
+    run is aborted). :meth:`abandon` may be called from any thread or a signal handler,
+    at any time before :meth:`finish`.
+    """
+
+    fd: int
+    """Readable once the step has ended; :meth:`finish` closes it."""
+    kill_grace: float | None
+    """Seconds from SIGTERM to SIGKILL for this step; None: the controller's own."""
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to everything the step runs (its process group, its container);
+        a step that already ended is no error."""
+
+    def finish(self) -> int:
+        """Wait for the end, release everything the step held (what it left running,
+        its container, ``fd``) and return its exit status (negative: killed by that
+        signal); raise :class:`RunError` when no exit status can be known (the reason)."""
+
+    def abandon(self) -> None:
+        """SIGKILL the step and release what it holds now, without waiting: for a worker
+        that must end at once (see :func:`kill_every_step`)."""
+
+
+class StepRunner(Protocol):
+    """Where steps run: :class:`SubprocessRunner` (process groups on this machine) or
+    :class:`~obsflow.processing.container.ContainerRunner` (a container engine)."""
+
+    def start(
+        self, step: RuntimeStep, *, run_id: str, work: Path, stdout: Path, stderr: Path
+    ) -> StepProcess:
+        """Start one attempt of ``step`` in the run's ``work`` directory, with its standard
+        output and error written to the files ``stdout`` and ``stderr``; raise
+        :class:`RunError` with the reason (for a human) when it cannot start."""
+
+
+class SubprocessRunner:
+    """Each attempt is one ``subprocess.Popen`` of the step's argv (no shell) in the work
+    directory, with the parent's environment plus the step's ``env``, stdin from
+    /dev/null, in a session of its own so that its whole process tree can be signalled."""
+
+    def start(
+        self, step: RuntimeStep, *, run_id: str, work: Path, stdout: Path, stderr: Path
+    ) -> StepProcess:
+        env = {**os.environ, **step.env} if step.env else None
+        try:
+            with open(stdout, "wb") as fo, open(stderr, "wb") as fe:
+                proc = subprocess.Popen(
+                    step.argv,
+                    cwd=work,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fo,
+                    stderr=fe,
+                    start_new_session=True,
+                )
+        except (OSError, ValueError, IndexError) as exc:
+            raise RunError(_why_not(step, exc)) from None
+        return _ProcessGroup(proc, _exit_fd(proc))
+
+
+@dataclass(eq=False)
+class _ProcessGroup:
+    """A step's process, leader of a process group of its own."""
+
+    proc: subprocess.Popen[bytes]
+    fd: int
+    kill_grace: float | None = None
+
+    def signal(self, sig: signal.Signals) -> None:
+        # only before finish() reaps the leader: the group's ID is still its own
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def finish(self) -> int:
+        self.signal(signal.SIGKILL)  # whatever the step left running in its group
+        status = self.proc.wait()
+        os.close(self.fd)
+        return status
+
+    def abandon(self) -> None:
+        self.signal(signal.SIGKILL)
+
+
+SUBPROCESSES: Final = SubprocessRunner()
+
+
 class Controller:
     """Runs run-time profiles; holds only settings, so one may serve many threads."""
 
@@ -127,13 +227,22 @@ class Controller:
         clock: Callable[[], datetime] = utcnow,
         tail_bytes: int = 4000,
         kill_grace: float = 5.0,
+        containers: ContainerRunner | None = None,
     ) -> None:
+        """``containers`` runs the steps that name an ``image`` (None: they fail without
+        starting); ``kill_grace`` is the subprocesses' time from SIGTERM to SIGKILL (a
+        container runner has its own, ``containers.stop_seconds``)."""
         if parallel < 1 or tail_bytes < 0 or kill_grace < 0:
             raise ValueError("parallel must be >= 1, tail_bytes and kill_grace >= 0")
         self.parallel = parallel
         self.clock = clock
         self.tail_bytes = tail_bytes
         self.kill_grace = kill_grace
+        self.containers = containers
+
+    def runner(self, step: RuntimeStep) -> StepRunner | None:
+        """Who runs ``step``: the subprocess runner, the container runner, or nobody."""
+        return SUBPROCESSES if step.image is None else self.containers
 
     def run(
         self,
@@ -153,31 +262,31 @@ class Controller:
             return _Run(self, profile, work, out, listener, stop, graph).execute()
 
 
-# The process groups of the steps running in this process, whatever run or thread started
-# them; a group leaves the set before its leader is reaped (its ID cannot be reused while
-# it is here). What must die with a run worker whose daemon died: see kill_every_step.
-_GROUPS: set[int] = set()
+# The steps running in this process (process groups, containers), whatever run or thread
+# started them; a step leaves the set before it is finished (a group's leader reaped: its ID
+# cannot be reused while it is here). What must die with a run worker whose daemon died:
+# see kill_every_step. (list() of a set holds the GIL throughout: no lock, so a signal
+# handler may call kill_every_step in the middle of a run.)
+_LIVE: set[StepProcess] = set()
 
 
 def kill_every_step() -> None:
-    """SIGKILL the process group of every step this process has running. For a run worker
-    whose daemon died: a restarted daemon takes its runs over, and their old steps must
-    not run on beside the new ones."""
-    for group in list(_GROUPS):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signal.SIGKILL)
+    """SIGKILL every step this process has running: each process group, each container
+    (which is removed, too). For a run worker whose daemon died: a restarted daemon takes
+    its runs over, and their old steps must not run on beside the new ones."""
+    for process in list(_LIVE):
+        process.abandon()
 
 
 @dataclass(eq=False)
 class _Attempt:
-    """One running process of one step."""
+    """One running attempt of one step."""
 
     step: RuntimeStep
     number: int
-    proc: subprocess.Popen[bytes]
+    process: StepProcess
     started: datetime
     deadline: float
-    fd: int  # readable once the process has exited
     killed: str = ""  # why it was signalled (a timeout, a stop), "" if not
     kill_at: float | None = None  # when SIGKILL follows the SIGTERM
 
@@ -215,10 +324,10 @@ class _Run:
                 self.schedule()
         except BaseException as exc:  # a listener's, ^C: leave no process behind
             for attempt in self.running:
-                _signal(attempt, signal.SIGKILL)
-                _GROUPS.discard(attempt.proc.pid)
-                attempt.proc.wait()
-                os.close(attempt.fd)
+                attempt.process.signal(signal.SIGKILL)
+                _LIVE.discard(attempt.process)
+                with contextlib.suppress(RunError):
+                    attempt.process.finish()
             self.write(f"==== {self.now()}  run {p.run_id} aborted: {exc!r}\n\n")
             raise
         return self.outcome()
@@ -246,9 +355,9 @@ class _Run:
             self.end_unrun(step, StepState.SKIPPED, f"needs {blocked[0]}, which failed")
         elif not step.enabled:
             self.end_unrun(step, StepState.SKIPPED, f"when false: {step.when}")
-        elif step.image is not None:
-            why = f"container images are not run yet (image {step.image!r})"
-            self.end_unrun(step, StepState.FAILED, f"{why}; a later release runs them")
+        elif self.controller.runner(step) is None:
+            why = f"image {step.image!r} needs a container engine, and none is configured"
+            self.end_unrun(step, StepState.FAILED, f"{why} (settings: containers.host)")
         elif len(self.running) < self.controller.parallel:
             self.launch(step, 1)
         else:
@@ -273,20 +382,23 @@ class _Run:
         if self.stop is not None and not self.stopped:
             timeout = min(timeout, STOP_CHECK)
         ready = {fd for fd, _ in self.poller.poll(max(0, math.ceil(timeout * 1000)))}
-        for attempt in [a for a in self.running if a.fd in ready]:
+        for attempt in [a for a in self.running if a.process.fd in ready]:
             self.ended(attempt)
         now = time.monotonic()
         for attempt in self.running:
             if attempt.kill_at is not None and now >= attempt.kill_at:
-                _signal(attempt, signal.SIGKILL)
+                attempt.process.signal(signal.SIGKILL)
                 attempt.kill_at = float("inf")  # nothing more to do but wait
             elif not attempt.killed and now >= attempt.deadline:
                 self.terminate(attempt, f"timed out after {attempt.step.timeout:g} s")
 
     def terminate(self, attempt: _Attempt, why: str) -> None:
+        grace = attempt.process.kill_grace
         attempt.killed = why
-        attempt.kill_at = time.monotonic() + self.controller.kill_grace
-        _signal(attempt, signal.SIGTERM)
+        attempt.kill_at = time.monotonic() + (
+            self.controller.kill_grace if grace is None else grace
+        )
+        attempt.process.signal(signal.SIGTERM)
         self.write(f"---- {self.now()}  step {attempt.step.name}: {why}; sent SIGTERM\n")
 
     # -- one step -----------------------------------------------------------------------
@@ -301,36 +413,35 @@ class _Run:
         if self.listener is not None:
             self.listener.step_started(self.profile.run_id, name, number, step.argv, at)
         stdout, stderr = self.stream_paths(name, number)
-        env = {**os.environ, **step.env} if step.env else None
+        runner = self.controller.runner(step)
+        assert runner is not None  # resolve() failed the step otherwise
         try:
-            with open(stdout, "wb") as fo, open(stderr, "wb") as fe:
-                proc = subprocess.Popen(
-                    step.argv,
-                    cwd=self.work,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=fo,
-                    stderr=fe,
-                    start_new_session=True,
-                )
-        except (OSError, ValueError, IndexError) as exc:
-            self.attempt_done(step, number, at, None, f"cannot start: {_why_not(step, exc)}")
+            process = runner.start(
+                step, run_id=self.profile.run_id, work=self.work, stdout=stdout, stderr=stderr
+            )
+        except RunError as exc:
+            self.attempt_done(step, number, at, None, f"cannot start: {exc}")
             return
-        _GROUPS.add(proc.pid)
-        attempt = _Attempt(step, number, proc, at, time.monotonic() + step.timeout, _exit_fd(proc))
-        self.poller.register(attempt.fd, select.POLLIN)
+        _LIVE.add(process)
+        attempt = _Attempt(step, number, process, at, time.monotonic() + step.timeout)
+        self.poller.register(process.fd, select.POLLIN)
         self.running.append(attempt)
 
     def ended(self, attempt: _Attempt) -> None:
-        """The main process of ``attempt`` exited (not yet reaped): clean up, reap, judge."""
-        _signal(attempt, signal.SIGKILL)  # whatever it left running in its group
-        _GROUPS.discard(attempt.proc.pid)
-        status = attempt.proc.wait()
+        """``attempt`` ended (a process not yet reaped, a container not yet removed):
+        clean up, reap, judge."""
         self.running.remove(attempt)
-        self.poller.unregister(attempt.fd)
-        os.close(attempt.fd)
+        self.poller.unregister(attempt.process.fd)
+        _LIVE.discard(attempt.process)
+        status: int | None
+        try:
+            status, failure = attempt.process.finish(), ""
+        except RunError as exc:
+            status, failure = None, str(exc)
         if attempt.killed:
             reason = attempt.killed
+        elif status is None:
+            reason = failure
         elif status < 0:
             reason = f"killed by signal {-status} ({signal.strsignal(-status)})"
         else:
@@ -441,12 +552,6 @@ def _await_exit(pid: int, writable: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     os.close(writable)  # the read end sees end-of-file: readable
-
-
-def _signal(attempt: _Attempt, sig: signal.Signals) -> None:
-    """Signal the attempt's process group (its leader is not reaped: the ID is its own)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(attempt.proc.pid, sig)
 
 
 def _why_not(step: RuntimeStep, exc: BaseException) -> str:

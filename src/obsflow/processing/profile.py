@@ -19,12 +19,21 @@ Templating, in each argv item of a step's ``command``:
 * ``{outputs.PRODUCT}`` is where the step writes that output (inside ``{work}/out``);
   the controller publishes it only if the whole run succeeds.
 
+A step with an ``image`` runs in a container, where the host's paths mean nothing: for
+it, ``{work}`` is ``/work`` (the run's work directory, mounted read-write),
+``{inputs.NAME}`` is ``/inputs/NAME/N/BASENAME`` (the N-th file of NAME, counted from 0,
+mounted read-only by itself: two inputs with one base name cannot collide) and
+``{outputs.PRODUCT}`` is ``/work/out/NAME``. The step records those mounts (host path,
+container path, read-only), so what it sees is part of the stored provenance, with its
+network switch and its CPU and memory limits.
+
 A ``{`` or ``}`` meant literally is written twice, as in Python's ``str.format``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +47,22 @@ from obsflow.registry.specs import PipelineSpec, ProfileSpec
 ParameterValue = str | int | float | bool | None
 OUTPUT_DIR: Final = "out"
 """Outputs are written under ``{work}/out`` and published from there."""
+CONTAINER_WORK: Final = "/work"
+"""Where a container step finds the run's work directory (read-write, its working directory)."""
+CONTAINER_INPUTS: Final = "/inputs"
+"""Under which a container step finds its inputs, read-only: ``/inputs/NAME/N/BASENAME``."""
+_UNITS: Final = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path bound into a container step's file system."""
+
+    source: str
+    """The path on the machine that runs the step."""
+    target: str
+    """The path inside the container."""
+    read_only: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,7 +78,15 @@ class RuntimeStep:
     retries: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
     image: str | None = None
-    """A container image (not run yet: a step with one fails with a clear message)."""
+    """A container image to run ``argv`` in; None: ``argv`` runs as a subprocess."""
+    mounts: tuple[Mount, ...] = ()
+    """A container step's bind mounts: the work directory, then each input file."""
+    network: bool = False
+    """Whether a container step may reach the network (else it has only loopback)."""
+    cpus: float | None = None
+    """A container step's CPU limit, in CPUs; None: no limit."""
+    memory: int | None = None
+    """A container step's memory limit in bytes; None: no limit."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +128,7 @@ class RuntimeProfile:
                     "retries": s.retries,
                     "env": dict(s.env),
                     "image": s.image,
+                    **_container_json(s),
                 }
                 for s in self.steps
             ],
@@ -121,6 +155,13 @@ class RuntimeProfile:
                     retries=int(s.get("retries", 0)),
                     env=dict(s.get("env", {})),
                     image=s.get("image"),
+                    mounts=tuple(
+                        Mount(m["source"], m["target"], bool(m.get("read_only", True)))
+                        for m in s.get("mounts", ())
+                    ),
+                    network=bool(s.get("network", False)),
+                    cpus=None if s.get("cpus") is None else float(s["cpus"]),
+                    memory=None if s.get("memory") is None else int(s["memory"]),
                 )
                 for s in data["steps"]
             ),
@@ -130,6 +171,21 @@ class RuntimeProfile:
         return json.dumps(self.to_json(), indent=1, sort_keys=True)
 
 
+def _container_json(step: RuntimeStep) -> dict[str, Any]:
+    """A container step's own fields; none for a subprocess step, whose JSON stays what
+    it was before containers ran."""
+    if step.image is None:
+        return {}
+    return {
+        "mounts": [
+            {"source": m.source, "target": m.target, "read_only": m.read_only} for m in step.mounts
+        ],
+        "network": step.network,
+        "cpus": step.cpus,
+        "memory": step.memory,
+    }
+
+
 def output_names(
     pipeline: PipelineSpec, parameters: Mapping[str, ParameterValue], run_id: str
 ) -> dict[str, str]:
@@ -137,7 +193,7 @@ def output_names(
     names: dict[str, str] = {}
     for output in pipeline.outputs:
         names[output.product] = _fill(
-            output.name, parameters, {}, {}, "", run_id, f"pipeline {pipeline.id} output"
+            output.name, parameters, _NOWHERE, run_id, f"pipeline {pipeline.id} output"
         )
     return names
 
@@ -153,25 +209,44 @@ def build_profile(
 ) -> RuntimeProfile:
     """Fill ``profile`` for one run; raise :class:`ProfileError` naming the run, step and
     placeholder when something cannot be filled."""
-    out_dir = work / OUTPUT_DIR
-    outputs = {
-        product: str(out_dir / name)
-        for product, name in output_names(pipeline, parameters, run_id).items()
-    }
+    names = output_names(pipeline, parameters, run_id)
+    outputs = {product: str(work / OUTPUT_DIR / name) for product, name in names.items()}
     paths = {name: tuple(str(p) for p in files) for name, files in inputs.items()}
+    inside = _Places(
+        work=CONTAINER_WORK,
+        inputs={
+            name: tuple(
+                f"{CONTAINER_INPUTS}/{name}/{n}/{Path(p).name}" for n, p in enumerate(files)
+            )
+            for name, files in paths.items()
+        },
+        outputs={p: f"{CONTAINER_WORK}/{OUTPUT_DIR}/{name}" for p, name in names.items()},
+    )
+    outside = _Places(work=str(work), inputs=paths, outputs=outputs)
     steps: list[RuntimeStep] = []
     for spec in profile.steps:
         where = f"run {run_id} step {spec.name}"
+        places = outside if spec.image is None else inside
         argv: list[str] = []
         for item in spec.command:
             whole = _whole_input(item)
-            if whole is not None and whole in paths:
-                argv.extend(paths[whole])  # one argv item per file
+            if whole is not None and whole in places.inputs:
+                argv.extend(places.inputs[whole])  # one argv item per file
             else:
-                argv.append(_fill(item, parameters, paths, outputs, str(work), run_id, where))
+                argv.append(_fill(item, parameters, places, run_id, where))
         enabled = True
         if spec.when is not None:
             enabled = expression.parse(spec.when).evaluate(dict(parameters))
+        mounts: tuple[Mount, ...] = ()
+        if spec.image is not None:
+            mounts = (
+                Mount(os.path.abspath(work), CONTAINER_WORK, read_only=False),
+                *(
+                    Mount(os.path.abspath(host), container, read_only=True)
+                    for name, files in paths.items()
+                    for host, container in zip(files, inside.inputs[name], strict=True)
+                ),
+            )
         steps.append(
             RuntimeStep(
                 name=spec.name,
@@ -181,11 +256,12 @@ def build_profile(
                 when=spec.when,
                 timeout=spec.timeout,
                 retries=spec.retries,
-                env={
-                    k: _fill(v, parameters, paths, outputs, str(work), run_id, where)
-                    for k, v in spec.env.items()
-                },
+                env={k: _fill(v, parameters, places, run_id, where) for k, v in spec.env.items()},
                 image=spec.image,
+                mounts=mounts,
+                network=spec.network,
+                cpus=spec.cpus,
+                memory=None if spec.memory is None else _bytes(spec.memory),
             )
         )
     return RuntimeProfile(
@@ -200,6 +276,27 @@ def build_profile(
     )
 
 
+@dataclass(frozen=True)
+class _Places:
+    """What ``{work}``, ``{inputs.NAME}`` and ``{outputs.PRODUCT}`` become for one step:
+    the host's paths, or the container's."""
+
+    work: str
+    inputs: Mapping[str, tuple[str, ...]]
+    outputs: Mapping[str, str]
+
+
+_NOWHERE: Final = _Places(work="", inputs={}, outputs={})
+
+
+def _bytes(size: str) -> int:
+    """``512m`` → bytes (the registry's MemorySize: a number, then b, k, m or g)."""
+    unit = size[-1].lower()
+    if unit in _UNITS:
+        return int(size[:-1]) * _UNITS[unit]
+    return int(size)
+
+
 def _whole_input(item: str) -> str | None:
     """``NAME`` if the argv item is exactly ``{inputs.NAME}``, else None."""
     if item.startswith("{inputs.") and item.endswith("}") and item.count("{") == 1:
@@ -210,9 +307,7 @@ def _whole_input(item: str) -> str | None:
 def _fill(
     template: str,
     parameters: Mapping[str, ParameterValue],
-    inputs: Mapping[str, tuple[str, ...]],
-    outputs: Mapping[str, str],
-    work: str,
+    places: _Places,
     run_id: str,
     where: str,
 ) -> str:
@@ -227,22 +322,21 @@ def _fill(
             continue
         if conversion or spec:
             raise ProfileError(f"{where}: {{{name}}} in {template!r}: no ! or : allowed")
-        parts.append(_value(name, parameters, inputs, outputs, work, run_id, where, template))
+        parts.append(_value(name, parameters, places, run_id, where, template))
     return "".join(parts)
 
 
 def _value(
     name: str,
     parameters: Mapping[str, ParameterValue],
-    inputs: Mapping[str, tuple[str, ...]],
-    outputs: Mapping[str, str],
-    work: str,
+    places: _Places,
     run_id: str,
     where: str,
     template: str,
 ) -> str:
-    if name == "work" and work:
-        return work
+    inputs, outputs = places.inputs, places.outputs
+    if name == "work" and places.work:
+        return places.work
     if name == "run_id":
         return run_id
     if name.startswith("inputs."):

@@ -332,6 +332,19 @@ class StepSpec(Spec):
 
     _when = field_validator("when")(_check_expression)
 
+    @model_validator(mode="after")
+    def _container_only(self) -> StepSpec:
+        """network, cpus and memory act on a container: on a subprocess step they would
+        be silently ignored, so they are refused where they were written."""
+        if self.image is None:
+            given = [k for k in ("network", "cpus", "memory") if k in self.model_fields_set]
+            if given:
+                raise ValueError(
+                    f"step {self.name!r}: {', '.join(given)} only apply to a container step; "
+                    "add 'image: ...' or remove them"
+                )
+        return self
+
 
 class ProfileSpec(Spec):
     id: Identifier

@@ -8,7 +8,10 @@ Two programs run, as they would on two terminals at an observatory:
   well broadcast a value more than once);
 * ``obsflow run``: the daemon, whose registry (here) has the EPICS trigger instead of the
   directory watch, so every frame reaches it through Channel Access; the reconcile scan
-  stands behind it.
+  stands behind it;
+* with a broker (``obsflow demo --broker redis://...``), two ``obsflow worker`` processes
+  too: the daemon hands its runs to Celery, and the workers execute them with the site's
+  storage, as on a cluster with shared disks.
 
 Both talk over Channel Access on 127.0.0.1 only, on a free port chosen here (the EPICS
 environment of the two child processes; nothing goes out on the network). The daemon also
@@ -23,6 +26,7 @@ left to run (or ``settle_seconds`` have passed), the daemon is stopped with SIGT
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -48,7 +53,7 @@ from obsflow.daemon import read_status as read_daemon_status
 from obsflow.errors import SiteError
 from obsflow.receipt.receiver import utcnow
 from obsflow.registry import load_registry
-from obsflow.settings import Settings, load_settings
+from obsflow.settings import SETTINGS_FILE, Settings, load_settings
 from obsflow.site import init_site
 from obsflow.states import FileState, RunState
 
@@ -71,6 +76,10 @@ class DemoPlan:
     quiet_seconds: float | None = None
     """If given, the pipelines' ``last_input`` deadlines wait this long instead of what the
     example registry says (a night's biases, flats, catalogs are taken once quiet)."""
+    broker: str | None = None
+    """If given, runs go through Celery on this broker to :attr:`workers` workers
+    (``obsflow worker``, sharing the site's storage) instead of the daemon's own pool."""
+    workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,7 @@ class DemoResult:
     simulator_exit: int
     daemon_exit: int
     seconds: float
+    worker_exits: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -122,6 +132,7 @@ class DemoResult:
         return (
             self.simulator_exit == 0
             and self.daemon_exit == 0
+            and all(code == 0 for code in self.worker_exits)
             and last.acquired > 0
             and last.archived == last.acquired
             and last.runs.get(RunState.FAILED, 0) == 0
@@ -157,10 +168,27 @@ def loopback_epics_env(port: int) -> dict[str, str]:
     }
 
 
-def make_demo_site(root: Path, quiet_seconds: float | None = None) -> Settings:
+def make_demo_site(
+    root: Path, quiet_seconds: float | None = None, broker: str | None = None
+) -> Settings:
     """A new site at ``root`` whose OFCAM frames arrive by EPICS instead of the watch
-    (and whose ``last_input`` deadlines wait ``quiet_seconds``, if given)."""
-    settings = load_settings(init_site(root))
+    (and whose ``last_input`` deadlines wait ``quiet_seconds``, if given; whose runs go
+    to Celery workers through ``broker``, if given, on a queue of this site's own)."""
+    site = init_site(root)
+    if broker is not None:
+        config = site / SETTINGS_FILE
+        queue = f"obsflow-demo-{os.getpid()}"  # a broker may serve other sites: not theirs
+        text = config.read_text()
+        for line, value in (
+            ("executor: local", "executor: celery"),
+            ("broker: null", f"broker: {json.dumps(broker)}"),
+            ("queue: obsflow", f"queue: {queue}"),
+        ):
+            if f"  {line} " not in text:
+                raise SiteError(f"{config}: no '{line}' line for the demo to change")
+            text = text.replace(f"  {line} ", f"  {value} ", 1)
+        config.write_text(text)
+    settings = load_settings(site)
     path = settings.registry / "ofcam.yaml"
     text = path.read_text()
     watch = WATCH_TRIGGER.search(text)
@@ -259,7 +287,7 @@ def run_demo(
     clock: Callable[[], float] = time.monotonic,
 ) -> DemoResult:
     """Make the site, run the simulator and the daemon, show the night live, stop cleanly."""
-    settings = make_demo_site(plan.root, plan.quiet_seconds)
+    settings = make_demo_site(plan.root, plan.quiet_seconds, plan.broker)
     logs = settings.site / ".obsflow"
     logs.mkdir(parents=True, exist_ok=True)
     env = loopback_epics_env(free_port())
@@ -270,6 +298,7 @@ def run_demo(
     with (
         open(logs / "demo-simulator.log", "w") as simulator_log,
         open(logs / "demo-daemon.log", "w") as daemon_log,
+        ExitStack() as worker_logs,
     ):
         night = ["--frames", str(plan.frames), "--cadence", str(plan.cadence)]
         night += ["--size", str(plan.size), "--duplicates", str(ANNOUNCEMENTS)]
@@ -277,6 +306,12 @@ def run_demo(
         site = ["--site", str(settings.site)]
         simulator = _start([*command, "simulate", "--epics", *site, *night], env, simulator_log)
         daemon = _start([*command, "run", *site], env, daemon_log)
+        workers: list[subprocess.Popen[bytes]] = []
+        if plan.broker is not None:
+            queue = ["--queues", settings.processing.queue, "--concurrency", "1"]
+            for n in range(plan.workers):
+                out = worker_logs.enter_context(open(logs / f"demo-worker-{n + 1}.log", "w"))
+                workers.append(_start([*command, "worker", *site, *queue], env, out))
         try:
             now = snapshot(settings, catalog, since)
             with Live(render(plan, now, 0.0), console=console, refresh_per_second=4) as live:
@@ -297,11 +332,12 @@ def run_demo(
         finally:
             simulator_exit = _stop(simulator)
             daemon_exit = _stop(daemon)
+            worker_exits = tuple(_stop(worker) for worker in workers)
     try:
         last = snapshot(settings, catalog, since)
     finally:
         catalog.close()
-    return DemoResult(settings, last, simulator_exit, daemon_exit, seconds=clock() - began)
+    return DemoResult(settings, last, simulator_exit, daemon_exit, clock() - began, worker_exits)
 
 
 def _start(argv: list[str], env: dict[str, str], log: IO[str]) -> subprocess.Popen[bytes]:

@@ -4,7 +4,8 @@
 recovers runs whose executor died (their leases expired) and hands every queued run to
 the executor; then, woken whenever receipt commits files (or every ``poll_seconds``), it
 reads the new files (:meth:`Tracker.step`), looks at due deadlines (:meth:`Tracker.tick`),
-and hands each run it queued to the executor. A run's outputs come back through receipt
+and hands each queued run to the executor, once (:meth:`TrackerLoop.dispatch`: a broker
+must not get the same run on every pass). A run's outputs come back through receipt
 as new files, which wake it again: that is the cascade L0 → L1 → L2 → L3.
 
 :func:`process_until_idle` does the same without a daemon, until nothing is left to do
@@ -23,13 +24,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from obsflow.catalog.runs import RunStore
 from obsflow.processing.executor import Executor
+from obsflow.processing.plan import queue_of
+from obsflow.processing.sitehost import holder
 from obsflow.processing.tracker import Tracker
 from obsflow.site import Site
+from obsflow.states import RunState
 
 log = logging.getLogger(__name__)
 ERROR_CHARS = 500
@@ -67,12 +71,20 @@ class TrackerLoop:
         self.runs = RunStore(site.catalog)
         self.poll_seconds = poll_seconds
         self._last_recovery = 0.0
+        self._started = False
         self.health = TrackerHealth(ok=True, last_error=None, failures=0, since=site.clock())
         """Replaced (never changed) after each pass of :meth:`run`: read it from any thread."""
 
     def recover(self) -> None:
-        """Runs whose executor died go back to the queue (or fail); hand over the queue."""
+        """Runs whose executor died (their leases expired) go back to the queue, once,
+        or fail for good (their pins dropped); then hand the queue over. The first time,
+        an executor that keeps its queue in memory gets every queued run again (the
+        last daemon's pool died with it)."""
         settings = self.site.settings.processing
+        if not self._started:
+            self._started = True
+            if not self.executor.durable:
+                self.runs.forget_dispatch()
         again, failed = self.runs.recover(self.site.clock(), settings.max_attempts)
         if again or failed:
             log.warning(
@@ -80,22 +92,40 @@ class TrackerLoop:
                 len(again),
                 len(failed),
             )
-        for run_id in self.runs.queued():
-            self.executor.submit(run_id)
+        if failed:
+            retriever = self.site.retriever()
+            for run_id in failed:
+                retriever.unpin_holder(holder(run_id))
         self._last_recovery = time.monotonic()
+        self.dispatch()
+
+    def dispatch(self) -> int:
+        """Hand each queued run not handed over yet to the executor, on its pipeline's
+        queue; also those handed over ``processing.dispatch_seconds`` ago and still
+        queued (a broker that lost them). Returns how many. A run is marked handed over
+        after its submission: a submission that fails leaves it for the next pass."""
+        settings = self.site.settings.processing
+        stale = self.site.clock() - timedelta(seconds=settings.dispatch_seconds)
+        registry = self.site.registry
+        sent: list[int] = []
+        try:
+            for run_id, pipeline in self.runs.to_dispatch(stale):
+                queue = queue_of(registry, pipeline, settings.queue)
+                self.executor.submit(run_id, queue)
+                sent.append(run_id)
+        finally:
+            self.runs.dispatched(sent, self.site.clock())
+        return len(sent)
 
     def once(self) -> int:
-        """One pass: new files, due deadlines, and (now and then) expired leases.
-        Returns how many runs it queued."""
+        """One pass: new files, due deadlines, (now and then) expired leases, and the
+        queue handed to the executor. Returns how many runs it queued."""
         started = self.tracker.drain() + self.tracker.tick()
-        for run in started:
-            self.executor.submit(run.run_id)
         lease = self.site.settings.processing.lease_seconds
         if time.monotonic() - self._last_recovery > lease / 2:
             self.recover()
-        elif self.executor.in_flight < self.site.settings.workers.runs:
-            for run_id in self.runs.queued(limit=100):  # queued by a command (retry, ...)
-                self.executor.submit(run_id)
+        else:
+            self.dispatch()
         return len(started)
 
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
@@ -159,8 +189,10 @@ def process_until_idle(
             if not report.archived and not report.errors:
                 break
         waiting = loop.tracker.next_deadline() is not None
-        busy = started > 0 or executor.in_flight > 0 or bool(loop.runs.queued(limit=1))
-        busy = busy or waiting
+        busy = started > 0 or executor.in_flight > 0 or waiting
+        busy = busy or bool(
+            loop.runs.queued(limit=1) or loop.runs.find(state=RunState.RUNNING, limit=1)
+        )
         if busy:
             quiet_since = None
         elif quiet_since is None:

@@ -1,0 +1,174 @@
+"""A run's book-keeping at the site itself: the catalog, the cache, receipt.
+
+:class:`SiteHost` is the :class:`~obsflow.processing.lifecycle.RunHost` of a worker that
+has the site's storage (the daemon's pool, a Celery worker on shared storage), and also
+what the archive server does on behalf of a worker over HTTP
+(:mod:`obsflow.api.workers`): one implementation of claim, pins, plan, publish and
+finish, whoever calls it.
+
+* :meth:`SiteHost.claim` claims the run (compare-and-set), pins its inputs in the cache
+  as ``run:ID`` (a trim cannot evict them while the run lives; a file already evicted is
+  restored by :meth:`stage`), and plans it. A run whose earlier attempt published every
+  output is finished as succeeded there; a run that cannot be planned fails there.
+* :meth:`SiteHost.finish` finishes the run and drops its pins, if the caller still
+  holds the lease (a released run keeps its pins until its next attempt ends).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from obsflow.catalog.runs import RunStore, StepRow
+from obsflow.errors import NotFoundError, ObsflowError, RunError
+from obsflow.processing.lifecycle import Claim, StoredProfile
+from obsflow.processing.plan import RunPlan, plan_run
+from obsflow.processing.profile import OUTPUT_DIR, ParameterValue
+from obsflow.receipt.receiver import Outcome, Prepared
+from obsflow.site import Site
+from obsflow.states import RunState
+
+
+def holder(run_id: int) -> str:
+    """The pin holder of a run's inputs."""
+    return f"run:{run_id}"
+
+
+class SiteHost:
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.runs = RunStore(site.catalog)
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.site.settings.processing.lease_seconds
+
+    # -- claim --------------------------------------------------------------------------
+
+    def claim(self, run_id: int, owner: str) -> Claim | None:
+        site = self.site
+        run = self.runs.claim(run_id, owner, site.clock(), self.lease_seconds)
+        if run is None:
+            return None
+        retriever = site.retriever()
+        retriever.pin_ids([i for ids in run.inputs.values() for i in ids], holder(run_id))
+        if run.attempts > 1 and self._already_published(run.id, run.pipeline):
+            self._end(run_id, owner, RunState.SUCCEEDED, None, ())
+            return Claim(run_id, None, RunState.SUCCEEDED)
+        try:
+            plan = plan_run(site.catalog, site.registry, run)
+        except ObsflowError as exc:
+            self._end(run_id, owner, RunState.FAILED, str(exc), ())
+            return Claim(run_id, None, RunState.FAILED, str(exc))
+        return Claim(run_id, plan)
+
+    def _already_published(self, run_id: int, pipeline_id: str) -> bool:
+        """An earlier attempt published every output, then died before finishing."""
+        pipeline = self.site.registry.pipelines.get(pipeline_id)
+        expected = 0 if pipeline is None else len(pipeline.outputs)
+        return expected > 0 and len(self.runs.outputs(run_id)) >= expected
+
+    def renew(self, run_id: int, owner: str) -> bool:
+        now = self.site.clock()
+        return self.runs.renew([run_id], owner, now, self.lease_seconds) == 1
+
+    def holds(self, run_id: int, owner: str) -> bool:
+        return self.runs.holds(run_id, owner, self.site.clock())
+
+    # -- the worker's side ------------------------------------------------------------------
+
+    def stage(self, plan: RunPlan) -> dict[str, list[Path]]:
+        """The inputs' paths in the cache (an evicted one restored from the archive by
+        the one retrieval path, :meth:`obsflow.archive.fetch.Fetcher.fetch`)."""
+        retriever = self.site.retriever()
+        staged: dict[str, list[Path]] = {}
+        for name, refs in plan.inputs.items():
+            paths = staged.setdefault(name, [])
+            for ref in refs:
+                try:
+                    paths.append(retriever.fetch(ref.archive_id))
+                except NotFoundError as exc:
+                    raise RunError(f"run {plan.run_id}: input {ref.archive_id}: {exc}") from exc
+        return staged
+
+    def local_parameters(self) -> dict[str, ParameterValue]:
+        return {"site": str(self.site.settings.site), "python": sys.executable}
+
+    def work_dir(self, run_id: int) -> Path:
+        work = self.site.settings.work / f"run-{run_id}"
+        shutil.rmtree(work, ignore_errors=True)  # an earlier attempt's leftovers
+        (work / OUTPUT_DIR).mkdir(parents=True)
+        return work
+
+    def log_path(self, run_id: int) -> Path:
+        path = self.site.settings.logs / "runs" / f"run-{run_id}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # -- reports ------------------------------------------------------------------------
+
+    def record_steps(
+        self,
+        run_id: int,
+        owner: str,
+        steps: Sequence[StepRow],
+        profile: StoredProfile | None = None,
+    ) -> None:
+        self.runs.record_steps(run_id, steps, profile=profile)
+
+    def publish(self, run_id: int, owner: str, outputs: Mapping[str, Path]) -> None:
+        """Receive every output with the run as provenance, in one catalog transaction;
+        only while ``owner`` holds the lease (a worker that lost it publishes nothing)."""
+        if not self.holds(run_id, owner):
+            raise RunError(f"run {run_id}: {owner} no longer holds its lease; not published")
+        receiver = self.site.receiver
+        prepared: list[Prepared] = []
+        for product, path in sorted(outputs.items()):
+            result = receiver.prepare(path)
+            if not isinstance(result, Prepared):
+                raise RunError(
+                    f"run {run_id}: output {path.name} (product {product}) was "
+                    f"{result.outcome.value}: {result.reason}"
+                )
+            if result.product.id != product:
+                raise RunError(
+                    f"run {run_id}: output {path.name} is recognised as product "
+                    f"{result.product.id}, not {product}; fix the pipeline's output name"
+                )
+            prepared.append(replace(result, new=replace(result.new, made_by_run=run_id)))
+        for result in receiver.commit(prepared):
+            if result.outcome not in (Outcome.CACHED, Outcome.DUPLICATE):
+                raise RunError(f"run {run_id}: output {result.path.name}: {result.reason}")
+
+    def finish(
+        self,
+        run_id: int,
+        owner: str,
+        state: RunState,
+        error: str | None,
+        steps: Sequence[StepRow],
+        log_path: Path | None = None,
+    ) -> bool:
+        return self._end(run_id, owner, state, error, steps)
+
+    def _end(
+        self,
+        run_id: int,
+        owner: str,
+        state: RunState,
+        error: str | None,
+        steps: Sequence[StepRow],
+    ) -> bool:
+        """Finish as ``owner``; drop the run's pins only if it did (else the run's next
+        owner holds them)."""
+        moved = self.runs.finish(run_id, owner, state, self.site.clock(), error, steps=steps)
+        if moved:
+            self.site.retriever().unpin_holder(holder(run_id))
+        return moved
+
+    def release(self, run_id: int, owner: str, steps: Sequence[StepRow]) -> None:
+        self.runs.record_steps(run_id, steps)
+        self.runs.release(run_id, owner)
