@@ -24,6 +24,22 @@ Three measurements, in one run on one machine:
    chains ≤ 2×. For reference, on this class of machine: Celery + Redis 6.7× and 3.2×;
    Luigi 9.9× and 5.6×; Snakemake 47× and 19×.
 
+   Through Celery (Redis at ``--broker``, default ``redis://127.0.0.1:6379/0``; skipped,
+   saying so, when it cannot be reached), the same work on 2 workers of one process each:
+
+   * **obsflow on Celery**: the same site and runs with ``processing.executor: celery``
+     and a queue of this benchmark's own; two ``obsflow worker --concurrency 1``
+     subprocesses are started and ready before the clock starts; every run ID is handed
+     to a :class:`CeleryExecutor`, timed until the catalog says every run has ended.
+   * **floor: plain Celery**: an app configured as obsflow's
+     (:func:`obsflow.processing.celery.make_app`: late acknowledgement, one prefetch), two
+     workers of its own (this script, ``--plain-worker``), one task per run doing the
+     same commands (a chain is one task doing its 5 ``cp``) and touching a file when done;
+     timed from the first message sent until every task's file is there. What Celery
+     itself costs, with nothing of obsflow's book-keeping.
+
+   Target: obsflow on Celery ≤ 1.5× plain Celery, for the fan-out and for the chains.
+
 3. **Tracker cost per arriving file**, with 10k and with 1M files in the catalog. A fresh
    site with the example registry (its 5 pipelines) gets N synthetic ``ofcam_raw`` rows,
    inserted in bulk (untimed, on the driver, each value converted by its column's type):
@@ -40,7 +56,7 @@ Three measurements, in one run on one machine:
 
 Prints wall times and ratios, and whether each target is met. Exit status is 0 even when
 a target is missed (it is a measurement); non-zero when a run fails or the tracker does
-not see every arrival. About 2 minutes, most of it inserting the 1M rows.
+not see every arrival. About 3 minutes, most of it inserting the 1M rows.
 
 Run: ``python benchmarks/orchestration.py``; quick (100 runs, 10 chains, catalogs of 2k
 and 50k files): ``python benchmarks/orchestration.py --quick``.
@@ -54,12 +70,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -67,21 +85,30 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
 
+import redis
+import yaml
+from celery import signals
 from sqlalchemy import Engine, event, func, select
 
 from obsflow.catalog import Catalog, schema
 from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.runs import NewRun, RunStore
+from obsflow.processing.celery import CeleryExecutor, is_redis, make_app
 from obsflow.processing.executor import LocalExecutor
 from obsflow.processing.tracker import Tracker
 from obsflow.registry import load_registry
-from obsflow.settings import load_settings
+from obsflow.settings import Processing, load_settings
 from obsflow.site import Site, init_site, open_site
 from obsflow.states import RunState, StepState
 from synthetic import FILTERS, fill, frame_kind, insert_rows, load, machine, night_rows, verdict
 
 FANOUT_TARGET = 3.0
 CHAIN_TARGET = 2.0
+CELERY_TARGET = 1.5
+BROKER = "redis://127.0.0.1:6379/0"
+WORKER_COMMAND = [sys.executable, "-m", "obsflow", "worker"]
+READY_SECONDS = 120.0
+POLL_SECONDS = 0.01
 FLAT_TARGET = 1.2
 WORKERS = 2
 CHAIN_STEPS = 5
@@ -263,6 +290,180 @@ def time_obsflow(work: Path, source: Path, runs: int, chains: int) -> tuple[floa
     return fanout, chain
 
 
+# ---------------------------------------------------------------- through Celery
+
+
+def broker_problem(broker: str) -> str | None:
+    """Why ``broker`` cannot be used now, or None."""
+    app = make_app(Processing(broker=broker))
+    try:
+        with app.connection_for_write(connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        app.close()
+    return None
+
+
+@contextlib.contextmanager
+def workers(argv: list[str], count: int, ready: str, log: Path) -> Iterator[None]:
+    """``count`` worker subprocesses of ``argv``, each started and saying ``ready`` on
+    its output (in ``log``) before this yields; stopped (warm, then killed) after."""
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+    try:
+        for n in range(count):
+            out = log.with_suffix(f".{n}.log")
+            with out.open("wb") as sink:
+                procs.append(
+                    (
+                        subprocess.Popen(
+                            argv, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+                        ),
+                        out,
+                    )
+                )
+        deadline = time.monotonic() + READY_SECONDS
+        for proc, out in procs:
+            while ready not in out.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    fail(f"a worker did not start: {out.read_text(errors='replace')[-2000:]}")
+                time.sleep(0.05)
+        yield
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def drop_queue(broker: str, queue: str) -> None:
+    """Remove ``queue`` and what names it from the broker (each run uses new names)."""
+    app = make_app(Processing(broker=broker))
+    try:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+            conn.default_channel.exchange_delete(queue)
+    finally:
+        app.close()
+    if is_redis(broker):  # kombu keeps its routing table in keys of its own
+        client = redis.Redis.from_url(broker)
+        client.delete(f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+        client.close()
+
+
+def open_celery_site(directory: Path, source: Path, broker: str, queue: str) -> Site:
+    """The benchmark's site, its runs going to ``queue`` of ``broker`` (written in its
+    ``obsflow.yaml``: the workers read it)."""
+    site_dir = init_site(directory)
+    (site_dir / "registry" / "ofcam_pipelines.yaml").write_text(bench_pipelines(source))
+    config_path = site_dir / "obsflow.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["processing"].update(executor="celery", broker=broker, queue=queue)
+    config_path.write_text(yaml.safe_dump(config))
+    return open_site(load_settings(site_dir))
+
+
+def execute_on_celery(site: Site, executor: CeleryExecutor, run_ids: list[int]) -> float:
+    """Hand every run to the workers; seconds from the first until the catalog says every
+    one of them has ended."""
+    runs = schema.runs
+    ended = select(func.count()).where(
+        runs.c.id.in_(run_ids),
+        runs.c.state.in_([RunState.SUCCEEDED.value, RunState.FAILED.value]),
+    )
+    start = time.perf_counter()
+    for run_id in run_ids:
+        executor.submit(run_id)
+    while True:
+        with site.catalog.read() as conn:
+            if conn.execute(ended).scalar() == len(run_ids):
+                break
+        time.sleep(POLL_SECONDS)
+    return time.perf_counter() - start
+
+
+def time_obsflow_celery(
+    work: Path, source: Path, runs: int, chains: int, broker: str
+) -> tuple[float, float]:
+    """Seconds for the fan-out and for the chains with obsflow on two Celery workers."""
+    queue = f"bench-obsflow-{uuid.uuid4().hex[:8]}"
+    site = open_celery_site(work / "site", source, broker, queue)
+    argv = [*WORKER_COMMAND, "--site", str(site.settings.site), "--concurrency", "1"]
+    try:
+        fan_ids = create_runs(site, "bench_fanout", runs)
+        chain_ids = create_runs(site, "bench_chain", chains)
+        with workers(argv, WORKERS, "obsflow worker: ready", work / "worker"):
+            executor = CeleryExecutor(site.settings, site.registry)
+            try:
+                fanout = execute_on_celery(site, executor, fan_ids)
+                check_runs(site, fan_ids, 1)
+                chain = execute_on_celery(site, executor, chain_ids)
+                check_runs(site, chain_ids, CHAIN_STEPS)
+            finally:
+                executor.close()
+    finally:
+        site.close()
+        drop_queue(broker, queue)
+    return fanout, chain
+
+
+PLAIN_TRUE = "bench.true"
+PLAIN_CHAIN = "bench.chain"
+
+
+def plain_true(marker: str) -> None:
+    """A fan-out task of plain Celery: ``true``, then its file says it is done."""
+    subprocess.run(["true"], check=True)
+    Path(marker).touch()
+
+
+def plain_worker(broker: str, queue: str) -> None:
+    """``--plain-worker``: a Celery worker of plain tasks, configured as obsflow's."""
+    app = make_app(Processing(broker=broker, queue=queue))
+    app.task(name=PLAIN_TRUE)(plain_true)
+    app.task(name=PLAIN_CHAIN)(run_chain)
+
+    def ready(**_: Any) -> None:
+        print("plain worker: ready", file=sys.stderr, flush=True)
+
+    signals.worker_ready.connect(ready, weak=False)
+    worker = app.Worker(
+        queues=[queue], concurrency=1, pool="prefork", quiet=True,
+        without_gossip=True, without_mingle=True, optimization="fair",
+        hostname=f"plain-{os.getpid()}@bench",
+    )  # fmt: skip
+    worker.start()
+
+
+def until_files(directory: Path, pattern: str, count: int) -> None:
+    while sum(1 for _ in directory.glob(pattern)) < count:
+        time.sleep(POLL_SECONDS)
+
+
+def time_plain_celery(
+    app: Any, queue: str, out: Path, source: Path, runs: int, chains: int
+) -> tuple[float, float]:
+    """Seconds for the fan-out and for the chains as plain Celery tasks (workers up)."""
+    done = out / "done"
+    done.mkdir()
+    start = time.perf_counter()
+    for i in range(runs):
+        app.send_task(PLAIN_TRUE, args=(str(done / f"{i}"),), queue=queue)
+    until_files(done, "*", runs)
+    fanout = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(chains):
+        app.send_task(PLAIN_CHAIN, args=(str(source), str(out / f"celery-{i}")), queue=queue)
+    until_files(out, f"celery-*-s{CHAIN_STEPS}.dat", chains)
+    return fanout, time.perf_counter() - start
+
+
 @dataclass(frozen=True)
 class Orchestration:
     """Best (fan-out seconds, chains seconds) of each side."""
@@ -270,29 +471,56 @@ class Orchestration:
     obsflow: tuple[float, float]
     loop: tuple[float, float]
     pool: tuple[float, float]
+    celery: tuple[float, float] | None = None
+    """obsflow on Celery (None: no broker)."""
+    plain: tuple[float, float] | None = None
+    """Plain Celery tasks (None: no broker)."""
 
 
-def orchestration(root: Path, runs: int, chains: int, repeat: int) -> Orchestration:
+def orchestration(
+    root: Path, runs: int, chains: int, repeat: int, broker: str | None
+) -> Orchestration:
     source = root / "small.dat"
     source.write_bytes(os.urandom(SMALL_FILE))
-    sides: dict[str, list[tuple[float, float]]] = {"obsflow": [], "loop": [], "pool": []}
-    for i in range(repeat):  # interleaved, so that a drifting load hits every side alike
-        work = root / f"obsflow-{i}"
-        sides["obsflow"].append(time_obsflow(work, source, runs, chains))
-        shutil.rmtree(work)
-        out = root / f"floor-{i}"
-        out.mkdir()
-        for name, floor in (("loop", floor_loop), ("pool", floor_pool)):
-            sides[name].append(floor(runs, chains, source, out))
-            check_copies(out, name, chains)
-        shutil.rmtree(out)
-        print(
-            f"  round {i + 1}: "
-            + ", ".join(f"{name} {t[-1][0]:.2f} s / {t[-1][1]:.2f} s" for name, t in sides.items()),
-            flush=True,
-        )
+    names = ["obsflow", "loop", "pool"] + (["celery", "plain"] if broker else [])
+    sides: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    with contextlib.ExitStack() as stack:
+        if broker:  # the plain workers serve every round (their start is not timed)
+            queue = f"bench-plain-{uuid.uuid4().hex[:8]}"
+            stack.callback(drop_queue, broker, queue)
+            argv = [sys.executable, __file__, "--plain-worker", broker, queue]
+            stack.enter_context(workers(argv, WORKERS, "plain worker: ready", root / "plain"))
+            plain_app = make_app(Processing(broker=broker, queue=queue))
+            stack.callback(plain_app.close)
+        for i in range(repeat):  # interleaved, so that a drifting load hits every side alike
+            work = root / f"obsflow-{i}"
+            sides["obsflow"].append(time_obsflow(work, source, runs, chains))
+            shutil.rmtree(work)
+            out = root / f"floor-{i}"
+            out.mkdir()
+            for name, floor in (("loop", floor_loop), ("pool", floor_pool)):
+                sides[name].append(floor(runs, chains, source, out))
+                check_copies(out, name, chains)
+            if broker:
+                work = root / f"celery-{i}"
+                sides["celery"].append(time_obsflow_celery(work, source, runs, chains, broker))
+                shutil.rmtree(work)
+                sides["plain"].append(
+                    time_plain_celery(plain_app, queue, out, source, runs, chains)
+                )
+                check_copies(out, "celery", chains)
+            shutil.rmtree(out)
+            print(
+                f"  round {i + 1}: "
+                + ", ".join(
+                    f"{name} {t[-1][0]:.2f} s / {t[-1][1]:.2f} s" for name, t in sides.items()
+                ),
+                flush=True,
+            )
     best = {name: (min(t[0] for t in ts), min(t[1] for t in ts)) for name, ts in sides.items()}
-    return Orchestration(best["obsflow"], best["loop"], best["pool"])
+    return Orchestration(
+        best["obsflow"], best["loop"], best["pool"], best.get("celery"), best.get("plain")
+    )
 
 
 # ---------------------------------------------------------------- the tracker
@@ -477,21 +705,36 @@ def report_orchestration(result: Orchestration, runs: int, chains: int, repeat: 
     ):
         pool = result.pool[index]
         print(f"\n{label}{best_of}")
-        print(f"  {'':<34} {'seconds':>8} {'ms/run':>8} {'× pool':>7}")
-        rows = (
-            ("obsflow (LocalExecutor, SQLite)", "obsflow", result.obsflow[index]),
+        print(f"  {'':<38} {'seconds':>8} {'ms/run':>8} {'× pool':>7}")
+        rows = [("obsflow (LocalExecutor, SQLite)", "obsflow", result.obsflow[index])]
+        if result.celery is not None and result.plain is not None:
+            rows += [
+                ("obsflow on Celery (Redis, 2 workers)", "obsflow-celery", result.celery[index]),
+                ("floor: plain Celery (Redis, 2 workers)", "plain-celery", result.plain[index]),
+            ]
+        rows += [
             ("floor: loop of subprocess.run", "loop", result.loop[index]),
             ("floor: ProcessPoolExecutor(2)", "pool", pool),
-        )
+        ]
         for name, _, seconds in rows:
             print(
-                f"  {name:<34} {seconds:>8.2f} {1e3 * seconds / count:>8.2f} {seconds / pool:>7.2f}"
+                f"  {name:<38} {seconds:>8.2f} {1e3 * seconds / count:>8.2f} {seconds / pool:>7.2f}"
             )
         ratio = result.obsflow[index] / pool
         ruling = (
             f"obsflow / ProcessPool {ratio:.2f}×, target ≤ {target:g}×: {verdict(ratio, target)}"
         )
         print(f"  {ruling}")
+        if result.celery is not None and result.plain is not None:
+            over = result.celery[index] / result.plain[index]
+            ruling += (
+                f"; obsflow on Celery / plain Celery {over:.2f}×, target ≤ {CELERY_TARGET:g}×: "
+                f"{verdict(over, CELERY_TARGET)}"
+            )
+            print(
+                f"  obsflow on Celery / plain Celery {over:.2f}×, target ≤ {CELERY_TARGET:g}×: "
+                f"{verdict(over, CELERY_TARGET)}"
+            )
         figures = ", ".join(f"{short} {seconds:.2f} s" for _, short, seconds in rows)
         lines.append(f"  {label:<22} {figures}; {ruling}")
     return lines
@@ -510,7 +753,17 @@ def main() -> None:
         "--repeat", type=int, default=3, help="time the orchestration N times, report the best"
     )
     parser.add_argument("--tmp", type=Path, default=None, help="where to work (default: /dev/shm)")
+    parser.add_argument(
+        "--broker", default=BROKER, help=f"the Redis of the Celery rows (default {BROKER})"
+    )
+    parser.add_argument("--no-celery", action="store_true", help="leave out the Celery rows")
+    parser.add_argument(
+        "--plain-worker", nargs=2, metavar=("BROKER", "QUEUE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.plain_worker:
+        plain_worker(*args.plain_worker)
+        return
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     runs = args.runs or (100 if args.quick else 500)
@@ -519,8 +772,13 @@ def main() -> None:
     if not 0 < small < large:
         parser.error("--sizes: 0 < SMALL < LARGE")
 
+    broker: str | None = None if args.no_celery else args.broker
+    problem = broker_problem(broker) if broker else None
     began = time.perf_counter()
     print(f"{machine()}\n{load()} at the start")
+    if problem:
+        print(f"Celery rows left out: the broker {broker} cannot be reached ({problem})")
+        broker = None
     shm = Path("/dev/shm")
     tmp = args.tmp or (shm if shm.is_dir() and os.access(shm, os.W_OK) else None)
     root = Path(tempfile.mkdtemp(prefix="obsflow-orchestration-", dir=tmp))
@@ -528,7 +786,7 @@ def main() -> None:
     print(f"working in {root} ({where}): the site, its work directories, the floors' files")
     try:
         print(f"\norchestration, fan-out / chains, {args.repeat} round(s):", flush=True)
-        result = orchestration(root, runs, chains, args.repeat)
+        result = orchestration(root, runs, chains, args.repeat, broker)
         summary = report_orchestration(result, runs, chains, args.repeat)
         print(f"  (for reference, on this class of machine: {REFERENCE})")
 

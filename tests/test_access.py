@@ -81,6 +81,36 @@ def test_scopes_are_ordered(held: Scope, asked: Scope, may: bool) -> None:
     assert Principal("u", held, frozenset(), 1).may(asked) is may
 
 
+@pytest.mark.parametrize(
+    ("held", "asked", "may"),
+    [
+        (Scope.WORKER, Scope.READ, True),
+        (Scope.WORKER, Scope.WORKER, True),
+        (Scope.WORKER, Scope.WRITE, False),  # no tags, no retries, no transfers
+        (Scope.WORKER, Scope.ADMIN, False),
+        (Scope.READ, Scope.WORKER, False),
+        (Scope.WRITE, Scope.WORKER, False),  # a writer may not report runs
+        (Scope.ADMIN, Scope.WORKER, True),
+    ],
+)
+def test_the_worker_scope_sits_beside_write_not_above_it(
+    held: Scope, asked: Scope, may: bool
+) -> None:
+    assert Principal("u", held, frozenset(), 1).may(asked) is may
+
+
+def test_a_worker_reads_every_file_but_never_a_path_and_sends_no_frame(
+    record: FileRecord,
+) -> None:
+    assert record.proprietary_until is not None and record.program is not None
+    worker = Principal("w", Scope.WORKER, frozenset(), 1)
+    before = record.proprietary_until - timedelta(days=1)
+    assert may_read_data(worker, record, before)  # proprietary: it reduces it anyway
+    shown = visible_fields(worker, record, before)
+    assert set(shown) == DATA_FIELDS and "proprietary" not in shown
+    assert not worker.may_send("OFCAM")
+
+
 def test_anonymous_reads_only() -> None:
     assert ANONYMOUS.anonymous and ANONYMOUS.may(Scope.READ)
     assert not ANONYMOUS.may(Scope.WRITE) and not ANONYMOUS.programs
@@ -225,6 +255,7 @@ def test_the_sql_form_of_the_rule_selects_exactly_what_the_python_form_accepts(
             "own program": Principal("a", Scope.READ, frozenset({"A"}), 2),
             "two programs, write": Principal("w", Scope.WRITE, frozenset({"A", "B"}), 3),
             "admin": Principal("root", Scope.ADMIN, frozenset(), 4),
+            "worker": Principal("w", Scope.WORKER, frozenset(), 5),
         }
         for label, who in readers.items():
             rule = ReadRule.of(who, NOW)
@@ -244,6 +275,7 @@ def test_the_sql_form_of_the_rule_selects_exactly_what_the_python_form_accepts(
             "own program": 11,  # and A's two not yet released
             "two programs, write": 13,
             "admin": 15,
+            "worker": 15,  # it reduces every frame
         }
     finally:
         catalog.close()
@@ -444,6 +476,18 @@ def test_token_commands(make_site: SiteFactory) -> None:
     assert missing.returncode == 1 and "no token 99" in missing.stderr
     listed = token("list", "--site", site, "--json")
     assert [t["revoked"] is not None for t in json.loads(listed.stdout)] == [True, False]
+
+
+@SQLITE_ONLY
+def test_token_create_makes_a_worker_token(make_site: SiteFactory) -> None:
+    settings = make_site()
+    made = token("create", "--site", settings.site, "--user", "node7", "--scope", "worker")
+    assert made.returncode == 0, made.stderr
+    [secret] = made.stdout.splitlines()
+    assert "scope worker" in made.stderr
+    assert _verify(settings, secret) == Principal("node7", Scope.WORKER, frozenset(), 1)
+    helped = token("create", "--help")
+    assert "worker" in helped.stdout
 
 
 @SQLITE_ONLY

@@ -631,7 +631,7 @@ def test_the_openapi_document_holds_and_nothing_errs(world: World) -> None:
 
             check()
         checked.append(operation.label)
-    assert len(checked) == 15, checked
+    assert len(checked) == 23, checked
 
 
 def test_the_document_is_served(world: World) -> None:

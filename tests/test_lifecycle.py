@@ -140,9 +140,7 @@ class Recording(Executor):
 
 
 @pytest.mark.parametrize("durable", [True, False], ids=["broker", "pool"])
-def test_each_queued_run_is_handed_to_the_executor_once(
-    waiting_site: Site, durable: bool
-) -> None:
+def test_each_queued_run_is_handed_to_the_executor_once(waiting_site: Site, durable: bool) -> None:
     site = waiting_site
     executor = Recording(durable)
     loop = TrackerLoop(site, executor)

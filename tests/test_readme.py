@@ -81,3 +81,18 @@ def test_readme_curl_examples_name_endpoints_and_parameters_the_api_has(tmp_path
         for pair in filter(None, query.split("&")):
             name = pair.partition("=")[0]
             assert name in declared, f"README: {full}: no query parameter {name!r}"
+
+
+def test_readme_container_profile_is_a_valid_profile_whose_paths_resolve_inside() -> None:
+    import yaml
+
+    from obsflow.registry.specs import ProfileSpec
+
+    (block,) = re.findall(
+        r"```yaml\n(profiles:\n  - id: calibrate_frame.*?)```", README.read_text(), re.DOTALL
+    )
+    (spec,) = [ProfileSpec.model_validate(p) for p in yaml.safe_load(block)["profiles"]]
+    (step,) = spec.steps
+    assert step.image == "localhost/obsflow-tools:1" and step.network is False
+    assert step.cpus == 2 and step.memory == "4g"
+    assert step.command[:4] == ("python", "-m", "obsflow.tools.ccd", "calibrate")

@@ -20,6 +20,7 @@ import pytest
 
 from obsflow.access import Scope, TokenStore
 from obsflow.api import ApiServer, create_app
+from obsflow.api.services import Uploads
 from obsflow.catalog import FileQuery
 from obsflow.receipt.intake import Wake
 from obsflow.site import Site, open_site
@@ -49,6 +50,7 @@ class Archive:
     read: str
     elsewhere: str  # write scope, for another instrument's frames only
     requests: list[str]
+    uploads: Uploads | None = None  # the server's uploads in progress
 
     def client(self, token: str | None = None) -> Client:
         client = Client(self.url, token if token is not None else self.write, timeout=10)
@@ -75,7 +77,9 @@ def archive(make_site: SiteFactory) -> Iterator[Archive]:
     read, _ = tokens.create("reader", Scope.READ, [], now)
     elsewhere, _ = tokens.create("other", Scope.WRITE, [], now, instruments=["OTHERCAM"])
     try:
-        yield Archive(site, server.url, write, read, elsewhere, [])
+        yield Archive(
+            site, server.url, write, read, elsewhere, [], server.app.state.services.uploads
+        )
     finally:
         server.stop()
         stop.set()
@@ -171,6 +175,23 @@ def test_a_wrong_checksum_is_refused_and_nothing_is_stored(
         client.close()
     assert server_file(archive, out.archive_id) is None
     assert list((archive.site.settings.cache / ".uploads").glob("*.part")) == []
+
+
+def test_an_upload_already_in_progress_asks_the_agent_to_wait(
+    archive: Archive, frames: list[Path]
+) -> None:
+    out = outgoing(frames[3])
+    assert archive.uploads is not None
+    assert archive.uploads.claim(out.archive_id)  # another connection is sending it
+    client = archive.client()
+    try:
+        with pytest.raises(BusyError, match="being uploaded already") as caught:
+            client.send(out)
+        assert caught.value.retry_after == 1.0
+    finally:
+        archive.uploads.release(out.archive_id)
+        client.close()
+    assert server_file(archive, out.archive_id) is None
 
 
 def test_the_same_id_with_other_bytes_is_a_conflict_never_an_overwrite(

@@ -4,12 +4,16 @@ The policy is a few pure functions over plain data (a :class:`Principal` and a
 :class:`~obsflow.catalog.records.FileRecord`), so that every service asks the same
 question the same way and the rules are tested without a server:
 
-- **Scopes** are ordered: ``admin`` ⊃ ``write`` ⊃ ``read``. Write endpoints need
-  :attr:`Scope.WRITE` (``who.may(Scope.WRITE)``).
+- **Scopes**: ``admin`` ⊃ ``write`` ⊃ ``read``, and beside them ``worker`` ⊃ ``read``
+  (:data:`GRANTS`). Write endpoints need :attr:`Scope.WRITE` (``who.may(Scope.WRITE)``).
+  A ``worker`` token is what ``obsflow worker --server`` holds on a machine without the
+  site's storage: it reads every file's bytes (proprietary ones too: it reduces them),
+  claims runs, reports their steps and sends their outputs (:mod:`obsflow.api.workers`),
+  and nothing else: no tags, no retries, no paths, no transfers. Admin may do all of it.
 - **The proprietary period**: receipt sets each file's ``proprietary_until`` from its
   instrument's ``proprietary_months`` (or the program's exception in
   ``program_proprietary_months``). Until then, a file's bytes and its non-public
-  metadata go only to tokens of its program, or of admin scope
+  metadata go only to tokens of its program, or of admin or worker scope
   (:func:`may_read_data`); from then on, to anyone. The rule is written once,
   :class:`ReadRule`, in its two forms side by side: over a record in Python, and as
   the SQL condition the catalog filters with (``FileQuery(readable_by=...)``); a test
@@ -48,7 +52,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ADMIN_FIELDS",
+    "ALL_DATA",
     "ANONYMOUS",
+    "GRANTS",
     "PUBLIC_FIELDS",
     "AccessError",
     "Principal",
@@ -71,22 +77,37 @@ class AccessError(ObsflowError):
 
 
 class Scope(StrEnum):
-    """What a token may do; each scope includes the ones before it."""
+    """What a token may do (:data:`GRANTS` says which scopes each one includes)."""
 
     READ = "read"
     WRITE = "write"
     ADMIN = "admin"
+    WORKER = "worker"
+    """A remote worker's: every file's bytes, runs claimed and reported, outputs sent."""
 
     @property
-    def rank(self) -> int:
-        return _RANK[self]
+    def grants(self) -> frozenset[Scope]:
+        """The scopes a token of this scope holds (itself among them)."""
+        return GRANTS[self]
 
 
-_RANK: Final = {Scope.READ: 0, Scope.WRITE: 1, Scope.ADMIN: 2}
+GRANTS: Final[dict[Scope, frozenset[Scope]]] = {
+    Scope.READ: frozenset({Scope.READ}),
+    Scope.WRITE: frozenset({Scope.READ, Scope.WRITE}),
+    Scope.WORKER: frozenset({Scope.READ, Scope.WORKER}),
+    Scope.ADMIN: frozenset(Scope),
+}
+"""What each scope includes: not a line but a small tree, since a worker may neither
+write (tag, retry, transfer) nor be written for, and a writer may not act as a worker."""
+
+ALL_DATA: Final = frozenset({Scope.ADMIN, Scope.WORKER})
+"""The scopes that read every file's bytes and non-public metadata before its release
+(a worker reduces proprietary frames; paths stay admin's alone)."""
 
 
 def parse_scope(text: str) -> Scope:
-    """``read``, ``write`` or ``admin`` as a :class:`Scope`; else :class:`AccessError`."""
+    """``read``, ``write``, ``admin`` or ``worker`` as a :class:`Scope`; else
+    :class:`AccessError`."""
     try:
         return Scope(text)
     except ValueError:
@@ -143,8 +164,15 @@ class Principal:
     """The instruments whose frames the token may send (transfers); empty: any."""
 
     def may(self, scope: Scope) -> bool:
-        """Whether this principal holds ``scope`` (admin may write, write may read)."""
-        return self.scope.rank >= scope.rank
+        """Whether this principal holds ``scope`` (admin may write, write may read, a
+        worker may read; :data:`GRANTS`)."""
+        return scope in self.scope.grants
+
+    @property
+    def reads_all(self) -> bool:
+        """Whether this principal may read every file's data, released or not (admin, a
+        worker)."""
+        return self.scope in ALL_DATA
 
     def may_send(self, instrument: str) -> bool:
         """Whether this principal may transfer frames of ``instrument`` to the archive."""
@@ -224,9 +252,9 @@ PROPRIETARY_MARKER: Final = "proprietary"
 class ReadRule:
     """The proprietary rule for one reader at one instant, in both forms it is asked in:
     a file's bytes and non-public metadata go, once it is released (no
-    ``proprietary_until``, or that instant has come), to anyone; before, to admin tokens
-    and to tokens of the file's program. A file without a program is admin's alone
-    until its release.
+    ``proprietary_until``, or that instant has come), to anyone; before, to admin and
+    worker tokens (:attr:`Principal.reads_all`) and to tokens of the file's program. A
+    file without a program is theirs alone until its release.
 
     :meth:`accepts` asks it of a record in Python, :meth:`sql` of a row in SQL (for
     :attr:`obsflow.catalog.records.FileQuery.readable_by`); they read the same two
@@ -235,16 +263,17 @@ class ReadRule:
     """
 
     programs: frozenset[str]
-    admin: bool
+    everything: bool
+    """The reader reads every file (admin, a worker)."""
     now: datetime
 
     @classmethod
     def of(cls, who: Principal, now: datetime) -> ReadRule:
-        return cls(frozenset(who.programs), who.may(Scope.ADMIN), now)
+        return cls(frozenset(who.programs), who.reads_all, now)
 
     def accepts(self, record: FileRecord) -> bool:
         """Whether the reader may read ``record``'s data."""
-        if self.admin or released(record, self.now):
+        if self.everything or released(record, self.now):
             return True
         return record.program is not None and record.program in self.programs
 
@@ -253,7 +282,7 @@ class ReadRule:
     ) -> ColumnElement[bool]:
         """The same, as a condition over a file's ``proprietary_until`` and ``program``
         columns (SQL's ``program IN (...)`` is not true for a NULL program either)."""
-        if self.admin:
+        if self.everything:
             return true()
         mine = [program.in_(sorted(self.programs))] if self.programs else []
         return or_(proprietary_until.is_(None), proprietary_until <= self.now, *mine)

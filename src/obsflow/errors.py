@@ -27,8 +27,10 @@ defined in ``obsflow.module`` (and so are its children that name no module of th
     │       ├── ConflictError  the server holds other bytes under its archive ID
     │       └── DeniedError    the server refused the agent's token
     ├── RunError               a pipeline run could not be built, started or published
-    │   └── ProfileError       a profile cannot be filled for a run (names run, step, placeholder)
+    │   ├── ProfileError       a profile cannot be filled for a run (names run, step, placeholder)
+    │   └── processing.serverhost.ServerError  a worker's call to the server failed
     ├── NotFoundError          no (live) file with this archive ID
+    ├── processing.celery.BrokerError  no broker, or it cannot take a run
     ├── catalog.tags.InvalidTagError  a tag that does not follow the registry's rule
     ├── access.AccessError     a bad user, program or scope name
     ├── api.ListenError        the API cannot listen where asked (a bad HOST:PORT, in use)

@@ -90,7 +90,7 @@ daemon:
 processing:
   executor: local         # local: a pool of `workers.runs` runs at once | inline: one by one
                           # | celery: on `obsflow worker`s, through the broker
-  broker: null            # celery: redis://HOST:6379/0 or amqp://USER:PASSWORD@HOST// (or OBSFLOW_BROKER)
+  broker: null            # celery: redis://HOST:6379/0 or amqp://USER:PW@HOST// (or OBSFLOW_BROKER)
   queue: obsflow          # celery: the queue of runs whose pipeline and profile name none
   parallel_steps: 2       # independent steps of one run at once
   max_attempts: 3         # a run whose executor died this often is marked failed

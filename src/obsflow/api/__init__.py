@@ -14,6 +14,11 @@ RFC 9457 problem details, :mod:`~obsflow.api.auth` says who is asking.
 ``GET /api/v1/runs``                       pipeline runs (filters, cursor pages)
 ``GET /api/v1/runs/{n}``                   one run, with its steps and log
 ``POST /api/v1/runs/{n}/retry``            queue a failed run again (write scope)
+``POST /api/v1/runs/{n}/claim``            a remote worker claims a run (worker scope;
+                                           also ``lease``, ``steps``, ``publish``,
+                                           ``finish``, ``release``: :mod:`.workers`)
+``GET|PUT /api/v1/runs/{n}/outputs/{f}``   a run's output sent back (resumable)
+``GET|PUT /api/v1/transfers/{id}``         an agent's frame sent (resumable; write scope)
 ``GET /api/v1/status``                     site snapshot: counts, depth, runs, cache, latency, stuck
 ``GET /healthz``                           alive, and the catalog answers
 ``GET /metrics``                           Prometheus
@@ -43,7 +48,7 @@ from fastapi.openapi.utils import get_openapi
 
 from obsflow import __version__
 from obsflow.access import TokenStore
-from obsflow.api import files, metrics, problems, runs, status, transfer
+from obsflow.api import files, metrics, problems, runs, status, transfer, workers
 from obsflow.api.metrics import Metrics, RequestMetrics
 from obsflow.api.services import Services, Uploads
 from obsflow.archive.retrieval import Retriever
@@ -106,7 +111,7 @@ def create_app(
         wake=wake,
     )
     problems.install(app)
-    for module in (files, runs, status, metrics, transfer):
+    for module in (files, runs, status, metrics, transfer, workers):
         app.include_router(module.router)
     app.add_middleware(RequestMetrics, metrics=app_metrics)
 

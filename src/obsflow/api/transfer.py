@@ -22,6 +22,9 @@ The same ID with the same bytes again is a success that writes nothing; with oth
 bytes, 409 ``conflict`` (never overwritten). With more than ``transfer.max_queue`` files
 waiting for the archive, uploads are answered 503 with ``Retry-After``. Both need a
 token with write scope.
+
+The partial file, the offsets and the checksum are :mod:`obsflow.api.upload`'s, which
+the workers' outputs (:mod:`obsflow.api.workers`) share.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ from typing import Annotated, Final
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, Field
-from starlette.requests import ClientDisconnect
 
+from obsflow.api import upload as uploads
 from obsflow.api.auth import Writer
 from obsflow.api.files import ArchiveId
 from obsflow.api.params import Time, utc
 from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
+from obsflow.api.upload import FILE_NAME, MAX_SIZE, SHA256
 from obsflow.catalog.holdings import Holdings
 from obsflow.errors import RecognitionError
 from obsflow.receipt.receiver import Delivery, Outcome
@@ -55,11 +59,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["transfers"])
 Svc = Annotated[Services, Depends(services)]
 
-SHA256: Final = r"^[0-9a-f]{64}$"
-FILE_NAME: Final = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,254}$"
-MAX_SIZE: Final = 1 << 40  # 1 TiB: more is a mistake, not a frame
 UPLOADS: Final = ".uploads"  # under the cache (the same file system): partial files
-HASH_CHUNK: Final = 1 << 20
 
 
 class TransferStatus(StrEnum):
@@ -145,32 +145,16 @@ async def upload(
         raise ProblemError(409, state.detail or "conflict", kind="conflict")
     if state.state in (TransferStatus.CACHED, TransferStatus.ARCHIVED):
         return json_response(state)  # these bytes are here already: nothing to write
-    if state.offset != offset:
-        raise ProblemError(
-            409,
-            f"the server holds {state.offset} bytes of {archive_id}, not {offset}: "
-            "resume from there",
-            kind="wrong-offset",
-            headers={"Upload-Offset": str(state.offset)},
-        )
-    uploads = svc.uploads
-    if not uploads.claim(archive_id):
-        raise ProblemError(
-            409, f"{archive_id} is being uploaded already", kind="in-progress",
-            headers={"Retry-After": "1"},
-        )  # fmt: skip
-    try:
+    uploads.check_offset(state.offset, offset, archive_id)
+    with uploads.claimed(svc.uploads, archive_id, archive_id):
         part = _part(svc, archive_id, sha256)
-        digest = hashlib.sha256() if offset == 0 else None
-        size = await _append(request, part, offset, length, digest)
+        size, digest = await uploads.append(request, part, offset, length)
         if size < length:
             return json_response(
                 TransferState(archive_id=archive_id, state=TransferStatus.PARTIAL, offset=size)
             )
         delivery = Delivery(archive_id, sha256, utc(acquired), utc(received))
         state = await anyio.to_thread.run_sync(_receive, svc, part, name, delivery, digest)
-    finally:
-        uploads.release(archive_id)
     if state.state is TransferStatus.CACHED:
         state = await _confirm(svc, state, settings.confirm_seconds)
     return json_response(state, status_code=200)
@@ -192,10 +176,8 @@ def _state(svc: Services, archive_id: str, sha256: str) -> TransferState:
         archived = here.state is FileState.ARCHIVED
         status = TransferStatus.ARCHIVED if archived else TransferStatus.CACHED
         return TransferState(archive_id=archive_id, state=status)
-    part = _part(svc, archive_id, sha256)
-    try:
-        held = part.stat().st_size
-    except FileNotFoundError:
+    held = uploads.held(_part(svc, archive_id, sha256))
+    if held is None:
         return TransferState(archive_id=archive_id, state=TransferStatus.ABSENT)
     return TransferState(archive_id=archive_id, state=TransferStatus.PARTIAL, offset=held)
 
@@ -210,50 +192,12 @@ def _part(svc: Services, archive_id: str, sha256: str) -> FilePath:
     return svc.site.settings.cache / UPLOADS / f"{archive_id}.{sha256[:16]}.part"
 
 
-async def _append(
-    request: Request, part: FilePath, offset: int, length: int, digest: hashlib._Hash | None
-) -> int:
-    """Append the request's body to ``part``; return its size after (short of
-    ``length`` when the client went away midway: the agent resumes from there)."""
-    part.parent.mkdir(parents=True, exist_ok=True)
-    size = offset
-    with part.open("r+b" if offset else "wb") as out:
-        out.truncate(offset)
-        out.seek(offset)
-        try:
-            async for chunk in request.stream():
-                if size + len(chunk) > length:
-                    out.truncate(offset)
-                    raise ProblemError(
-                        413, f"the body is longer than Upload-Length {length}", kind="too-long"
-                    )
-                out.write(chunk)  # (to the page cache: too quick to be worth a thread)
-                if digest is not None:
-                    digest.update(chunk)
-                size += len(chunk)
-        except ClientDisconnect:
-            log.info("upload of %s cut at %d of %d bytes", part.name, size, length)
-    return size
-
-
 def _receive(
     svc: Services, part: FilePath, name: str, delivery: Delivery, digest: hashlib._Hash | None
 ) -> TransferState:
     """Verify the whole file and receive it under its archive ID (a worker thread)."""
     archive_id = delivery.archive_id
-    if digest is None:  # a resumed upload: hash what the parts add up to
-        digest = hashlib.sha256()
-        with part.open("rb") as src:
-            while chunk := src.read(HASH_CHUNK):
-                digest.update(chunk)
-    if digest.hexdigest() != delivery.sha256:
-        part.unlink(missing_ok=True)
-        raise ProblemError(
-            422,
-            f"{archive_id}: the bytes received have sha256 {digest.hexdigest()[:12]}…, "
-            f"not {delivery.sha256[:12]}…; send it again",
-            kind="checksum-mismatch",
-        )
+    uploads.verify(part, delivery.sha256, digest, archive_id)
     folder = part.with_suffix(".d")  # the file under its own name, for recognition
     folder.mkdir(exist_ok=True)
     path = folder / name

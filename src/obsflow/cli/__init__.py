@@ -112,6 +112,7 @@ from obsflow.cli import (  # noqa: E402, F401
     sites,
     status,
     tokens,
+    worker,
 )
 
 

@@ -30,7 +30,12 @@ app.add_typer(token_app, name="token")
 def token_create(
     user: Annotated[str, typer.Option(help="Whose token it is (letters, digits, _ . @ -).")],
     scope: Annotated[
-        Scope, typer.Option(help="read: data; write: also upload; admin: everything.")
+        Scope,
+        typer.Option(
+            help="read: data; write: also tags, retries, transfers; admin: everything; "
+            "worker: for 'obsflow worker --server' (every file's bytes, runs claimed and "
+            "reported, outputs sent; nothing else)."
+        ),
     ],
     program: Annotated[
         list[str] | None,

@@ -84,8 +84,10 @@ class RunPlan:
         return {
             "run_id": self.run_id,
             "attempt": self.attempt,
-            "pipeline": self.pipeline.model_dump(mode="json", exclude={"source"}),
-            "profile": self.profile.model_dump(mode="json", exclude={"source"}),
+            "pipeline": self.pipeline.model_dump(
+                mode="json", exclude={"source"}, exclude_unset=True
+            ),
+            "profile": self.profile.model_dump(mode="json", exclude={"source"}, exclude_unset=True),
             "parameters": dict(self.parameters),
             "inputs": {k: [r.to_json() for r in v] for k, v in self.inputs.items()},
             "overrides": dict(self.overrides),

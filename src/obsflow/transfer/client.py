@@ -13,12 +13,16 @@ what to do next::
     ├── ConflictError  409: the server holds other bytes under this archive ID
     └── DeniedError    401/403: the server does not accept the agent's token
 
-The server's side, and the protocol itself, is :mod:`obsflow.api.transfer`.
+The server's side, and the protocol itself, is :mod:`obsflow.api.transfer`. The
+resumable upload underneath (ask what the server holds, send the rest from there) is
+:func:`send_resumable`, which a remote worker's outputs use too
+(:mod:`obsflow.processing.serverhost`); its server's half is :mod:`obsflow.api.upload`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -94,31 +98,21 @@ class Client:
 
     def send(self, out: Outgoing) -> None:
         """Return once the server has archived ``out``; else raise a TransferError."""
-        for _ in range(5):  # the offset moved under us (a cut, a concurrent attempt)
-            state = self.state(out.archive_id, out.sha256)
-            offset = self._resume_at(out, state)
-            if offset is None:
-                return
-            response = self._call(
-                "PUT",
-                f"/transfers/{out.archive_id}",
-                content=_read_from(out.path, offset),
-                headers={
-                    "Content-Type": "application/octet-stream",
-                    "Content-Length": str(out.size - offset),
-                    "Upload-Length": str(out.size),
-                    "Upload-Offset": str(offset),
-                    "Obsflow-Sha256": out.sha256,
-                    "Obsflow-Name": out.name,
-                    **({"Obsflow-Acquired": out.acquired.isoformat()} if out.acquired else {}),
-                    **({"Obsflow-Received": out.received.isoformat()} if out.received else {}),
-                },
-            )
-            if response.status_code == 409 and _kind(response) == "wrong-offset":
-                continue
-            if self._resume_at(out, self._json(response, out.archive_id)) is None:
-                return
-        raise TransferError(f"{out.archive_id}: the upload did not complete after 5 tries")
+        send_resumable(
+            self._call,
+            f"/transfers/{out.archive_id}",
+            out.path,
+            size=out.size,
+            sha256=out.sha256,
+            resume_at=lambda: self._resume_at(out, self.state(out.archive_id, out.sha256)),
+            done=lambda answer: self._resume_at(out, self._json(answer, out.archive_id)) is None,
+            headers={
+                "Obsflow-Name": out.name,
+                **({"Obsflow-Acquired": out.acquired.isoformat()} if out.acquired else {}),
+                **({"Obsflow-Received": out.received.isoformat()} if out.received else {}),
+            },
+            label=out.archive_id,
+        )
 
     # ---------------------------------------------------------------- helpers
 
@@ -147,18 +141,63 @@ class Client:
             body = response.json()
             assert isinstance(body, dict)
             return body
-        detail = _detail(response)
+        detail = problem_detail(response)
         if status in (401, 403):
             raise DeniedError(f"{self.server} refused the agent's token ({status}): {detail}")
-        if status == 409 and _kind(response) == "conflict":
+        if status == 409 and problem_kind(response) == "conflict":
             raise ConflictError(detail)
-        if status == 409 and _kind(response) == "in-progress":
+        if status == 409 and problem_kind(response) == "in-progress":
             raise BusyError(detail, _retry_after(response, 1.0))
         if status == 422:
             raise RefusedError(f"{archive_id}: {detail}")
         if status == 503:
             raise BusyError(f"{self.server} is busy: {detail}", _retry_after(response, 5.0))
         raise TransferError(f"{archive_id}: {self.server} answered {status}: {detail}")
+
+
+def send_resumable(
+    call: Callable[..., httpx.Response],
+    url: str,
+    path: Path,
+    *,
+    size: int,
+    sha256: str,
+    resume_at: Callable[[], int | None],
+    done: Callable[[httpx.Response], bool],
+    headers: Mapping[str, str],
+    label: str,
+    tries: int = 5,
+) -> None:
+    """Send ``path`` (``size`` bytes with ``sha256``) to ``url`` by the resumable upload
+    (:mod:`obsflow.api.upload`): ask the server where to start (``resume_at``: None when
+    it holds the bytes already), ``PUT`` them from there with ``Upload-Offset`` and
+    ``Upload-Length``, and read the answer (``done``: whether the server has them all;
+    it raises for a refusal). A cut upload, or a ``409 wrong-offset`` (the server's
+    offset moved: a concurrent attempt), asks again, ``tries`` times at most; then
+    :class:`TransferError` naming ``label``. ``call`` makes a request (and turns a
+    network error into the caller's own error)."""
+    for _ in range(tries):
+        offset = resume_at()
+        if offset is None:
+            return
+        response = call(
+            "PUT",
+            url,
+            content=_read_from(path, offset),
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(size - offset),
+                "Upload-Length": str(size),
+                "Upload-Offset": str(offset),
+                "Obsflow-Sha256": sha256,
+                **headers,
+            },
+        )
+        if response.status_code == 409 and problem_kind(response) == "wrong-offset":
+            continue
+        if done(response):
+            return
+    raise TransferError(f"{label}: the upload did not complete after {tries} tries")
 
 
 def _read_from(path: Path, offset: int) -> Iterator[bytes]:
@@ -168,16 +207,19 @@ def _read_from(path: Path, offset: int) -> Iterator[bytes]:
             yield chunk
 
 
-def _kind(response: httpx.Response) -> str:
+def problem_kind(response: httpx.Response) -> str:
+    """The kind of a problem answer: ``wrong-offset`` of ``urn:obsflow:problem:wrong-offset``
+    (:mod:`obsflow.api.problems`; also the last part of a URL type); "" for none."""
     try:
         body = response.json()
     except ValueError:
         return ""
     kind = body.get("type", "") if isinstance(body, dict) else ""
-    return str(kind).rsplit("/", 1)[-1]
+    return re.split(r"[:/]", str(kind))[-1]
 
 
-def _detail(response: httpx.Response) -> str:
+def problem_detail(response: httpx.Response) -> str:
+    """What a problem answer says went wrong (its ``detail``), else its text's start."""
     try:
         body = response.json()
     except ValueError:

@@ -1,0 +1,120 @@
+"""A file's bytes into the server: the resumable, verified upload that the transfer
+protocol (:mod:`obsflow.api.transfer`, an agent's frames) and the workers' outputs
+(:mod:`obsflow.api.workers`, a run's products) share.
+
+The bytes of one upload go to a *partial file* on the server. A client asks how many
+bytes the server holds (:func:`held`) and sends the rest with ``Upload-Offset`` (where
+they start) and ``Upload-Length`` (the whole size); an upload cut midway leaves the
+partial file, and the next request resumes from its end. Once it is whole, its sha256
+is checked against the one the client declared (:func:`verify`): a mismatch removes it
+(the client sends it all again). One upload of a file at a time (:func:`claimed`).
+
+The client's half is :func:`obsflow.transfer.client.send_resumable`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Final
+
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+
+from obsflow.api.problems import ProblemError
+from obsflow.api.services import Uploads
+
+log = logging.getLogger(__name__)
+
+SHA256: Final = r"^[0-9a-f]{64}$"
+FILE_NAME: Final = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,254}$"
+"""A file's name, never a path: no ``/``, no leading dot (``..``, hidden files)."""
+MAX_SIZE: Final = 1 << 40  # 1 TiB: more is a mistake, not a frame
+HASH_CHUNK: Final = 1 << 20
+
+
+def held(part: Path) -> int | None:
+    """The bytes the server holds of an upload (None: nothing)."""
+    try:
+        return part.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def check_offset(holds: int, offset: int, label: str) -> None:
+    """409 ``wrong-offset`` (with ``Upload-Offset`` saying where) unless the client
+    sends from the end of what the server holds."""
+    if holds != offset:
+        raise ProblemError(
+            409,
+            f"the server holds {holds} bytes of {label}, not {offset}: resume from there",
+            kind="wrong-offset",
+            headers={"Upload-Offset": str(holds)},
+        )
+
+
+@contextmanager
+def claimed(uploads: Uploads, key: str, label: str) -> Iterator[None]:
+    """While one request uploads ``key``, another is answered 409 ``in-progress``."""
+    if not uploads.claim(key):
+        raise ProblemError(
+            409, f"{label} is being uploaded already", kind="in-progress",
+            headers={"Retry-After": "1"},
+        )  # fmt: skip
+    try:
+        yield
+    finally:
+        uploads.release(key)
+
+
+async def append(
+    request: Request, part: Path, offset: int, length: int
+) -> tuple[int, hashlib._Hash | None]:
+    """Append the request's body to ``part`` from ``offset``; return its size after
+    (short of ``length`` when the client went away midway: it resumes from there) and,
+    for an upload sent in one piece, the sha256 of its bytes so far (a resumed one is
+    hashed by :func:`verify` from the file)."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256() if offset == 0 else None
+    size = offset
+    with part.open("r+b" if offset else "wb") as out:
+        out.truncate(offset)
+        out.seek(offset)
+        try:
+            async for chunk in request.stream():
+                if size + len(chunk) > length:  # what this request added goes
+                    out.truncate(offset)
+                    if offset == 0:
+                        part.unlink(missing_ok=True)
+                    raise ProblemError(
+                        413, f"the body is longer than Upload-Length {length}", kind="too-long"
+                    )
+                out.write(chunk)  # (to the page cache: too quick to be worth a thread)
+                if digest is not None:
+                    digest.update(chunk)
+                size += len(chunk)
+        except ClientDisconnect:
+            log.info("upload of %s cut at %d of %d bytes", part.name, size, length)
+    return size, digest
+
+
+def verify(part: Path, sha256: str, digest: hashlib._Hash | None, label: str) -> None:
+    """Check the whole ``part`` has ``sha256`` (blocking: call it on a worker thread);
+    else remove it and answer 422 ``checksum-mismatch`` (the client sends it again)."""
+    if digest is None:  # a resumed upload: hash what the parts add up to
+        digest = hashlib.sha256()
+        with part.open("rb") as src:
+            while chunk := src.read(HASH_CHUNK):
+                digest.update(chunk)
+    got = digest.hexdigest()
+    if got != sha256:
+        part.unlink(missing_ok=True)
+        raise ProblemError(
+            422,
+            f"{label}: the bytes received have sha256 {got[:12]}…, not {sha256[:12]}…; "
+            "send it again",
+            kind="checksum-mismatch",
+        )
