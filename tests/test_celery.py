@@ -714,3 +714,53 @@ def test_obsflow_worker_without_a_broker_names_the_three_ways_to_set_one(
         assert way in done.stderr, done.stderr
     bad = worker("--broker", "http://nope")
     assert bad.returncode == 2 and "--broker" in bad.stderr, bad.stderr
+
+
+# ---------------------------------------------------------------------- workers over HTTP
+
+
+@pytest.mark.slow
+@SQLITE
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_the_demo_night_runs_l0_to_l3_on_two_workers_that_only_know_the_servers_url(
+    make_site: SiteFactory,
+    frames: list[Path],
+    broker: Broker,
+    workers: Workers,
+    tmp_path: Path,
+) -> None:
+    from obsflow.access import Scope, TokenStore
+    from obsflow.api import ApiServer, create_app
+
+    settings = example_site(make_site, broker)
+    environ = {k: v for k, v in os.environ.items() if k != "OBSFLOW_SITE"}
+    with Tracking(settings, frames) as tracking:
+        site = tracking.site
+        token = TokenStore(site.catalog).create("cluster", Scope.WORKER, [], site.clock())[0]
+        server = ApiServer(site, app=create_app(site)).start()
+        try:
+            for name in ("a", "b"):
+                root = tmp_path / f"root-{name}"  # the worker's own disk: no site at all
+                log = tmp_path / f"worker-{name}.log"
+                argv = [*WORKER, "--server", server.url, "--token", token]
+                argv += ["--broker", broker.url, "--root", str(root), "--concurrency", "1"]
+                argv += ["--queues", settings.processing.queue]
+                with log.open("ab") as out:
+                    proc = subprocess.Popen(
+                        argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                        env={**environ, WHO: name, "COLUMNS": "200"},
+                        cwd=tmp_path,
+                    )  # fmt: skip
+                workers.started.append(Worker(name, proc, log))
+            workers.wait_ready()
+            wait_for(lambda: night_done(tracking), 240, "the night L0 → L3 over HTTP")
+            check_night(settings, tracking.catalog)
+            ran = RunStore(tracking.catalog).find()
+        finally:
+            server.stop()
+    assert ran and all(r.state is RunState.SUCCEEDED for r in ran)
+    made = [f for f in tracking.catalog.find(FileQuery()) if (f.level or 0) > 0]
+    assert made and all(f.made_by_run is not None for f in made)
+    # the work happened in the workers' own directories, never in the site's
+    assert not any(settings.work.glob("run-*"))
+    assert any((tmp_path / "root-a").rglob("*")) or any((tmp_path / "root-b").rglob("*"))
