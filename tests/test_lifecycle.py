@@ -21,7 +21,7 @@ from obsflow.processing.sitehost import SiteHost
 from obsflow.processing.tracker import Tracker
 from obsflow.processing.tracker.loop import TrackerLoop
 from obsflow.site import Site, ingest_paths, open_site
-from obsflow.states import RunState
+from obsflow.states import RunState, StepState
 from tests.conftest import SiteFactory
 from tests.test_processing import STACK
 
@@ -202,3 +202,34 @@ def test_the_inline_executor_runs_the_lifecycle_to_the_end(waiting_site: Site) -
     assert record is not None and record.state is RunState.SUCCEEDED
     assert len(RunStore(site.catalog).outputs(run.run_id)) == 1
     assert not work.exists()  # a successful run's work directory is removed
+
+
+def test_a_long_step_is_shown_running_and_its_lease_renewed_until_it_ends(
+    waiting_site: Site,
+) -> None:
+    """Short steps are written once, with the run's end; one that lasts is written as
+    running within a second, with the run-time profile, and the run keeps its lease for
+    as long as it runs (here over two lease lengths of 1.5 s)."""
+    site = waiting_site
+    (run,) = Tracker(site.registry, site.catalog, site.clock).drain()
+    runs = RunStore(site.catalog)
+    thread, result = _in_background(site, run.run_id, "patient-worker")
+    work = site.settings.work / f"run-{run.run_id}"
+    _wait_for(work / "waiting")
+    deadline = time.monotonic() + 5
+    while not (shown := runs.steps(run.run_id)):
+        assert time.monotonic() < deadline, "the running step was never written"
+        time.sleep(0.05)
+    assert [(s.step, s.state) for s in shown] == [("wait", StepState.RUNNING)]
+    record = runs.get(run.run_id)
+    assert record is not None and record.profile and record.work_dir == str(work)
+    time.sleep(3.2)  # past two lease lengths: only the heartbeat keeps the run its own
+    assert runs.recover(site.clock(), max_attempts=5) == ([], [])
+    (work / "go").touch()
+    thread.join(60)
+    assert result == [RunState.SUCCEEDED]
+    done = runs.steps(run.run_id)
+    assert [(s.step, s.state) for s in done] == [
+        ("wait", StepState.SUCCEEDED),
+        ("stack", StepState.SUCCEEDED),
+    ]

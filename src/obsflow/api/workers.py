@@ -53,8 +53,10 @@ from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
 from obsflow.api.transfer import UPLOADS
 from obsflow.api.upload import FILE_NAME, MAX_SIZE, SHA256
-from obsflow.catalog.runs import RunRecord, StepRow
+from obsflow.catalog.runs import RunRecord
+from obsflow.catalog.steps import StepRow
 from obsflow.errors import RecognitionError, RunError
+from obsflow.processing.lifecycle import StoredProfile
 from obsflow.processing.sitehost import SiteHost
 from obsflow.states import RunState, StepState
 
@@ -110,7 +112,7 @@ class OwnerIn(BaseModel):
 
 
 class StepIn(BaseModel):
-    """One step's row, as :meth:`obsflow.catalog.runs.StepRow.to_json` writes it."""
+    """One step's row, as :meth:`obsflow.catalog.steps.StepRow.to_json` writes it."""
 
     step: Annotated[str, Field(pattern=NAME)]
     position: Annotated[int, Field(ge=0, le=MAX_STEPS)]
@@ -173,6 +175,9 @@ class FinishIn(OwnerIn):
     state: RunState = Field(description="succeeded or failed.")
     error: Text | None = None
     steps: Steps = []
+    profile: ProfileIn | None = Field(
+        default=None, description="The run-time profile, if no step report carried it."
+    )
     log: Annotated[
         str | None, Field(max_length=MAX_LOG, description="The run's log (its end).")
     ] = None
@@ -272,16 +277,7 @@ def record_steps(run_id: RunId, body: StepsIn, who: Worker, svc: Svc) -> Respons
     (its log is the server's copy, under the site's logs)."""
     run, host = _held(svc, who, run_id, body.owner)
     steps = _steps(svc, run, body.steps)
-    stored = None
-    if body.profile is not None:
-        try:
-            json.loads(body.profile.text)
-        except ValueError:
-            raise ProblemError(
-                422, f"run {run_id}: the run-time profile is not JSON", kind="invalid-request"
-            ) from None
-        where = str(host.log_path(run_id))
-        stored = (body.profile.text, body.profile.work_dir, where)
+    stored = _stored_profile(run_id, host, body.profile)
     try:
         host.record_steps(run_id, _owner(who, body.owner), steps, stored)
     except IntegrityError:
@@ -426,10 +422,11 @@ def finish_run(run_id: RunId, body: FinishIn, who: Worker, svc: Svc) -> Response
             422, f"a run finishes succeeded or failed, not {body.state.value}", kind="invalid"
         )
     steps = _steps(svc, run, body.steps)
+    stored = _stored_profile(run_id, host, body.profile)
     owner = _owner(who, body.owner)
     if body.log is not None:
         _write_log(host.log_path(run_id), body.log, body.log_cut, owner)
-    if not host.finish(run_id, owner, body.state, body.error, steps):
+    if not host.finish(run_id, owner, body.state, body.error, steps, profile=stored):
         raise _lost(run_id)
     shutil.rmtree(_staging(svc, run_id), ignore_errors=True)
     _wake(svc)
@@ -498,6 +495,19 @@ def _steps(svc: Services, run: RunRecord, steps: list[StepIn]) -> list[StepRow]:
                 kind="invalid-request",
             )
     return [s.row() for s in steps]
+
+
+def _stored_profile(run_id: int, host: SiteHost, profile: ProfileIn | None) -> StoredProfile | None:
+    """A worker's run-time profile as the run keeps it (its log: the server's copy)."""
+    if profile is None:
+        return None
+    try:
+        json.loads(profile.text)
+    except ValueError:
+        raise ProblemError(
+            422, f"run {run_id}: the run-time profile is not JSON", kind="invalid-request"
+        ) from None
+    return (profile.text, profile.work_dir, str(host.log_path(run_id)))
 
 
 def _product(svc: Services, run: RunRecord, name: str) -> str:

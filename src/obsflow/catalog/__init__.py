@@ -435,14 +435,18 @@ class Catalog:
             rows = sorted(conn.execute(stmt).all(), key=lambda r: int(r.id))
             return self._records(conn, rows)
 
-    def records(self, file_ids: Sequence[int]) -> list[FileRecord]:
-        """The files with these IDs, in ID order."""
+    def records(self, file_ids: Sequence[int], conn: Connection | None = None) -> list[FileRecord]:
+        """The files with these IDs, in ID order (read in ``conn``'s transaction if given)."""
+        if not file_ids:
+            return []
+        if conn is None:
+            with self.read() as own:
+                return self.records(file_ids, own)
         files = schema.files
         found: list[FileRecord] = []
-        with self.read() as conn:
-            for chunk in _chunks(sorted(set(file_ids)), 500):
-                rows = conn.execute(select(files).where(files.c.id.in_(chunk))).all()
-                found += self._records(conn, sorted(rows, key=lambda r: int(r.id)))
+        for chunk in _chunks(sorted(set(file_ids)), 500):
+            rows = conn.execute(select(files).where(files.c.id.in_(chunk))).all()
+            found += self._records(conn, sorted(rows, key=lambda r: int(r.id)))
         return found
 
     def get(self, archive_id: str) -> FileRecord | None:

@@ -339,17 +339,28 @@ class CacheState:
 
     # ------------------------------------------------------------ pins
 
-    def pin(self, file_ids: Sequence[int], holder: str, now: datetime) -> None:
-        """Pin the files with these row IDs for ``holder`` (idempotent); IDs no file
-        has are ignored."""
+    def pin(
+        self,
+        file_ids: Sequence[int],
+        holder: str,
+        now: datetime,
+        conn: Connection | None = None,
+    ) -> None:
+        """Pin the files with these row IDs for ``holder`` (idempotent; in ``conn``'s
+        transaction if given); IDs no file has are ignored."""
         wanted = sorted(set(file_ids))
-        with self.catalog.write() as conn:
-            for start in range(0, len(wanted), PIN_CHUNK):
-                chunk = wanted[start : start + PIN_CHUNK]
-                known = conn.execute(select(files.c.id).where(files.c.id.in_(chunk))).scalars()
-                rows = [{"file_id": i, "holder": holder, "at": now} for i in known]
-                if rows:
-                    conn.execute(insert_new(conn, pins), rows)
+        if not wanted:
+            return
+        if conn is None:
+            with self.catalog.write() as own:
+                self.pin(wanted, holder, now, own)
+            return
+        for start in range(0, len(wanted), PIN_CHUNK):
+            chunk = wanted[start : start + PIN_CHUNK]
+            known = conn.execute(select(files.c.id).where(files.c.id.in_(chunk))).scalars()
+            rows = [{"file_id": i, "holder": holder, "at": now} for i in known]
+            if rows:
+                conn.execute(insert_new(conn, pins), rows)
 
     def unpin(self, file_id: int, holder: str | None = None) -> int:
         """Drop ``holder``'s pin of the file (None: every holder's); how many went."""
@@ -359,7 +370,9 @@ class CacheState:
         with self.catalog.write() as conn:
             return int(conn.execute(stmt).rowcount)
 
-    def unpin_holder(self, holder: str) -> int:
-        """Drop every pin of ``holder``; how many went."""
-        with self.catalog.write() as conn:
-            return int(conn.execute(delete(pins).where(pins.c.holder == holder)).rowcount)
+    def unpin_holder(self, holder: str, conn: Connection | None = None) -> int:
+        """Drop every pin of ``holder`` (in ``conn``'s transaction if given); how many went."""
+        if conn is None:
+            with self.catalog.write() as own:
+                return self.unpin_holder(holder, own)
+        return int(conn.execute(delete(pins).where(pins.c.holder == holder)).rowcount)

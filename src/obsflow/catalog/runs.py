@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 
 from obsflow.catalog import Catalog, schema
 from obsflow.catalog.groupkey import GroupKey
+from obsflow.catalog.steps import StepRecord, StepRow, iso
 from obsflow.states import LedgerEvent, RunState, StepState
 
 runs = schema.runs
@@ -99,6 +100,9 @@ _FINISH = (
         lease_expires=None,
     )
 )
+_FINISH_WITH_PROFILE = _FINISH.values(
+    profile=bindparam("b_profile"), work_dir=bindparam("b_work"), log_path=bindparam("b_log")
+)
 
 
 _LEDGER = schema.ledger
@@ -153,99 +157,6 @@ def input_hash(inputs: Mapping[str, Sequence[int]]) -> str:
 
 
 @dataclass(frozen=True)
-class StepRow:
-    """One step's row as the executor writes it."""
-
-    step: str
-    position: int
-    state: StepState
-    attempts: int
-    argv: Sequence[str]
-    started: datetime | None = None
-    finished: datetime | None = None
-    exit_status: int | None = None
-    stdout_tail: str | None = None
-    stderr_tail: str | None = None
-    reason: str | None = None
-    new: bool = True
-    """No row for this step yet (insert); else update the one there."""
-
-    def values(self) -> dict[str, Any]:
-        return {
-            "position": self.position,
-            "state": self.state.value,
-            "attempts": self.attempts,
-            "argv": json.dumps(list(self.argv)),
-            "started_at": self.started,
-            "finished_at": self.finished,
-            "exit_status": self.exit_status,
-            "stdout_tail": self.stdout_tail,
-            "stderr_tail": self.stderr_tail,
-            "reason": self.reason,
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        """As a worker reports it over HTTP (:meth:`from_json` reads it back)."""
-        return {
-            "step": self.step,
-            **self.values(),
-            "argv": list(self.argv),
-            "started_at": _iso(self.started),
-            "finished_at": _iso(self.finished),
-            "new": self.new,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> StepRow:
-        def moment(value: Any) -> datetime | None:
-            return None if value is None else datetime.fromisoformat(str(value))
-
-        return cls(
-            step=str(data["step"]),
-            position=int(data["position"]),
-            state=StepState(data["state"]),
-            attempts=int(data["attempts"]),
-            argv=tuple(str(a) for a in data["argv"]),
-            started=moment(data.get("started_at")),
-            finished=moment(data.get("finished_at")),
-            exit_status=None if data.get("exit_status") is None else int(data["exit_status"]),
-            stdout_tail=data.get("stdout_tail"),
-            stderr_tail=data.get("stderr_tail"),
-            reason=data.get("reason"),
-            new=bool(data.get("new", True)),
-        )
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    step: str
-    position: int
-    state: StepState
-    attempts: int
-    argv: tuple[str, ...]
-    started: datetime | None
-    finished: datetime | None
-    exit_status: int | None
-    stdout_tail: str | None
-    stderr_tail: str | None
-    reason: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "state": self.state.value,
-            "attempts": self.attempts,
-            "argv": list(self.argv),
-            "started": _iso(self.started),
-            "finished": _iso(self.finished),
-            "exit_status": self.exit_status,
-            "stdout_tail": self.stdout_tail,
-            "stderr_tail": self.stderr_tail,
-            "reason": self.reason,
-        }
-
-
-@dataclass(frozen=True)
 class RunRecord:
     id: int
     pipeline: str
@@ -268,6 +179,11 @@ class RunRecord:
     inputs: Mapping[str, tuple[int, ...]]
     """Input name → file IDs."""
 
+    @property
+    def input_ids(self) -> list[int]:
+        """Every input file's row ID, in input order."""
+        return [i for ids in self.inputs.values() for i in ids]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "run_id": self.id,
@@ -280,9 +196,9 @@ class RunRecord:
             "reason": self.reason,
             "request": self.request or None,
             "attempts": self.attempts,
-            "created": _iso(self.created),
-            "started": _iso(self.started),
-            "finished": _iso(self.finished),
+            "created": iso(self.created),
+            "started": iso(self.started),
+            "finished": iso(self.finished),
             "error": self.error,
             "overrides": dict(self.overrides),
             "work_dir": self.work_dir,
@@ -348,20 +264,28 @@ class RunStore:
     # ------------------------------------------------------------- executing
 
     def claim(
-        self, run_id: int, owner: str, now: datetime, lease_seconds: float
+        self,
+        run_id: int,
+        owner: str,
+        now: datetime,
+        lease_seconds: float,
+        conn: Connection | None = None,
     ) -> RunRecord | None:
         """queued → running for ``owner``; the run as claimed, or None if someone else has
-        it or it is done. One transaction: the claim and the read of what it needs."""
+        it or it is done. One transaction (``conn``'s, if given): the claim and the read
+        of what it needs."""
+        if conn is None:
+            with self.catalog.write() as own:
+                return self.claim(run_id, owner, now, lease_seconds, own)
         expires = now + timedelta(seconds=lease_seconds)
-        with self.catalog.write() as conn:
-            row = conn.execute(
-                _CLAIM, {"b_id": run_id, "b_owner": owner, "b_expires": expires, "b_now": now}
-            ).first()
-            if row is None:
-                return None
-            if row.attempts > 1:  # an earlier attempt's steps (its executor died)
-                conn.execute(_FORGET_STEPS, {"b_id": run_id})
-            return _records(conn, [row])[0]
+        row = conn.execute(
+            _CLAIM, {"b_id": run_id, "b_owner": owner, "b_expires": expires, "b_now": now}
+        ).first()
+        if row is None:
+            return None
+        if row.attempts > 1:  # an earlier attempt's steps (its executor died)
+            conn.execute(_FORGET_STEPS, {"b_id": run_id})
+        return _records(conn, [row])[0]
 
     def renew(self, run_ids: Sequence[int], owner: str, now: datetime, lease_seconds: float) -> int:
         """Extend the leases ``owner`` holds on running runs (its heartbeat); returns how
@@ -416,27 +340,36 @@ class RunStore:
         error: str | None = None,
         conn: Connection | None = None,
         steps: Sequence[StepRow] = (),
+        profile: tuple[str, str, str] | None = None,
+        *,
+        inputs: bool = True,
     ) -> bool:
         """running → succeeded or failed, by the lease's owner, with the last ``steps``
-        rows; False if it lost the lease (nothing is written then)."""
+        rows (and the run-time ``profile``, if it was not stored yet); False if it lost
+        the lease (nothing is written then). A success stamps its inputs ``processed``
+        (``inputs`` False: the caller knows it has none)."""
         if not RunState.RUNNING.can_move_to(state) or state is RunState.QUEUED:
             raise ValueError(f"run {run_id}: cannot finish as {state.value}")
         if conn is None:
             with self.catalog.write() as own:
-                return self.finish(run_id, owner, state, now, error, own, steps)
-        moved = conn.execute(
-            _FINISH,
-            {
-                "b_id": run_id,
-                "b_owner": owner,
-                "b_state": state.value,
-                "b_now": now,
-                "b_error": error,
-            },
-        ).rowcount
+                return self.finish(
+                    run_id, owner, state, now, error, own, steps, profile, inputs=inputs
+                )
+        values = {
+            "b_id": run_id,
+            "b_owner": owner,
+            "b_state": state.value,
+            "b_now": now,
+            "b_error": error,
+        }
+        statement = _FINISH
+        if profile is not None:  # with the state, in the same statement
+            statement = _FINISH_WITH_PROFILE
+            values.update(b_profile=profile[0], b_work=profile[1], b_log=profile[2])
+        moved = conn.execute(statement, values).rowcount
         if moved and steps:
             self.record_steps(run_id, steps, conn=conn)
-        if moved and state is RunState.SUCCEEDED:
+        if moved and inputs and state is RunState.SUCCEEDED:
             _stamp_processed(conn, run_id, now)
         return bool(moved)
 
@@ -707,7 +640,3 @@ def _records(conn: Connection, rows: Sequence[Row[Any]]) -> list[RunRecord]:
 def _stamp_processed(conn: Connection, run_id: int, now: datetime) -> None:
     """The ledger's ``processed`` moment of each input: its first successful run."""
     conn.execute(_STAMP_PROCESSED, {"b_run": run_id, "b_now": now})
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()

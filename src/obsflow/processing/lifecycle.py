@@ -28,17 +28,20 @@ Nothing a failed run wrote reaches the cache.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from obsflow.catalog.runs import StepRow
+from obsflow.catalog.steps import StepRow
 from obsflow.errors import ObsflowError
 from obsflow.processing.controller import Controller, StepResult, StopFlag
 from obsflow.processing.plan import RunPlan
@@ -137,9 +140,11 @@ class RunHost(Protocol):
         error: str | None,
         steps: Sequence[StepRow],
         log_path: Path | None = None,
+        profile: StoredProfile | None = None,
     ) -> bool:
-        """running → ``state`` with the last step rows, the pins dropped; False if the
-        lease was lost (nothing written)."""
+        """running → ``state`` with the last step rows (and the run-time profile if it
+        was not written yet), the pins dropped; False if the lease was lost (nothing
+        written)."""
 
     def release(self, run_id: int, owner: str, steps: Sequence[StepRow]) -> None:
         """running → queued (the worker stops): the attempt does not count."""
@@ -197,7 +202,8 @@ def _execute(
             work=work,
         )
         log_path = host.log_path(run_id)
-        recorder = StepRecorder(host, run_id, owner, profile, log_path)
+        recorder = StepRecorder(host, run_id, owner, profile, log_path, wake=beat.wake)
+        beat.watch(recorder)
         controller = Controller(
             parallel=processing.parallel_steps, clock=clock, containers=containers
         )
@@ -206,23 +212,26 @@ def _execute(
             log.warning("run %d: lease lost while it ran; another worker has it", run_id)
             return None
         if not outcome.succeeded and stop is not None and stop.is_set():
-            host.release(run_id, owner, recorder.flush())
+            host.release(run_id, owner, recorder.flush()[0])
             log.info("run %d interrupted by the shutdown; queued again", run_id)
             return RunState.QUEUED
         if not outcome.succeeded:
             error = outcome.error or f"run {run_id} failed"
-            host.finish(run_id, owner, RunState.FAILED, error, recorder.flush(), log_path)
+            steps, stored = recorder.flush()
+            host.finish(run_id, owner, RunState.FAILED, error, steps, log_path, stored)
             log.warning("run %d failed: %s", run_id, error, extra={"run_id": run_id})
             return RunState.FAILED
         if profile.outputs:
+            recorder.report()  # the run's provenance is there before its products are
             host.publish(run_id, owner, {p: Path(path) for p, path in profile.outputs.items()})
     except (ObsflowError, OSError) as exc:  # a culprit named; the worker goes on
-        done = recorder.flush() if recorder is not None else []
+        steps, stored = recorder.flush() if recorder is not None else ([], None)
         logged = recorder.log_path if recorder is not None else None
-        host.finish(run_id, owner, RunState.FAILED, str(exc), done, logged)
+        host.finish(run_id, owner, RunState.FAILED, str(exc), steps, logged, stored)
         log.warning("run %d failed: %s", run_id, exc, extra={"run_id": run_id})
         return RunState.FAILED
-    if not host.finish(run_id, owner, RunState.SUCCEEDED, None, recorder.flush(), log_path):
+    steps, stored = recorder.flush()
+    if not host.finish(run_id, owner, RunState.SUCCEEDED, None, steps, log_path, stored):
         log.warning("run %d: lease lost before it finished; it will be checked again", run_id)
         return None
     if not processing.keep_work:
@@ -242,21 +251,34 @@ class _Either:
 
 
 class Heartbeat:
-    """Renews a run's lease every third of its length, on a thread of its own, while
-    the run executes; :attr:`lost` is set when the host says the lease is gone (the
-    steps are then stopped: another worker has the run). A host that cannot be reached
-    for a while is tried again at the next beat: the lease outlasts two failures."""
+    """Renews a run's lease every third of its length while the run executes;
+    :attr:`lost` is set when the host says the lease is gone (the steps are then
+    stopped: another worker has the run). A host that cannot be reached for a while is
+    tried again at the next beat: the lease outlasts two failures. It also writes the
+    steps of the :class:`StepRecorder` it watches when they are due (:data:`REPORT_AFTER`),
+    so that the run's own thread never waits for that.
+
+    The beats of every run a process executes are given by one thread of that process
+    (:class:`_Beats`), started when first needed: a thread started and joined for each
+    run would cost more than most runs' steps."""
 
     def __init__(self, host: RunHost, run_id: int, owner: str) -> None:
         self.host, self.run_id, self.owner = host, run_id, owner
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._beat, name=f"run-{run_id}-heartbeat", daemon=True
-        )
+        self.recorder: StepRecorder | None = None
+        self.interval = host.lease_seconds / 3
+        self.renew_at = float("inf")
+
+    def watch(self, recorder: StepRecorder) -> None:
+        self.recorder = recorder
+
+    def wake(self) -> None:
+        """Look again at what is due (a step started)."""
+        _the_beats().wake()
 
     def __enter__(self) -> Heartbeat:
-        self._thread.start()
+        self.renew_at = time.monotonic() + self.interval
+        _the_beats().add(self)
         return self
 
     def __exit__(
@@ -265,51 +287,143 @@ class Heartbeat:
         value: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        self._stop.set()
-        self._thread.join()
+        _the_beats().remove(self)
 
-    def _beat(self) -> None:
-        interval = self.host.lease_seconds / 3
-        while not self._stop.wait(interval):
+    def next_due(self) -> float:
+        """When :meth:`beat` has something to do (a monotonic time)."""
+        recorder = self.recorder
+        due = recorder.due if recorder is not None else None
+        return self.renew_at if due is None else min(self.renew_at, due)
+
+    def beat(self, now: float) -> None:
+        recorder = self.recorder
+        if recorder is not None and recorder.due is not None and now >= recorder.due:
             try:
-                if not self.host.renew(self.run_id, self.owner):
-                    self.lost.set()
-                    return
-            except Exception:  # the catalog or server briefly unreachable: next beat
-                log.warning("run %d: could not renew its lease", self.run_id, exc_info=True)
+                recorder.report()
+            except Exception:  # kept: they go with the next report or the finish
+                log.warning("run %d: could not record its steps", self.run_id, exc_info=True)
+        if now < self.renew_at:
+            return
+        self.renew_at = now + self.interval
+        try:
+            if not self.host.renew(self.run_id, self.owner):
+                self.renew_at = float("inf")
+                self.lost.set()
+        except Exception:  # the catalog or server briefly unreachable: next beat
+            log.warning("run %d: could not renew its lease", self.run_id, exc_info=True)
+
+
+class _Beats:
+    """The thread that gives the beats of a process's runs, each when it is due. One
+    beat at a time: a host that is slow to answer delays the others, which share its
+    catalog or server anyway. A forked child starts afresh (the thread is not there)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._beats: set[Heartbeat] = set()
+        self._beating: Heartbeat | None = None
+        self._thread: threading.Thread | None = None
+
+    def add(self, beat: Heartbeat) -> None:
+        with self._cond:
+            self._beats.add(beat)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def remove(self, beat: Heartbeat) -> None:
+        """Forget ``beat``, once a beat of it in progress has ended."""
+        with self._cond:
+            self._beats.discard(beat)
+            while self._beating is beat:
+                self._cond.wait()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due = [b for b in self._beats if b.next_due() <= now]
+                if not due:
+                    until = min((b.next_due() for b in self._beats), default=float("inf"))
+                    self._cond.wait(None if until == float("inf") else until - now)
+                    continue
+                for beat in due:
+                    if beat not in self._beats:  # removed while another beat was given
+                        continue
+                    self._beating = beat
+                    self._cond.release()
+                    try:
+                        beat.beat(now)
+                    finally:
+                        self._cond.acquire()
+                        self._beating = None
+                        self._cond.notify_all()
+
+
+@functools.cache
+def _the_beats() -> _Beats:
+    """This process's :class:`_Beats`, made at the first run (no thread at import; two
+    made by a race would each serve its own beats correctly)."""
+    return _Beats()
+
+
+REPORT_AFTER: Final = 0.5
+"""Seconds a step runs before it is written as running (``runs show`` then sees it): a
+shorter step is written once, with its result, in the run's finish. Most steps of a
+busy night take milliseconds; one transaction less each is most of what a run costs."""
 
 
 class StepRecorder:
     """Records the steps through the host as the controller reports them, in as few
-    calls as it can: a step's start is written (with every result since the last
-    write, and the first time with the run-time profile) so that ``runs show`` sees
-    what runs; results are kept until then, or until the run's own finish."""
+    calls as it can: rows wait in :attr:`pending` (one per step, its latest state) until
+    a step has run for :data:`REPORT_AFTER` (:meth:`report`, called by the
+    :class:`Heartbeat`'s thread; with the run-time profile the first time), or until the
+    run's finish (:meth:`flush`)."""
 
     def __init__(
-        self, host: RunHost, run_id: int, owner: str, profile: RuntimeProfile, log_path: Path
+        self,
+        host: RunHost,
+        run_id: int,
+        owner: str,
+        profile: RuntimeProfile,
+        log_path: Path,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.host, self.run_id, self.owner = host, run_id, owner
         self.log_path = log_path
         self.position = {step.name: n for n, step in enumerate(profile.steps)}
         self.profile: StoredProfile | None = (profile.dumps(), profile.work, str(log_path))
-        self.pending: list[StepRow] = []
+        self.pending: dict[str, StepRow] = {}
         self.written: set[str] = set()  # steps with a row
+        self.due: float | None = None
+        """When :meth:`report` should write what is pending (a monotonic time)."""
+        self._wake = wake
+        self._lock = threading.Lock()  # the controller's thread and the heartbeat's
 
     def step_started(
         self, run_id: str, name: str, attempt: int, argv: tuple[str, ...], at: datetime
     ) -> None:
-        started = StepRow(
-            name, self.position[name], StepState.RUNNING, attempt, argv, at,
-            new=name not in self.written,
-        )  # fmt: skip
-        rows = [*self.pending, started]
-        self.host.record_steps(self.run_id, self.owner, rows, self.profile)
-        self.written.update(row.step for row in rows)
-        self.pending, self.profile = [], None
+        with self._lock:
+            self.pending[name] = StepRow(
+                name, self.position[name], StepState.RUNNING, attempt, argv, at,
+                new=name not in self.written,
+            )  # fmt: skip
+            if self.due is None:
+                self.due = time.monotonic() + REPORT_AFTER
+        self._wake()
 
     def step_finished(self, run_id: str, result: StepResult) -> None:
-        self.pending.append(
-            StepRow(
+        with self._lock:
+            self.pending[result.name] = StepRow(
                 result.name,
                 self.position[result.name],
                 result.state,
@@ -323,14 +437,25 @@ class StepRecorder:
                 reason=result.reason or None,
                 new=result.name not in self.written,
             )
-        )
 
-    def flush(self) -> list[StepRow]:
-        """The results not written yet (they go with the run's finish)."""
-        if self.profile is not None:  # no step ever started: store the profile now
-            self.host.record_steps(self.run_id, self.owner, [], self.profile)
-            self.profile = None
-        pending, self.pending = self.pending, []
-        for row in pending:
-            self.written.add(row.step)
-        return pending
+    def report(self) -> None:
+        """Write what is pending now (and the profile, the first time); kept pending if
+        the host cannot be reached."""
+        with self._lock:
+            self.due = None
+            if not self.pending and self.profile is None:
+                return
+            rows = list(self.pending.values())
+            self.host.record_steps(self.run_id, self.owner, rows, self.profile)
+            self.written.update(row.step for row in rows)
+            self.pending, self.profile = {}, None
+
+    def flush(self) -> tuple[list[StepRow], StoredProfile | None]:
+        """What was not written yet: the steps' rows, and the profile if it never was
+        (they go with the run's finish)."""
+        with self._lock:
+            self.due = None
+            rows, profile = list(self.pending.values()), self.profile
+            self.written.update(row.step for row in rows)
+            self.pending, self.profile = {}, None
+            return rows, profile

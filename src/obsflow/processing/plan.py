@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import Connection
+
 from obsflow.catalog import Catalog
 from obsflow.catalog.runs import RunRecord
 from obsflow.errors import RecognitionError, RunError
@@ -109,15 +111,18 @@ class RunPlan:
         )
 
 
-def plan_run(catalog: Catalog, registry: Registry, run: RunRecord) -> RunPlan:
-    """The plan of claimed run ``run``; :class:`RunError` naming the run and the cause
-    when it cannot be planned (its pipeline left the registry, an input lost)."""
+def plan_run(
+    catalog: Catalog, registry: Registry, run: RunRecord, conn: Connection | None = None
+) -> RunPlan:
+    """The plan of claimed run ``run`` (its inputs read in ``conn``'s transaction if
+    given); :class:`RunError` naming the run and the cause when it cannot be planned (its
+    pipeline left the registry, an input lost)."""
     pipeline = registry.pipelines.get(run.pipeline)
     if pipeline is None:
         raise RunError(f"run {run.id}: pipeline {run.pipeline!r} is no longer in the registry")
     profile = registry.profiles[pipeline.profile]
     wanted = [i for ids in run.inputs.values() for i in ids]
-    records = {r.id: r for r in catalog.records(wanted)}
+    records = {r.id: r for r in catalog.records(wanted, conn)}
     inputs: dict[str, tuple[InputRef, ...]] = {}
     for spec in pipeline.inputs:
         refs: list[InputRef] = []

@@ -37,6 +37,7 @@ import os
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
@@ -168,6 +169,11 @@ class RuntimeProfile:
         )
 
     def dumps(self) -> str:
+        """The profile as JSON (made once: the run's log and its catalog row both show it)."""
+        return self._text
+
+    @cached_property
+    def _text(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=True)
 
 

@@ -42,7 +42,7 @@ from typing import Any, Final
 
 import httpx
 
-from obsflow.catalog.runs import StepRow
+from obsflow.catalog.steps import StepRow
 from obsflow.errors import RunError
 from obsflow.processing.inputcache import Held, InputCache, Write
 from obsflow.processing.lifecycle import Claim, StoredProfile
@@ -186,8 +186,7 @@ class ServerHost:
     ) -> None:
         body: dict[str, Any] = {"steps": [s.to_json() for s in steps]}
         if profile is not None:
-            text, work, _ = profile  # the log's path is the server's copy
-            body["profile"] = {"text": text, "work_dir": work}
+            body["profile"] = _profile_json(profile)
         response = self._call("POST", f"/runs/{run_id}/steps", run_id, "steps", owner, body)
         self._ok(response, run_id, "steps")
 
@@ -216,6 +215,7 @@ class ServerHost:
         error: str | None,
         steps: Sequence[StepRow],
         log_path: Path | None = None,
+        profile: StoredProfile | None = None,
     ) -> bool:
         try:
             body: dict[str, Any] = {
@@ -223,6 +223,8 @@ class ServerHost:
                 "error": error,
                 "steps": [s.to_json() for s in steps],
             }
+            if profile is not None:
+                body["profile"] = _profile_json(profile)
             if log_path is not None and log_path.is_file():
                 body["log"], body["log_cut"] = _tail(log_path, LOG_SEND)
             response = self._call("POST", f"/runs/{run_id}/finish", run_id, "finish", owner, body)
@@ -352,6 +354,11 @@ class ServerHost:
         for each in held:
             each.close()
         shutil.rmtree(self.root / "staged" / f"run-{run_id}", ignore_errors=True)
+
+
+def _profile_json(profile: StoredProfile) -> dict[str, str]:
+    text, work, _ = profile  # the log's path is the server's copy
+    return {"text": text, "work_dir": work}
 
 
 def _lost(response: httpx.Response) -> bool:

@@ -22,7 +22,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from obsflow.catalog.runs import RunStore, StepRow
+from sqlalchemy import Connection
+
+from obsflow.catalog.cachestate import CacheState
+from obsflow.catalog.runs import RunStore
+from obsflow.catalog.steps import StepRow
 from obsflow.errors import NotFoundError, ObsflowError, RunError
 from obsflow.processing.lifecycle import Claim, StoredProfile
 from obsflow.processing.plan import RunPlan, plan_run
@@ -41,6 +45,10 @@ class SiteHost:
     def __init__(self, site: Site) -> None:
         self.site = site
         self.runs = RunStore(site.catalog)
+        self.cache = CacheState(site.catalog)
+        self._nothing_pinned: set[int] = set()
+        """Runs claimed here that have no inputs: their finish has no pins to drop and no
+        input to stamp processed."""
 
     @property
     def lease_seconds(self) -> float:
@@ -50,19 +58,24 @@ class SiteHost:
 
     def claim(self, run_id: int, owner: str) -> Claim | None:
         site = self.site
-        run = self.runs.claim(run_id, owner, site.clock(), self.lease_seconds)
-        if run is None:
-            return None
-        retriever = site.retriever()
-        retriever.pin_ids([i for ids in run.inputs.values() for i in ids], holder(run_id))
-        if run.attempts > 1 and self._already_published(run.id, run.pipeline):
-            self._end(run_id, owner, RunState.SUCCEEDED, None, ())
-            return Claim(run_id, None, RunState.SUCCEEDED)
-        try:
-            plan = plan_run(site.catalog, site.registry, run)
-        except ObsflowError as exc:
-            self._end(run_id, owner, RunState.FAILED, str(exc), ())
-            return Claim(run_id, None, RunState.FAILED, str(exc))
+        now = site.clock()
+        # one write transaction: the claim, the pins and the plan's reads (the catalog's
+        # cost per run is its transactions, not its statements)
+        with site.catalog.write() as conn:
+            run = self.runs.claim(run_id, owner, now, self.lease_seconds, conn)
+            if run is None:
+                return None
+            self.cache.pin(run.input_ids, holder(run_id), now, conn)
+            if not run.input_ids:
+                self._nothing_pinned.add(run_id)
+            if run.attempts > 1 and self._already_published(run.id, run.pipeline):
+                self._end(run_id, owner, RunState.SUCCEEDED, None, (), conn=conn)
+                return Claim(run_id, None, RunState.SUCCEEDED)
+            try:
+                plan = plan_run(site.catalog, site.registry, run, conn)
+            except ObsflowError as exc:
+                self._end(run_id, owner, RunState.FAILED, str(exc), (), conn=conn)
+                return Claim(run_id, None, RunState.FAILED, str(exc))
         return Claim(run_id, plan)
 
     def _already_published(self, run_id: int, pipeline_id: str) -> bool:
@@ -99,8 +112,10 @@ class SiteHost:
 
     def work_dir(self, run_id: int) -> Path:
         work = self.site.settings.work / f"run-{run_id}"
-        shutil.rmtree(work, ignore_errors=True)  # an earlier attempt's leftovers
-        (work / OUTPUT_DIR).mkdir(parents=True)
+        if work.exists():  # an earlier attempt's leftovers
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        (work / OUTPUT_DIR).mkdir()
         return work
 
     def log_path(self, run_id: int) -> Path:
@@ -151,8 +166,9 @@ class SiteHost:
         error: str | None,
         steps: Sequence[StepRow],
         log_path: Path | None = None,
+        profile: StoredProfile | None = None,
     ) -> bool:
-        return self._end(run_id, owner, state, error, steps)
+        return self._end(run_id, owner, state, error, steps, profile)
 
     def _end(
         self,
@@ -161,14 +177,25 @@ class SiteHost:
         state: RunState,
         error: str | None,
         steps: Sequence[StepRow],
+        profile: StoredProfile | None = None,
+        conn: Connection | None = None,
     ) -> bool:
-        """Finish as ``owner``; drop the run's pins only if it did (else the run's next
-        owner holds them)."""
-        moved = self.runs.finish(run_id, owner, state, self.site.clock(), error, steps=steps)
-        if moved:
-            self.site.retriever().unpin_holder(holder(run_id))
+        """Finish as ``owner``, in one transaction (``conn``'s if given); drop the run's
+        pins only if it did (else the run's next owner holds them)."""
+        if conn is None:
+            with self.site.catalog.write() as own:
+                return self._end(run_id, owner, state, error, steps, profile, own)
+        now = self.site.clock()
+        inputs = run_id not in self._nothing_pinned
+        self._nothing_pinned.discard(run_id)
+        moved = self.runs.finish(
+            run_id, owner, state, now, error, conn, steps, profile, inputs=inputs
+        )
+        if moved and inputs:
+            self.cache.unpin_holder(holder(run_id), conn)
         return moved
 
     def release(self, run_id: int, owner: str, steps: Sequence[StepRow]) -> None:
-        self.runs.record_steps(run_id, steps)
+        """Queued again; its steps are forgotten (the next attempt starts afresh), so
+        ``steps`` are not kept."""
         self.runs.release(run_id, owner)
