@@ -200,11 +200,22 @@ class Daemon:
         trimmer = threading.Thread(
             target=self._trim, args=(tracker_stop,), name="cache-trim", daemon=True
         )
+        auditor: threading.Thread | None = None
+        if self.role is not Role.AGENT and site.settings.fixity.rate_mb_s > 0:
+            # fixity audits at a low rate, stopped with the tracker (between two reads)
+            auditor = threading.Thread(
+                target=site.auditor().run,
+                args=(site.settings.fixity, tracker_stop),
+                name="fixity",
+                daemon=True,
+            )
         for thread in ingestors:
             thread.start()
         if tracker is not None:
             tracker.start()
         trimmer.start()
+        if auditor is not None:
+            auditor.start()
         started: list[Trigger] = []
         try:
             for trigger in self.triggers:
@@ -227,6 +238,8 @@ class Daemon:
             if tracker is not None:
                 tracker.join()
             trimmer.join()
+            if auditor is not None:
+                auditor.join()
             if executor is not None:
                 executor.close(stop=True)  # runs in flight go back to the queue for next time
             ingest_stop.set()

@@ -150,6 +150,21 @@ class Role(StrEnum):
     ALL = "all"  # one machine: both, without HTTP between them
 
 
+class Fixity(_Section):
+    """Fixity audits: archived files re-read from the medium and their sha256 checked
+    (``obsflow verify``; the daemon too, when ``rate_mb_s`` is above 0)."""
+
+    rate_mb_s: float = Field(default=0.0, ge=0)
+    """The daemon audits the archive continuously at most this fast (MB/s; 0: it does
+    not, and audits are run by ``obsflow verify``, e.g. from cron)."""
+    cycle_days: float = Field(default=30.0, gt=0)
+    """The daemon audits a file again once its last audit is this old."""
+    batch: int = Field(default=100, ge=1, le=10000)
+    """Files the daemon picks per turn (never audited first, then the least recently)."""
+    look_seconds: float = Field(default=60.0, gt=0)
+    """When no file is due, the daemon looks again after this long."""
+
+
 class Transfer(_Section):
     role: Role = Role.ALL
     """What ``obsflow run`` does (``--role`` overrides)."""
@@ -185,6 +200,7 @@ class _SettingsFile(_Section):
     cache_policy: CachePolicy = CachePolicy()
     api: Api = Api()
     transfer: Transfer = Transfer()
+    fixity: Fixity = Fixity()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -213,6 +229,7 @@ class Settings(_Section):
     cache_policy: CachePolicy
     api: Api
     transfer: Transfer
+    fixity: Fixity = Fixity()
 
 
 def load_settings(site: Path) -> Settings:
@@ -257,6 +274,7 @@ def from_file(site: Path, parsed: _SettingsFile) -> Settings:
         cache_policy=parsed.cache_policy,
         api=parsed.api,
         transfer=parsed.transfer,
+        fixity=parsed.fixity,
     )
 
 

@@ -32,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 from obsflow.archive.cache import Cache
+from obsflow.archive.fixity import Auditor
 from obsflow.archive.ingest import Ingestor, IngestReport
 from obsflow.archive.retrieval import Retriever
 from obsflow.archive.storage import LocalStorage, Storage
@@ -173,6 +174,10 @@ class Site:
             clock=self.clock,
             owner=owner,
         )
+
+    def auditor(self) -> Auditor:
+        """Fixity audits of this site's archive (``obsflow verify``, the daemon)."""
+        return Auditor(self.catalog, self.storage, self.cache, clock=self.clock)
 
     def retriever(self) -> Retriever:
         """Fetch, trim, pin and tag over this site's catalog, cache and archive."""

@@ -132,3 +132,18 @@ class StepState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # a non-zero exit, could not start, or timed out (the reason says)
     SKIPPED = "skipped"  # ``when`` was false, or a step it needs failed (the reason says)
+
+
+class FixityOutcome(StrEnum):
+    """What one fixity audit of one archived file found (``obsflow verify``)."""
+
+    OK = "ok"  # the stored bytes, read from the medium, have the catalog's sha256
+    MISMATCH = "mismatch"  # they do not, and no good copy could restore them
+    MISSING = "missing"  # no stored object under the file's key
+    UNREADABLE = "unreadable"  # the storage could not be read (the reason says)
+    RESTORED = "restored"  # a mismatch or a loss, repaired from a good copy (the cache)
+
+    @property
+    def bad(self) -> bool:
+        """The archive does not hold the file's bytes (an operator must act)."""
+        return self in (FixityOutcome.MISMATCH, FixityOutcome.MISSING, FixityOutcome.UNREADABLE)

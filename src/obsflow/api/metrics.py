@@ -121,7 +121,7 @@ class _CatalogCollector(Collector):
         now = site.clock()
         status = site_status(site.catalog, now, role=site.settings.transfer.role)
         families = self._families()
-        files, requests, depth, runs, stuck, cache_files, cache_bytes, virtual = families
+        files, requests, depth, runs, stuck, cache_files, cache_bytes, virtual, *fixity = families
         for counts, family in ((status.files, files), (status.queue, requests)):
             for state, n in counts.items():
                 family.add_metric([state.value], n)
@@ -132,6 +132,9 @@ class _CatalogCollector(Collector):
         cache_files.add_metric([], status.cache.files)
         cache_bytes.add_metric([], status.cache.bytes)
         virtual.add_metric([], status.cache.virtual)
+        unaudited, bad = fixity
+        unaudited.add_metric([], status.fixity.never)
+        bad.add_metric([], status.fixity.bad)
         return iter(families)
 
     @staticmethod
@@ -150,6 +153,14 @@ class _CatalogCollector(Collector):
             GaugeMetricFamily("obsflow_cache_files", "Files whose bytes are in the cache."),
             GaugeMetricFamily("obsflow_cache_bytes", "Bytes in the cache."),
             GaugeMetricFamily("obsflow_virtual_files", "Files evicted from the cache."),
+            GaugeMetricFamily(
+                "obsflow_fixity_never_audited", "Archived files no fixity audit has read yet."
+            ),
+            GaugeMetricFamily(
+                "obsflow_fixity_bad_files",
+                "Archived files whose latest fixity audit found them changed, missing or "
+                "unreadable (alert on > 0).",
+            ),
         ]
 
 

@@ -2,19 +2,23 @@
 
 A backend must make :meth:`Storage.put` atomic (a reader never sees a partial
 object under a key), make every object put durable by the time :meth:`Storage.flush`
-returns, and read the stored bytes back for :meth:`Storage.sha256` rather than
-trusting what it was given: the ingestor marks a batch of files archived only after
-their stored copies' checksums match and ``flush`` has returned.
+returns, and read the stored bytes back from the medium for :meth:`Storage.sha256`
+rather than trusting what it was given or what a cache holds: the ingestor marks a
+batch of files archived only after their stored copies' checksums match and ``flush``
+has returned, and fixity audits (:mod:`obsflow.archive.fixity`) re-read them later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -50,8 +54,10 @@ class Storage(ABC):
         """Make every object put so far durable."""
 
     @abstractmethod
-    def sha256(self, key: str) -> str:
-        """The hex sha256 of the bytes stored under ``key`` (read back from storage)."""
+    def sha256(self, key: str, *, throttle: Throttle | None = None) -> str:
+        """The hex sha256 of the bytes stored under ``key``, read back from the medium
+        (not from a cache of the operating system's that would hold what was written
+        rather than what the medium holds), at most as fast as ``throttle`` allows."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -125,10 +131,21 @@ class LocalStorage(Storage):
                 self._unsynced |= folders
             raise StorageError(f"cannot make {self.root} durable: {exc}") from exc
 
-    def sha256(self, key: str) -> str:
+    def sha256(self, key: str, *, throttle: Throttle | None = None) -> str:
+        """Read from the disk: the file's pages are dropped from the page cache first
+        (``posix_fadvise(DONTNEED)``; written pages are clean once :meth:`put` has synced
+        them), so the bytes hashed are the medium's. On a file system in memory (tmpfs)
+        the two are the same."""
         try:
             with self.path(key).open("rb") as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
+                _drop_cached_pages(f.fileno())
+                if throttle is None:
+                    return hashlib.file_digest(f, "sha256").hexdigest()
+                digest = hashlib.sha256()
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+                    throttle.spend(len(chunk))
+                return digest.hexdigest()
         except OSError as exc:
             raise StorageError(f"cannot read {key} back from {self.root}: {exc}") from exc
 
@@ -186,6 +203,43 @@ def _copy(src: BinaryIO, dst: BinaryIO) -> None:
         dst.truncate()
     while chunk := src.read(CHUNK):
         dst.write(chunk)
+
+
+def _drop_cached_pages(fd: int) -> None:
+    """Ask the kernel to forget the file's clean cached pages (a no-op where it cannot)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        with contextlib.suppress(OSError):
+            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+class Throttle:
+    """At most ``rate`` bytes a second on average, for reads that must not crowd out the
+    night's own I/O (fixity audits): :meth:`spend` sleeps as long as the bytes read so
+    far are ahead of the rate. ``clock`` and ``sleep`` are seams for tests."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] = time.sleep,
+        stop: threading.Event | None = None,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate {rate}: expected bytes a second above 0")
+        self.rate, self.clock, self.sleep, self.stop = rate, clock, sleep, stop
+        self.started = clock()
+        self.spent = 0
+
+    def spend(self, count: int) -> None:
+        self.spent += count
+        ahead = self.spent / self.rate - (self.clock() - self.started)
+        if ahead > 0:
+            if self.stop is not None:
+                self.stop.wait(ahead)  # a daemon stopping does not wait for the rate
+            else:
+                self.sleep(ahead)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -52,7 +52,7 @@ from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 """The newest migration; a test checks it is Alembic's head."""
 MIGRATION_WAIT_SECONDS = 120.0
 """How long opening a catalog waits for another process's migration of it."""

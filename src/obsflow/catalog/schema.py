@@ -305,6 +305,20 @@ pins = Table(
     Column("at", UTCDateTime, nullable=False),
 )
 
+# Fixity audits: each re-read of an archived file from the medium and what it found.
+fixity_checks = Table(
+    "fixity_checks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), nullable=False),
+    Column("checked_at", UTCDateTime, nullable=False, index=True),
+    Column("outcome", String(16), nullable=False),  # states.FixityOutcome
+    Column("found_sha256", String(64)),  # what the stored bytes hash to (None: unread)
+    Column("bytes_read", BigInteger, nullable=False, server_default=text("0")),
+    Column("detail", Text),
+    Index("ix_fixity_checks_file", "file_id", "checked_at"),
+)
+
 # API tokens, stored hashed (sha256 of the secret); the secret is shown once.
 tokens = Table(
     "tokens",

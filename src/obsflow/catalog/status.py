@@ -37,6 +37,7 @@ from sqlalchemy import Connection, func, literal_column, select
 
 from obsflow.catalog import Catalog, schema
 from obsflow.catalog.cachestate import CacheFigures, cache_figures
+from obsflow.catalog.fixity import FixityFigures, FixityStore
 from obsflow.catalog.queue import count_by_state, depth_of, is_waiting
 from obsflow.catalog.tracking import groups_waiting
 from obsflow.settings import Role
@@ -103,6 +104,8 @@ class SiteStatus:
     """The daemon's status (with ``alive`` and ``ready``), or None: it never ran here."""
     outbox: Outbox | None
     """An agent's outbox; None at any other site."""
+    fixity: FixityFigures
+    """The archive's fixity audits: files audited, never audited, bad."""
 
     def at_level(self, level: int | None) -> Mapping[FileState, int]:
         """Files of one processing level by state (the states nothing is in are absent)."""
@@ -131,6 +134,7 @@ class SiteStatus:
             "runs": _by_value(self.runs),
             "tracker": {"untracked": self.untracked, "groups_waiting": self.groups_waiting},
             "cache": self.cache.to_json(),
+            "fixity": self.fixity.to_json(),
         }
 
 
@@ -162,6 +166,7 @@ def site_status(
         cache = cache_figures(conn)
         depth = depth_of(queue)
         outbox = _outbox(conn, now, depth, outbox_window) if effective is Role.AGENT else None
+        fixity = FixityStore(catalog).figures(conn)
     by_state: dict[FileState, int] = {}
     for counts in levels.values():
         for state, n in counts.items():
@@ -179,6 +184,7 @@ def site_status(
         cache=cache,
         daemon=daemon,
         outbox=outbox,
+        fixity=fixity,
     )
 
 

@@ -6,8 +6,9 @@ when imported at the bottom: :mod:`~obsflow.cli.sites` (init, registry check),
 :mod:`~obsflow.cli.ingest` (ingest, retry), :mod:`~obsflow.cli.files` (find, show),
 :mod:`~obsflow.cli.status`, :mod:`~obsflow.cli.sim` (simulate, demo),
 :mod:`~obsflow.cli.daemon` (run), :mod:`~obsflow.cli.cache` (cache, fetch, tag),
-:mod:`~obsflow.cli.runs` (runs, reprocess, registry replay), :mod:`~obsflow.cli.serve`
-and :mod:`~obsflow.cli.tokens`."""
+:mod:`~obsflow.cli.runs` (runs, reprocess, registry replay), :mod:`~obsflow.cli.verify`
+(fixity audits), :mod:`~obsflow.cli.worker`, :mod:`~obsflow.cli.serve` and
+:mod:`~obsflow.cli.tokens`."""
 
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ from obsflow.cli import (  # noqa: E402, F401
     sites,
     status,
     tokens,
+    verify,
     worker,
 )
 

@@ -130,6 +130,21 @@ def status(
                 "outbox: throughput",
                 f"{sending.bytes_per_second / 1e6:.2f} MB/s (last {sending.window:.0f} s)",
             )
+        fixity = snapshot.fixity
+        if fixity.archived:
+            audited_last = (
+                fixity.last_check.isoformat(timespec="seconds") if fixity.last_check else "never"
+            )
+            table.add_row(
+                "fixity audits",
+                f"{fixity.audited} of {fixity.archived} archived file(s) audited, "
+                f"the last {audited_last}",
+            )
+            if fixity.bad:
+                bad_named = ", ".join(fixity.bad_ids) + (
+                    ", ..." if fixity.bad > len(fixity.bad_ids) else ""
+                )
+                table.add_row("fixity: bad", f"[red]{fixity.bad}[/]: {bad_named} (obsflow verify)")
         if daemon is None or not daemon["alive"]:
             table.add_row("daemon", "not running")
         else:
