@@ -5,6 +5,7 @@ subprocess steps.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -15,11 +16,11 @@ import pytest
 
 from obsflow.catalog.records import FileQuery
 from obsflow.catalog.runs import RunStore
-from obsflow.processing.executor import Executor, InlineExecutor
+from obsflow.processing.executor import Executor, InlineExecutor, LocalExecutor
 from obsflow.processing.lifecycle import execute_run
 from obsflow.processing.sitehost import SiteHost
 from obsflow.processing.tracker import Tracker
-from obsflow.processing.tracker.loop import TrackerLoop
+from obsflow.processing.tracker.loop import TrackerLoop, process_until_idle
 from obsflow.site import Site, ingest_paths, open_site
 from obsflow.states import RunState, StepState
 from tests.conftest import SiteFactory
@@ -233,3 +234,45 @@ def test_a_long_step_is_shown_running_and_its_lease_renewed_until_it_ends(
         ("wait", StepState.SUCCEEDED),
         ("stack", StepState.SUCCEEDED),
     ]
+
+
+PRIORITY = """
+pipelines:
+  - id: toy_priority
+    profile: show_priority
+    inputs:
+      - {product: ofcam_raw, name: biases, where: "frame_type == 'BIAS'", min: 1}
+    group: {by: [night]}
+profiles:
+  - id: show_priority
+    steps:
+      - name: show
+        command: [sh, -c, "nice > {work}/nice.txt; ionice -p $$ > {work}/ionice.txt"]
+"""
+
+
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+def test_runs_execute_at_the_lower_cpu_and_io_priority_the_settings_give(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    """The local pool's processes (and so every step) run niced and at idle I/O
+    priority, while the daemon's own process (here, the test's) keeps its priority."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    settings = make_site(processing={"nice": mine + 7, "ionice": "idle", "keep_work": True})
+    (settings.registry / "ofcam_pipelines.yaml").write_text(PRIORITY)
+    site = open_site(settings)
+    try:
+        ingest_paths(site, frames)
+        executor = LocalExecutor(site)
+        try:
+            assert process_until_idle(site, executor, timeout=120)
+        finally:
+            executor.close()
+        (run,) = RunStore(site.catalog).find()
+        assert run.state is RunState.SUCCEEDED, run.error
+        work = Path(run.work_dir or "")
+        assert (work / "nice.txt").read_text().strip() == str(mine + 7)
+        assert (work / "ionice.txt").read_text().strip() == "idle"
+        assert os.getpriority(os.PRIO_PROCESS, 0) == mine
+    finally:
+        site.close()

@@ -100,6 +100,13 @@ class Processing(_Section):
     lease_seconds: float = Field(default=60.0, gt=0)
     keep_work: bool = False
     """Keep a successful run's work directory (a failed run's is always kept)."""
+    nice: int = Field(default=10, ge=0, le=19)
+    """The CPU niceness of the processes that execute runs (the local pool's, a Celery
+    worker's) and so of their steps: the frames arriving meanwhile go first. 0: as the
+    daemon."""
+    ionice: Literal["idle", "low", "normal"] = "low"
+    """Their I/O priority: ``low`` (best effort, its lowest level), ``idle`` (only when
+    no other process reads or writes the disk), ``normal`` (as the daemon)."""
 
 
 class Containers(_Section):

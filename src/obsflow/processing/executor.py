@@ -34,6 +34,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from obsflow.processing.container import ContainerRunner
 from obsflow.processing.controller import StopFlag, kill_every_step
 from obsflow.processing.lifecycle import execute_run
+from obsflow.processing.priority import lower_priority
 from obsflow.processing.sitehost import SiteHost
 from obsflow.receipt.intake import Wakeable
 from obsflow.settings import Settings
@@ -160,6 +161,7 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 def _worker_start(settings: Settings, stop: StopFlag, daemon: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when runs stop
     _die_with(daemon)
+    lower_priority(settings.processing)  # the daemon's own work (frames arriving) first
     owner = f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     _WORKER["site"] = (open_site(settings), stop, ContainerRunner(settings.containers, owner=owner))
 

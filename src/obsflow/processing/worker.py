@@ -63,6 +63,7 @@ from celery import signals
 from obsflow.processing.celery import TASK, make_app, require_broker, shown
 from obsflow.processing.controller import kill_every_step
 from obsflow.processing.lifecycle import RunHost, execute_run
+from obsflow.processing.priority import lower_priority
 from obsflow.processing.sitehost import SiteHost
 from obsflow.receipt.receiver import utcnow
 from obsflow.registry import Registry
@@ -322,6 +323,7 @@ class PoolProcess:
         starts another), rather than take messages it cannot execute."""
         self.owner = owner_name(socket.gethostname(), os.getpid())
         _die_with_parent()
+        lower_priority(self.config.processing)
         if os.getppid() != self.main_pid:  # the main process died before the line above
             os._exit(1)
         try:
