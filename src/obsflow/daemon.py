@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 from obsflow.archive.ingest import Ingestor
 from obsflow.catalog.seen import SeenLedger
 from obsflow.errors import SiteError
-from obsflow.processing.container import remove_orphans
 from obsflow.processing.executor import Executor, make_executor
 from obsflow.processing.tracker.loop import TrackerLoop
 from obsflow.receipt.intake import Intake, Wake
@@ -175,6 +174,8 @@ class Daemon:
         tracker: threading.Thread | None = None
         if self.role is not Role.AGENT:  # an agent's pipelines run at the server
             if any(s.image for p in site.registry.profiles.values() for s in p.steps):
+                from obsflow.processing.container import remove_orphans  # docker-py: at use
+
                 remove_orphans(site.settings.containers)  # a killed daemon's containers
             executor = make_executor(site, on_done=wake)  # a run's outputs are new files too
             self.executor = executor

@@ -141,6 +141,13 @@ class CachePolicy(_Section):
         return self.budget_bytes * 9 // 10
 
 
+DEFAULT_CACHE_BYTES: Final = 10 * 1024**3
+"""A worker without shared storage (``obsflow worker --server``) keeps up to this many
+bytes of fetched inputs."""
+DEFAULT_LISTEN: Final = "127.0.0.1:8000"
+"""Where ``obsflow serve`` listens when neither ``--listen`` nor ``api.listen`` says."""
+
+
 class Api(_Section):
     listen: str | None = Field(default=None, pattern=r"^[\w.\-:\[\]]+:\d{1,5}$")
     """HOST:PORT where ``obsflow run`` serves the REST API; None: it serves none

@@ -55,12 +55,12 @@ from obsflow.archive.retrieval import Retriever
 from obsflow.catalog.runs import RunStore
 from obsflow.errors import ObsflowError
 from obsflow.receipt.intake import Wakeable
+from obsflow.settings import DEFAULT_LISTEN
 from obsflow.site import Site
 
 log = logging.getLogger(__name__)
 
 OPENAPI_URL: Final = "/api/v1/openapi.json"
-DEFAULT_LISTEN: Final = "127.0.0.1:8000"
 """Where ``obsflow serve`` listens when neither ``--listen`` nor the settings say."""
 
 __all__ = [

@@ -17,8 +17,6 @@ from rich.table import Table
 
 from obsflow.catalog.runs import NewRun, RunRecord, RunStore
 from obsflow.cli import JsonOption, SiteOption, _settings, _site, app, err, out, registry_app
-from obsflow.daemon import read_status
-from obsflow.processing.executor import make_executor
 from obsflow.processing.profile import ParameterValue
 from obsflow.processing.tracker import Tracker
 from obsflow.processing.tracker.loop import process_until_idle
@@ -152,6 +150,9 @@ def runs_show(
 
 def _execute_here(s: Site) -> None:
     """Run the queued runs in this process, unless a daemon runs (it takes them)."""
+    from obsflow.daemon import read_status  # the daemon's and executors' modules: at use
+    from obsflow.processing.executor import make_executor
+
     status = read_status(s.settings.site, s.clock())
     if status is not None and status.get("alive"):
         out.print("the daemon is running: it executes the queued runs")

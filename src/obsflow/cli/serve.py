@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from obsflow.api import DEFAULT_LISTEN, ApiServer, parse_listen
 from obsflow.cli import SiteOption, _site, app, err, log
+from obsflow.settings import DEFAULT_LISTEN
 
 
 @app.command()
@@ -27,6 +27,8 @@ def serve(
     site: SiteOption = None,
 ) -> None:
     """Serve the REST API (no daemon) until SIGINT or SIGTERM."""
+    from obsflow.api import ApiServer, parse_listen  # FastAPI is loaded by the commands that serve
+
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:

@@ -13,7 +13,6 @@ from rich.table import Table
 from obsflow.catalog import latency as latency_ledger
 from obsflow.catalog.status import site_status
 from obsflow.cli import JsonOption, SiteOption, _site, _time, app, out
-from obsflow.daemon import read_status as read_daemon_status
 
 
 @app.command()
@@ -106,6 +105,8 @@ def status(
             out.print(stuck)
             return
         now = s.clock()
+        from obsflow.daemon import read_status as read_daemon_status  # the daemon's modules
+
         daemon = read_daemon_status(s.settings.site, now)
         snapshot = site_status(s.catalog, now, role=s.settings.transfer.role, daemon=daemon)
         if as_json:

@@ -12,13 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from obsflow.cli import SiteOption, _settings, app, err
-from obsflow.processing.worker import (
-    DEFAULT_CACHE_BYTES,
-    ServerAccess,
-    WorkerConfig,
-    run_worker,
-)
-from obsflow.settings import Containers, Processing
+from obsflow.settings import DEFAULT_CACHE_BYTES, Containers, Processing
 
 _QUEUE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")  # as processing.queue
 
@@ -83,6 +77,9 @@ def worker(
     """Execute pipeline runs from the Celery broker: with the site's storage (--site), or
     with only the archive server's URL and a token (--server, --token). SIGTERM lets the
     runs in progress finish, then exits."""
+    # Celery is loaded by this command only
+    from obsflow.processing.worker import ServerAccess, WorkerConfig, run_worker
+
     wanted = _queues(queues)
     if server:
         if site is not None:

@@ -30,8 +30,8 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ProcessPoolExecutor
+from typing import TYPE_CHECKING
 
-from obsflow.processing.container import ContainerRunner
 from obsflow.processing.controller import StopFlag, kill_every_step
 from obsflow.processing.lifecycle import execute_run
 from obsflow.processing.priority import lower_priority
@@ -40,6 +40,9 @@ from obsflow.receipt.intake import Wakeable
 from obsflow.settings import Settings
 from obsflow.site import Site, open_site
 from obsflow.states import RunState
+
+if TYPE_CHECKING:
+    from obsflow.processing.container import ContainerRunner
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class InlineExecutor(Executor):
         self.site = site
         self.host = SiteHost(site)
         self.owner = f"inline-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        from obsflow.processing.container import ContainerRunner  # docker-py: at use
+
         self.containers = ContainerRunner(site.settings.containers, owner=self.owner)
 
     def submit(self, run_id: int, queue: str | None = None) -> None:
@@ -163,6 +168,8 @@ def _worker_start(settings: Settings, stop: StopFlag, daemon: int) -> None:
     _die_with(daemon)
     lower_priority(settings.processing)  # the daemon's own work (frames arriving) first
     owner = f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    from obsflow.processing.container import ContainerRunner  # docker-py: at use
+
     _WORKER["site"] = (open_site(settings), stop, ContainerRunner(settings.containers, owner=owner))
 
 

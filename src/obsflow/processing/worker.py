@@ -67,7 +67,7 @@ from obsflow.processing.priority import lower_priority
 from obsflow.processing.sitehost import SiteHost
 from obsflow.receipt.receiver import utcnow
 from obsflow.registry import Registry
-from obsflow.settings import Containers, Processing, Settings
+from obsflow.settings import DEFAULT_CACHE_BYTES, Containers, Processing, Settings
 from obsflow.site import Site, open_site
 from obsflow.states import RunState
 
@@ -78,8 +78,6 @@ log = logging.getLogger(__name__)
 
 OWNER_CHARS: Final = 64
 """A lease owner's name fits the catalog's column."""
-DEFAULT_CACHE_BYTES: Final = 10 * 1024**3
-"""A worker without shared storage keeps up to this many bytes of fetched inputs."""
 EXIT_GRACE: Final = 30.0
 """A pool process told to stop waits this long at most for its run to be released."""
 TASK_OPTIONS: Final[dict[str, Any]] = {
