@@ -138,6 +138,28 @@ def test_bad_arguments_are_refused_clearly(make_site: SiteFactory) -> None:
     assert typo.returncode == 2 and "no such file or directory" in typo.stderr
 
 
+def test_a_misspelt_name_is_an_error_that_lists_the_known_ones_not_an_empty_answer(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    site = make_site(pipelines=True).site
+    assert obsflow("ingest", "--site", site, frames[0].parent).returncode == 0
+    cases = [
+        (("find", "--product", "ofcam_rwa"), "--product", "did you mean 'ofcam_raw'"),
+        (("find", "--instrument", "ofcam"), "--instrument", "did you mean 'OFCAM'"),
+        (("find", "--tag", "raww"), "--tag", "did you mean 'raw'"),
+        (("runs", "--pipeline", "ofcam_calibrat"), "--pipeline", "did you mean 'ofcam_calibrate'"),
+        (("reprocess", "--pipeline", "nope", "--no-wait"), "--pipeline", "ofcam_masterbias"),
+    ]
+    for args, option, says in cases:
+        refused = obsflow(*args, "--site", site)
+        assert refused.returncode == 2, (args, refused.stdout)
+        text = " ".join(refused.stderr.split())  # the error box wraps lines
+        assert option in text and says in text, (args, text)
+    # the right names still answer
+    assert len(as_json(obsflow("find", "--tag", "raw", "--json", "--site", site))) == len(frames)
+    assert as_json(obsflow("runs", "--pipeline", "ofcam_calibrate", "--json", "--site", site)) == []
+
+
 def test_simulate_writes_a_night_the_registry_recognises(
     make_site: SiteFactory, tmp_path: Path
 ) -> None:

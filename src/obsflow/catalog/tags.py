@@ -43,6 +43,11 @@ class Tags:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
 
+    def names(self) -> list[str]:
+        """Every tag some file carries, sorted."""
+        with self.catalog.read() as conn:
+            return list(conn.execute(select(tags.c.tag).distinct().order_by(tags.c.tag)).scalars())
+
     def add(self, archive_id: str, tag: str) -> bool:
         """Tag the live file; False if it had the tag already. :class:`InvalidTagError`
         for a bad tag, :class:`NotFoundError` for no such file."""

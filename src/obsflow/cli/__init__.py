@@ -12,10 +12,11 @@ when imported at the bottom: :mod:`~obsflow.cli.sites` (init, registry check),
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -89,6 +90,20 @@ def _time(value: str | None, option: str) -> datetime | None:
         return parse_time(value)
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not an ISO date-time", param_hint=option) from None
+
+
+def known(value: str | None, names: Iterable[str], what: str, option: str) -> str | None:
+    """``value`` when it is one of ``names`` (or None); else a usage error (exit 2) that
+    lists them and suggests the closest: a typo is an error, not an empty answer."""
+    choices = sorted(set(names))
+    if value is None or value in choices:
+        return value
+    folded = {c.casefold(): c for c in choices}
+    close = [folded[value.casefold()]] if value.casefold() in folded else []
+    close = close or difflib.get_close_matches(value, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listed = ", ".join(choices) if choices else "none yet"
+    raise typer.BadParameter(f"no {what} {value!r}{hint} (known: {listed})", param_hint=option)
 
 
 @contextmanager

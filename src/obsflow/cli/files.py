@@ -11,7 +11,8 @@ from rich.table import Table
 
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import RunStore
-from obsflow.cli import JsonOption, SiteOption, _site, _time, app, err, out
+from obsflow.catalog.tags import Tags
+from obsflow.cli import JsonOption, SiteOption, _site, _time, app, err, known, out
 from obsflow.site import Site
 from obsflow.states import FileState
 
@@ -39,18 +40,23 @@ def find(
         night_date = date.fromisoformat(night) if night else None
     except ValueError:
         raise typer.BadParameter(f"{night!r} is not YYYY-MM-DD", param_hint="--night") from None
-    query = FileQuery(
-        product=product,
-        instrument=instrument,
-        since=_time(since, "--since"),
-        until=_time(until, "--until"),
-        night=night_date,
-        tag=tag,
-        object=object_,
-        state=state,
-        limit=limit,
-    )
+    start, end = _time(since, "--since"), _time(until, "--until")
     with _site(site) as s:
+        known(product, s.registry.products, "product", "--product")
+        known(instrument, s.registry.instruments, "instrument", "--instrument")
+        if tag is not None:
+            known(tag, Tags(s.catalog).names(), "tag", "--tag")
+        query = FileQuery(
+            product=product,
+            instrument=instrument,
+            since=start,
+            until=end,
+            night=night_date,
+            tag=tag,
+            object=object_,
+            state=state,
+            limit=limit,
+        )
         records = s.catalog.find(query)
         if as_json:
             print(json.dumps([_file_json(s, r) for r in records], indent=1))

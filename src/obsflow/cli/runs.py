@@ -16,7 +16,17 @@ import yaml
 from rich.table import Table
 
 from obsflow.catalog.runs import NewRun, RunRecord, RunStore
-from obsflow.cli import JsonOption, SiteOption, _settings, _site, app, err, out, registry_app
+from obsflow.cli import (
+    JsonOption,
+    SiteOption,
+    _settings,
+    _site,
+    app,
+    err,
+    known,
+    out,
+    registry_app,
+)
 from obsflow.processing.profile import ParameterValue
 from obsflow.processing.tracker import Tracker
 from obsflow.processing.tracker.loop import process_until_idle
@@ -62,6 +72,8 @@ def runs_list(
         return
     with _site(site) as s:
         found = RunStore(s.catalog).find(state=state, pipeline=pipeline)[-limit:]
+        if pipeline is not None and not found:  # a pipeline gone from the registry has runs
+            known(pipeline, s.registry.pipelines, "pipeline", "--pipeline")
         if as_json:
             print(json.dumps([_run_json(s, r) for r in found], indent=1))
             return
@@ -223,10 +235,8 @@ def reprocess(
     except ValueError:
         raise typer.BadParameter(f"{night!r}: expected YYYY-MM-DD", param_hint="--night") from None
     with _site(site) as s:
-        spec = s.registry.pipelines.get(pipeline)
-        if spec is None:
-            known = ", ".join(sorted(s.registry.pipelines)) or "none"
-            raise typer.BadParameter(f"no pipeline {pipeline!r} (known: {known})")
+        known(pipeline, s.registry.pipelines, "pipeline", "--pipeline")
+        spec = s.registry.pipelines[pipeline]
         tracker = Tracker(s.registry, s.catalog, s.clock)
         request = f"reprocess-{s.clock():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         queued: list[int] = []
