@@ -23,6 +23,7 @@ from obsflow.api import ApiServer, create_app
 from obsflow.api.services import Uploads
 from obsflow.catalog import FileQuery
 from obsflow.receipt.intake import Wake
+from obsflow.receipt.receiver import Prepared
 from obsflow.site import Site, open_site
 from obsflow.states import FileState, LedgerEvent
 from obsflow.transfer.agent import Transferer
@@ -87,8 +88,20 @@ def archive(make_site: SiteFactory) -> Iterator[Archive]:
         site.close()
 
 
-def outgoing(frame: Path, archive_id: str = "OF.20261122.18000.00.fits") -> Outgoing:
+def given_id(site: Site, frame: Path, bump: int = 0) -> str:
+    """The archive ID the registry gives ``frame`` (the agent's and the server's alike),
+    or the ``bump``-th after it (frames of one hundredth of a second)."""
+    prepared = site.receiver.prepare(frame)
+    assert isinstance(prepared, Prepared), prepared
+    prepared.temp.unlink()
+    return prepared.scheme()(bump)
+
+
+def outgoing(frame: Path, archive_id: str | Site) -> Outgoing:
+    """``frame`` to send under ``archive_id``, or the one ``site``'s registry gives it."""
     data = frame.read_bytes()
+    if not isinstance(archive_id, str):
+        archive_id = given_id(archive_id, frame)
     return Outgoing(
         archive_id=archive_id,
         path=frame,
@@ -107,7 +120,7 @@ def server_file(archive: Archive, archive_id: str) -> Any:
 def test_a_frame_arrives_once_verified_and_a_second_send_sends_no_bytes(
     archive: Archive, frames: list[Path]
 ) -> None:
-    out = outgoing(frames[0])
+    out = outgoing(frames[0], archive.site)
     client = archive.client()
     try:
         client.send(out)
@@ -132,7 +145,7 @@ def test_a_frame_arrives_once_verified_and_a_second_send_sends_no_bytes(
 def test_an_interrupted_upload_resumes_from_the_bytes_the_server_holds(
     archive: Archive, frames: list[Path]
 ) -> None:
-    out = outgoing(frames[1])
+    out = outgoing(frames[1], archive.site)
     data = out.path.read_bytes()
     half = len(data) // 2
     headers = {
@@ -165,7 +178,7 @@ def test_an_interrupted_upload_resumes_from_the_bytes_the_server_holds(
 def test_a_wrong_checksum_is_refused_and_nothing_is_stored(
     archive: Archive, frames: list[Path]
 ) -> None:
-    out = outgoing(frames[2])
+    out = outgoing(frames[2], archive.site)
     wrong = Outgoing(**{**out.__dict__, "sha256": hashlib.sha256(b"other").hexdigest()})
     client = archive.client()
     try:
@@ -180,7 +193,7 @@ def test_a_wrong_checksum_is_refused_and_nothing_is_stored(
 def test_an_upload_already_in_progress_asks_the_agent_to_wait(
     archive: Archive, frames: list[Path]
 ) -> None:
-    out = outgoing(frames[3])
+    out = outgoing(frames[3], archive.site)
     assert archive.uploads is not None
     assert archive.uploads.claim(out.archive_id)  # another connection is sending it
     client = archive.client()
@@ -197,14 +210,22 @@ def test_an_upload_already_in_progress_asks_the_agent_to_wait(
 def test_the_same_id_with_other_bytes_is_a_conflict_never_an_overwrite(
     archive: Archive, frames: list[Path]
 ) -> None:
+    """Another copy of the same frame (same header, a changed pixel) under its ID."""
+    folder = frames[3].parent.parent / "other"
+    folder.mkdir()
+    other = folder / frames[3].name
+    data = bytearray(frames[3].read_bytes())
+    data[-1] ^= 0xFF
+    other.write_bytes(bytes(data))
+    archive_id = given_id(archive.site, frames[3])
     client = archive.client()
     try:
-        client.send(outgoing(frames[3], "OF.20261122.18000.00.fits"))
+        client.send(outgoing(frames[3], archive_id))
         with pytest.raises(ConflictError, match="other bytes"):
-            client.send(outgoing(frames[4], "OF.20261122.18000.00.fits"))
+            client.send(outgoing(other, archive_id))
     finally:
         client.close()
-    record = server_file(archive, "OF.20261122.18000.00.fits")
+    record = server_file(archive, archive_id)
     assert record is not None and record.original_name == frames[3].name
 
 
@@ -221,10 +242,10 @@ def test_a_transfer_needs_a_write_token_and_a_refused_one_stores_nothing(
     client = archive.client(token)
     try:
         with pytest.raises(DeniedError):
-            client.send(outgoing(frames[5]))
+            client.send(outgoing(frames[5], archive.site))
     finally:
         client.close()
-    assert server_file(archive, "OF.20261122.18000.00.fits") is None
+    assert archive.site.catalog.find(FileQuery()) == []
     assert not (archive.site.settings.cache / ".uploads").exists()
 
 
@@ -236,11 +257,11 @@ def test_a_busy_archive_answers_503_with_retry_after(
     token, _ = TokenStore(site.catalog).create("agent", Scope.WRITE, [], site.clock())
     client = Client(server.url, token, timeout=10)
     try:
-        for n, frame in enumerate(frames[:3]):
+        for frame in frames[:3]:
             with pytest.raises(TransferError, match="cached at the server"):
-                client.send(outgoing(frame, f"OF.20261122.1800{n}.00.fits"))
+                client.send(outgoing(frame, site))
         with pytest.raises(BusyError, match="3 files wait") as busy:
-            client.send(outgoing(frames[3], "OF.20261122.18009.00.fits"))
+            client.send(outgoing(frames[3], site))
         assert busy.value.retry_after == 2.0
     finally:
         client.close()
@@ -312,3 +333,101 @@ def test_a_role_without_what_it_needs_says_so_and_starts_nothing(
     assert done.returncode != 0
     assert expected in done.stderr
     assert not (settings.site / ".obsflow" / "daemon.json").exists()
+
+
+# ------------------------------------------------- the server decides identities
+
+
+def nothing_kept(archive: Archive) -> None:
+    """No row, no cached or quarantined bytes, no partial upload."""
+    assert archive.site.catalog.find(FileQuery()) == []
+    assert [p for p in archive.site.settings.quarantine.rglob("*") if p.is_file()] == []
+    uploads = archive.site.settings.cache / ".uploads"
+    assert not uploads.exists() or list(uploads.iterdir()) == []
+
+
+def edited(frame: Path, old: bytes, new: bytes, folder: str = "edited") -> Path:
+    """A copy of ``frame`` (same name, another folder) with one header value changed."""
+    data = frame.read_bytes()
+    assert len(old) == len(new) and data.count(old) == 1
+    target = frame.parent.parent / folder / frame.name
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(data.replace(old, new))
+    return target
+
+
+@pytest.mark.parametrize("claim", ["no template", "another frame's", "a later suffix"])
+def test_an_upload_under_an_id_its_header_does_not_give_is_refused_and_nothing_kept(
+    archive: Archive, frames: list[Path], claim: str
+) -> None:
+    """An uploader cannot squat another frame's archive ID: the server gives the ID."""
+    archive_id = {
+        "no template": "ZZ-any-name",
+        "another frame's": given_id(archive.site, frames[1]),
+        "a later suffix": given_id(archive.site, frames[0], bump=3),
+    }[claim]
+    client = archive.client()
+    try:
+        with pytest.raises(RefusedError, match=f"{archive_id} is not the archive ID") as refused:
+            client.send(outgoing(frames[0], archive_id))
+    finally:
+        client.close()
+    assert given_id(archive.site, frames[0]) in str(refused.value)  # says which it is
+    nothing_kept(archive)
+
+
+def test_a_frame_of_the_same_hundredth_takes_the_next_free_suffix_only(
+    archive: Archive, frames: list[Path]
+) -> None:
+    """Two frames whose headers give one ID: the second may take the next, never further."""
+    twin = edited(frames[3], b"U017", b"U018")  # the same moment, other bytes
+    first, second, third = (given_id(archive.site, frames[3], bump) for bump in range(3))
+    client = archive.client()
+    try:
+        client.send(outgoing(frames[3], first))
+        with pytest.raises(RefusedError, match=f"the next free one, {second}"):
+            client.send(outgoing(twin, third))
+        client.send(outgoing(twin, second))
+    finally:
+        client.close()
+    held = {r.archive_id: r.sha256 for r in archive.site.catalog.find(FileQuery())}
+    assert held == {first: outgoing(frames[3], first).sha256, second: outgoing(twin, second).sha256}
+
+
+def test_a_frame_whose_header_names_another_instrument_is_refused(
+    archive: Archive, frames: list[Path]
+) -> None:
+    renamed = edited(frames[0], b"'OFCAM   '", b"'OTHERCAM'")
+    client = archive.client()
+    try:
+        with pytest.raises(RefusedError, match="INSTRUME = 'OTHERCAM' is not OFCAM"):
+            client.send(outgoing(renamed, given_id(archive.site, frames[0])))
+    finally:
+        client.close()
+    nothing_kept(archive)
+
+
+def test_a_program_limited_token_uploads_only_its_programs_frames(
+    archive: Archive, frames: list[Path]
+) -> None:
+    tokens = TokenStore(archive.site.catalog)
+    now = archive.site.clock()
+    outsider, _ = tokens.create("outsider", Scope.WRITE, ["NOPE"], now)
+    prepared = archive.site.receiver.prepare(frames[0])
+    assert isinstance(prepared, Prepared) and prepared.meta.program
+    prepared.temp.unlink()
+    insider, _ = tokens.create("insider", Scope.WRITE, [prepared.meta.program], now)
+    out = outgoing(frames[0], archive.site)
+    client = archive.client(outsider)
+    try:
+        with pytest.raises(RefusedError, match=f"program {prepared.meta.program}; the sender"):
+            client.send(out)
+    finally:
+        client.close()
+    nothing_kept(archive)
+    client = archive.client(insider)
+    try:
+        client.send(out)
+    finally:
+        client.close()
+    assert server_file(archive, out.archive_id) is not None

@@ -14,7 +14,10 @@ the archive ID it gave it:
    them to a partial file; once it is whole, checks its sha256 (a mismatch is refused
    with 422 and the partial file removed: the agent sends it again), then receives it
    as any file (the registry recognises it, the header is validated and mapped) under
-   the agent's archive ID, into the cache with its ingest request in one transaction,
+   the agent's archive ID, if it is the one the server's own registry gives the file
+   (:mod:`obsflow.receipt.identity`: the ID, the header's instrument, the token's
+   programs; else 422 ``refused`` with nothing kept), into the cache with its ingest
+   request in one transaction,
    and waits up to ``transfer.confirm_seconds`` for its ingestors to archive it. The
    answer says ``archived`` or ``cached`` (the agent asks again later).
 
@@ -43,6 +46,7 @@ import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, Field
 
+from obsflow.access import Scope
 from obsflow.api import upload as uploads
 from obsflow.api.auth import Writer
 from obsflow.api.files import ArchiveId
@@ -153,7 +157,8 @@ async def upload(
             return json_response(
                 TransferState(archive_id=archive_id, state=TransferStatus.PARTIAL, offset=size)
             )
-        delivery = Delivery(archive_id, sha256, utc(acquired), utc(received))
+        programs = None if who.may(Scope.ADMIN) or not who.programs else who.programs
+        delivery = Delivery(archive_id, sha256, utc(acquired), utc(received), programs=programs)
         state = await anyio.to_thread.run_sync(_receive, svc, part, name, delivery, digest)
     if state.state is TransferStatus.CACHED:
         state = await _confirm(svc, state, settings.confirm_seconds)
@@ -212,7 +217,7 @@ def _receive(
         return TransferState(archive_id=archive_id, state=TransferStatus.CACHED)
     if result.outcome is Outcome.DUPLICATE:  # these bytes are here under another ID
         return _state(svc, result.archive_id or archive_id, delivery.sha256)
-    if result.outcome in (Outcome.REJECTED, Outcome.IGNORED):
+    if result.outcome in (Outcome.REJECTED, Outcome.IGNORED, Outcome.REFUSED):
         raise ProblemError(422, f"{name}: refused: {result.reason}", kind="refused")
     raise ProblemError(
         503, f"{name}: the server could not take it now: {result.reason}", kind="busy",

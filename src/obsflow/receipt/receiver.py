@@ -33,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from obsflow.archive.cache import Cache
 from obsflow.catalog import CacheEntry, Catalog, NewFile, Recorded
 from obsflow.catalog.batch import ArchiveIdScheme, GivenArchiveId
+from obsflow.catalog.holdings import Holdings
 from obsflow.errors import (
     AmbiguousError,
     CatalogError,
@@ -43,7 +44,7 @@ from obsflow.errors import (
     VanishedError,
 )
 from obsflow.receipt import header as fitsheader
-from obsflow.receipt import metadata
+from obsflow.receipt import identity, metadata
 from obsflow.receipt.metadata import Metadata
 from obsflow.registry import InstrumentSpec, ProductSpec, Recognised, Registry
 from obsflow.settings import Settings
@@ -65,6 +66,7 @@ class Outcome(StrEnum):
     IGNORED = "ignored"  # the name matches no product (and the site ignores such files)
     VANISHED = "vanished"  # gone, or still changing; a later trigger or scan retries it
     ERROR = "error"  # the site could not take it (cache, catalog); the source is untouched
+    REFUSED = "refused"  # a delivery whose claims (ID, instrument, program) fail: nothing kept
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ class Delivery:
     """The file's bytes were checked to have ``sha256`` (by the server, as they came in),
     and the file is the site's to take: it is moved into the cache, not copied and hashed
     again (it must be on the cache's file system)."""
+    programs: frozenset[str] | None = None
+    """The programs whose frames the sender may deliver (None: any); another program's
+    frame is refused (:mod:`obsflow.receipt.identity`)."""
 
 
 @dataclass(frozen=True)
@@ -109,17 +114,22 @@ class Prepared:
     received: datetime
     validated: datetime
     archive_id: str | None = None  # given (a delivery); else made from the header
+    said_instrument: str | None = None  # the header's INSTRUME, if any (a string)
 
-    def entry(self, cache: Cache, now: datetime) -> CacheEntry:
-        """What the catalog needs to record this file and move it into the cache: plain
-        values (the archive IDs it may take, its temp file, the cache)."""
-        archive_ids: ArchiveIdScheme | GivenArchiveId = ArchiveIdScheme(
+    def scheme(self) -> ArchiveIdScheme:
+        """The archive IDs this site's registry gives this file (bump 0, 1, ...)."""
+        return ArchiveIdScheme(
             template=self.instrument.archive_id,
             prefix=self.instrument.prefix,
             instrument=self.instrument.name,
             date_obs=self.meta.date_obs,
             night=self.meta.night,
         )
+
+    def entry(self, cache: Cache, now: datetime) -> CacheEntry:
+        """What the catalog needs to record this file and move it into the cache: plain
+        values (the archive IDs it may take, its temp file, the cache)."""
+        archive_ids: ArchiveIdScheme | GivenArchiveId = self.scheme()
         if self.archive_id is not None:
             archive_ids = GivenArchiveId(self.archive_id)
         return CacheEntry.of(
@@ -201,6 +211,11 @@ class Receiver:
             reason = f"sha256 {prepared.new.sha256[:12]}…, expected {delivery.sha256[:12]}…"
             log.error("could not receive %s: %s", path, reason)
             return Received(path, Outcome.ERROR, product=prepared.product.id, reason=reason)
+        refusal = identity.refusal(prepared, delivery, Holdings(self.catalog).of)
+        if refusal is not None:  # the server decides identities, not the sender
+            prepared.temp.unlink(missing_ok=True)
+            log.warning("refused %s under %s: %s", path.name, delivery.archive_id, refusal)
+            return Received(path, Outcome.REFUSED, product=prepared.product.id, reason=refusal)
         return replace(
             prepared,
             archive_id=delivery.archive_id,
@@ -370,6 +385,7 @@ class Receiver:
             acquired=datetime.fromtimestamp(stat.st_mtime, UTC),
             received=received_at,
             validated=validated_at,
+            said_instrument=_said_instrument(header),
         )
 
     def _quarantine(
@@ -450,6 +466,11 @@ class Receiver:
     def _remove_source(self, path: Path) -> None:
         if self.settings.receipt.remove_source:
             path.unlink(missing_ok=True)
+
+
+def _said_instrument(header: fitsheader.Header) -> str | None:
+    value = header.get(identity.INSTRUMENT_KEYWORD)
+    return value.strip() or None if isinstance(value, str) else None
 
 
 def _whole_fits(path: Path, stat: os.stat_result) -> bool:
