@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from obsflow.errors import MetadataError
+from obsflow.receipt import values
 from obsflow.receipt.header import HeaderValue
 from obsflow.registry.specs import InstrumentSpec, ProductSpec, TimeFrom
 
@@ -59,9 +60,17 @@ def extract(
             f"required keyword(s) {', '.join(missing)} missing for instrument {instrument.name}",
         )
     keys = instrument.keywords
-    date_obs = _date_obs(header, keys.date_obs, keys.time_obs, path)
-    exptime = _number(header, keys.exptime, path, required=keys.exptime in instrument.required)
-    start, stop = _times(header, product, groups, date_obs, exptime, path)
+    date_obs = values.moment(
+        _date_obs(header, keys.date_obs, keys.time_obs, path), keys.date_obs, path
+    )
+    exptime = values.exposure(
+        _number(header, keys.exptime, path, required=keys.exptime in instrument.required),
+        keys.exptime,
+        path,
+    )
+    start, stop = values.interval(*_times(header, product, groups, date_obs, exptime, path), path)
+    ra = _angle(header, keys.ra, path, hours=True, required=keys.ra in instrument.required)
+    dec = _angle(header, keys.dec, path, hours=False, required=keys.dec in instrument.required)
     program = _text(header, keys.program)
     months = instrument.program_proprietary_months.get(program or "", instrument.proprietary_months)
     return Metadata(
@@ -70,8 +79,8 @@ def extract(
         stop=stop,
         night=night_of(start, instrument.utc_offset_hours),
         exptime=exptime,
-        ra=_angle(header, keys.ra, path, hours=True, required=keys.ra in instrument.required),
-        dec=_angle(header, keys.dec, path, hours=False, required=keys.dec in instrument.required),
+        ra=values.angle(ra, keys.ra, path, low=0.0, high=360.0),
+        dec=values.angle(dec, keys.dec, path, low=-90.0, high=90.0),
         object=_text(header, keys.object),
         frame_type=_text(header, keys.frame_type),
         filter=_text(header, keys.filter),
@@ -129,11 +138,11 @@ def _times(
         stop = (
             _date_obs(header, rule.stop, None, path) if rule.stop and rule.stop in header else start
         )
-        return start, max(start, stop)
+        return start, stop  # (values.interval refuses a stop before the start)
     assert rule.start is not None and rule.format is not None
     start = _from_groups(rule.start, rule.format, groups, product, path)
     stop = _from_groups(rule.stop, rule.format, groups, product, path) if rule.stop else start
-    return start, max(start, stop)
+    return start, stop
 
 
 def _from_groups(

@@ -38,6 +38,7 @@ from obsflow.errors import (
     AmbiguousError,
     CatalogError,
     FitsError,
+    MetadataError,
     ReceiptError,
     RecognitionError,
     StorageError,
@@ -331,7 +332,10 @@ class Receiver:
                     raise VanishedError(path, "the file changed size while being received")
                 first, header = _read_primary_header(src, size, path)
                 fitsheader.walk_hdus(src, size, name=path, primary=header)
-                meta = metadata.extract(header, product, instrument, recognised.groups, path)
+                try:
+                    meta = metadata.extract(header, product, instrument, recognised.groups, path)
+                except (ArithmeticError, ValueError) as exc:  # a value no check foresaw
+                    raise MetadataError(path, f"a header value cannot be used: {exc}") from None
                 validated_at = self.clock()
                 # Durability: while the source stays, it is the durable copy; the cache copy
                 # is flushed to disk before the source may be removed.
