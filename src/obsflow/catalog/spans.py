@@ -92,7 +92,11 @@ def overlapping(
     if since is not None:
         seconds = longest(conn, product) or 0.0
         conditions.append(files.c.stop_utc >= since)
-        conditions.append(files.c.start_utc >= since - timedelta(seconds=seconds))
+        try:
+            earliest = since - timedelta(seconds=seconds)
+        except OverflowError:  # since is near the first time there is: no bound below
+            earliest = datetime.min.replace(tzinfo=since.tzinfo)
+        conditions.append(files.c.start_utc >= earliest)
     if until is not None:
         conditions.append(files.c.start_utc <= until)
     return conditions

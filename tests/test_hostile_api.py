@@ -1,0 +1,119 @@
+"""Hostile clients of the REST API (a real uvicorn server on a site with frames, on
+SQLite and PostgreSQL): extreme parameters answer 200 or 422, never 500; a wrong method
+is told every method of its route; what no client can learn or grow."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from obsflow.access import Scope, TokenStore
+from obsflow.api import OPENAPI_URL, ApiServer
+from obsflow.site import Site, ingest_paths, open_site
+from tests.conftest import SiteFactory
+
+
+@dataclass
+class Server:
+    site: Site
+    url: str
+    tokens: dict[str, str]
+    """Role → secret: reader (program U017), writer (any instrument), admin."""
+
+    def client(self, role: str = "anonymous") -> httpx.Client:
+        token = self.tokens.get(role)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@pytest.fixture
+def server(make_site: SiteFactory, frames: list[Path]) -> Iterator[Server]:
+    site = open_site(make_site())
+    ingest_paths(site, frames[:4])
+    store = TokenStore(site.catalog)
+    now = site.clock()
+    tokens = {
+        role: store.create(role, scope, programs, now)[0]
+        for role, scope, programs in (
+            ("reader", Scope.READ, ["2026B-U017"]),
+            ("writer", Scope.WRITE, []),
+            ("admin", Scope.ADMIN, []),
+        )
+    }
+    api = ApiServer(site).start()
+    try:
+        yield Server(site, api.url, tokens)
+    finally:
+        api.stop()
+        site.close()
+
+
+EXTREMES: dict[str, list[str]] = {
+    "date-time": [
+        "0001-01-01T00:00:00Z",
+        "9999-12-31T23:59:59.999999Z",
+        "0001-01-01T00:00:00+23:59",
+        "9999-12-31T23:59:59-23:59",
+    ],
+    "date": ["0001-01-01", "9999-12-31"],
+    "integer": ["0", "-1", str(2**31), str(2**63), "9" * 19, "-" + "9" * 19],
+    "number": ["0", "-1", "1e308", "1e309", "-1e309", "nan", "inf"],
+}
+
+
+def extreme_requests(doc: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """(path, query parameter, value) for every date, time or number parameter of every
+    GET of the document, each at its extremes."""
+    for template, operations in doc["paths"].items():
+        get = operations.get("get")
+        if get is None:
+            continue
+        path = template
+        for param in get.get("parameters", []):
+            if param["in"] == "path":
+                path = path.replace("{" + param["name"] + "}", "1")
+        for param in get.get("parameters", []):
+            if param["in"] != "query":
+                continue
+            for schema in param["schema"].get("anyOf", [param["schema"]]):
+                kind = schema.get("format", schema.get("type"))
+                for value in EXTREMES.get(kind, []):
+                    yield path, param["name"], value
+
+
+@pytest.mark.parametrize("role", ["anonymous", "reader"])
+def test_every_date_and_number_parameter_at_its_extremes_is_200_or_422(
+    server: Server, role: str
+) -> None:
+    with server.client(role) as client:
+        requests = list(extreme_requests(client.get(OPENAPI_URL).json()))
+        assert ("/api/v1/files", "since", "0001-01-01T00:00:00Z") in requests
+        for path, name, value in requests:
+            answer = client.get(path, params={name: value})
+            assert answer.status_code < 500, (path, name, value, answer.text)
+            if answer.status_code == 422:
+                assert answer.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PATCH", "/api/v1/transfers/OF.20261122.18000.00.fits", "GET, PUT"),
+        ("POST", "/api/v1/files/OF.20261122.18000.00.fits/tags/good", "PUT, DELETE"),
+        ("DELETE", "/api/v1/files", "GET"),
+    ],
+)
+def test_a_wrong_method_is_told_every_method_of_its_route(
+    server: Server, method: str, path: str, allowed: str
+) -> None:
+    with server.client() as client:
+        answer = client.request(method, path)
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == allowed
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert allowed in answer.json()["detail"]
