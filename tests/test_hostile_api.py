@@ -117,3 +117,20 @@ def test_a_wrong_method_is_told_every_method_of_its_route(
     assert answer.headers["allow"] == allowed
     assert answer.headers["content-type"] == "application/problem+json"
     assert allowed in answer.json()["detail"]
+
+
+def test_made_up_methods_and_paths_cannot_grow_the_metrics(server: Server) -> None:
+    """Labels come from closed sets: a stream of made-up methods and paths adds no series."""
+    with server.client() as client:
+        client.get("/metrics")
+        before = client.get("/metrics").text.count("obsflow_api_requests_total{")
+        for n in range(40):
+            client.request(f"X{n}YZ", "/api/v1/files")
+            client.get(f"/made/up/{n}")
+            client.request(f"BREW{n}", f"/made/up/{n}")
+        page = client.get("/metrics").text
+    series = [line for line in page.splitlines() if line.startswith("obsflow_api_requests_total{")]
+    assert len(series) <= before + 4, series  # other × (files, other) × (405, 404)
+    assert "X1YZ" not in page and "BREW" not in page and "/made/up" not in page
+    assert 'method="other",route="other",status="404"' in page
+    assert 'method="GET",route="other",status="404"' in page

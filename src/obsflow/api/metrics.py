@@ -14,7 +14,9 @@ takes the files archived in the 24 hours before it. A file whose ``archived`` st
 commits late (a transaction open over a scrape) is still seen: each scrape looks
 back :data:`OVERLAP` behind the newest stamp seen and skips the files it observed.
 
-Requests the API answered are counted by route template and status.
+Requests the API answered are counted by method, route template and status, each
+from a closed set (an unknown method or a path no route matches is ``other``), so that
+no client can grow the registry or the page.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ LATENCY_BUCKETS: Final = (
     4 * 3600.0, 24 * 3600.0, float("inf"),
 )  # fmt: skip
 REQUEST_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, float("inf"))
+
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER: Final = "other"
+"""The label of a method not in :data:`METHODS`, and of a path that matches no route."""
 
 router = APIRouter(tags=["status"])
 
@@ -187,8 +193,11 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, sending)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.request(scope["method"], route, status, time.perf_counter() - started)
+            # labels from closed sets only: a stream of made-up methods or paths must not
+            # grow the registry (the route is a template of the app's, or "other")
+            route = getattr(scope.get("route"), "path", None) or OTHER
+            method = scope["method"] if scope["method"] in METHODS else OTHER
+            self.metrics.request(method, route, status, time.perf_counter() - started)
 
 
 @router.get(
