@@ -368,11 +368,14 @@ def test_an_upload_under_an_id_its_header_does_not_give_is_refused_and_nothing_k
     }[claim]
     client = archive.client()
     try:
-        with pytest.raises(RefusedError, match=f"{archive_id} is not the archive ID") as refused:
+        with pytest.raises(RefusedError, match=f"{archive_id} is not") as refused:
             client.send(outgoing(frames[0], archive_id))
     finally:
         client.close()
-    assert given_id(archive.site, frames[0]) in str(refused.value)  # says which it is
+    if claim == "no template":
+        assert "no instrument's template gives it" in str(refused.value)
+    else:
+        assert given_id(archive.site, frames[0]) in str(refused.value)  # says which it is
     nothing_kept(archive)
 
 
@@ -431,3 +434,52 @@ def test_a_program_limited_token_uploads_only_its_programs_frames(
     finally:
         client.close()
     assert server_file(archive, out.archive_id) is not None
+
+
+# --------------------------------------------------- no oracle in the transfer state
+
+
+def test_the_transfer_state_answers_only_for_ids_the_token_may_send(
+    archive: Archive, frames: list[Path]
+) -> None:
+    """Else it would be an oracle: whether given bytes are some other program's file."""
+    out = outgoing(frames[0], archive.site)
+    client = archive.client()
+    try:
+        client.send(out)
+    finally:
+        client.close()
+    record = server_file(archive, out.archive_id)
+    outsider, _ = TokenStore(archive.site.catalog).create(
+        "outsider", Scope.WRITE, ["NOPE"], archive.site.clock()
+    )
+    for token, archive_id in [
+        (outsider, out.archive_id),  # a file of another program
+        (archive.elsewhere, out.archive_id),  # of another instrument
+        (archive.elsewhere, given_id(archive.site, frames[1])),  # an ID OFCAM's template gives
+    ]:
+        answer = httpx.get(
+            f"{archive.url}/api/v1/transfers/{archive_id}",
+            params={"sha256": out.sha256},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert answer.status_code == 403, (archive_id, answer.text)
+        assert "state" not in answer.json()
+    assert record is not None and record.program  # (the file's program is not NOPE)
+
+
+def test_a_conflict_never_shows_any_part_of_the_stored_sha256(
+    archive: Archive, frames: list[Path]
+) -> None:
+    out = outgoing(frames[0], archive.site)
+    client = archive.client()
+    try:
+        client.send(out)
+        other = hashlib.sha256(b"guess").hexdigest()
+        state = client.http.get(f"/transfers/{out.archive_id}", params={"sha256": other}).json()
+    finally:
+        client.close()
+    assert state["state"] == "conflict"
+    text = json.dumps(state)
+    assert not any(out.sha256[i : i + 6] in text for i in range(0, 59))
+    assert other[:6] not in text

@@ -46,7 +46,7 @@ import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from obsflow.access import Scope
+from obsflow.access import Principal, Scope
 from obsflow.api import upload as uploads
 from obsflow.api.auth import Writer
 from obsflow.api.files import ArchiveId
@@ -56,6 +56,7 @@ from obsflow.api.services import Services, json_response, services
 from obsflow.api.upload import FILE_NAME, MAX_SIZE, SHA256
 from obsflow.catalog.holdings import Holdings
 from obsflow.errors import RecognitionError
+from obsflow.receipt import identity
 from obsflow.receipt.receiver import Delivery, Outcome
 from obsflow.states import FileState
 
@@ -95,7 +96,9 @@ Sha256Query = Annotated[
 def transfer_state(archive_id: ArchiveId, sha256: Sha256Query, who: Writer, svc: Svc) -> Response:
     """``archived``/``cached``: the server has these bytes (send nothing);
     ``conflict``: other bytes under this ID; ``partial``: resume at ``offset``;
-    ``absent``: send it all."""
+    ``absent``: send it all. Only for IDs the token may send (its instruments and
+    programs): for others, 403."""
+    _may_ask(svc, who, archive_id)
     return json_response(_state(svc, archive_id, sha256))
 
 
@@ -144,7 +147,7 @@ async def upload(
             kind="busy",
             headers={"Retry-After": "2"},
         )
-    state = await anyio.to_thread.run_sync(_state, svc, archive_id, sha256)
+    state = await anyio.to_thread.run_sync(_asked, svc, who, archive_id, sha256)
     if state.state is TransferStatus.CONFLICT:
         raise ProblemError(409, state.detail or "conflict", kind="conflict")
     if state.state in (TransferStatus.CACHED, TransferStatus.ARCHIVED):
@@ -168,15 +171,44 @@ async def upload(
 # ------------------------------------------------------------------ the steps
 
 
+def _may_ask(svc: Services, who: Principal, archive_id: str) -> None:
+    """403 unless ``who`` may send the file under ``archive_id``: of the file held there,
+    its instrument and program; of an ID no file holds, an instrument whose template
+    gives it. (Else the state would be an oracle: whether some bytes are another
+    program's file.)"""
+    here = Holdings(svc.site.catalog).of(archive_id)
+    if here is not None:
+        programs = who.programs if who.programs and not who.may(Scope.ADMIN) else None
+        allowed = here.instrument is not None and who.may_send(here.instrument)
+        allowed = allowed and (programs is None or here.program in programs)
+    else:
+        instruments = identity.instruments_of(archive_id, svc.site.registry.instruments.values())
+        if not instruments:
+            raise ProblemError(
+                422,
+                f"{archive_id} is not an archive ID: no instrument's template gives it",
+                kind="refused",
+            )
+        allowed = any(who.may_send(i) for i in instruments)
+    if not allowed:
+        raise ProblemError(
+            403, f"this token may not send a file under {archive_id}", kind="forbidden"
+        )
+
+
+def _asked(svc: Services, who: Principal, archive_id: str, sha256: str) -> TransferState:
+    _may_ask(svc, who, archive_id)
+    return _state(svc, archive_id, sha256)
+
+
 def _state(svc: Services, archive_id: str, sha256: str) -> TransferState:
     here = Holdings(svc.site.catalog).of(archive_id)
     if here is not None:
-        if here.sha256 != sha256:
+        if here.sha256 != sha256:  # (never a part of either sha256: no oracle)
             return TransferState(
                 archive_id=archive_id,
                 state=TransferStatus.CONFLICT,
-                detail=f"{archive_id} holds other bytes (sha256 {here.sha256[:12]}…), "
-                f"not {sha256[:12]}…: never overwritten",
+                detail=f"{archive_id} holds other bytes: never overwritten",
             )
         archived = here.state is FileState.ARCHIVED
         status = TransferStatus.ARCHIVED if archived else TransferStatus.CACHED

@@ -17,7 +17,7 @@ from obsflow.states import FileState
 
 files = schema.files
 
-_HELD = select(files.c.sha256, files.c.state).where(
+_HELD = select(files.c.sha256, files.c.state, files.c.instrument, files.c.program).where(
     files.c.archive_id == bindparam("archive_id"), schema.is_live()
 )
 _STATE = select(files.c.state).where(files.c.archive_id == bindparam("archive_id"))
@@ -25,10 +25,13 @@ _STATE = select(files.c.state).where(files.c.archive_id == bindparam("archive_id
 
 @dataclass(frozen=True)
 class Holding:
-    """The live file under one archive ID: its bytes' sha256 and its state."""
+    """The live file under one archive ID: its bytes' sha256 and its state, and whose it
+    is (who may ask about it: :mod:`obsflow.api.transfer`)."""
 
     sha256: str
     state: FileState
+    instrument: str | None = None
+    program: str | None = None
 
 
 class Holdings:
@@ -41,7 +44,9 @@ class Holdings:
         """The live file under ``archive_id`` (None: none, or only a refused one)."""
         with self.catalog.read() as conn:
             row = conn.execute(_HELD, {"archive_id": archive_id}).first()
-        return None if row is None else Holding(row.sha256, FileState(row.state))
+        if row is None:
+            return None
+        return Holding(row.sha256, FileState(row.state), row.instrument, row.program)
 
     def is_archived(self, archive_id: str) -> bool:
         """Whether the file under ``archive_id`` is archived (its checksum verified)."""

@@ -18,13 +18,15 @@ its header and maps it. Then its sender's claims are held to what the server fou
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import string
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
 from obsflow.catalog.holdings import Holding
 
 if TYPE_CHECKING:
     from obsflow.receipt.receiver import Delivery, Prepared
+    from obsflow.registry import InstrumentSpec
 
 INSTRUMENT_KEYWORD: Final = "INSTRUME"
 """The FITS standard keyword naming the instrument that wrote a frame."""
@@ -74,3 +76,24 @@ def refusal(
     return f"{given} is not the archive ID this server gives it: its header makes it {expected}" + (
         f" (or the next free one, {candidate})" if candidate != expected else ""
     )
+
+
+def instruments_of(archive_id: str, instruments: Iterable[InstrumentSpec]) -> list[str]:
+    """The instruments whose ``archive_id`` template could give ``archive_id`` (who may
+    ask about an ID no file holds yet: :mod:`obsflow.api.transfer`)."""
+    return [i.name for i in instruments if _template_pattern(i).fullmatch(archive_id)]
+
+
+def _template_pattern(instrument: InstrumentSpec) -> re.Pattern[str]:
+    """The IDs an instrument's template gives: its prefix and name as they are, every
+    other field (dates, seconds, hundredths) digits."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(instrument.archive_id):
+        parts.append(re.escape(literal))
+        if field == "prefix":
+            parts.append(re.escape(instrument.prefix))
+        elif field == "instrument":
+            parts.append(re.escape(instrument.name))
+        elif field is not None:
+            parts.append(r"\d+")
+    return re.compile("".join(parts))
