@@ -4,6 +4,7 @@ is told every method of its route; what no client can learn or grow."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,15 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import insert, update
 
 from obsflow.access import Scope, TokenStore
 from obsflow.api import OPENAPI_URL, ApiServer
+from obsflow.catalog import FileQuery, schema
+from obsflow.catalog.groupkey import GroupKey
+from obsflow.catalog.runs import NewRun, RunStore
 from obsflow.site import Site, ingest_paths, open_site
+from obsflow.states import RunState, StepState
 from tests.conftest import SiteFactory
 
 
@@ -80,8 +86,8 @@ def extreme_requests(doc: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
         for param in get.get("parameters", []):
             if param["in"] != "query":
                 continue
-            for schema in param["schema"].get("anyOf", [param["schema"]]):
-                kind = schema.get("format", schema.get("type"))
+            for shape in param["schema"].get("anyOf", [param["schema"]]):
+                kind = shape.get("format", shape.get("type"))
                 for value in EXTREMES.get(kind, []):
                     yield path, param["name"], value
 
@@ -134,3 +140,75 @@ def test_made_up_methods_and_paths_cannot_grow_the_metrics(server: Server) -> No
     assert "X1YZ" not in page and "BREW" not in page and "/made/up" not in page
     assert 'method="other",route="other",status="404"' in page
     assert 'method="GET",route="other",status="404"' in page
+
+
+def test_run_details_show_site_paths_only_to_admin(server: Server) -> None:
+    site = server.site
+    inputs = site.catalog.find(FileQuery())[:2]
+    program = inputs[0].program
+    assert program is not None
+    reader, _ = TokenStore(site.catalog).create("mine", Scope.READ, [program], site.clock())
+    store = RunStore(site.catalog)
+    now = site.clock()
+    run_id = store.create(
+        NewRun(
+            pipeline="ofcam_masterbias",
+            group_key=GroupKey.of("ofcam_masterbias", {"night": str(inputs[0].night)}),
+            night=inputs[0].night,
+            inputs={"bias": tuple(r.id for r in inputs)},
+            reason="test",
+        ),
+        now,
+    )
+    assert run_id is not None
+    work = site.settings.work / str(run_id)
+    cached = site.settings.cache / "OFCAM" / "x.fits"
+    log = site.settings.logs / "runs" / f"{run_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"cd {work}\nreading {cached}\nwrote {work}/out.fits\n")
+    with site.catalog.write() as conn:
+        conn.execute(
+            update(schema.runs)
+            .where(schema.runs.c.id == run_id)
+            .values(
+                state=RunState.FAILED.value,
+                attempts=1,
+                started_at=now,
+                finished_at=now,
+                error=f"step combine failed: see {log}",
+                profile=f"steps:\n- argv: [combine, {cached}, {work}/out.fits]\n",
+                work_dir=str(work),
+                log_path=str(log),
+            )
+        )
+        conn.execute(
+            insert(schema.run_steps).values(
+                run_id=run_id,
+                step="combine",
+                position=0,
+                state=StepState.FAILED.value,
+                attempts=1,
+                argv=json.dumps(["combine", str(cached), f"{work}/out.fits"]),
+                started_at=now,
+                finished_at=now,
+                exit_status=3,
+                stderr_tail=f"cannot write {work}/out.fits",
+            )
+        )
+    site_root = str(site.settings.site)
+    with server.client("admin") as admin:
+        shown = admin.get(f"/api/v1/runs/{run_id}").json()
+    assert shown["steps"][0]["argv"][1] == str(cached) and shown["work_dir"] == str(work)
+    server.tokens["mine"] = reader
+    with server.client("mine") as client:
+        detail = client.get(f"/api/v1/runs/{run_id}")
+        listed = client.get("/api/v1/runs")
+    assert detail.status_code == 200 and "proprietary" not in detail.json()
+    for text in (detail.text, listed.text):
+        assert site_root not in text and str(site.settings.site.resolve()) not in text
+    shown = detail.json()
+    assert shown["steps"][0]["argv"] == ["combine", "<cache>/OFCAM/x.fits", "./out.fits"]
+    assert shown["steps"][0]["stderr_tail"] == "cannot write ./out.fits"
+    assert "reading <cache>/OFCAM/x.fits" in shown["log"]
+    assert shown["error"] == f"step combine failed: see <logs>/runs/{run_id}.log"
+    assert "work_dir" not in shown and "log_path" not in shown

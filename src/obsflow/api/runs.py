@@ -6,7 +6,9 @@ inputs and outputs (:func:`~obsflow.access.may_read_data`) sees its public part
 only -- pipeline, state, times, the archive IDs of its inputs and outputs -- and
 ``"proprietary": true``; its group (which may name the object), reason, error,
 parameters, steps, run-time profile and log are withheld. Its work directory and
-log path are shown to admin tokens only.
+log path are shown to admin tokens only, and so are site paths anywhere in a run
+(steps' argv and output, the profile, the log, messages): others see them relative
+to the run (``./out.fits``) or to the site's directories (``<cache>/...``).
 """
 
 from __future__ import annotations
@@ -135,12 +137,17 @@ def list_runs(
     responses=documented(401, 404),
 )
 def get_run(run_id: RunId, who: Caller, svc: Svc) -> Response:
+    """Site paths in the steps' argv, the run-time profile, the log and the messages
+    are shown to admin tokens only; others see them relative to the run (``./out.fits``)
+    or to the site's directories (``<cache>/...``)."""
     run = _lookup(svc, run_id)
     view = _views(svc, who, [run])[run.id]
     if not view.get("proprietary"):
         view["steps"] = [s.to_json() for s in svc.runs.steps(run.id)]
         view["profile"] = run.profile
         view["log"], view["log_truncated"] = _log(svc, run)
+    if not who.may(Scope.ADMIN):
+        view = _redacted(view, _site_paths(svc, run))
     return json_response(RunDetail.model_validate(view))
 
 
@@ -193,8 +200,39 @@ def _views(svc: Services, who: Principal, found: Iterable[RunRecord]) -> dict[in
         view = {k: v for k, v in data.items() if k in keep}
         if not readable:
             view["proprietary"] = True
+        if not who.may(Scope.ADMIN):
+            view = _redacted(view, _site_paths(svc, run))
         views[run.id] = view
     return views
+
+
+def _site_paths(svc: Services, run: RunRecord) -> list[tuple[str, str]]:
+    """(a site path, what a non-admin sees instead), longest first: the run's work
+    directory is ``.``, the site's directories ``<name>``, the site itself ``<site>``."""
+    settings = svc.site.settings
+    named: list[tuple[FsPath, str]] = [(FsPath(run.work_dir), ".")] if run.work_dir else []
+    for name in ("work", "cache", "archive", "quarantine", "incoming", "logs", "registry"):
+        named.append((getattr(settings, name), f"<{name}>"))
+    named.append((settings.site, "<site>"))
+    pairs: dict[str, str] = {}
+    for path, shown in named:
+        for form in (str(path), str(path.resolve()), str(path.absolute())):
+            pairs.setdefault(form.rstrip("/"), shown)
+    return sorted(pairs.items(), key=lambda pair: -len(pair[0]))
+
+
+def _redacted(value: Any, paths: list[tuple[str, str]]) -> Any:
+    """``value`` (JSON-like) with every site path in its strings replaced."""
+    if isinstance(value, str):
+        for path, shown in paths:
+            if path and path in value:
+                value = value.replace(path, shown)
+        return value
+    if isinstance(value, dict):
+        return {k: _redacted(v, paths) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v, paths) for v in value]
+    return value
 
 
 def _may_read(who: Principal, record: FileRecord | None, now: datetime) -> bool:
