@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from obsflow.receipt.receiver import Outcome
 from obsflow.site import Site, open_site
 from obsflow.states import FileState
 from tests.conftest import SiteFactory
+from tests.hostile import make
 
 CORPUS = Path(__file__).parent / "hostile"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((CORPUS / "expected.json").read_text())
@@ -82,3 +85,60 @@ def test_every_hostile_frame_sent_to_the_transfer_endpoint_is_a_422_problem(
             for word in expected["detail"]:
                 assert word in answer.json()["detail"], (name, word, answer.text)
     assert site.catalog.find(FileQuery(state=FileState.CACHED)) == []
+
+
+# ------------------------------------------------------ headers without an END card
+
+
+def endless_header(path: Path, *, extension: bool, size: int = 64 << 20) -> None:
+    """A ``size``-byte file whose primary (or first extension's) header never ends:
+    printable blanks, as a broken writer or a hostile sender makes."""
+    cards = ["SIMPLE  =                    T", "BITPIX  =                    8"]
+    cards += ["NAXIS   =                    0"]
+    cards += ["EXTEND  =                    T", "END"] if extension else []
+    primary = "".join(card.ljust(80) for card in cards).encode()
+    primary = primary.ljust(-(-len(primary) // 2880) * 2880)
+    start = primary + (b"XTENSION= 'IMAGE   '".ljust(80) if extension else b"")
+    with path.open("wb") as out:
+        out.write(start)
+        blanks = b" " * (1 << 20)
+        left = size - len(start)
+        while left > 0:
+            out.write(blanks[:left])
+            left -= len(blanks)
+
+
+@pytest.mark.parametrize("extension", [False, True], ids=["primary", "extension"])
+def test_a_64_mb_header_without_end_is_refused_in_linear_time_and_bounded_memory(
+    site: Site, extension: bool
+) -> None:
+    source = site.settings.incoming / "ofc_20261122_9999.fits"
+    endless_header(source, extension=extension)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        result = site.receiver.receive(source)
+        seconds = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.outcome is Outcome.REJECTED, result
+    assert result.reason is not None and "no END card in its first 4,194,304 bytes" in result.reason
+    assert peak < 16 << 20, peak  # the cap and a chunk or two, never the file
+    assert seconds < 20, seconds  # (quadratic re-scanning took minutes, or forever)
+
+
+def test_the_header_cap_is_a_setting(make_site: SiteFactory) -> None:
+    site = open_site(make_site(receipt={"max_header_bytes": 2880}))
+    try:
+        short = site.settings.incoming / "ofc_20261122_0001.fits"
+        short.write_bytes(make.header({}))  # one block
+        notes = {f"NOTE{n}": f"'{n}'" for n in range(40)}
+        long = site.settings.incoming / "ofc_20261122_0002.fits"
+        long.write_bytes(make.header(notes))  # two blocks
+        refused = site.receiver.receive(long)
+        assert refused.outcome is Outcome.REJECTED, refused
+        assert refused.reason is not None and "in its first 2,880 bytes" in refused.reason
+        assert site.receiver.receive(short).outcome is Outcome.CACHED
+    finally:
+        site.close()

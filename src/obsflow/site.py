@@ -75,6 +75,7 @@ receipt:
   max_wait_seconds: 300
   unmatched: ignore       # a name matching no product: ignore | quarantine
   remove_source: false    # delete the source once it is safely cached
+  max_header_bytes: 4194304  # a FITS header longer than this (no END card) is refused
 
 ingest:
   max_attempts: 5         # then the file is marked failed (obsflow retry puts it back)

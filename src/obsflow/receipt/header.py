@@ -48,6 +48,10 @@ _COMMENTARY = frozenset({"", "COMMENT", "HISTORY"})
 _BITPIX = frozenset({8, 16, 32, 64, -32, -64})
 _SIMPLE = b"SIMPLE  = "
 _XTENSION = b"XTENSION= "
+MAX_HEADER = 4 << 20
+"""The most bytes one header may take before its END card (``receipt.max_header_bytes``):
+26,000 cards, more than any instrument writes; past it, the file is refused without
+being read further or held in memory."""
 
 
 @dataclass(frozen=True)
@@ -84,24 +88,37 @@ def _norm(key: str) -> str:
 
 
 def parse_header(
-    buf: bytes | bytearray | memoryview, *, name: Path | str = "<buffer>", offset: int = 0
+    buf: bytes | bytearray | memoryview,
+    *,
+    name: Path | str = "<buffer>",
+    offset: int = 0,
+    scanned: int = 0,
+    limit: int = MAX_HEADER,
 ) -> Header | None:
     """Parse the header starting at ``buf[offset:]``.
 
     Return None if the END card is not within ``buf`` yet (the caller reads more and calls
-    again). At offset 0 the header must be a primary header (``SIMPLE = T``); at any other
-    offset it must be an extension header (``XTENSION``). The data unit starts at
-    ``offset + header.size``. Raise FitsError naming ``name`` when the bytes cannot be a FITS
-    header; this is detected as early as possible (first card, non-printable bytes), before
-    END arrives.
+    again, with ``scanned``: the whole blocks of the header it passed before, which were
+    checked already, so that reading a header costs time linear in its size). At offset 0
+    the header must be a primary header (``SIMPLE = T``); at any other offset it must be an
+    extension header (``XTENSION``). The data unit starts at ``offset + header.size``.
+    Raise FitsError naming ``name`` when the bytes cannot be a FITS header; this is
+    detected as early as possible (first card, non-printable bytes), before END arrives,
+    and when ``limit`` bytes hold no END card.
     """
     if len(buf) == 0:
         raise FitsError(name, "empty file")
-    return _parse(memoryview(buf).cast("B"), offset, name, primary=offset == 0, where="")
+    mv = memoryview(buf).cast("B")
+    return _parse(mv, offset, name, primary=offset == 0, where="", scanned=scanned, limit=limit)
 
 
 def walk_hdus(
-    f: BinaryIO, size: int, *, name: Path | str, primary: Header | None = None
+    f: BinaryIO,
+    size: int,
+    *,
+    name: Path | str,
+    primary: Header | None = None,
+    limit: int = MAX_HEADER,
 ) -> list[tuple[int, Header]]:
     """Walk every HDU of the open file ``f`` of ``size`` bytes by seeking.
 
@@ -129,7 +146,7 @@ def walk_hdus(
             if primary is not None and not hdus:
                 header = primary
             else:
-                header = _read_header(f, offset, size, name, where, primary=not hdus)
+                header = _read_header(f, offset, size, name, where, primary=not hdus, limit=limit)
         except FitsError:
             if hdus and _all_zero(f, offset, size):
                 break  # trailing zero blocks: astropy reads such files too
@@ -148,14 +165,23 @@ def walk_hdus(
 
 
 def _read_header(
-    f: BinaryIO, offset: int, size: int, name: Path | str, where: str, *, primary: bool
+    f: BinaryIO, offset: int, size: int, name: Path | str, where: str, *, primary: bool, limit: int
 ) -> Header:
+    """Read the header at ``offset``, a block more at a time (a bigger read once past the
+    first: most headers fit one block); each block is scanned once."""
     f.seek(offset)
-    buf = b""
+    buf = bytearray()
+    step = BLOCK
     while True:
-        chunk = f.read(min(BLOCK, size - offset - len(buf)))
+        scanned = len(buf)
+        chunk = f.read(min(step, size - offset - len(buf), limit + BLOCK - len(buf)))
         buf += chunk
-        header = _parse(memoryview(buf), 0, name, primary=primary, where=where)
+        step = 16 * BLOCK
+        mv = memoryview(buf)
+        try:
+            header = _parse(mv, 0, name, primary=primary, where=where, scanned=scanned, limit=limit)
+        finally:
+            mv.release()
         if header is not None:
             return header
         if not chunk or offset + len(buf) >= size:
@@ -178,7 +204,14 @@ def _all_zero(f: BinaryIO, offset: int, size: int) -> bool:
 
 
 def _parse(
-    mv: memoryview, offset: int, name: Path | str, *, primary: bool, where: str
+    mv: memoryview,
+    offset: int,
+    name: Path | str,
+    *,
+    primary: bool,
+    where: str,
+    scanned: int = 0,
+    limit: int = MAX_HEADER,
 ) -> Header | None:
     # The first card tells FITS from anything else; check it before looking for END.
     first = bytes(mv[offset : offset + _CARD])
@@ -192,7 +225,7 @@ def _parse(
         raise FitsError(name, where + detail)
     # Find the END card block by block (cards never straddle a block), checking every byte of
     # the header area is printable ASCII (FITS 4.0, section 4.1.1).
-    pos = offset
+    pos = offset + scanned // BLOCK * BLOCK  # (the blocks before were scanned already)
     end = -1
     while end < 0 and pos < len(mv):
         block = bytes(mv[pos : pos + BLOCK])
@@ -216,6 +249,12 @@ def _parse(
         raise FitsError(name, "not a FITS file: first card is not SIMPLE = T")
     if not primary and _string(kind) is None:
         raise FitsError(name, f"{where}malformed XTENSION value {kind!r}")
+    if (end < 0 and len(mv) - offset >= limit) or end + _CARD - offset > limit:
+        raise FitsError(
+            name,
+            f"{where}header has no END card in its first {limit:,} bytes "
+            "(receipt.max_header_bytes)",
+        )
     if end < 0:
         return None
     cards = _cards(bytes(mv[offset:end]).decode("ascii"))

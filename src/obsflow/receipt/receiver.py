@@ -295,7 +295,7 @@ class Receiver:
         quiet_since = time.monotonic() - (min(age, settle) if age > 0 else 0.0)
         while True:
             quiet = time.monotonic() - quiet_since
-            if quiet >= settle or _whole_fits(path, stat):
+            if quiet >= settle or _whole_fits(path, stat, self.settings.receipt.max_header_bytes):
                 return stat
             if time.monotonic() > give_up:
                 raise VanishedError(
@@ -330,8 +330,9 @@ class Receiver:
                 size = os.fstat(src.fileno()).st_size
                 if size != stat.st_size:
                     raise VanishedError(path, "the file changed size while being received")
-                first, header = _read_primary_header(src, size, path)
-                fitsheader.walk_hdus(src, size, name=path, primary=header)
+                limit = self.settings.receipt.max_header_bytes
+                first, header = _read_primary_header(src, size, path, limit)
+                fitsheader.walk_hdus(src, size, name=path, primary=header, limit=limit)
                 try:
                     meta = metadata.extract(header, product, instrument, recognised.groups, path)
                 except (ArithmeticError, ValueError) as exc:  # a value no check foresaw
@@ -477,13 +478,13 @@ def _said_instrument(header: fitsheader.Header) -> str | None:
     return value.strip() or None if isinstance(value, str) else None
 
 
-def _whole_fits(path: Path, stat: os.stat_result) -> bool:
+def _whole_fits(path: Path, stat: os.stat_result, limit: int) -> bool:
     """Whether ``path`` (as of ``stat``) is already a complete FITS file. Never raises."""
     if stat.st_size == 0 or stat.st_size % fitsheader.BLOCK:
         return False
     try:
         with path.open("rb") as f:
-            fitsheader.walk_hdus(f, stat.st_size, name=path)
+            fitsheader.walk_hdus(f, stat.st_size, name=path, limit=limit)
             return os.fstat(f.fileno()).st_size == stat.st_size
     except (OSError, FitsError):
         return False
@@ -496,8 +497,11 @@ def _stat(path: Path) -> os.stat_result:
         raise VanishedError(path, "the file disappeared before it could be received") from None
 
 
-def _read_primary_header(src: BinaryIO, size: int, path: Path) -> tuple[bytes, fitsheader.Header]:
-    """Read from the start until the primary header's END card; return the bytes read."""
+def _read_primary_header(
+    src: BinaryIO, size: int, path: Path, limit: int
+) -> tuple[bytes, fitsheader.Header]:
+    """Read from the start until the primary header's END card; return the bytes read.
+    Each byte is scanned once, and at most ``limit`` bytes (and a chunk) are held."""
     if size == 0:
         raise FitsError(path, "empty file (0 bytes)")
     buf = bytearray()
@@ -505,8 +509,9 @@ def _read_primary_header(src: BinaryIO, size: int, path: Path) -> tuple[bytes, f
         chunk = src.read(CHUNK)
         if not chunk:
             raise FitsError(path, "header has no END card")
+        scanned = len(buf)
         buf += chunk
-        header = fitsheader.parse_header(buf, name=path)
+        header = fitsheader.parse_header(buf, name=path, scanned=scanned, limit=limit)
         if header is not None:
             return bytes(buf), header
 
