@@ -9,6 +9,7 @@ receives every one. Run ``python tests/hostile/make.py`` after changing a case h
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
@@ -34,7 +35,7 @@ def card(key: str, value: str) -> bytes:
     return f"{key:<8}= {value:>20}".ljust(80).encode("ascii")
 
 
-def header(changes: dict[str, str | None], *, end: bool = True) -> bytes:
+def header(changes: Mapping[str, str | None], *, end: bool = True) -> bytes:
     values = {**GOOD, **changes}
     text = b"".join(card(k, v) for k, v in values.items() if v is not None)
     text += b"END".ljust(80) if end else b""
