@@ -5,9 +5,15 @@ none raises, none is offered again as new, none is a 500."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -20,9 +26,11 @@ import pytest
 from obsflow.access import Scope, TokenStore
 from obsflow.api import ApiServer
 from obsflow.catalog import FileQuery
-from obsflow.receipt.receiver import Outcome
+from obsflow.catalog.seen import SeenLedger
+from obsflow.receipt.receiver import Outcome, Received
 from obsflow.site import Site, open_site
 from obsflow.states import FileState
+from obsflow.trigger.scan import ReconcileScan
 from tests.conftest import SiteFactory
 from tests.hostile import make
 
@@ -142,3 +150,105 @@ def test_the_header_cap_is_a_setting(make_site: SiteFactory) -> None:
         assert site.receiver.receive(short).outcome is Outcome.CACHED
     finally:
         site.close()
+
+
+# -------------------------------------------------------------------- special files
+
+
+def receive_at_once(site: Site, path: Path) -> Received:
+    """Receive ``path`` on a thread; fail the test if it blocks (a FIFO opened)."""
+    results: list[Received] = []
+    worker = threading.Thread(target=lambda: results.append(site.receiver.receive(path)))
+    worker.daemon = True
+    worker.start()
+    worker.join(10)
+    assert results, f"receipt of {path} blocked"
+    return results[0]
+
+
+def test_fifos_sockets_and_devices_are_refused_at_once_with_a_reason(site: Site) -> None:
+    fifo = site.settings.incoming / "ofc_20261122_0001.fits"
+    os.mkfifo(fifo)
+    sock_path = site.settings.incoming / "ofc_20261122_0002.fits"
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(sock_path))
+        for path, what in [
+            (fifo, "a FIFO"),
+            (sock_path, "a socket"),
+            (Path("/dev/null"), "a character device"),
+        ]:
+            result = receive_at_once(site, path)
+            assert result.outcome is Outcome.REFUSED, result
+            assert (
+                result.reason is not None and what in result.reason and str(path) in result.reason
+            )
+    finally:
+        sock.close()
+    assert site.catalog.find(FileQuery()) == []
+    assert not site.settings.quarantine.exists() or list(site.settings.quarantine.rglob("*")) == []
+
+
+@pytest.mark.parametrize("follow", [False, True], ids=["default", "follow_symlinks"])
+def test_a_symlink_is_never_followed_out_of_the_directories_given(
+    make_site: SiteFactory, frames: list[Path], follow: bool
+) -> None:
+    site = open_site(make_site(receipt={"follow_symlinks": follow}))
+    try:
+        outside = site.settings.incoming / frames[0].name
+        outside.symlink_to(frames[0])  # the frames' folder is no directory receipt was given
+        secret = site.settings.incoming / "ofc_20261122_0099.fits"
+        secret.symlink_to(site.settings.site / "obsflow.yaml")
+        inside_dir = site.settings.incoming / "night"
+        inside_dir.mkdir()
+        real = inside_dir / frames[1].name
+        shutil.copyfile(frames[1], real)
+        inside = site.settings.incoming / frames[1].name
+        inside.symlink_to(real)
+        for link in (outside, secret):
+            refused = receive_at_once(site, link)
+            assert refused.outcome is Outcome.REFUSED, refused
+            assert refused.reason is not None and "symbolic link" in refused.reason
+        taken = receive_at_once(site, inside)
+        if follow:
+            assert taken.outcome is Outcome.CACHED, taken
+        else:
+            assert taken.outcome is Outcome.REFUSED and "follow_symlinks" in str(taken.reason)
+        assert len(site.catalog.find(FileQuery())) == (1 if follow else 0)
+    finally:
+        site.close()
+
+
+def test_obsflow_ingest_refuses_special_files_and_links_with_a_reason(
+    make_site: SiteFactory, frames: list[Path], tmp_path: Path
+) -> None:
+    settings = make_site()
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    shutil.copyfile(frames[0], folder / frames[0].name)
+    os.mkfifo(folder / "ofc_20261122_0777.fits")
+    (folder / "ofc_20261122_0778.fits").symlink_to(settings.site / "obsflow.yaml")
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "obsflow", "ingest", "--site", str(settings.site), str(folder)],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "COLUMNS": "300"},
+    )  # fmt: skip
+    assert time.monotonic() - started < 60
+    assert done.returncode == 1, done.stderr
+    assert "ofc_20261122_0777.fits is a FIFO" in done.stderr
+    assert "ofc_20261122_0778.fits is a symbolic link" in done.stderr
+    with contextlib.closing(open_site(settings)) as site:
+        (row,) = site.catalog.find(FileQuery())
+        assert row.original_name == frames[0].name  # the regular file went in
+
+
+def test_the_reconcile_scan_offers_special_files_for_receipt_to_refuse(site: Site) -> None:
+    fifo = site.settings.incoming / "ofc_20261122_0001.fits"
+    os.mkfifo(fifo)
+    offered: list[Path] = []
+    ReconcileScan(
+        [(site.settings.incoming, False)], SeenLedger(site.catalog), interval_seconds=60
+    ).scan_once(offered.append)
+    assert offered == [fifo]
+    assert receive_at_once(site, fifo).outcome is Outcome.REFUSED

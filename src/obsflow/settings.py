@@ -60,6 +60,9 @@ class Receipt(_Section):
     """What to do with a file whose name matches no product."""
     remove_source: bool = False
     """Delete the source once it is safely in the cache or quarantine."""
+    follow_symlinks: bool = False
+    """Receive a symbolic link whose target lies inside the directories files are offered
+    from (incoming, watched, named to ``obsflow ingest``); off: refuse every link."""
     max_header_bytes: int = Field(default=4 << 20, ge=2880, le=1 << 30)
     """The most bytes one FITS header may take before its END card; a file whose header
     runs on past it is refused (``invalid-fits``) without being read further."""

@@ -25,7 +25,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -75,6 +75,7 @@ receipt:
   max_wait_seconds: 300
   unmatched: ignore       # a name matching no product: ignore | quarantine
   remove_source: false    # delete the source once it is safely cached
+  follow_symlinks: false   # true: take symlinks pointing inside the offered directories
   max_header_bytes: 4194304  # a FITS header longer than this (no END card) is refused
 
 ingest:
@@ -214,7 +215,12 @@ def open_site(
     cache.clean_temp()
     storage = storage or LocalStorage(settings.archive)
     storage.recover()
-    receiver = Receiver(settings, registry, catalog, cache, clock=clock)
+    watched = [
+        settings.site / trigger.directory
+        for instrument in registry.instruments.values()
+        for trigger in instrument.triggers
+    ]
+    receiver = Receiver(settings, registry, catalog, cache, clock=clock, roots=watched)
     return Site(settings, registry, catalog, cache, storage, receiver, clock)
 
 
@@ -250,9 +256,12 @@ def ingest_paths(
     *,
     wait: bool = True,
     on_received: Callable[[Received], None] = lambda r: None,
+    roots: Sequence[Path] = (),
 ) -> IngestSummary:
     """Receive ``paths`` with the receipt workers and, with ``wait``, run ingestors until
-    every file received here is archived or has failed an attempt (it stays queued)."""
+    every file received here is archived or has failed an attempt (it stays queued).
+    ``roots``: the directories the paths were found in (a symbolic link may point inside
+    them when ``receipt.follow_symlinks`` is on)."""
     summary = IngestSummary()
     receipt_done = threading.Event()
     stop = threading.Event()
@@ -282,7 +291,10 @@ def ingest_paths(
         futures = [ingest_pool.submit(ingest_worker) for _ in range(workers.ingest)] if wait else []
         try:
             intake = Intake(
-                site.receiver, workers=workers.receipt, on_result=received, committed=committed
+                site.receiver.within(roots),
+                workers=workers.receipt,
+                on_result=received,
+                committed=committed,
             )
             for path in paths:
                 intake.offer(path)

@@ -16,12 +16,25 @@ from obsflow.site import IngestSummary, Site, ingest_paths
 
 
 def _expand(paths: list[Path], recursive: bool) -> Iterator[Path]:
+    """Every entry of the directories (descending into real ones only, with
+    ``recursive``) that is not a directory: FIFOs, devices, sockets and symbolic links
+    too, so that receipt refuses them with a reason rather than passing over them."""
     for path in paths:
-        if path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
-            yield from sorted(p for p in found if p.is_file() and not p.name.startswith("."))
+        if path.is_dir() and not path.is_symlink():
+            yield from sorted(_entries(path, recursive))
         else:
             yield path
+
+
+def _entries(directory: Path, recursive: bool) -> Iterator[Path]:
+    for entry in directory.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if recursive:
+                yield from _entries(entry, recursive)
+        else:
+            yield entry
 
 
 @app.command()
@@ -42,14 +55,16 @@ def ingest(
             "no such file or directory: " + ", ".join(map(str, missing)), param_hint="PATHS"
         )
     with _site(site) as s:
-        summary = _ingest(s, list(_expand(paths, recursive)), wait=not no_wait)
+        roots = [p if p.is_dir() and not p.is_symlink() else p.parent for p in paths]
+        summary = _ingest(s, list(_expand(paths, recursive)), roots, wait=not no_wait)
         out.print(f"site: {s.settings.site}")
         failed = summary.of(Outcome.REJECTED) + summary.of(Outcome.ERROR)
+        failed += summary.of(Outcome.REFUSED)
         if failed or (summary.ingest.errors and not no_wait):
             raise typer.Exit(1)
 
 
-def _ingest(s: Site, files: list[Path], *, wait: bool) -> IngestSummary:
+def _ingest(s: Site, files: list[Path], roots: list[Path], *, wait: bool) -> IngestSummary:
     """Ingest with a progress bar; print the summary table and every problem."""
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -59,7 +74,9 @@ def _ingest(s: Site, files: list[Path], *, wait: bool) -> IngestSummary:
     )
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("receiving", total=len(files))
-        summary = ingest_paths(s, files, wait=wait, on_received=lambda r: progress.advance(task))
+        summary = ingest_paths(
+            s, files, wait=wait, on_received=lambda r: progress.advance(task), roots=roots
+        )
     table = Table(title="obsflow ingest", show_header=False)
     table.add_row("received", str(len(summary.received)))
     table.add_row("new, cached", str(len(summary.of(Outcome.CACHED))))
@@ -67,6 +84,8 @@ def _ingest(s: Site, files: list[Path], *, wait: bool) -> IngestSummary:
         table.add_row("archived", str(len(summary.ingest.archived)))
     table.add_row("duplicate", str(len(summary.of(Outcome.DUPLICATE))))
     table.add_row("rejected", str(len(summary.of(Outcome.REJECTED))))
+    if summary.of(Outcome.REFUSED):
+        table.add_row("refused (not a regular file)", str(len(summary.of(Outcome.REFUSED))))
     table.add_row("ignored (no product)", str(len(summary.of(Outcome.IGNORED))))
     table.add_row("vanished or still changing", str(len(summary.of(Outcome.VANISHED))))
     if summary.of(Outcome.ERROR):
@@ -74,6 +93,8 @@ def _ingest(s: Site, files: list[Path], *, wait: bool) -> IngestSummary:
     out.print(table)
     for r in summary.of(Outcome.REJECTED):
         err.print(f"[red]rejected[/] {r.path}: {r.reason}", highlight=False)
+    for r in summary.of(Outcome.REFUSED):
+        err.print(f"[red]refused[/] {r.reason}", highlight=False)
     for r in summary.of(Outcome.VANISHED):
         err.print(f"[yellow]not received[/] {r.path}: {r.reason}", highlight=False)
     for r in summary.of(Outcome.ERROR):

@@ -25,7 +25,9 @@ from obsflow.receipt.receiver import Outcome, Prepared, Received, Receiver
 
 log = logging.getLogger(__name__)
 
-FINAL = frozenset({Outcome.CACHED, Outcome.DUPLICATE, Outcome.REJECTED, Outcome.IGNORED})
+FINAL = frozenset(
+    {Outcome.CACHED, Outcome.DUPLICATE, Outcome.REJECTED, Outcome.IGNORED, Outcome.REFUSED}
+)
 """Outcomes that settle a path at its present size and mtime (the others are retried)."""
 
 _Ready = tuple[Path, Prepared | Received]

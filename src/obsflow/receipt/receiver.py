@@ -15,6 +15,7 @@ cache or in quarantine (and only when ``receipt.remove_source`` says so).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -44,8 +45,8 @@ from obsflow.errors import (
     StorageError,
     VanishedError,
 )
+from obsflow.receipt import admission, identity, metadata
 from obsflow.receipt import header as fitsheader
-from obsflow.receipt import identity, metadata
 from obsflow.receipt.metadata import Metadata
 from obsflow.registry import InstrumentSpec, ProductSpec, Recognised, Registry
 from obsflow.settings import Settings
@@ -67,7 +68,8 @@ class Outcome(StrEnum):
     IGNORED = "ignored"  # the name matches no product (and the site ignores such files)
     VANISHED = "vanished"  # gone, or still changing; a later trigger or scan retries it
     ERROR = "error"  # the site could not take it (cache, catalog); the source is untouched
-    REFUSED = "refused"  # a delivery whose claims (ID, instrument, program) fail: nothing kept
+    REFUSED = "refused"  # not taken, nothing kept: a special file, a symlink out of bounds, a
+    # delivery whose claims (ID, instrument, program) fail
 
 
 @dataclass(frozen=True)
@@ -162,13 +164,24 @@ class Receiver:
         *,
         clock: Clock = utcnow,
         sleep: Callable[[float], None] = time.sleep,
+        roots: Sequence[Path] = (),
     ) -> None:
+        """``roots``: the directories besides the site's incoming that files are offered
+        from (the watched ones), into which a symbolic link may point when
+        ``receipt.follow_symlinks`` is on (:mod:`obsflow.receipt.admission`)."""
+        self.roots: tuple[Path, ...] = tuple(dict.fromkeys([settings.incoming, *roots]))
         self.settings = settings
         self.registry = registry
         self.catalog = catalog
         self.cache = cache
         self.clock = clock
         self.sleep = sleep
+
+    def within(self, roots: Sequence[Path]) -> Receiver:
+        """This receiver, for files offered from ``roots`` too (``obsflow ingest DIR``)."""
+        other = copy.copy(self)
+        other.roots = tuple(dict.fromkeys([*self.roots, *roots]))
+        return other
 
     def receive(self, path: Path, delivery: Delivery | None = None) -> Received:
         """Receive one file; never raises for a bad file (it is quarantined instead).
@@ -180,6 +193,11 @@ class Receiver:
         """Everything but recording: recognise, settle, validate, map, copy to a cache temp
         file. A refused file is quarantined here; its :class:`Received` says so."""
         received_at = self.clock()
+        follow = self.settings.receipt.follow_symlinks
+        refused = admission.refusal(path, self.roots, follow_symlinks=follow)
+        if refused is not None:  # never opened: a FIFO would block, a link could leak
+            log.warning("refused %s: it %s", path, refused)
+            return Received(path, Outcome.REFUSED, reason=f"special-file: {path} {refused}")
         try:
             recognised = self.registry.recognise(path.name)
         except AmbiguousError as exc:

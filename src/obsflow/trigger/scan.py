@@ -92,8 +92,11 @@ def _files(directory: Path, recursive: bool) -> Iterator[Stat]:
             if entry.is_dir(follow_symlinks=False):
                 if recursive:
                     yield from _files(Path(entry.path), recursive)
-            elif entry.is_file():
-                st = entry.stat()
+            else:  # a FIFO, a device, a link too: receipt refuses them with a reason
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    st = entry.stat(follow_symlinks=False)  # a link to nothing
                 yield Stat(entry.path, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             continue  # gone between listing and stat

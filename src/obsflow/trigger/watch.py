@@ -8,6 +8,7 @@ receipt takes a file once it is complete, and the catalog keeps one copy.
 from __future__ import annotations
 
 import logging
+import stat
 from pathlib import Path
 
 from watchdog.events import (
@@ -93,7 +94,10 @@ class _Handler(FileSystemEventHandler):
 
 
 def _empty(path: Path) -> bool:
+    """An empty regular file (its writer's close will be reported); anything else (a
+    FIFO, a link) is offered at once, for receipt to refuse with its reason."""
     try:
-        return path.stat().st_size == 0
+        st = path.lstat()
     except OSError:
         return True
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
