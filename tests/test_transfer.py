@@ -6,10 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +27,7 @@ from obsflow.api.services import Uploads
 from obsflow.catalog import FileQuery
 from obsflow.receipt.intake import Wake
 from obsflow.receipt.receiver import Prepared
+from obsflow.settings import Settings
 from obsflow.site import Site, open_site
 from obsflow.states import FileState, LedgerEvent
 from obsflow.transfer.agent import Transferer
@@ -483,3 +487,111 @@ def test_a_conflict_never_shows_any_part_of_the_stored_sha256(
     text = json.dumps(state)
     assert not any(out.sha256[i : i + 6] in text for i in range(0, 59))
     assert other[:6] not in text
+
+
+# ------------------------------------------------------------------ bounded uploads
+
+
+@contextmanager
+def server_with(
+    make_site: SiteFactory | Settings, **transfer: Any
+) -> Iterator[tuple[Site, str, str]]:
+    """A server (no ingestor) with these transfer settings (or of a site made before),
+    and a write token."""
+    if not isinstance(make_site, Settings):
+        make_site = make_site("bounded", transfer={"confirm_seconds": 0, **transfer})
+    site = open_site(make_site)
+    server = ApiServer(site).start()
+    token, _ = TokenStore(site.catalog).create("agent", Scope.WRITE, [], site.clock())
+    try:
+        yield site, server.url, token
+    finally:
+        server.stop()
+        site.close()
+
+
+def put(url: str, token: str, out: Outgoing, data: bytes, **headers: str) -> httpx.Response:
+    return httpx.put(
+        f"{url}/api/v1/transfers/{out.archive_id}",
+        content=data,
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Upload-Length": str(out.size),
+            "Obsflow-Sha256": out.sha256,
+            "Obsflow-Name": out.name,
+            **headers,
+        },
+        timeout=30,
+    )
+
+
+def files_in(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("limits", "status", "words"),
+    [
+        ({"max_bytes": 1000}, 413, "transfer.max_bytes"),
+        ({"reserve_bytes": 1 << 62}, 507, "transfer.reserve_bytes"),
+    ],
+)
+def test_an_upload_larger_than_allowed_or_than_the_room_is_refused_before_a_byte(
+    make_site: SiteFactory, frames: list[Path], limits: dict[str, int], status: int, words: str
+) -> None:
+    with server_with(make_site, **limits) as (site, url, token):
+        out = outgoing(frames[0], site)
+        answer = put(url, token, out, out.path.read_bytes())
+        assert answer.status_code == status, answer.text
+        assert words in answer.json()["detail"]
+        assert files_in(site.settings.cache) == []
+        assert site.catalog.find(FileQuery()) == []
+
+
+def test_partial_uploads_expire_at_start_up_and_periodically(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    with server_with(make_site, partial_seconds=1.0) as (site, url, token):
+        first, second = (outgoing(frame, site) for frame in frames[:2])
+        data = first.path.read_bytes()
+        cut = put(url, token, first, data[: len(data) // 2])
+        assert cut.json()["state"] == "partial"
+        (part,) = files_in(site.settings.cache / ".uploads")
+        time.sleep(1.5)
+        put(url, token, second, second.path.read_bytes())  # any upload: the sweep runs
+        assert not part.exists()
+        put(url, token, first, data[: len(data) // 2])  # another cut upload
+        assert files_in(site.settings.cache / ".uploads") != []
+        stale = time.time() - 3600
+        for leftover in files_in(site.settings.cache / ".uploads"):
+            os.utime(leftover, (stale, stale))
+    with server_with(site.settings) as (site, url, token):  # restarted
+        assert files_in(site.settings.cache / ".uploads") == []
+
+
+def test_an_upload_that_sends_nothing_is_cut_and_its_id_freed(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    with server_with(make_site, idle_seconds=0.5) as (site, url, token):
+        out = outgoing(frames[0], site)
+        data = out.path.read_bytes()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            head = (
+                f"PUT /api/v1/transfers/{out.archive_id} HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Length: {len(data)}\r\n"
+                f"Upload-Length: {len(data)}\r\nObsflow-Sha256: {out.sha256}\r\n"
+                f"Obsflow-Name: {out.name}\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            raw.sendall(head.encode() + data[:1000])  # then nothing
+            started = time.monotonic()
+            received = b""
+            while chunk := raw.recv(65536):  # (the server closes the connection)
+                received += chunk
+            answer = received.decode("latin-1")
+            waited = time.monotonic() - started
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert "transfer.idle_seconds" in answer and waited < 5
+        resumed = put(url, token, out, data[1000:], **{"Upload-Offset": "1000"})
+        assert resumed.status_code == 200, resumed.text  # the ID is free; it resumes
+        assert resumed.json()["state"] in ("cached", "archived")

@@ -206,6 +206,18 @@ class Transfer(_Section):
     max_queue: int = Field(default=1000, ge=1)
     """Server: with more files than this waiting for the archive, uploads are answered
     503 with Retry-After until it drains."""
+    max_bytes: int = Field(default=1 << 40, ge=1)
+    """Server: an upload declaring a larger ``Upload-Length`` is refused (413) before
+    any byte is written."""
+    reserve_bytes: int = Field(default=1 << 30, ge=0)
+    """Server: free space kept on the cache's file system; an upload that would eat
+    into it is refused (507) before any byte is written."""
+    partial_seconds: float = Field(default=86400.0, gt=0)
+    """Server: a partial upload untouched this long is removed (at start-up, then
+    periodically): an agent that never comes back leaves nothing for ever."""
+    idle_seconds: float = Field(default=60.0, gt=0)
+    """Server: an upload that sends nothing for this long is cut (408) and its ID freed;
+    the agent resumes it from what was received."""
 
 
 class _SettingsFile(_Section):

@@ -123,6 +123,10 @@ transfer:
   confirm_seconds: 10     # an upload waits this long for the server to archive the frame
   keep_seconds: null      # agent: delete frames this long after the server archived them
   max_queue: 1000         # server: more files than this waiting to be archived: 503, retry later
+  max_bytes: 1099511627776  # server: a larger Upload-Length is refused (413)
+  reserve_bytes: 1073741824  # server: cache space never given to uploads (else 507)
+  partial_seconds: 86400  # server: partial uploads untouched this long are removed
+  idle_seconds: 60        # server: an upload sending nothing this long is cut (408)
 """
 
 

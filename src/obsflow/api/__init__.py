@@ -110,6 +110,8 @@ def create_app(
         uploads=Uploads(),
         wake=wake,
     )
+    app.state.sweeper = transfer.sweeper(site)  # partial uploads expire
+    app.state.sweeper.maybe()  # (at start-up, then as uploads come)
     problems.install(app)
     for module in (files, runs, status, metrics, transfer, workers):
         app.include_router(module.router)

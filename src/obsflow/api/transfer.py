@@ -26,6 +26,12 @@ bytes, 409 ``conflict`` (never overwritten). With more than ``transfer.max_queue
 waiting for the archive, uploads are answered 503 with ``Retry-After``. Both need a
 token with write scope.
 
+Bounds: an ``Upload-Length`` over ``transfer.max_bytes`` (413) or over the cache's free
+space less ``transfer.reserve_bytes`` (507) is refused before any byte is written; an
+upload that sends nothing for ``transfer.idle_seconds`` is cut (408, its ID freed, what
+came kept to resume from); partial uploads untouched for ``transfer.partial_seconds``
+are removed, at start-up and then as uploads come.
+
 The partial file, the offsets and the checksum are :mod:`obsflow.api.upload`'s, which
 the workers' outputs (:mod:`obsflow.api.workers`) share.
 """
@@ -58,6 +64,7 @@ from obsflow.catalog.holdings import Holdings
 from obsflow.errors import RecognitionError
 from obsflow.receipt import identity
 from obsflow.receipt.receiver import Delivery, Outcome
+from obsflow.site import Site
 from obsflow.states import FileState
 
 log = logging.getLogger(__name__)
@@ -106,7 +113,7 @@ def transfer_state(archive_id: ArchiveId, sha256: Sha256Query, who: Writer, svc:
     "/transfers/{archive_id}",
     response_model=TransferState,
     summary="Upload a file under its archive ID (resumable)",
-    responses=documented(401, 403, 409, 413),
+    responses=documented(401, 403, 408, 409, 413, 507),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -139,6 +146,14 @@ async def upload(
         raise ProblemError(
             403, f"this token may not send frames of {instrument.name}", kind="forbidden"
         )
+    uploads.check_room(
+        svc.site.settings.cache / UPLOADS,
+        length,
+        offset,
+        most=settings.max_bytes,
+        reserve=settings.reserve_bytes,
+    )  # (before any byte is written)
+    await anyio.to_thread.run_sync(request.app.state.sweeper.maybe)
     waiting = await anyio.to_thread.run_sync(_waiting, svc)
     if waiting > settings.max_queue:
         raise ProblemError(
@@ -155,7 +170,9 @@ async def upload(
     uploads.check_offset(state.offset, offset, archive_id)
     with uploads.claimed(svc.uploads, archive_id, archive_id):
         part = _part(svc, archive_id, sha256)
-        size, digest = await uploads.append(request, part, offset, length)
+        size, digest = await uploads.append(
+            request, part, offset, length, idle=settings.idle_seconds
+        )
         if size < length:
             return json_response(
                 TransferState(archive_id=archive_id, state=TransferStatus.PARTIAL, offset=size)
@@ -169,6 +186,12 @@ async def upload(
 
 
 # ------------------------------------------------------------------ the steps
+
+
+def sweeper(site: Site) -> uploads.Sweeper:
+    """What removes the partial uploads untouched for ``transfer.partial_seconds``."""
+    settings = site.settings
+    return uploads.Sweeper(settings.cache / UPLOADS, settings.transfer.partial_seconds)
 
 
 def _may_ask(svc: Services, who: Principal, archive_id: str) -> None:

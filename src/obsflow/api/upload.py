@@ -14,9 +14,14 @@ The client's half is :func:`obsflow.transfer.client.send_resumable`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-from collections.abc import Iterator
+import math
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
@@ -70,13 +75,85 @@ def claimed(uploads: Uploads, key: str, label: str) -> Iterator[None]:
         uploads.release(key)
 
 
+def check_room(folder: Path, length: int, offset: int, *, most: int, reserve: int) -> None:
+    """Refuse, before any byte is written, an upload declaring more than ``most`` bytes
+    (413 ``too-large``) or more than the free space of ``folder``'s file system minus
+    ``reserve`` (507 ``no-room``)."""
+    if length > most:
+        raise ProblemError(
+            413,
+            f"Upload-Length {length:,} is more than this server takes ({most:,} bytes: "
+            "transfer.max_bytes)",
+            kind="too-large",
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if length - offset > free - reserve:
+        raise ProblemError(
+            507,
+            f"Upload-Length {length:,} does not fit: {free:,} bytes free, of which "
+            f"{reserve:,} are kept in reserve (transfer.reserve_bytes)",
+            kind="no-room",
+            headers={"Retry-After": "60"},
+        )
+
+
+def sweep(folder: Path, older_than: float, now: float | None = None) -> int:
+    """Remove the partial uploads (and leftovers) in ``folder`` untouched for
+    ``older_than`` seconds; return how many. Never raises (a sweep is housekeeping)."""
+    limit = (time.time() if now is None else now) - older_than
+    removed = 0
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.lstat().st_mtime >= limit:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info(
+            "removed %d partial upload(s) older than %g s from %s", removed, older_than, folder
+        )
+    return removed
+
+
+class Sweeper:
+    """Sweeps a folder of partial uploads at most once per ``every`` seconds, when asked
+    (at start-up, and by each upload request: a server that takes no uploads adds none)."""
+
+    def __init__(self, folder: Path, older_than: float, every: float = 60.0) -> None:
+        self.folder = folder
+        self.older_than = older_than
+        self.every = min(every, older_than)
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def maybe(self) -> int:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.every:
+                return 0
+            self._last = now
+        return sweep(self.folder, self.older_than)
+
+
 async def append(
-    request: Request, part: Path, offset: int, length: int
+    request: Request, part: Path, offset: int, length: int, *, idle: float | None = None
 ) -> tuple[int, hashlib._Hash | None]:
     """Append the request's body to ``part`` from ``offset``; return its size after
     (short of ``length`` when the client went away midway: it resumes from there) and,
     for an upload sent in one piece, the sha256 of its bytes so far (a resumed one is
-    hashed by :func:`verify` from the file)."""
+    hashed by :func:`verify` from the file). A client that sends nothing for ``idle``
+    seconds is cut: 408 ``idle`` with ``Upload-Offset`` (what was received stays, to
+    resume from)."""
     part.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256() if offset == 0 else None
     size = offset
@@ -84,7 +161,7 @@ async def append(
         out.truncate(offset)
         out.seek(offset)
         try:
-            async for chunk in request.stream():
+            async for chunk in _idle_cut(request.stream(), idle):
                 if size + len(chunk) > length:  # what this request added goes
                     out.truncate(offset)
                     if offset == 0:
@@ -98,7 +175,29 @@ async def append(
                 size += len(chunk)
         except ClientDisconnect:
             log.info("upload of %s cut at %d of %d bytes", part.name, size, length)
+        except TimeoutError:
+            log.warning(
+                "upload of %s idle for %g s: cut at %d of %d bytes", part.name, idle, size, length
+            )
+            raise ProblemError(
+                408,
+                f"nothing was sent for {idle:g} s (transfer.idle_seconds): the upload is cut "
+                f"at {size:,} of {length:,} bytes; resume from there",
+                kind="idle",
+                headers={"Upload-Offset": str(size), "Connection": "close"},
+            ) from None
     return size, digest
+
+
+async def _idle_cut(chunks: AsyncIterator[bytes], idle: float | None) -> AsyncIterator[bytes]:
+    """``chunks``, raising TimeoutError when the next takes more than ``idle`` seconds."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(iterator), idle)
+        except StopAsyncIteration:
+            return
+        yield chunk
 
 
 def verify(part: Path, sha256: str, digest: hashlib._Hash | None, label: str) -> None:
