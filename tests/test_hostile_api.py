@@ -12,6 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.configuration import set_hypothesis_home_dir
+from schemathesis import Case, GenerationMode
+from schemathesis.checks import positive_data_acceptance
+from schemathesis.core.result import Ok
 from sqlalchemy import insert, update
 
 from obsflow.access import Scope, TokenStore
@@ -212,3 +218,52 @@ def test_run_details_show_site_paths_only_to_admin(server: Server) -> None:
     assert "reading <cache>/OFCAM/x.fits" in shown["log"]
     assert shown["error"] == f"step combine failed: see <logs>/runs/{run_id}.log"
     assert "work_dir" not in shown and "log_path" not in shown
+
+
+@pytest.fixture
+def hypothesis_home(tmp_path: Path) -> Iterator[None]:
+    """Hypothesis keeps its caches here, not in the work tree's ``.hypothesis``."""
+    set_hypothesis_home_dir(tmp_path / "hypothesis")
+    yield
+    set_hypothesis_home_dir(None)
+
+
+@pytest.mark.usefixtures("hypothesis_home")
+@pytest.mark.parametrize("role", ["anonymous", "writer"])
+def test_schemathesis_without_a_token_and_with_a_write_token_finds_no_server_error(
+    server: Server, role: str
+) -> None:
+    """Schemathesis, as a caller without a token (what anyone on the network can send)
+    and with a write token: valid and invalid cases of every operation; every answer
+    conforms to the document (a 405 names the route's methods) and none is a 5xx.
+    ``tests/test_api.py`` runs it as admin."""
+    api = schemathesis.openapi.from_url(server.url + OPENAPI_URL)
+    token = server.tokens.get(role)
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    checked = 0
+    for result in api.get_all_operations():
+        assert isinstance(result, Ok), result
+        operation = result.ok()
+        takes = [*operation.path_parameters, *operation.query]
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)[: 2 if takes else 1]:
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(
+                max_examples=10,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
+            def check(case: Case[Any]) -> None:
+                for framing in ("content-length", "transfer-encoding", "host"):
+                    for name in [h for h in case.headers or {} if h.lower() == framing]:
+                        del case.headers[name]  # the HTTP client's to set, not the API's
+                response = case.call(base_url=server.url, headers=auth)
+                assert response.status_code < 500, case.as_curl_command()
+                excluded = [positive_data_acceptance] if "/transfers/" in case.path else []
+                case.validate_response(response, headers=auth, excluded_checks=excluded)
+
+            check()
+        checked += 1
+    assert checked > 20
