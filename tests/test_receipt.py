@@ -446,31 +446,81 @@ def test_the_same_bytes_twice_are_a_duplicate_with_one_row(site: Site, frames: l
     assert files_under(site.settings.quarantine) == []
 
 
-def test_the_same_name_with_new_bytes_is_a_new_version_superseding_the_old(
+def test_a_raw_frame_with_an_earlier_frames_name_is_another_exposure_never_a_version(
     site: Site, frames: list[Path]
 ) -> None:
+    """Frame counters restart and names carry the UT date: two raw frames of one name
+    are two exposures. Neither supersedes the other; the newcomer says whose name it has."""
     source = frames[4]
     first = site.receiver.receive(source)
     old_bytes = source.read_bytes()
-    rewrite(source, source, {"OBJECT": "NGC 1234 field (re-read)"})  # same DATE-OBS
+    rewrite(source, source, {"OBJECT": "another target", "DATE-OBS": "2026-11-23T05:01:36.37"})
+    new_bytes = source.read_bytes()
+    second = site.receiver.receive(source)
+
+    assert first.outcome is Outcome.CACHED and second.outcome is Outcome.CACHED
+    assert first.archive_id is not None and second.archive_id is not None
+    assert second.archive_id != first.archive_id
+    assert second.superseded is None and second.same_name_as == first.archive_id
+    old, new = site.catalog.get(first.archive_id), site.catalog.get(second.archive_id)
+    assert old is not None and new is not None
+    assert (old.version, new.version) == (1, 1)
+    assert old.superseded_by is None and new.superseded_by is None
+    current = site.catalog.find(FileQuery(include_superseded=False))
+    assert {r.archive_id for r in current} == {first.archive_id, second.archive_id}
+    assert LedgerEvent.SUPERSEDED not in {e.event for e in site.catalog.ledger(old.id)}
+    assert old.cache_path is not None and new.cache_path is not None
+    assert site.cache.path(old.cache_path).read_bytes() == old_bytes
+    assert site.cache.path(new.cache_path).read_bytes() == new_bytes
+
+
+def test_a_pipeline_product_of_the_same_name_is_a_new_version_superseding_the_old(
+    site: Site, frames: list[Path]
+) -> None:
+    """A master bias re-made for its night (level 1: versioned by name by default)
+    supersedes the older one, and the older one's ledger says when."""
+    source = site.settings.incoming / "ofc_20261121_mbias.fits"
+    rewrite(frames[0], source, {"DATE-END": "2026-11-22T06:00:00"})
+    first = site.receiver.receive(source)
+    old_bytes = source.read_bytes()
+    rewrite(frames[0], source, {"DATE-END": "2026-11-22T06:00:00", "NCOMBINE": 7})
     new_bytes = source.read_bytes()
     assert new_bytes != old_bytes
     second = site.receiver.receive(source)
 
     assert first.outcome is Outcome.CACHED and second.outcome is Outcome.CACHED
     assert first.archive_id is not None and second.archive_id is not None
-    assert second.archive_id != first.archive_id
-    assert second.superseded == first.archive_id
+    assert second.superseded == first.archive_id and second.same_name_as is None
     old, new = site.catalog.get(first.archive_id), site.catalog.get(second.archive_id)
     assert old is not None and new is not None
     assert (old.version, new.version) == (1, 2)
     assert old.superseded_by == new.id and new.superseded_by is None
-    assert new.object == "NGC 1234 field (re-read)"
     assert site.catalog.find(FileQuery(include_superseded=False)) == [new]
+    ledger = {e.event: e.at for e in site.catalog.ledger(old.id)}
+    assert ledger[LedgerEvent.SUPERSEDED] >= ledger[LedgerEvent.CACHED]
     assert old.cache_path is not None and new.cache_path is not None
     assert site.cache.path(old.cache_path).read_bytes() == old_bytes
     assert site.cache.path(new.cache_path).read_bytes() == new_bytes
     assert sum(site.queue.counts().values()) == 2
+
+
+def test_a_product_may_say_how_a_file_of_an_earlier_name_is_taken(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    """``same_name: version`` on a raw product (an instrument that re-delivers a
+    corrected frame under its name) makes the newcomer supersede the older."""
+    settings = make_site()
+    registry = settings.registry / "ofcam.yaml"
+    text = registry.read_text()
+    versioned = "    tags: [raw]\n    same_name: version\n"
+    registry.write_text(text.replace("    tags: [raw]\n", versioned, 1))
+    with opened(settings) as site:
+        source = frames[4]
+        first = site.receiver.receive(source)
+        rewrite(source, source, {"OBJECT": "corrected"})
+        second = site.receiver.receive(source)
+    assert first.archive_id is not None
+    assert second.superseded == first.archive_id and second.same_name_as is None
 
 
 def test_frames_of_the_same_hundredth_of_a_second_get_distinct_archive_ids(

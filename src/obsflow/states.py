@@ -93,6 +93,7 @@ class LedgerEvent(StrEnum):
     ARCHIVED = "archived"  # in archive storage, checksum verified: queryable
     REJECTED = "rejected"  # refused and quarantined
     PROCESSED = "processed"  # the first pipeline run that took it as input succeeded
+    SUPERSEDED = "superseded"  # a new version of the product (same name) replaced it
 
 
 class RunState(StrEnum):

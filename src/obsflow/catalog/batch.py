@@ -115,6 +115,10 @@ class CacheEntry:
     unplace: Callable[[str], object]
     """Undo ``place`` when the transaction fails after it."""
     ledger: Mapping[LedgerEvent, datetime]
+    versions_by_name: bool = True
+    """A live file of the same instrument and name (other bytes) is this file's older
+    version, which it supersedes; False: the two are different files (another exposure
+    whose name happens to be the same), both current."""
 
     @classmethod
     def of(
@@ -124,6 +128,8 @@ class CacheEntry:
         temp: Path,
         cache: Placement,
         ledger: Mapping[LedgerEvent, datetime],
+        *,
+        versions_by_name: bool = True,
     ) -> CacheEntry:
         """The entry of a file whose bytes wait in ``temp``, to be moved into ``cache``
         under ``cache.key(instrument, night, archive ID)`` (``new`` has both)."""
@@ -137,6 +143,7 @@ class CacheEntry:
             place=lambda archive_id: cache.place(temp, key(archive_id)),
             unplace=lambda archive_id: cache.unplace(key(archive_id), temp),
             ledger=ledger,
+            versions_by_name=versions_by_name,
         )
 
 
@@ -149,6 +156,9 @@ class Recorded:
     duplicate: bool
     superseded: str | None = None
     """The archive ID of the older version this file replaces, if any."""
+    same_name_as: str | None = None
+    """The archive ID of another, current file with this file's name that it does not
+    replace (its product is not versioned by name: another exposure)."""
 
 
 _LIVE = select(files.c.sha256, files.c.id, files.c.archive_id).where(
@@ -218,6 +228,7 @@ def _record_round(
     checked = set(first_choice)
 
     fresh: list[tuple[CacheEntry, str, Any]] = []  # (entry, archive ID, older row or None)
+    namesakes: dict[int, str] = {}  # index → a current file of the same name, kept apart
     results: dict[int, Recorded] = {}
     for index, entry in enumerate(entries):
         same = live.get(entry.new.sha256)
@@ -226,9 +237,11 @@ def _record_round(
             continue
         archive_id = _free_id(conn, entry.make_archive_id, taken, checked)
         taken.add(archive_id)
-        fresh.append(
-            (entry, archive_id, latest.get((entry.new.instrument, entry.new.original_name)))
-        )
+        older = latest.get((entry.new.instrument, entry.new.original_name))
+        if older is not None and not entry.versions_by_name:
+            namesakes[index] = older.archive_id
+            older = None
+        fresh.append((entry, archive_id, older))
     if fresh:
         rows = [
             {
@@ -251,6 +264,13 @@ def _record_round(
         ]
         if superseding:
             conn.execute(_SUPERSEDE, superseding)
+            conn.execute(  # the older version's ledger says when it stopped being current
+                insert(schema.ledger),
+                [
+                    {"file_id": s["b_old"], "event": LedgerEvent.SUPERSEDED.value, "at": now}
+                    for s in superseding
+                ],
+            )
         for entry, archive_id, _ in fresh:
             entry.place(archive_id)
             placed.append((entry, archive_id))
@@ -263,6 +283,7 @@ def _record_round(
                     archive_id,
                     duplicate=False,
                     superseded=older.archive_id if older is not None else None,
+                    same_name_as=namesakes.get(index),
                 )
     return [results[i] for i in range(len(entries))]
 

@@ -82,6 +82,13 @@ def _ingest(s: Site, files: list[Path], roots: list[Path], *, wait: bool) -> Ing
     table.add_row("new, cached", str(len(summary.of(Outcome.CACHED))))
     if wait:
         table.add_row("archived", str(len(summary.ingest.archived)))
+    cached = summary.of(Outcome.CACHED)
+    versions = [r for r in cached if r.superseded]
+    namesakes = [r for r in cached if r.same_name_as]
+    if versions:
+        table.add_row("  new versions (superseding)", str(len(versions)))
+    if namesakes:
+        table.add_row("  same name, other exposure", str(len(namesakes)))
     table.add_row("duplicate", str(len(summary.of(Outcome.DUPLICATE))))
     table.add_row("rejected", str(len(summary.of(Outcome.REJECTED))))
     if summary.of(Outcome.REFUSED):
@@ -91,6 +98,14 @@ def _ingest(s: Site, files: list[Path], roots: list[Path], *, wait: bool) -> Ing
     if summary.of(Outcome.ERROR):
         table.add_row("not received (site error)", str(len(summary.of(Outcome.ERROR))))
     out.print(table)
+    for r in versions:
+        err.print(f"new version {r.path} as {r.archive_id}: supersedes {r.superseded}")
+    for r in namesakes:
+        err.print(
+            f"[yellow]same name[/] {r.path} as {r.archive_id}: another file than "
+            f"{r.same_name_as} (other bytes); both kept",
+            highlight=False,
+        )
     for r in summary.of(Outcome.REJECTED):
         err.print(f"[red]rejected[/] {r.path}: {r.reason}", highlight=False)
     for r in summary.of(Outcome.REFUSED):

@@ -81,6 +81,10 @@ class Received:
     product: str | None = None
     reason: str | None = None
     superseded: str | None = None
+    """CACHED: the archive ID of the older version (same name) this file replaced."""
+    same_name_as: str | None = None
+    """CACHED: a current file with this file's name and other bytes, which it does not
+    replace (another exposure: its product is not versioned by name)."""
     size: int = 0
 
 
@@ -146,6 +150,7 @@ class Prepared:
                 LedgerEvent.VALIDATED: self.validated,
                 LedgerEvent.CACHED: now,
             },
+            versions_by_name=self.product.versions_by_name,
         )
 
 
@@ -284,6 +289,15 @@ class Receiver:
             recorded.archive_id,
             extra={"archive_id": recorded.archive_id, "product": product.id},
         )
+        if recorded.superseded:
+            log.info("%s supersedes %s (same name)", recorded.archive_id, recorded.superseded)
+        if recorded.same_name_as:
+            log.warning(
+                "%s has the name of %s but other bytes; both kept: %s is not versioned by name",
+                recorded.archive_id,
+                recorded.same_name_as,
+                product.id,
+            )
         return Received(
             path,
             Outcome.CACHED,
@@ -291,6 +305,7 @@ class Receiver:
             recorded.file_id,
             product.id,
             superseded=recorded.superseded,
+            same_name_as=recorded.same_name_as,
             size=prepared.new.size,
         )
 

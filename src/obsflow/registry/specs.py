@@ -183,6 +183,13 @@ class TimeRule(Spec):
         return self
 
 
+class SameName(StrEnum):
+    """What a file whose name an earlier file of its product already had is."""
+
+    VERSION = "version"  # the product re-made (a pipeline's output): it supersedes the older
+    DISTINCT = "distinct"  # another exposure (frame counters restart): a file of its own
+
+
 class ProductSpec(Spec):
     id: Identifier
     level: int = Field(ge=0, le=3)
@@ -194,7 +201,18 @@ class ProductSpec(Spec):
     keywords: tuple[Keyword, ...] = ()
     """Header keywords archived as searchable metadata for this product."""
     tags: tuple[Annotated[str, Field(pattern=r"^[\w.:-]{1,64}$")], ...] = ()
+    same_name: SameName | None = None
+    """A new file with an earlier file's name and other bytes: ``version`` (it supersedes
+    the older) or ``distinct`` (both stay current); None: ``version`` for pipeline products
+    (level 1 and up), ``distinct`` for raw frames, which are never superseded."""
     source: Source | None = None
+
+    @property
+    def versions_by_name(self) -> bool:
+        """Whether a file of this product with an earlier one's name is its new version."""
+        if self.same_name is None:
+            return self.level >= 1
+        return self.same_name is SameName.VERSION
 
     @field_validator("filename")
     @classmethod
