@@ -12,7 +12,7 @@ import calendar
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 
 from obsflow.errors import MetadataError
@@ -52,32 +52,49 @@ def extract(
     groups: Mapping[str, str],
     path: Path,
 ) -> Metadata:
-    """Map ``header`` to :class:`Metadata`; raise :class:`MetadataError` naming the keyword."""
-    missing = [k for k in instrument.required if k not in header]
+    """Map ``header`` to :class:`Metadata`; raise :class:`MetadataError` naming the keyword.
+
+    The keywords the product requires (its own ``required``, else the instrument's for
+    raw frames) must be present. The time comes from the product's ``time`` rule: only
+    ``from: exposure`` reads the instrument's DATE-OBS; a product timed by its file
+    name or other keywords needs none.
+    """
+    required = product.required_keywords(instrument)
+    missing = [k for k in required if k not in header]
     if missing:
-        raise MetadataError(
-            path,
-            f"required keyword(s) {', '.join(missing)} missing for instrument {instrument.name}",
+        whose = (
+            f"product {product.id}"
+            if product.required is not None
+            else (f"instrument {instrument.name}")
         )
+        raise MetadataError(path, f"required keyword(s) {', '.join(missing)} missing for {whose}")
     keys = instrument.keywords
-    date_obs = values.moment(
-        _date_obs(header, keys.date_obs, keys.time_obs, path), keys.date_obs, path
-    )
     exptime = values.exposure(
-        _number(header, keys.exptime, path, required=keys.exptime in instrument.required),
-        keys.exptime,
-        path,
+        _number(header, keys.exptime, path, required=keys.exptime in required), keys.exptime, path
     )
-    start, stop = values.interval(*_times(header, product, groups, date_obs, exptime, path), path)
-    ra = _angle(header, keys.ra, path, hours=True, required=keys.ra in instrument.required)
-    dec = _angle(header, keys.dec, path, hours=False, required=keys.dec in instrument.required)
+    if product.time.from_ is TimeFrom.EXPOSURE:
+        date_obs = values.moment(
+            header_time(header, keys.date_obs, keys.time_obs, path), keys.date_obs, path
+        )
+        start, stop = date_obs, date_obs + timedelta(seconds=exptime or 0.0)
+    else:
+        start, stop = values.interval(*_times(header, product, groups, path), path)
+        date_obs = (  # the archive ID's moment: DATE-OBS if the file carries one
+            values.moment(
+                header_time(header, keys.date_obs, keys.time_obs, path), keys.date_obs, path
+            )
+            if header.get(keys.date_obs) not in (None, "")
+            else start
+        )
+    ra = _angle(header, keys.ra, path, hours=True, required=keys.ra in required)
+    dec = _angle(header, keys.dec, path, hours=False, required=keys.dec in required)
     program = _text(header, keys.program)
     months = instrument.program_proprietary_months.get(program or "", instrument.proprietary_months)
     return Metadata(
         date_obs=date_obs,
         start=start,
         stop=stop,
-        night=night_of(start, instrument.utc_offset_hours),
+        night=night_of(start, instrument.zone),
         exptime=exptime,
         ra=values.angle(ra, keys.ra, path, low=0.0, high=360.0),
         dec=values.angle(dec, keys.dec, path, low=-90.0, high=90.0),
@@ -95,48 +112,93 @@ def extract(
 def parse_time(value: str) -> datetime:
     """An ISO-8601 date-time (``Z`` or no zone meaning UTC) as an aware UTC datetime."""
     text = value.strip()
-    parsed = datetime.fromisoformat(text[:-1] if text.endswith("Z") else text)
+    text = text[:-1] if text.endswith("Z") else text
+    # Python before 3.12 takes 3 or 6 decimals only; archives write any number
+    text = _FRACTION.sub(lambda m: f"{m.group(1)}.{(m.group(2) + '000000')[:6]}", text, 1)
+    parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
 
 
-def _date_obs(
+_OLD_DATE = re.compile(r"^(\d{2})/(\d{2})/(\d{2})$")  # FITS before 2000: DD/MM/YY, 19YY
+_FRACTION = re.compile(r"(\d{2}:\d{2}:\d{2})\.(\d+)")
+_FORMS = (
+    "expected an ISO date-time (YYYY-MM-DDThh:mm:ss[.s]), an ISO or DD/MM/YY date with "
+    "its time in another keyword, or a modified Julian date"
+)
+
+
+def header_time(
     header: Mapping[str, HeaderValue], key: str, time_key: str | None, path: Path
 ) -> datetime:
+    """The moment keyword ``key`` holds, as aware UTC, in any form real archives hold.
+
+    An ISO date-time (``Z`` or no zone: UTC; any number of decimals); an ISO date, or the
+    pre-2000 FITS ``DD/MM/YY`` (19YY), whose time of day is in ``time_key`` (``hh:mm:ss``;
+    midnight when no such keyword is named); a number (or ``MJD…`` keyword) is a modified
+    Julian date, a ``JD…`` keyword a Julian date (through astropy.time, UTC).
+    """
     value = header.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise MetadataError(path, f"{key} is missing or empty; expected an ISO date-time")
-    text = value.strip()
-    if time_key and "T" not in text:
+    if value is None or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        where = f" (needed by {time_key})" if time_key else ""
+        raise MetadataError(path, f"{key} is missing or empty{where}; {_FORMS}")
+    if isinstance(value, int | float) or (_is_number(value) and "JD" in key.upper()):
+        return _julian(float(value), key, path)
+    text = str(value).strip()
+    old = _OLD_DATE.match(text)
+    if old:
+        day, month, year = (int(g) for g in old.groups())
+        text = f"{1900 + year:04d}-{month:02d}-{day:02d}"
+    if time_key and "T" not in text and " " not in text:
         time_value = header.get(time_key)
-        if not isinstance(time_value, str):
-            raise MetadataError(path, f"{time_key} is missing; expected the time of {key}")
+        if not isinstance(time_value, str) or not time_value.strip():
+            raise MetadataError(
+                path, f"{time_key} is missing or not a text; expected the time of day of {key}"
+            )
         text = f"{text}T{time_value.strip()}"
     try:
         return parse_time(text)
     except ValueError:
-        raise MetadataError(
-            path, f"{key} = {value!r} cannot be parsed; expected YYYY-MM-DDThh:mm:ss[.ss]"
-        ) from None
+        shown = repr(value) if not time_key else f"{value!r} with {time_key}"
+        raise MetadataError(path, f"{key} = {shown} cannot be parsed; {_FORMS}") from None
+
+
+def _is_number(value: object) -> bool:
+    try:
+        float(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def _julian(value: float, key: str, path: Path) -> datetime:
+    from astropy.time import Time  # imported by the few products that need it
+
+    jd = "JD" in key.upper() and "MJD" not in key.upper()
+    try:
+        moment = Time(value, format="jd" if jd else "mjd", scale="utc").to_datetime(timezone=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise MetadataError(path, f"{key} = {value!r} is not a usable Julian date: {exc}") from None
+    assert isinstance(moment, datetime)
+    return moment
 
 
 def _times(
     header: Mapping[str, HeaderValue],
     product: ProductSpec,
     groups: Mapping[str, str],
-    date_obs: datetime,
-    exptime: float | None,
     path: Path,
 ) -> tuple[datetime, datetime]:
+    """Start and stop by a ``from: header`` or ``from: filename`` rule."""
     rule = product.time
-    if rule.from_ is TimeFrom.EXPOSURE:
-        return date_obs, date_obs + timedelta(seconds=exptime or 0.0)
     if rule.from_ is TimeFrom.HEADER:
         assert rule.start is not None
-        start = _date_obs(header, rule.start, None, path)
+        start = header_time(header, rule.start, rule.start_time, path)
         stop = (
-            _date_obs(header, rule.stop, None, path) if rule.stop and rule.stop in header else start
+            header_time(header, rule.stop, rule.stop_time, path)
+            if rule.stop and rule.stop in header
+            else start
         )
         return start, stop  # (values.interval refuses a stop before the start)
     assert rule.start is not None and rule.format is not None
@@ -210,9 +272,12 @@ def _angle(
         return None
 
 
-def night_of(moment: datetime, utc_offset_hours: float) -> date:
-    """The local date on which the night containing ``moment`` began (noon to noon)."""
-    return (moment + timedelta(hours=utc_offset_hours - 12)).date()
+def night_of(moment: datetime, zone: tzinfo | float) -> date:
+    """The local date on which the night containing ``moment`` began (noon to noon, local
+    time in ``zone``: an IANA zone with its daylight saving, or a fixed offset in hours)."""
+    if not isinstance(zone, tzinfo):
+        zone = timezone(timedelta(hours=zone))
+    return (moment.astimezone(zone) - timedelta(hours=12)).date()
 
 
 def add_months(moment: datetime, months: int) -> datetime:

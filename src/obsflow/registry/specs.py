@@ -15,10 +15,11 @@ every file.
 from __future__ import annotations
 
 import string
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta, timezone, tzinfo
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -124,7 +125,58 @@ class InstrumentSpec(Spec):
     """The site's offset from UTC; the night is the local date on which it began."""
     triggers: tuple[TriggerSpec, ...] = ()
     """How ``obsflow run`` notices this instrument's new files."""
+    timezone: str | None = None
+    """The site's IANA time zone (``America/Santiago``: daylight saving included); it
+    names nights and places ``night_end``. Instead of ``utc_offset_hours``."""
+    night_end: time = time(7, 0)
+    """The local time the night ends, the next morning (``deadline: night_end``)."""
     source: Source | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            close = sorted(z for z in available_timezones() if value.lower() in z.lower())[:5]
+            hint = f"; did you mean: {', '.join(close)}" if close else ""
+            raise ValueError(
+                f"unknown time zone {value!r}; expected an IANA name such as "
+                f"America/Santiago or Pacific/Honolulu{hint}"
+            ) from None
+        return value
+
+    @field_validator("night_end", mode="before")
+    @classmethod
+    def _clock_time(cls, value: object) -> object:
+        # YAML 1.1 reads an unquoted 07:00 as the base-60 number 420: take it as hh:mm;
+        # a number below 24 is hours (7, 6.5)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            hours = value if value < 24 else value / 60
+            if not 0 <= hours < 24:
+                raise ValueError(f"night_end {value!r} is not a time of day; expected hh:mm")
+            minutes = round(hours * 60)
+            return time(minutes // 60, minutes % 60)
+        return value
+
+    @model_validator(mode="after")
+    def _one_zone(self) -> InstrumentSpec:
+        if self.timezone is not None and "utc_offset_hours" in self.model_fields_set:
+            raise ValueError(
+                "give either timezone (an IANA name) or utc_offset_hours (fixed), not both"
+            )
+        if self.night_end.tzinfo is not None:
+            raise ValueError("night_end is a local time of day; expected hh:mm without a zone")
+        return self
+
+    @property
+    def zone(self) -> tzinfo:
+        """The site's time zone: the IANA zone, else the fixed ``utc_offset_hours``."""
+        if self.timezone is not None:
+            return ZoneInfo(self.timezone)
+        return timezone(timedelta(hours=self.utc_offset_hours))
 
     @field_validator("archive_id")
     @classmethod
@@ -164,13 +216,26 @@ class TimeRule(Spec):
     stop: str | None = None
     format: str | None = None
     """FILENAME: the strptime format of the filled template, e.g. ``%Y%m%d%H%M%S``."""
+    start_time: Keyword | None = None
+    """HEADER: the keyword holding the time of day when ``start`` holds only a date."""
+    stop_time: Keyword | None = None
+    """HEADER: the keyword holding the time of day when ``stop`` holds only a date."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
     def _complete(self) -> TimeRule:
-        if self.from_ is TimeFrom.EXPOSURE and (self.start or self.stop or self.format):
-            raise ValueError("'from: exposure' takes no start, stop or format")
+        if self.from_ is TimeFrom.EXPOSURE and (
+            self.start or self.stop or self.format or self.start_time or self.stop_time
+        ):
+            raise ValueError(
+                "'from: exposure' takes no start, stop or format (it reads the instrument's "
+                "keywords.date_obs and keywords.time_obs)"
+            )
+        if self.from_ is not TimeFrom.HEADER and (self.start_time or self.stop_time):
+            raise ValueError("start_time and stop_time go with 'from: header'")
+        if self.stop_time and not self.stop:
+            raise ValueError("'stop_time' needs 'stop: KEYWORD' (the date)")
         if self.from_ is TimeFrom.HEADER and not self.start:
             raise ValueError("'from: header' needs 'start: KEYWORD'")
         if self.from_ is TimeFrom.FILENAME and not (self.start and self.format):
@@ -201,11 +266,20 @@ class ProductSpec(Spec):
     keywords: tuple[Keyword, ...] = ()
     """Header keywords archived as searchable metadata for this product."""
     tags: tuple[Annotated[str, Field(pattern=r"^[\w.:-]{1,64}$")], ...] = ()
+    required: tuple[Keyword, ...] | None = None
+    """Header keywords a file of this product must carry; None: the instrument's
+    ``required`` for raw frames (level 0), none for pipeline products."""
     same_name: SameName | None = None
     """A new file with an earlier file's name and other bytes: ``version`` (it supersedes
     the older) or ``distinct`` (both stay current); None: ``version`` for pipeline products
     (level 1 and up), ``distinct`` for raw frames, which are never superseded."""
     source: Source | None = None
+
+    def required_keywords(self, instrument: InstrumentSpec) -> tuple[str, ...]:
+        """The keywords a file of this product must carry (see ``required``)."""
+        if self.required is not None:
+            return self.required
+        return instrument.required if self.level == 0 else ()
 
     @property
     def versions_by_name(self) -> bool:

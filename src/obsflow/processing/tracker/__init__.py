@@ -227,9 +227,9 @@ class Tracker:
             for name, records in chosen.items()
         }
         end = None
-        instrument = self._instrument_offset(primary)
+        instrument = self.registry.instruments.get(primary.instrument or "")
         if primary.night is not None and instrument is not None:
-            end = night_end(primary.night, instrument)
+            end = night_end(primary.night, instrument.zone, instrument.night_end)
         now = self.clock()
         if deadline_passed:
             now = max([now, *(c.arrived for cs in candidates.values() for c in cs)])
@@ -263,10 +263,6 @@ class Tracker:
         if night is None:
             return []
         return self.catalog.of_night(product, night)
-
-    def _instrument_offset(self, record: FileRecord) -> float | None:
-        instrument = self.registry.instruments.get(record.instrument or "")
-        return None if instrument is None else instrument.utc_offset_hours
 
     def _groups_of_night(
         self, pipeline: PipelineSpec, night: date | None

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 
 from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.records import FileRecord
@@ -130,13 +130,16 @@ def matches(
     return _compiled(spec.where).evaluate({**values, **group})
 
 
-def night_end(night: date, utc_offset_hours: float, local_end: time = time(7, 0)) -> datetime:
+def night_end(night: date, zone: tzinfo | float, local_end: time = time(7, 0)) -> datetime:
     """The end of ``night``: the next morning at ``local_end`` site time, as aware UTC.
 
-    With OFCAM's offset of -10 h the night of 2026-11-21 ends at 2026-11-22 07:00
-    local, which is 2026-11-22 17:00 UTC.
+    ``zone`` is the site's time zone (an IANA zone: the offset of that morning, daylight
+    saving included) or a fixed offset in hours. With OFCAM's offset of -10 h the night
+    of 2026-11-21 ends at 2026-11-22 07:00 local, which is 2026-11-22 17:00 UTC.
     """
     if local_end.tzinfo is not None:
         raise ValueError(f"local_end must be a naive local time, not {local_end}")
-    local = datetime.combine(night + timedelta(days=1), local_end)
-    return (local - timedelta(hours=utc_offset_hours)).replace(tzinfo=UTC)
+    if not isinstance(zone, tzinfo):
+        zone = timezone(timedelta(hours=zone))
+    local = datetime.combine(night + timedelta(days=1), local_end, tzinfo=zone)
+    return local.astimezone(UTC)
