@@ -250,7 +250,7 @@ def test_text_of_different_keys_differ() -> None:
         ("filter=R", "has no night"),
         ("night=x,filter=R", "not sorted"),
         ("night=x,night=y", "not sorted and unique"),
-        ("colour=R,night=x", "unknown dimension"),
+        ("Colour=R,night=x", "bad dimension"),
     ],
     ids=[
         "empty",
@@ -262,7 +262,7 @@ def test_text_of_different_keys_differ() -> None:
         "no-night",
         "unsorted",
         "duplicate",
-        "unknown-dimension",
+        "bad-dimension-name",
     ],
 )
 def test_parse_refuses_what_text_never_writes(text: str, message: str) -> None:
@@ -408,6 +408,46 @@ def test_where_reads_group_key_dimensions() -> None:
     assert matches(spec, values, group_values(key, values), primary=True)
     other = GroupKey.of("p", {"night": "2026-11-21", "observation": "y/M31/P"})
     assert not matches(spec, values, group_values(other, values), primary=True)
+
+
+# ------------------------------------------------------- group by any field
+
+
+def test_group_by_an_archived_keyword_a_metadata_field_or_a_name_group() -> None:
+    """A spectrograph groups arcs by grating and slit, which are no fixed dimension."""
+    arc = record(
+        keywords={"GRATNAME": "600/4000", "SLITNAME": "1.0 arcsec", "BINNING": "2,2"},
+        name_groups={"frame": "0042"},
+    )
+    by = ["night", "GRATNAME", "slitname", "exptime", "frame"]
+    key = group_key(pipeline(by), arc)
+    assert dict(key.values) == {
+        "night": "2026-11-21",
+        "gratname": "600/4000",
+        "slitname": "1.0 arcsec",
+        "exptime": "30",
+        "frame": "0042",
+    }
+    assert GroupKey.parse("p", key.text()) == key
+    other = replace(arc, keywords={**arc.keywords, "GRATNAME": "1200/5000"})
+    assert group_key(pipeline(by), other) != key
+    assert group_key(pipeline(["binning"]), arc).get("binning") == "2,2"
+    assert group_key(pipeline(["binning"]), record()).get("binning") == ""
+
+
+def test_where_reads_a_keyword_dimension_of_the_group() -> None:
+    arc = record(keywords={"GRATNAME": "600/4000"})
+    group = group_values(group_key(pipeline(["night", "gratname"]), arc), file_values(arc, {}))
+    flat = InputSpec(product="ofcam_raw", name="flats", where="gratname == group.gratname")
+    same = record(id=9, keywords={"GRATNAME": "600/4000"})
+    other = record(id=10, keywords={"GRATNAME": "1200/5000"})
+    assert matches(flat, file_values(same, {}), group, primary=False)
+    assert not matches(flat, file_values(other, {}), group, primary=False)
+
+
+def test_group_by_names_each_field_once() -> None:
+    with pytest.raises(ValueError, match="gratname named twice"):
+        pipeline(["GRATNAME", "gratname"])
 
 
 # ------------------------------------------------------------------- night end

@@ -742,3 +742,44 @@ def test_one_bad_product_does_not_bring_spurious_problems(tmp_path: Path) -> Non
     write(tmp_path, "pipe.yaml", PIPELINE + PROFILE)
     found = problems(tmp_path)
     assert [(p.file, p.line) for p in found] == [(path, line_of(path, "tgas:"))]
+
+
+# ------------------------------------------------------------ group by any field
+
+
+def grouped_pipeline(by: str) -> str:
+    return (
+        PROFILE
+        + f"""\
+pipelines:
+  - id: arcs
+    profile: combine
+    inputs:
+      - {{product: cam_raw, name: frames}}
+    group:
+      by: {by}
+"""
+    )
+
+
+def test_group_by_an_archived_keyword_or_name_group_loads(tmp_path: Path) -> None:
+    products = PRODUCTS.replace(
+        "'cam_(?P<date>\\d{8})_(?P<frame>\\d{4})\\.fits'\n",
+        "'cam_(?P<date>\\d{8})_(?P<frame>\\d{4})\\.fits'\n    keywords: [GRATNAME, SLIT-W]\n",
+        1,
+    )
+    assert "GRATNAME" in products
+    write(tmp_path, "cam.yaml", INSTRUMENT + products)
+    write(tmp_path, "p.yaml", grouped_pipeline("[night, GRATNAME, slit_w, date, exptime]"))
+    spec = load_registry(tmp_path).pipelines["arcs"]
+    assert spec.group.by == ("night", "gratname", "slit_w", "date", "exptime")
+
+
+def test_group_by_an_unknown_field_names_it_at_its_line_with_the_choices(tmp_path: Path) -> None:
+    write(tmp_path, "cam.yaml", INSTRUMENT + PRODUCTS)
+    path = write(tmp_path, "p.yaml", grouped_pipeline("[night, gratname]"))
+    problem = only_problem(tmp_path)
+    assert problem.file == path and problem.line == line_of(path, "by:")
+    assert problem.message.startswith("group.by: unknown field 'gratname'; expected a metadata")
+    assert "archived keyword of cam_raw" in problem.message
+    assert "filter" in problem.message and "frame" in problem.message

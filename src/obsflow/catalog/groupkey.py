@@ -9,12 +9,13 @@ text form is written and read here only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from obsflow.registry.specs import GroupBy
 
-_DIMENSIONS = frozenset(d.value for d in GroupBy)
+_DIMENSION = re.compile(r"^[a-z][a-z0-9_.]*$")
 _SPECIAL = frozenset("\\,=")
 
 
@@ -23,7 +24,8 @@ class GroupKey:
     """The group one run of a pipeline works on: sorted ``(dimension, value)`` pairs.
 
     ``values`` is sorted by dimension, names each dimension once, always includes
-    ``night`` and names only :class:`~obsflow.registry.specs.GroupBy` dimensions;
+    ``night``; a dimension is a :class:`~obsflow.registry.specs.GroupBy` or any field
+    name of ``group.by`` (lower case: ``gratname``);
     build one from a mapping with :meth:`of`. ``str(key)`` is :meth:`text`.
     """
 
@@ -36,11 +38,11 @@ class GroupKey:
             raise ValueError(
                 f"group key of {self.pipeline!r}: dimensions {dims} are not sorted and unique"
             )
-        unknown = set(dims) - _DIMENSIONS
-        if unknown:
+        bad = [dim for dim in dims if not _DIMENSION.match(dim)]
+        if bad:
             raise ValueError(
-                f"group key of {self.pipeline!r}: unknown dimension(s) {sorted(unknown)}; "
-                f"expected some of: {', '.join(sorted(_DIMENSIONS))}"
+                f"group key of {self.pipeline!r}: bad dimension name(s) {bad}; "
+                "expected lower-case field names"
             )
         if GroupBy.NIGHT.value not in dims:
             raise ValueError(f"group key of {self.pipeline!r} has no night: {self.values}")

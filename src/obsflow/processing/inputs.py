@@ -15,15 +15,10 @@ from datetime import UTC, datetime
 from obsflow.catalog.records import FileRecord
 from obsflow.errors import RecognitionError
 from obsflow.registry import Registry
+from obsflow.registry.specs import field_name
 
-
-def keyword_name(keyword: str) -> str:
-    """The name a ``where`` reads a header keyword by: lower case, ``-`` and `` `` as ``_``.
-
-    ``AIRMASS`` → ``airmass``, ``DATE-OBS`` → ``date_obs``,
-    ``HIERARCH ESO DET DIT`` → ``hierarch_eso_det_dit``.
-    """
-    return keyword.lower().replace("-", "_").replace(" ", "_")
+keyword_name = field_name
+"""The name a ``where`` reads a header keyword by (``AIRMASS`` → ``airmass``)."""
 
 
 def name_groups(record: FileRecord, registry: Registry) -> Mapping[str, str]:

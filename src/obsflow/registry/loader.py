@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from obsflow.errors import Problem, RegistryError
-from obsflow.registry import yamlfile
+from obsflow.registry import rules, yamlfile
 from obsflow.registry.specs import (
+    METADATA_FIELDS,
+    GroupBy,
     InstrumentSpec,
     PipelineSpec,
     ProductSpec,
@@ -16,6 +18,7 @@ from obsflow.registry.specs import (
     RegistryFile,
     Source,
     Spec,
+    field_name,
 )
 
 S = TypeVar("S", bound=Spec)
@@ -189,6 +192,18 @@ def _cross_check(
                     f"input name {spec.name!r} is used twice; expected unique names",
                 )
             names.add(spec.name)
+        primary = files.products.get(pipeline.inputs[0].product)
+        if primary is not None:
+            fields = _group_fields(primary)
+            for index, dim in enumerate(pipeline.group.by):
+                if dim not in fields:
+                    report(
+                        "pipeline",
+                        pipeline.id,
+                        ("group", "by", index),
+                        f"group.by: unknown field {dim!r}; expected a metadata field or an "
+                        f"archived keyword of {primary.id}: {', '.join(fields)}",
+                    )
         for index, out in enumerate(pipeline.outputs):
             if out.product not in files.products:
                 report(
@@ -201,6 +216,14 @@ def _cross_check(
     for profile in files.profiles.values():
         problems += _check_steps(profile, where)
     return problems
+
+
+def _group_fields(product: ProductSpec) -> list[str]:
+    """What a pipeline whose primary input is ``product`` may group by."""
+    fields = [*(g.value for g in GroupBy), *METADATA_FIELDS]
+    fields += [field_name(k) for k in product.keywords]
+    fields += rules.group_names(product.filename)
+    return list(dict.fromkeys(fields))
 
 
 def _check_steps(

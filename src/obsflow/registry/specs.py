@@ -299,6 +299,10 @@ class ProductSpec(Spec):
 
 
 class GroupBy(StrEnum):
+    """The group dimensions with a meaning of their own; ``group.by`` may also name any
+    metadata field, any keyword the primary input's product archives, or a named group
+    of its file name (see :data:`METADATA_FIELDS` and :func:`field_name`)."""
+
     FILE = "file"
     OBSERVATION = "observation"
     NIGHT = "night"
@@ -307,6 +311,39 @@ class GroupBy(StrEnum):
     OBJECT = "object"
     FRAME_TYPE = "frame_type"
     WINDOW = "window"
+
+
+METADATA_FIELDS = (
+    "product",
+    "level",
+    "instrument",
+    "archive_id",
+    "original_name",
+    "night",
+    "exptime",
+    "filter",
+    "object",
+    "frame_type",
+    "program",
+    "observer",
+    "telescope",
+    "ra",
+    "dec",
+    "start",
+    "stop",
+    "version",
+)
+"""The standard metadata a ``where`` (and ``group.by``) reads by name, for every file."""
+
+
+def field_name(keyword: str) -> str:
+    """The name a ``where`` or ``group.by`` reads a header keyword by: lower case, ``-``
+    and `` `` as ``_`` (``DATE-OBS`` → ``date_obs``, ``HIERARCH ESO INS GRAT`` →
+    ``hierarch_eso_ins_grat``)."""
+    return keyword.lower().replace("-", "_").replace(" ", "_")
+
+
+GroupField = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_ .-]{0,79}$")]
 
 
 def _check_expression(value: str | None) -> str | None:
@@ -335,8 +372,20 @@ class InputSpec(Spec):
 
 
 class GroupSpec(Spec):
-    by: tuple[GroupBy, ...] = (GroupBy.FILE,)
+    by: tuple[GroupField, ...] = (GroupBy.FILE.value,)
+    """A :class:`GroupBy` dimension, a metadata field, an archived keyword of the
+    primary input's product (``GRATNAME`` or ``gratname``) or a named group of its
+    file name; the loader checks each against that product."""
     window_seconds: float | None = Field(default=None, gt=0)
+
+    @field_validator("by")
+    @classmethod
+    def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(field_name(v) for v in value)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} named twice; expected each field once")
+        return names
 
     @model_validator(mode="after")
     def _window(self) -> GroupSpec:

@@ -16,6 +16,9 @@ file          the file's archive ID
 observation   ``{night}/{object}/{program}``
 window        the start time floored to ``window_seconds`` (counted from the
               Unix epoch), ISO UTC (``2026-11-22T05:00:00+00:00``)
+(any other)   a metadata field (``exptime``, ``telescope`` ...), else an archived
+              keyword of the file by its ``where`` name (``gratname`` for
+              ``GRATNAME``), else a named group of its file name: as text
 ============  ==============================================================
 
 The key always carries ``night`` as well, even when ``by`` does not name it: a
@@ -39,7 +42,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.records import FileRecord
 from obsflow.registry import expression
-from obsflow.registry.specs import GroupBy, InputSpec, PipelineSpec
+from obsflow.registry.specs import METADATA_FIELDS, GroupBy, InputSpec, PipelineSpec, field_name
 
 GROUP = "group."
 """The prefix of the names a ``where`` reads about the group, e.g. ``group.filter``."""
@@ -61,28 +64,48 @@ def window_start(moment: datetime, window_seconds: float) -> datetime:
     return _EPOCH + (since - since % step) * _MICROSECOND
 
 
-def _dimension(dim: GroupBy, primary: FileRecord, window_seconds: float | None) -> str:
+def _dimension(dim: str, primary: FileRecord, window_seconds: float | None) -> str:
     night = primary.night.isoformat() if primary.night else ""
-    if dim is GroupBy.NIGHT:
+    if dim == GroupBy.NIGHT:
         return night
-    if dim is GroupBy.FILE:
+    if dim == GroupBy.FILE:
         return primary.archive_id or ""
-    if dim is GroupBy.OBSERVATION:
+    if dim == GroupBy.OBSERVATION:
         return f"{night}/{primary.object or ''}/{primary.program or ''}"
-    if dim is GroupBy.WINDOW:
+    if dim == GroupBy.WINDOW:
         if primary.start is None or window_seconds is None:
             return ""
         return window_start(primary.start, window_seconds).isoformat()
-    value: str | None = getattr(primary, dim.value)  # filter, program, object, frame_type
-    return value or ""
+    return _text(_field(dim, primary))
+
+
+def _field(name: str, primary: FileRecord) -> object:
+    """A metadata field, else an archived keyword (by its ``where`` name), else a name
+    group of ``primary``; None when it has none of them."""
+    if name in METADATA_FIELDS:
+        return getattr(primary, name)
+    for keyword, value in primary.keywords.items():
+        if field_name(keyword) == name:
+            return value
+    return (primary.name_groups or {}).get(name)
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, date | datetime):
+        return value.isoformat()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # 30.0 and 30 are one group
+    return str(value).strip()
 
 
 def group_key(pipeline: PipelineSpec, primary: FileRecord) -> GroupKey:
     """The key of the group of ``pipeline`` that the primary-input file ``primary`` makes."""
-    dims = {*pipeline.group.by, GroupBy.NIGHT}
+    dims = {*pipeline.group.by, GroupBy.NIGHT.value}
     return GroupKey.of(
         pipeline.id,
-        {d.value: _dimension(d, primary, pipeline.group.window_seconds) for d in dims},
+        {str(d): _dimension(d, primary, pipeline.group.window_seconds) for d in dims},
     )
 
 
