@@ -270,3 +270,62 @@ def test_a_bad_zone_or_night_end_is_a_registry_error_at_its_line(
         registry(tmp_path, "instrument:\n  name: SPEC\n  prefix: SP\n" + lines)
     assert words in str(caught.value)
     assert "spec.yaml:" in str(caught.value)
+
+
+# ------------------------------------------------- value maps, computed values
+
+MAPPED = """\
+instrument:
+  name: SPEC
+  prefix: SP
+  keywords:
+    frame_type: {keyword: OBSTYPE, map: {Bias: BIAS, Arc: ARC, Object: OBJECT, Dome Flat: FLAT}}
+    exptime: "ITIME * COADDS"
+    object: TARGNAME
+    filter: "grating + '/' + slit_w"
+"""
+
+
+@pytest.mark.parametrize(
+    ("obstype", "frame_type"),
+    [("Arc", "ARC"), ("Bias", "BIAS"), ("  dome flat ", "FLAT"), ("Twilight", "Twilight")],
+)
+def test_a_value_map_gives_shared_words_and_keeps_unknown_ones(
+    tmp_path: Path, obstype: str, frame_type: str
+) -> None:
+    reg = registry(tmp_path, MAPPED)
+    header: dict[str, HeaderValue] = {
+        "DATE-OBS": "2026-11-22T05:00:00",
+        "OBSTYPE": obstype,
+        "ITIME": 2.5,
+        "COADDS": 4,
+        "GRATING": "600/4000",
+        "SLIT-W": "1.0",
+    }
+    made = meta(reg, "sp_0001.fits", header)
+    assert made.frame_type == frame_type
+    assert made.exptime == 10.0
+    assert made.stop == made.start.replace(second=10)
+    assert made.filter == "600/4000/1.0"
+
+
+def test_a_computed_value_with_a_missing_operand_is_none(tmp_path: Path) -> None:
+    reg = registry(tmp_path, MAPPED)
+    made = meta(reg, "sp_0001.fits", {"DATE-OBS": "2026-11-22T05:00:00", "ITIME": 2.5})
+    assert made.exptime is None and made.filter is None and made.frame_type is None
+
+
+@pytest.mark.parametrize(
+    ("keywords", "words"),
+    [
+        ("{exptime: 'ITIME ** 2'}", "Pow is not allowed"),
+        ("{exptime: 'open(x)'}", "Call is not allowed"),
+        ("{frame_type: {keyword: OBSTYPE, value: 'A'}}", "either 'keyword"),
+        ("{frame_type: {value: 'A', map: {a: b}}}", "'map' translates"),
+    ],
+)
+def test_a_bad_value_rule_is_a_registry_error(tmp_path: Path, keywords: str, words: str) -> None:
+    with pytest.raises(RegistryError) as caught:
+        registry(tmp_path, f"instrument:\n  name: SPEC\n  prefix: SP\n  keywords: {keywords}\n")
+    assert words in str(caught.value)
+    assert "spec.yaml:4" in str(caught.value)

@@ -9,6 +9,7 @@ archive IDs a frame may take are :class:`obsflow.catalog.batch.ArchiveIdScheme`)
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,15 @@ from pathlib import Path
 from obsflow.errors import MetadataError
 from obsflow.receipt import values
 from obsflow.receipt.header import HeaderValue
-from obsflow.registry.specs import InstrumentSpec, ProductSpec, TimeFrom
+from obsflow.registry import expression
+from obsflow.registry.specs import (
+    InstrumentSpec,
+    MappedKeyword,
+    ProductSpec,
+    TimeFrom,
+    ValueRule,
+    field_name,
+)
 
 MJD_EPOCH = datetime(1858, 11, 17, tzinfo=UTC)
 
@@ -70,7 +79,9 @@ def extract(
         raise MetadataError(path, f"required keyword(s) {', '.join(missing)} missing for {whose}")
     keys = instrument.keywords
     exptime = values.exposure(
-        _number(header, keys.exptime, path, required=keys.exptime in required), keys.exptime, path
+        _number(header, keys.exptime, path, required=_needed(keys.exptime, required)),
+        keys.exptime,
+        path,
     )
     if product.time.from_ is TimeFrom.EXPOSURE:
         date_obs = values.moment(
@@ -86,8 +97,8 @@ def extract(
             if header.get(keys.date_obs) not in (None, "")
             else start
         )
-    ra = _angle(header, keys.ra, path, hours=True, required=keys.ra in required)
-    dec = _angle(header, keys.dec, path, hours=False, required=keys.dec in required)
+    ra = _angle(header, keys.ra, path, hours=True, required=_needed(keys.ra, required))
+    dec = _angle(header, keys.dec, path, hours=False, required=_needed(keys.dec, required))
     program = _text(header, keys.program)
     months = instrument.program_proprietary_months.get(program or "", instrument.proprietary_months)
     return Metadata(
@@ -219,10 +230,45 @@ def _from_groups(
         ) from None
 
 
-def _text(header: Mapping[str, HeaderValue], key: str | None) -> str | None:
-    if key is None:
+def _needed(rule: MappedKeyword | None, required: tuple[str, ...]) -> bool:
+    keyword = rule.keyword if isinstance(rule, ValueRule) else rule
+    return keyword is not None and keyword in required
+
+
+def _value(header: Mapping[str, HeaderValue], rule: MappedKeyword | None) -> object:
+    """The header's value for ``rule``: a keyword's, through its map, or computed."""
+    if rule is None:
         return None
-    value = header.get(key)
+    if isinstance(rule, str):
+        return header.get(rule)
+    if rule.keyword is not None:
+        value = header.get(rule.keyword)
+        if value is None or not rule.map:
+            return value
+        text = str(value)
+        if text in rule.map:
+            return rule.map[text]
+        folded = {k.strip().casefold(): v for k, v in rule.map.items()}
+        return folded.get(text.strip().casefold(), value)
+    assert rule.value is not None
+    names: dict[str, object] = {}
+    for key, value in header.items():
+        names[field_name(key)] = value
+        names[key] = value
+    return _compiled(rule.value).value(names)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(text: str) -> expression.Expression:
+    return expression.parse(text)
+
+
+def _label(rule: MappedKeyword) -> str:
+    return rule if isinstance(rule, str) else rule.label
+
+
+def _text(header: Mapping[str, HeaderValue], rule: MappedKeyword | None) -> str | None:
+    value = _value(header, rule)
     if value is None or isinstance(value, bool):
         return None
     text = str(value).strip()
@@ -230,11 +276,12 @@ def _text(header: Mapping[str, HeaderValue], key: str | None) -> str | None:
 
 
 def _number(
-    header: Mapping[str, HeaderValue], key: str | None, path: Path, *, required: bool
+    header: Mapping[str, HeaderValue], rule: MappedKeyword | None, path: Path, *, required: bool
 ) -> float | None:
-    if key is None or header.get(key) is None:
+    value = _value(header, rule)
+    if value is None or rule is None:
         return None
-    value = header[key]
+    key = _label(rule)
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     try:
@@ -249,12 +296,18 @@ _SEXAGESIMAL = re.compile(r"^\s*([+-]?)(\d{1,3})[:\s](\d{1,2})[:\s](\d{1,2}(?:\.
 
 
 def _angle(
-    header: Mapping[str, HeaderValue], key: str | None, path: Path, *, hours: bool, required: bool
+    header: Mapping[str, HeaderValue],
+    rule: MappedKeyword | None,
+    path: Path,
+    *,
+    hours: bool,
+    required: bool,
 ) -> float | None:
     """Degrees from a number of degrees or a sexagesimal string (hours for RA)."""
-    if key is None or header.get(key) is None:
+    value = _value(header, rule)
+    if value is None or rule is None:
         return None
-    value = header[key]
+    key = _label(rule)
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     text = str(value)

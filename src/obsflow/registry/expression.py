@@ -5,11 +5,13 @@ Examples::
     exptime > 30 and filter in ['R', 'I']
     frame_type == 'FLAT' and filter == group.filter
     not (object == 'bias')
+    ITIME * COADDS                  (a computed value: :meth:`Expression.value`)
 
 Python's own parser reads the text (so precedence and literals are Python's), and
 then a whitelist walk allows only: names and dotted names, string/number/bool/None
 literals, lists and tuples of literals, comparisons (``== != < <= > >= in``,
-``not in``), ``and``/``or``/``not``, and unary minus. Nothing is ever passed to
+``not in``), ``and``/``or``/``not``, unary minus and arithmetic (``+ - * / // %``;
+a missing or non-numeric operand, or a division by zero, gives None). Nothing is ever passed to
 ``eval``; there are no calls, attributes beyond a dotted name, or subscripts.
 """
 
@@ -31,6 +33,14 @@ _COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {
     ast.In: lambda a, b: a in b,
     ast.NotIn: lambda a, b: a not in b,
 }
+_ARITHMETIC: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
 
 
 class ExpressionError(ValueError):
@@ -47,6 +57,11 @@ class Expression:
     def evaluate(self, values: Mapping[str, object]) -> bool:
         """Evaluate over ``values`` (dotted names as keys). A missing name is ``None``."""
         return bool(_eval(self.tree, values))
+
+    def value(self, values: Mapping[str, object]) -> object:
+        """The expression's value over ``values`` (``ITIME * COADDS`` → 20.0); None
+        when an operand is missing or of the wrong type."""
+        return _eval(self.tree, values)
 
 
 def parse(text: str) -> Expression:
@@ -84,6 +99,11 @@ def _check(node: ast.expr, text: str, names: set[str]) -> None:
             _check(value, text, names)
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not | ast.USub):
         _check(node.operand, text, names)
+    elif isinstance(node, ast.BinOp):
+        if type(node.op) not in _ARITHMETIC:
+            raise ExpressionError(f"{text!r}: operator {type(node.op).__name__} is not allowed")
+        _check(node.left, text, names)
+        _check(node.right, text, names)
     elif isinstance(node, ast.Compare):
         for op in node.ops:
             if type(op) not in _COMPARE:
@@ -94,7 +114,7 @@ def _check(node: ast.expr, text: str, names: set[str]) -> None:
     else:
         raise ExpressionError(
             f"{text!r}: {type(node).__name__} is not allowed; expected names, literals, "
-            "comparisons (== != < <= > >= in), and/or/not"
+            "comparisons (== != < <= > >= in), and/or/not, + - * / // %"
         )
 
 
@@ -114,6 +134,16 @@ def _eval(node: ast.expr, values: Mapping[str, object]) -> Any:
         if isinstance(node.op, ast.Not):
             return not operand
         return -operand if isinstance(operand, int | float) else None
+    if isinstance(node, ast.BinOp):
+        left, right = _eval(node.left, values), _eval(node.right, values)
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (left, right))
+        texts = isinstance(node.op, ast.Add) and isinstance(left, str) and isinstance(right, str)
+        if not (numbers or texts):
+            return None
+        try:
+            return _ARITHMETIC[type(node.op)](left, right)
+        except (ZeroDivisionError, OverflowError):
+            return None
     if isinstance(node, ast.Compare):
         left = _eval(node.left, values)
         for op, right_node in zip(node.ops, node.comparators, strict=True):
