@@ -18,8 +18,9 @@ of a delivered file), the temp file holding its bytes, and the cache to move the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -42,35 +43,48 @@ transaction) hold it shared; the orphan sweep holds it exclusively."""
 
 @dataclass(frozen=True)
 class ArchiveIdScheme:
-    """The archive IDs a frame may take: an instrument's ``archive_id`` template over the
-    moment of its DATE-OBS; ``bump`` moves that moment on by hundredths of a second past
-    IDs already taken. Called with a bump, it gives that candidate."""
+    """The archive IDs a frame may take: an ``archive_id`` template (the instrument's, or
+    its product's) over the moment of its DATE-OBS and its file name's groups. A template
+    with ``{hundredths}`` moves that moment on by hundredths of a second past IDs already
+    taken; one without (a product's) gets ``.2``, ``.3`` ... before its extension. Called
+    with a bump, it gives that candidate."""
 
     template: str
-    """The instrument's ``archive_id`` (fields: ``prefix instrument yyyymmdd yyyy mm dd
-    hh mi ss seconds_of_day hundredths night``)."""
+    """Fields: ``prefix instrument yyyymmdd yyyy mm dd hh mi ss seconds_of_day hundredths
+    night`` and the name groups."""
     prefix: str
     instrument: str
     date_obs: datetime
     night: date
+    groups: Mapping[str, str] = field(default_factory=dict)
 
     def __call__(self, bump: int) -> str:
-        moment = self.date_obs + timedelta(milliseconds=10 * bump)
+        moves = "{hundredths" in self.template
+        moment = self.date_obs + timedelta(milliseconds=10 * bump if moves else 0)
         seconds = moment.hour * 3600 + moment.minute * 60 + moment.second
-        return self.template.format(
-            prefix=self.prefix,
-            instrument=self.instrument,
-            yyyymmdd=moment.strftime("%Y%m%d"),
-            yyyy=moment.year,
-            mm=moment.month,
-            dd=moment.day,
-            hh=moment.hour,
-            mi=moment.minute,
-            ss=moment.second,
-            seconds_of_day=seconds,
-            hundredths=moment.microsecond // 10000,
-            night=self.night.strftime("%Y%m%d"),
-        )
+        fields: dict[str, object] = {
+            "prefix": self.prefix,
+            "instrument": self.instrument,
+            "yyyymmdd": moment.strftime("%Y%m%d"),
+            "yyyy": moment.year,
+            "mm": moment.month,
+            "dd": moment.day,
+            "hh": moment.hour,
+            "mi": moment.minute,
+            "ss": moment.second,
+            "seconds_of_day": seconds,
+            "hundredths": moment.microsecond // 10000,
+            "night": self.night.strftime("%Y%m%d"),
+        }
+        made = self.template.format(**{**self.groups, **fields})  # a group never hides a field
+        if moves or bump == 0:
+            return made
+        match = _EXTENSION.match(made)
+        assert match is not None  # every text matches
+        return f"{match.group(1)}.{bump + 1}{match.group(2)}"
+
+
+_EXTENSION = re.compile(r"^(.*?)((?:\.fits|\.fit|\.fts)?(?:\.gz|\.fz|\.bz2)?)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ received like any file: the server recognises its name with its own registry, re
 its header and maps it. Then its sender's claims are held to what the server found
 (:func:`refusal`); any that does not hold refuses the file, and nothing is kept:
 
-- **the archive ID**: the one the server's registry gives the file (the instrument's
+- **the archive ID**: the one the server's registry gives the file (the product's or instrument's
   template filled from the header). Only the collision suffix may differ (a frame of
   the same hundredth of a second as others), and only to the first ID not taken by
   other bytes: so no sender can squat the ID of a frame it did not take.

@@ -126,11 +126,12 @@ class Prepared:
     def scheme(self) -> ArchiveIdScheme:
         """The archive IDs this site's registry gives this file (bump 0, 1, ...)."""
         return ArchiveIdScheme(
-            template=self.instrument.archive_id,
+            template=self.product.archive_id or self.instrument.archive_id,
             prefix=self.instrument.prefix,
             instrument=self.instrument.name,
             date_obs=self.meta.date_obs,
             night=self.meta.night,
+            groups=dict(self.new.name_groups or {}),
         )
 
     def entry(self, cache: Cache, now: datetime) -> CacheEntry:

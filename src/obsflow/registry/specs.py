@@ -243,21 +243,34 @@ class InstrumentSpec(Spec):
     @field_validator("archive_id")
     @classmethod
     def _archive_id_template(cls, value: str) -> str:
-        names = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
-        unknown = names - set(ARCHIVE_ID_FIELDS)
-        if unknown:
-            raise ValueError(
-                f"unknown field(s) {sorted(unknown)} in archive_id; "
-                f"expected some of: {', '.join(ARCHIVE_ID_FIELDS)}"
-            )
-        if "hundredths" not in names:
-            raise ValueError(
-                "archive_id must contain {hundredths...} so two frames of one second differ"
-            )
-        value.format(**ARCHIVE_ID_FIELDS)
-        if "/" in value or "\\" in value or value.startswith("."):
-            raise ValueError("archive_id must be a plain file name (no '/', no leading '.')")
-        return value
+        return check_archive_id(value, {}, moment=True)
+
+
+def check_archive_id(value: str, groups: dict[str, str], *, moment: bool) -> str:
+    """Check an ``archive_id`` template: known fields only (``groups``: a product's file
+    name groups, as text), and ``{hundredths}`` in an instrument's (``moment``), so two
+    frames of one second differ."""
+    names = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+    known = {**groups, **ARCHIVE_ID_FIELDS}
+    unknown = names - set(known)
+    if unknown:
+        raise ValueError(
+            f"unknown field(s) {sorted(unknown)} in archive_id; "
+            f"expected some of: {', '.join(known)}"
+        )
+    if moment and "hundredths" not in names:
+        raise ValueError(
+            "archive_id must contain {hundredths...} so two frames of one second differ"
+        )
+    try:
+        value.format(**known)
+    except (ValueError, IndexError, KeyError) as exc:
+        raise ValueError(
+            f"archive_id {value!r} cannot be filled: {exc} (file name groups are text)"
+        ) from None
+    if "/" in value or "\\" in value or value.startswith("."):
+        raise ValueError("archive_id must be a plain file name (no '/', no leading '.')")
+    return value
 
 
 # ------------------------------------------------------------------- product
@@ -328,6 +341,12 @@ class ProductSpec(Spec):
     keywords: tuple[Keyword, ...] = ()
     """Header keywords archived as searchable metadata for this product."""
     tags: tuple[Annotated[str, Field(pattern=r"^[\w.:-]{1,64}$")], ...] = ()
+    archive_id: str | None = None
+    """This product's own archive ID template (default: the instrument's): the
+    instrument's fields and the file name's named groups (``{prefix}.{night}.arc_{grating}
+    .fits``, or a raw ID plus a suffix). Without ``{hundredths}`` it is the same for the
+    same name, so a pipeline's outputs get the same IDs on every run; a taken one gets
+    ``.2``, ``.3`` ... before its extension."""
     required: tuple[Keyword, ...] | None = None
     """Header keywords a file of this product must carry; None: the instrument's
     ``required`` for raw frames (level 0), none for pipeline products."""
@@ -355,6 +374,13 @@ class ProductSpec(Spec):
     def _regex(cls, value: str) -> str:
         rules.check(value)
         return value
+
+    @model_validator(mode="after")
+    def _own_archive_id(self) -> ProductSpec:
+        if self.archive_id is not None:
+            groups = dict.fromkeys(rules.group_names(self.filename), "x")
+            check_archive_id(self.archive_id, groups, moment=False)
+        return self
 
 
 # ------------------------------------------------------------------ pipeline
