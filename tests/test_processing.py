@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from astropy.io import fits
 from sqlalchemy import update
 
 from obsflow.catalog import schema
@@ -345,3 +346,38 @@ def test_a_file_that_cannot_be_recognised_again_is_an_error_naming_it(
     assert failed is not None and failed.state is RunState.FAILED
     assert first.archive_id and first.archive_id in (failed.error or "")
     assert "renamed-too.fits" in (failed.error or "")
+
+
+def test_a_runs_inputs_come_in_observation_order_whatever_order_they_arrived(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    """Inputs reach a step by observation time, then name, not by arrival (row id), so
+    a re-run after files arrived in another order makes the same outputs."""
+    count = sum(fits.getheader(f)["IMAGETYP"] == "OBJECT" for f in frames)
+    assert count >= 2
+    settings = make_site()
+    (settings.registry / "ofcam_pipelines.yaml").write_text(toy_pipelines())
+    (settings.registry / "order.yaml").write_text(
+        f"""\
+pipelines:
+  - id: all_objects
+    profile: stack_bias
+    inputs:
+      - {{product: ofcam_raw, name: frames, where: "frame_type == 'OBJECT'", min: {count}}}
+    group: {{by: [night]}}
+"""
+    )
+    site = open_site(settings)
+    try:
+        for frame in reversed(frames):  # the last exposure first
+            assert site.receiver.receive(frame).file_id is not None
+        Tracker(site.registry, site.catalog, site.clock).drain()
+        (run,) = RunStore(site.catalog).find(pipeline="all_objects")
+        by_id = {r.id: r for r in site.catalog.records(list(run.inputs["frames"]))}
+        frames_in = [by_id[i] for i in run.inputs["frames"]]
+    finally:
+        site.close()
+    assert len(frames_in) == count
+    order = [(f.start, f.original_name) for f in frames_in]
+    assert order == sorted(order)
+    assert [f.id for f in frames_in] != sorted(f.id for f in frames_in)  # not arrival order

@@ -61,10 +61,19 @@ _CLAIM = (
     .returning(*runs.c)
 )
 _FORGET_STEPS = delete(run_steps).where(run_steps.c.run_id == bindparam("b_id"))
-_INPUTS = (
-    select(run_inputs)
+_INPUTS = (  # each input's files in a defined order, so a re-run makes the same outputs:
+    # observation time (a file without one last, on both engines), then name, then row
+    select(run_inputs.c.run_id, run_inputs.c.input, run_inputs.c.file_id)
+    .join(files, files.c.id == run_inputs.c.file_id)
     .where(run_inputs.c.run_id.in_(bindparam("b_ids", expanding=True)))
-    .order_by(run_inputs.c.run_id, run_inputs.c.input, run_inputs.c.file_id)
+    .order_by(
+        run_inputs.c.run_id,
+        run_inputs.c.input,
+        files.c.start_utc.is_(None),
+        files.c.start_utc,
+        files.c.original_name,
+        files.c.id,
+    )
 )
 _STEP_COLUMNS = (
     "position", "state", "attempts", "argv", "started_at", "finished_at", "exit_status",
