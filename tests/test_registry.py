@@ -783,3 +783,48 @@ def test_group_by_an_unknown_field_names_it_at_its_line_with_the_choices(tmp_pat
     assert problem.message.startswith("group.by: unknown field 'gratname'; expected a metadata")
     assert "archived keyword of cam_raw" in problem.message
     assert "filter" in problem.message and "frame" in problem.message
+
+
+# ------------------------------------------------------ errors in the YAML's words
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "    kickoff: {rule: soon}",
+            "kickoff.rule: unknown value 'soon'; expected one of: 'ready', 'deadline'",
+        ),
+        (
+            "    inputs: [{product: cam_raw, name: frames, min: -1}]",
+            "inputs[0].min: Input should be greater than or equal to 0 (got -1)",
+        ),
+        (
+            "    inputs: [{product: cam_raw, name: 'my frames'}]",
+            "inputs[0].name: 'my frames' is not an ID; expected a letter, then",
+        ),
+    ],
+)
+def test_a_registry_error_is_in_the_words_of_the_yaml(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    write(tmp_path, "cam.yaml", INSTRUMENT + PRODUCTS)
+    text = PROFILE + "pipelines:\n  - id: arcs\n    profile: combine\n"
+    if "inputs" not in line:
+        text += "    inputs: [{product: cam_raw, name: frames}]\n"
+    path = write(tmp_path, "p.yaml", text + line + "\n")
+    problem = only_problem(tmp_path)
+    assert problem.file == path and problem.line == len(path.read_text().splitlines())
+    assert problem.message.startswith(message), problem.message
+    assert "pipelines.0" not in problem.message
+
+
+def test_a_lower_case_keyword_is_named_as_not_a_fits_keyword(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "cam.yaml", INSTRUMENT + "  keywords: {frame_type: {keyword: obstype}}\n"
+    )
+    problem = only_problem(tmp_path)
+    assert problem.file == path and problem.line == 4
+    assert problem.message.startswith(
+        "keywords.frame_type.keyword: 'obstype' is not a FITS keyword"
+    )

@@ -108,9 +108,21 @@ def validate(model: type[M], doc: Located, loc: Loc = ()) -> tuple[M | None, lis
         for error in errors:
             if error["type"] == "too_short" and _has_error_below(error["loc"], errors):
                 continue  # the items were dropped for their own errors, reported already
+            if error["type"] in _SHAPES and _explained_below(error["loc"], errors):
+                continue  # one member of a union did not fit; another says why it failed
             where: Loc = (*loc, *error["loc"])
             problems.append(doc.problem(where, _message(model, error, where)))
         return None, problems
+
+
+_SHAPES = frozenset({"string_type", "model_type", "dict_type", "int_type", "float_type"})
+
+
+def _explained_below(loc: tuple[Any, ...], errors: list[Any]) -> bool:
+    mine = words(loc)
+    return any(
+        e["type"] not in _SHAPES and words(tuple(e["loc"])).startswith(f"{mine}.") for e in errors
+    )
 
 
 def _has_error_below(loc: tuple[Any, ...], errors: list[Any]) -> bool:
@@ -119,7 +131,7 @@ def _has_error_below(loc: tuple[Any, ...], errors: list[Any]) -> bool:
 
 def _message(model: type[BaseModel], error: Any, where: Loc) -> str:
     kind = error["type"]
-    field = ".".join(str(p) for p in where) or "the document"
+    field = words(tuple(error["loc"])) or words(where) or "the document"
     if kind == "extra_forbidden":
         owner = _owner(model, error["loc"][:-1])
         fields = sorted(f for f in owner.model_fields if f != "source") if owner else []
@@ -129,7 +141,56 @@ def _message(model: type[BaseModel], error: Any, where: Loc) -> str:
         return f"missing required key {field!r}"
     value = error.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
-    return f"{field}: {error['msg']}{shown}"
+    if kind == "string_pattern_mismatch":
+        pattern = (error.get("ctx") or {}).get("pattern", "")
+        expected = PATTERNS.get(pattern, f"text matching {pattern}")
+        return f"{field}: {value!r} is not {expected}"
+    if kind in ("enum", "literal_error"):
+        expected = str((error.get("ctx") or {}).get("expected", "")).replace(" or ", ", ")
+        return f"{field}: unknown value {value!r}; expected one of: {expected}"
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    return f"{field}: {msg}{shown}"
+
+
+PATTERNS = {
+    r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$": (
+        "an ID; expected a letter, then up to 63 letters, digits, '_', '.' or '-'"
+    ),
+    r"^[A-Z0-9_-]{1,8}$|^HIERARCH [A-Z0-9_ .-]{1,60}$": (
+        "a FITS keyword; expected up to 8 of A-Z, 0-9, '_', '-' (upper case), or 'HIERARCH ...'"
+    ),
+    r"^[A-Za-z][A-Za-z0-9_ .-]{0,79}$": (
+        "a field name; expected a metadata field or a keyword (a letter first)"
+    ),
+}
+"""What the registry's name patterns mean, in words (pydantic shows the regex)."""
+
+
+def words(loc: Loc) -> str:
+    """A location as the YAML says it, from inside its item: ``('pipelines', 0, 'group',
+    'by', 1)`` → ``group.by[1]``; ``('instrument', 'keywords', 'ra')`` → ``keywords.ra``.
+    """
+    parts = list(loc)
+    if len(parts) >= 2 and parts[0] in ("products", "pipelines", "profiles"):
+        if isinstance(parts[1], int):
+            parts = parts[2:]
+    elif parts and parts[0] == "instrument":
+        parts = parts[1:]
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "tagged-union[")) and not _is_union_tag(part):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "constrained-str", "ValueRule"})
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic names the union member it tried in the location: 'str', 'ValueRule' ...
+    return isinstance(part, str) and ("[" in part or part in _UNION_TAGS)
 
 
 def _owner(model: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
