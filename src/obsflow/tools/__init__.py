@@ -6,6 +6,8 @@ Each tool is an argparse command run as ``python -m obsflow.tools.MODULE SUBCOMM
   (bias and flat correction) and ``cosmics`` (cosmic-ray cleaning in place);
 * :mod:`obsflow.tools.sources` — ``detect`` (a per-frame source catalog) and ``merge``
   (one night's catalog of one field).
+* :mod:`obsflow.tools.longslit` — ``combine`` (the example spectrograph's combined arcs
+  and normalised flats).
 
 The contract every tool keeps, so that a pipeline can rely on it:
 
