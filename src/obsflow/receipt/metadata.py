@@ -60,13 +60,15 @@ def extract(
     instrument: InstrumentSpec,
     groups: Mapping[str, str],
     path: Path,
+    written: datetime | None = None,
 ) -> Metadata:
     """Map ``header`` to :class:`Metadata`; raise :class:`MetadataError` naming the keyword.
 
     The keywords the product requires (its own ``required``, else the instrument's for
     raw frames) must be present. The time comes from the product's ``time`` rule: only
     ``from: exposure`` reads the instrument's DATE-OBS; a product timed by its file
-    name or other keywords needs none.
+    name, other keywords or ``written`` (``from: mtime``: the file's modification time)
+    needs none.
     """
     required = product.required_keywords(instrument)
     missing = [k for k in required if k not in header]
@@ -88,6 +90,11 @@ def extract(
             header_time(header, keys.date_obs, keys.time_obs, path), keys.date_obs, path
         )
         start, stop = date_obs, date_obs + timedelta(seconds=exptime or 0.0)
+    elif product.time.from_ is TimeFrom.MTIME:
+        if written is None:
+            raise MetadataError(path, f"product {product.id}: the file's time is not known")
+        start = stop = values.moment(written.astimezone(UTC), "the file's time", path)
+        date_obs = start
     else:
         start, stop = values.interval(*_times(header, product, groups, path), path)
         date_obs = (  # the archive ID's moment: DATE-OBS if the file carries one

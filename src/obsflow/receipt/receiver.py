@@ -368,7 +368,10 @@ class Receiver:
                 first, header = _read_primary_header(src, size, path, limit)
                 fitsheader.walk_hdus(src, size, name=path, primary=header, limit=limit)
                 try:
-                    meta = metadata.extract(header, product, instrument, recognised.groups, path)
+                    written = datetime.fromtimestamp(stat.st_mtime, UTC)
+                    meta = metadata.extract(
+                        header, product, instrument, recognised.groups, path, written
+                    )
                 except (ArithmeticError, ValueError) as exc:  # a value no check foresaw
                     raise MetadataError(path, f"a header value cannot be used: {exc}") from None
                 validated_at = self.clock()

@@ -280,6 +280,7 @@ class TimeFrom(StrEnum):
     EXPOSURE = "exposure"  # start = the instrument's date_obs; stop = start + exptime
     HEADER = "header"  # start and stop from named header keywords
     FILENAME = "filename"  # start (and stop) from the filename's named groups
+    MTIME = "mtime"  # the file's modification time: for catch-all products of untimed files
 
 
 class TimeRule(Spec):
@@ -307,6 +308,8 @@ class TimeRule(Spec):
                 "'from: exposure' takes no start, stop or format (it reads the instrument's "
                 "keywords.date_obs and keywords.time_obs)"
             )
+        if self.from_ is TimeFrom.MTIME and (self.start or self.stop or self.format):
+            raise ValueError("'from: mtime' takes no start, stop or format")
         if self.from_ is not TimeFrom.HEADER and (self.start_time or self.stop_time):
             raise ValueError("start_time and stop_time go with 'from: header'")
         if self.stop_time and not self.stop:
