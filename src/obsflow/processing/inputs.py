@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from obsflow.catalog.records import FileRecord
 from obsflow.errors import RecognitionError
 from obsflow.registry import Registry
-from obsflow.registry.specs import field_name
+from obsflow.registry.keywords import field_name
 
 keyword_name = field_name
 """The name a ``where`` reads a header keyword by (``AIRMASS`` → ``airmass``)."""

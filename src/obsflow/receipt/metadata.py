@@ -20,14 +20,8 @@ from obsflow.errors import MetadataError
 from obsflow.receipt import values
 from obsflow.receipt.header import HeaderValue
 from obsflow.registry import expression
-from obsflow.registry.specs import (
-    InstrumentSpec,
-    MappedKeyword,
-    ProductSpec,
-    TimeFrom,
-    ValueRule,
-    field_name,
-)
+from obsflow.registry.keywords import MappedKeyword, ValueRule, field_name
+from obsflow.registry.specs import InstrumentSpec, ProductSpec, TimeFrom
 
 MJD_EPOCH = datetime(1858, 11, 17, tzinfo=UTC)
 

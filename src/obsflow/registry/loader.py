@@ -8,8 +8,8 @@ from typing import TypeVar
 
 from obsflow.errors import Problem, RegistryError
 from obsflow.registry import rules, yamlfile
+from obsflow.registry.keywords import METADATA_FIELDS, field_name
 from obsflow.registry.specs import (
-    METADATA_FIELDS,
     GroupBy,
     InstrumentSpec,
     PipelineSpec,
@@ -18,7 +18,6 @@ from obsflow.registry.specs import (
     RegistryFile,
     Source,
     Spec,
-    field_name,
 )
 
 S = TypeVar("S", bound=Spec)

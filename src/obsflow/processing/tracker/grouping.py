@@ -42,7 +42,8 @@ from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.records import FileRecord
 from obsflow.registry import expression
-from obsflow.registry.specs import METADATA_FIELDS, GroupBy, InputSpec, PipelineSpec, field_name
+from obsflow.registry.keywords import METADATA_FIELDS, field_name
+from obsflow.registry.specs import GroupBy, InputSpec, PipelineSpec
 
 GROUP = "group."
 """The prefix of the names a ``where`` reads about the group, e.g. ``group.filter``."""
