@@ -12,6 +12,7 @@ from astropy.io import fits
 
 from obsflow.catalog.batch import ArchiveIdScheme
 from obsflow.errors import RegistryError
+from obsflow.processing.plan import name_parts
 from obsflow.receipt.receiver import Outcome
 from obsflow.registry import load_registry
 from obsflow.settings import Settings
@@ -116,3 +117,21 @@ def test_a_product_with_its_own_template_is_archived_under_it_and_its_versions_n
                 assert result.superseded == "OF.20261121.mbias.fits"
     finally:
         site.close()
+
+
+@pytest.mark.parametrize(
+    ("archive_id", "stem"),
+    [
+        ("KB.20261122.18000.00.fits", "KB.20261122.18000.00"),
+        ("LS20261122_01000000.fits.gz", "LS20261122_01000000"),
+        ("OF-log", "OF-log"),
+    ],
+)
+def test_a_derived_product_may_be_named_as_its_raw_frames_id_plus_a_suffix(
+    archive_id: str, stem: str
+) -> None:
+    """KOA's way: an output named ``{archive_stem}_cal.fits``, recognised by a product
+    whose ``archive_id`` is ``"{raw}_cal.fits"`` over that name's group."""
+    assert name_parts({"archive_id": archive_id})["archive_stem"] == stem
+    ids = scheme("{raw}_cal.fits", raw=stem)
+    assert ids(0) == f"{stem}_cal.fits"

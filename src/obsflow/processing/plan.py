@@ -168,10 +168,14 @@ def queue_of(registry: Registry, pipeline_id: str, default: str) -> str:
 
 
 def name_parts(parameters: Mapping[str, ParameterValue]) -> dict[str, ParameterValue]:
-    """Parameters made to go into file names: ``nightid`` (``20261121``) and
+    """Parameters made to go into file names: ``nightid`` (``20261121``),
     ``object_slug`` (the object with every run of other characters than letters and
-    digits made one ``_``)."""
+    digits made one ``_``) and ``archive_stem`` (the primary input's archive ID without
+    its extension: a derived product named as its raw frame's ID plus a suffix)."""
     parts: dict[str, ParameterValue] = {}
+    archive_id = parameters.get("archive_id")
+    if isinstance(archive_id, str) and archive_id:
+        parts["archive_stem"] = re.sub(r"(\.fits?|\.fts)?(\.gz|\.fz|\.bz2)?$", "", archive_id)
     night, name = parameters.get("night"), parameters.get("object")
     if isinstance(night, str) and night:
         parts["nightid"] = night.replace("-", "")

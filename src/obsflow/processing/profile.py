@@ -10,8 +10,9 @@ Templating, in each argv item of a step's ``command``:
 
 * ``{name}`` is a parameter: the pipeline's ``parameters``, the group key (``night``,
   ``filter``, ...), the primary input's metadata (``exptime``, ``object``, its filename
-  groups such as ``date`` and ``frame``), ``nightid`` (the night as ``20261121``) and
-  ``object_slug`` (the object, safe in a file name), ``site`` (the site directory),
+  groups such as ``date`` and ``frame``), ``nightid`` (the night as ``20261121``),
+  ``object_slug`` (the object, safe in a file name), ``archive_stem`` (the primary
+  input's archive ID without its extension), ``site`` (the site directory),
   ``python`` (the interpreter obsflow runs on), and reprocessing overrides;
 * ``{work}`` is the run's work directory; ``{run_id}`` the run's ID;
 * ``{inputs.NAME}`` is the path of input NAME; when NAME holds several files and the item
