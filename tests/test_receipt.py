@@ -474,6 +474,21 @@ def test_a_raw_frame_with_an_earlier_frames_name_is_another_exposure_never_a_ver
     assert site.cache.path(new.cache_path).read_bytes() == new_bytes
 
 
+def test_the_ingest_summary_says_a_frame_has_an_earlier_frames_name(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    from tests.test_cli import obsflow
+
+    site = make_site().site
+    first = obsflow("ingest", "--site", site, frames[4])
+    assert first.returncode == 0, first.stderr
+    rewrite(frames[4], frames[4], {"DATE-OBS": "2026-11-23T05:01:36.37"})
+    second = obsflow("ingest", "--site", site, frames[4])
+    assert second.returncode == 0, second.stderr
+    assert "same name, other exposure" in second.stdout
+    assert f"same name {frames[4]}" in second.stderr and "both kept" in second.stderr
+
+
 def test_a_pipeline_product_of_the_same_name_is_a_new_version_superseding_the_old(
     site: Site, frames: list[Path]
 ) -> None:
