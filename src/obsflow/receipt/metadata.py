@@ -76,7 +76,7 @@ def extract(
     keys = instrument.keywords
     exptime = values.exposure(
         _number(header, keys.exptime, path, required=_needed(keys.exptime, required)),
-        keys.exptime,
+        _named(keys.exptime),
         path,
     )
     if product.time.from_ is TimeFrom.EXPOSURE:
@@ -108,8 +108,8 @@ def extract(
         stop=stop,
         night=night_of(start, instrument.zone),
         exptime=exptime,
-        ra=values.angle(ra, keys.ra, path, low=0.0, high=360.0),
-        dec=values.angle(dec, keys.dec, path, low=-90.0, high=90.0),
+        ra=values.angle(ra, _named(keys.ra), path, low=0.0, high=360.0),
+        dec=values.angle(dec, _named(keys.dec), path, low=-90.0, high=90.0),
         object=_text(header, keys.object),
         frame_type=_text(header, keys.frame_type),
         filter=_text(header, keys.filter),
@@ -266,6 +266,11 @@ def _compiled(text: str) -> expression.Expression:
 
 def _label(rule: MappedKeyword) -> str:
     return rule if isinstance(rule, str) else rule.label
+
+
+def _named(rule: MappedKeyword | None) -> str | None:
+    """The words naming where a value came from, for an error (None: nowhere)."""
+    return None if rule is None else _label(rule)
 
 
 def _text(header: Mapping[str, HeaderValue], rule: MappedKeyword | None) -> str | None:
