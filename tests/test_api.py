@@ -698,3 +698,15 @@ def test_obsflow_serve_says_why_it_cannot_listen(make_site: SiteFactory) -> None
         )
         assert done.returncode == 1, done.stderr
         assert message in done.stderr
+
+
+def test_an_unknown_query_parameter_is_refused_not_ignored(world: World) -> None:
+    """A misspelt filter would otherwise answer with every file, as if it matched."""
+    with world.client("admin") as client:
+        body = is_problem(client.get("/api/v1/files", params={"prodcut": "ofcam_raw"}), 422)
+        assert "'prodcut'" in body["detail"] and "did you mean 'product'" in body["detail"]
+        assert body["type"].endswith("unknown-parameter")
+        is_problem(client.get("/api/v1/runs", params={"pipline": "x"}), 422)
+        is_problem(client.get("/api/v1/status", params={"verbose": "1"}), 422)
+        assert client.get("/api/v1/files", params={"product": "ofcam_raw"}).status_code == 200
+        assert client.get("/api/v1/status").status_code == 200

@@ -149,12 +149,16 @@ def test_a_misspelt_name_is_an_error_that_lists_the_known_ones_not_an_empty_answ
         (("find", "--tag", "raww"), "--tag", "did you mean 'raw'"),
         (("runs", "--pipeline", "ofcam_calibrat"), "--pipeline", "did you mean 'ofcam_calibrate'"),
         (("reprocess", "--pipeline", "nope", "--no-wait"), "--pipeline", "ofcam_masterbias"),
+        (("find", "--state", "archvied"), "--state", "no file state 'archvied'; did you mean"),
+        (("runs", "--state", "faild"), "--state", "did you mean 'failed'"),
+        (("token", "create", "--user", "u", "--scope", "reed"), "--scope", "did you mean 'read'"),
     ]
     for args, option, says in cases:
         refused = obsflow(*args, "--site", site)
         assert refused.returncode == 2, (args, refused.stdout)
         text = " ".join(refused.stderr.split())  # the error box wraps lines
         assert option in text and says in text, (args, text)
+        assert "Value error" not in text  # a sentence, not a validation dump
     # the right names still answer
     assert len(as_json(obsflow("find", "--tag", "raw", "--json", "--site", site))) == len(frames)
     assert as_json(obsflow("runs", "--pipeline", "ofcam_calibrate", "--json", "--site", site)) == []

@@ -579,6 +579,14 @@ def test_reprocess_refuses_bad_arguments_clearly(make_site: SiteFactory) -> None
     assert "toy_bias, toy_calibrate, toy_flat" in unknown.stderr
     bad = obsflow("reprocess", "--pipeline", "toy_flat", "--param", "gain", "--site", settings.site)
     assert bad.returncode == 2 and "expected NAME=VALUE" in bad.stderr
+    # a misspelt parameter would be ignored: the runs would come out unchanged
+    typo = obsflow(
+        "reprocess", "--pipeline", "toy_flat", "--param", "gian=2", "--no-wait",
+        "--site", settings.site,
+    )  # fmt: skip
+    text = " ".join(typo.stderr.split())
+    assert typo.returncode == 2 and "no parameter of pipeline toy_flat 'gian'" in text
+    assert "did you mean 'gain'" in text and "0 run(s)" not in typo.stdout
     night = obsflow(
         "reprocess", "--pipeline", "toy_flat", "--night", "21-11-2026", "--site", settings.site
     )

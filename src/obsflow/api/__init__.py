@@ -43,12 +43,12 @@ from types import TracebackType
 from typing import Any, Final
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from obsflow import __version__
 from obsflow.access import TokenStore
-from obsflow.api import files, metrics, problems, runs, status, transfer, workers
+from obsflow.api import files, metrics, params, problems, runs, status, transfer, workers
 from obsflow.api.metrics import Metrics, RequestMetrics
 from obsflow.api.services import Services, Uploads
 from obsflow.archive.retrieval import Retriever
@@ -99,6 +99,7 @@ def create_app(
         openapi_url=OPENAPI_URL,
         docs_url="/api/v1/docs",
         redoc_url=None,
+        dependencies=[Depends(params.known_query)],
     )
     app.state.services = Services(
         site=site,

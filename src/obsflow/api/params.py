@@ -3,11 +3,17 @@ it reaches the catalog."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from datetime import UTC, date, datetime
 from typing import Annotated, Final
 
+from fastapi import Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from pydantic import BeforeValidator, Field
+
+from obsflow.api.problems import ProblemError
 
 ARCHIVE_ID: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
 """What an archive ID may look like (the catalog's column holds 96 characters)."""
@@ -70,3 +76,41 @@ def utc(value: datetime | None) -> datetime | None:
         return value.astimezone(UTC)
     except OverflowError:
         return (datetime.min if value.year < 5000 else datetime.max).replace(tzinfo=UTC)
+
+
+_KNOWN: dict[int, frozenset[str]] = {}
+"""The query parameters each route declares, by the route's ``id`` (worked out once)."""
+
+
+def known_query(request: Request) -> None:
+    """Refuse (422) a query parameter the route does not declare: a misspelt filter
+    (``?prodcut=...``) is an error that names it, not a filter silently ignored that
+    answers with every file. Installed on the whole app by :func:`obsflow.api.create_app`."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    names = _KNOWN.get(id(route))
+    if names is None:
+        names = _KNOWN[id(route)] = frozenset(_query_names(route.dependant))
+    unknown = sorted(set(request.query_params) - names)
+    if not unknown:
+        return
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"{name!r}{hint}")
+    listed = ", ".join(sorted(names)) if names else "none"
+    raise ProblemError(
+        422,
+        f"unknown query parameter {', '.join(problems)}: {request.url.path} takes {listed}",
+        kind="unknown-parameter",
+    )
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route's handler and its dependencies declare."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names

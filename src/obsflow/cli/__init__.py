@@ -19,8 +19,9 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -104,6 +105,21 @@ def known(value: str | None, names: Iterable[str], what: str, option: str) -> st
     hint = f"; did you mean {close[0]!r}?" if close else ""
     listed = ", ".join(choices) if choices else "none yet"
     raise typer.BadParameter(f"no {what} {value!r}{hint} (known: {listed})", param_hint=option)
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+def choice(value: str | None, kind: type[E], what: str, option: str) -> E | None:
+    """``value`` as a member of ``kind`` (or None); else the same usage error as
+    :func:`known`: a sentence with the closest name, not a validation dump."""
+    name = known(value, [member.value for member in kind], what, option)
+    return None if name is None else kind(name)
+
+
+def choices(kind: type[StrEnum]) -> str:
+    """A metavar listing an enum's values: ``[queued|running|...]``."""
+    return "[" + "|".join(member.value for member in kind) + "]"
 
 
 @contextmanager

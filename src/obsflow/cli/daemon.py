@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from obsflow.cli import SiteOption, _settings, app, err, log
+from obsflow.cli import SiteOption, _settings, app, choice, choices, err, log
 from obsflow.settings import Role
 from obsflow.site import open_site
 
@@ -26,8 +26,9 @@ def run(
         ),
     ] = None,
     role: Annotated[
-        Role | None,
+        str | None,
         typer.Option(
+            metavar=choices(Role),
             help="all: one machine; agent: send frames to --server; server: take them "
             "(else the settings' transfer.role).",
             show_default=False,
@@ -53,6 +54,7 @@ def run(
 ) -> None:
     """Run the daemon: triggers → receipt → cache → archive → pipelines (and the REST
     API, if it has an address), until SIGINT or SIGTERM."""
+    the_role = choice(role, Role, "role", "--role")
     import signal
     import threading
 
@@ -74,7 +76,7 @@ def run(
         upstream = None
         if server or transfer.server:
             upstream = Upstream(server or transfer.server or "", token or transfer.token)
-        daemon = Daemon(s, listen=listen, role=role, upstream=upstream)
+        daemon = Daemon(s, listen=listen, role=the_role, upstream=upstream)
         err.print(
             f"obsflow run: site {s.settings.site}; role {daemon.role.value}; triggers: "
             + ", ".join(t.name for t in daemon.triggers)

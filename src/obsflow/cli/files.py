@@ -12,7 +12,18 @@ from rich.table import Table
 from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import RunStore
 from obsflow.catalog.tags import Tags
-from obsflow.cli import JsonOption, SiteOption, _site, _time, app, err, known, out
+from obsflow.cli import (
+    JsonOption,
+    SiteOption,
+    _site,
+    _time,
+    app,
+    choice,
+    choices,
+    err,
+    known,
+    out,
+)
 from obsflow.site import Site
 from obsflow.states import FileState
 
@@ -30,7 +41,9 @@ def find(
     night: Annotated[str | None, typer.Option(help="Observing night, YYYY-MM-DD.")] = None,
     tag: Annotated[str | None, typer.Option(help="A tag.")] = None,
     object_: Annotated[str | None, typer.Option("--object", help="OBJECT name.")] = None,
-    state: Annotated[FileState | None, typer.Option(help="File state.")] = None,
+    state: Annotated[
+        str | None, typer.Option(metavar=choices(FileState), help="File state.", show_default=False)
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many.")] = None,
     as_json: JsonOption = False,
     site: SiteOption = None,
@@ -41,6 +54,7 @@ def find(
     except ValueError:
         raise typer.BadParameter(f"{night!r} is not YYYY-MM-DD", param_hint="--night") from None
     start, end = _time(since, "--since"), _time(until, "--until")
+    file_state = choice(state, FileState, "file state", "--state")
     with _site(site) as s:
         known(product, s.registry.products, "product", "--product")
         known(instrument, s.registry.instruments, "instrument", "--instrument")
@@ -54,7 +68,7 @@ def find(
             night=night_date,
             tag=tag,
             object=object_,
-            state=state,
+            state=file_state,
             limit=limit,
         )
         records = s.catalog.find(query)

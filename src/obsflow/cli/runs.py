@@ -22,12 +22,14 @@ from obsflow.cli import (
     _settings,
     _site,
     app,
+    choice,
+    choices,
     err,
     known,
     out,
     registry_app,
 )
-from obsflow.processing.profile import ParameterValue
+from obsflow.processing.profile import ParameterValue, parameter_names
 from obsflow.processing.tracker import Tracker
 from obsflow.processing.tracker.loop import process_until_idle
 from obsflow.settings import load_settings
@@ -58,7 +60,10 @@ def _run_json(site: Site, run: RunRecord) -> dict[str, Any]:
 def runs_list(
     ctx: typer.Context,
     state: Annotated[
-        RunState | None, typer.Option(help="Only runs in this state.", show_default=False)
+        str | None,
+        typer.Option(
+            metavar=choices(RunState), help="Only runs in this state.", show_default=False
+        ),
     ] = None,
     pipeline: Annotated[
         str | None, typer.Option(help="Only this pipeline's runs.", show_default=False)
@@ -70,8 +75,9 @@ def runs_list(
     """List pipeline runs, oldest first."""
     if ctx.invoked_subcommand is not None:
         return
+    run_state = choice(state, RunState, "run state", "--state")
     with _site(site) as s:
-        found = RunStore(s.catalog).find(state=state, pipeline=pipeline)[-limit:]
+        found = RunStore(s.catalog).find(state=run_state, pipeline=pipeline)[-limit:]
         if pipeline is not None and not found:  # a pipeline gone from the registry has runs
             known(pipeline, s.registry.pipelines, "pipeline", "--pipeline")
         if as_json:
@@ -237,6 +243,9 @@ def reprocess(
     with _site(site) as s:
         known(pipeline, s.registry.pipelines, "pipeline", "--pipeline")
         spec = s.registry.pipelines[pipeline]
+        declared = parameter_names(spec, s.registry.profiles[spec.profile])
+        for name in overrides:  # a misspelt name would be ignored: the run would not change
+            known(name, declared, f"parameter of pipeline {pipeline}", "--param")
         tracker = Tracker(s.registry, s.catalog, s.clock)
         request = f"reprocess-{s.clock():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         queued: list[int] = []

@@ -17,7 +17,7 @@ from obsflow.access import (
     check_program,
     check_user,
 )
-from obsflow.cli import JsonOption, SiteOption, _site, app, err, out
+from obsflow.cli import JsonOption, SiteOption, _site, app, choice, choices, err, out
 
 token_app = typer.Typer(
     help="API tokens: create one (its secret is shown once), list them, revoke one.",
@@ -30,11 +30,12 @@ app.add_typer(token_app, name="token")
 def token_create(
     user: Annotated[str, typer.Option(help="Whose token it is (letters, digits, _ . @ -).")],
     scope: Annotated[
-        Scope,
+        str,
         typer.Option(
+            metavar=choices(Scope),
             help="read: data; write: also tags, retries, transfers; admin: everything; "
             "worker: for 'obsflow worker --server' (every file's bytes, runs claimed and "
-            "reported, outputs sent; nothing else)."
+            "reported, outputs sent; nothing else).",
         ),
     ],
     program: Annotated[
@@ -60,6 +61,8 @@ def token_create(
     site: SiteOption = None,
 ) -> None:
     """Make a token and print its secret, once: only its hash is kept."""
+    the_scope = choice(scope, Scope, "scope", "--scope")
+    assert the_scope is not None  # a required option
     programs, instruments = program or [], instrument or []
     for hint, check, values in (
         ("--user", check_user, [user]),
@@ -73,7 +76,7 @@ def token_create(
             raise typer.BadParameter(str(exc), param_hint=hint) from None
     with _site(site) as s:
         secret, who = TokenStore(s.catalog).create(
-            user, scope, programs, s.clock(), instruments=instruments
+            user, the_scope, programs, s.clock(), instruments=instruments
         )
     if as_json:
         data = {

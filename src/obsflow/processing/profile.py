@@ -365,3 +365,23 @@ def _value(
     if name in parameters and parameters[name] is not None:
         return str(parameters[name])
     raise ProfileError(f"{where}: {{{name}}} in {template!r}: no such parameter")
+
+
+def parameter_names(pipeline: PipelineSpec, profile: ProfileSpec) -> frozenset[str]:
+    """The parameters a run of ``pipeline`` reads, so may be overridden: its declared
+    ``parameters`` and every name its profile's steps and its output names use (in
+    ``command``, ``env`` and ``when``), but not ``work``, ``run_id``, ``inputs.*`` nor
+    ``outputs.*``, which the run itself fills."""
+    names = set(pipeline.parameters)
+    templates = [output.name for output in pipeline.outputs]
+    for step in profile.steps:
+        templates += [*step.command, *step.env.values()]
+        if step.when:
+            names.update(expression.parse(step.when).names)
+    for template in templates:
+        try:
+            names.update(name for _, name, _, _ in string.Formatter().parse(template) if name)
+        except ValueError:
+            continue  # a bad template is the builder's to report, with its place
+    own = ("work", "run_id")
+    return frozenset(n for n in names if n not in own and not n.startswith(("inputs.", "outputs.")))
