@@ -3,6 +3,7 @@ Registered on the main app by :mod:`obsflow.cli`; the policy is :mod:`obsflow.ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from obsflow.archive.retrieval import InvalidTagError, NotFoundError, Retriever, check_tag
 from obsflow.cli import JsonOption, SiteOption, _site, app, err, out
+from obsflow.cli.files import lookup
 
 cache_app = typer.Typer(
     help="The cache: its size and budget, trimming it, pinning files in it.",
@@ -185,20 +187,74 @@ def cache_unpin(
 
 @app.command()
 def fetch(
-    archive_id: IdArgument,
+    names: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="ID...",
+            help="Archive IDs or original file names (the newest version of that name).",
+            show_default=False,
+        ),
+    ],
+    to: Annotated[
+        Path | None,
+        typer.Option(
+            "--to",
+            metavar="DIR",
+            help="Copy the files into DIR (made if missing), each under its archive ID, "
+            "its sha256 checked.",
+            show_default=False,
+        ),
+    ] = None,
     print_path: Annotated[
-        bool, typer.Option("--print-path", help="Print only the local path (for scripts).")
+        bool, typer.Option("--print-path", help="Print only the local paths (for scripts).")
     ] = False,
     site: SiteOption = None,
 ) -> None:
-    """Make a file's bytes local (restoring a virtual file from the archive, its checksum
-    verified) and print where they are."""
-    with _retriever(site) as retriever:
-        path = retriever.fetch(archive_id)
-    if print_path:
-        print(path)
-    else:
-        out.print(f"{archive_id}: {path}", highlight=False)
+    """Make files' bytes local (restoring a virtual file from the archive, its checksum
+    verified) and print where they are; with --to, copy them into a directory."""
+    if to is not None and to.exists() and not to.is_dir():
+        raise typer.BadParameter(f"{to} exists and is not a directory", param_hint="--to")
+    with _site(site) as s:
+        records = []
+        for name in names:  # every name is checked before any file is fetched
+            record = lookup(s, name)
+            if record is None or record.archive_id is None:
+                err.print(
+                    f"[red]error:[/] no file with archive ID {name!r}, nor one first named so"
+                )
+                raise typer.Exit(1)
+            records.append(record)
+        retriever = Retriever(s.catalog, s.cache, s.storage, s.settings.cache_policy, s.clock)
+        for record in records:
+            assert record.archive_id is not None
+            try:
+                path = retriever.fetch(record.archive_id)
+                if to is not None:
+                    path = _copy(path, to / record.archive_id, record.sha256)
+            except (NotFoundError, OSError) as exc:
+                err.print(f"[red]error:[/] {record.archive_id}: {exc}", highlight=False)
+                raise typer.Exit(1) from None
+            if print_path:
+                print(path)
+            else:
+                out.print(f"{record.archive_id}: {path}", highlight=False)
+
+
+def _copy(source: Path, target: Path, sha256: str) -> Path:
+    """Copy ``source`` to ``target`` through a temporary name, checking its sha256 on the
+    way: ``target`` appears whole and right, or not at all."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    digest = hashlib.sha256()
+    with source.open("rb") as reader, partial.open("wb") as writer:
+        while chunk := reader.read(1 << 20):
+            digest.update(chunk)
+            writer.write(chunk)
+    if digest.hexdigest() != sha256:
+        partial.unlink()
+        raise OSError(f"{source} does not have the recorded sha256 {sha256}; not copied")
+    partial.replace(target)
+    return target
 
 
 @tag_app.command("add")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 from rich.table import Table
@@ -24,8 +24,40 @@ from obsflow.cli import (
     known,
     out,
 )
+from obsflow.cli.tables import Column, Format, emit, pairs
 from obsflow.site import Site
 from obsflow.states import FileState
+
+FORMAT_HELP = "table (fitted to the terminal), tsv or csv (every column, for scripts), json."
+FormatOption = Annotated[
+    Format,
+    typer.Option("--format", help=FORMAT_HELP, show_default=False),
+]
+_FILE_COLUMNS: Final = (
+    Column("archive_id", "archive ID", whole=True),
+    Column("product", "product", drop=2),
+    Column("state", "state", drop=1),
+    Column("start", "start (UTC)", drop=3),
+    Column("exptime", "exptime", drop=8),
+    Column("object", "object", drop=4),
+    Column("frame_type", "type", drop=6),
+    Column("filter", "filter", drop=5),
+    Column("original_name", "original name", whole=True, drop=7),
+)
+
+
+def _file_row(r: FileRecord) -> dict[str, Any]:
+    return {
+        "archive_id": r.archive_id or "-",
+        "product": r.product or "-",
+        "state": r.state.value,
+        "start": r.start.strftime("%Y-%m-%d %H:%M:%S") if r.start else "-",
+        "exptime": "" if r.exptime is None else f"{r.exptime:g}",
+        "object": r.object or "",
+        "frame_type": r.frame_type or "",
+        "filter": r.filter or "",
+        "original_name": r.original_name,
+    }
 
 
 @app.command()
@@ -45,7 +77,11 @@ def find(
         str | None, typer.Option(metavar=choices(FileState), help="File state.", show_default=False)
     ] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many.")] = None,
-    as_json: JsonOption = False,
+    ids: Annotated[
+        bool, typer.Option("--ids", help="Print only the archive IDs, one a line (for scripts).")
+    ] = False,
+    fmt: FormatOption = Format.TABLE,
+    as_json: Annotated[bool, typer.Option("--json", help="The same as --format json.")] = False,
     site: SiteOption = None,
 ) -> None:
     """Find files in the catalog."""
@@ -72,33 +108,24 @@ def find(
             limit=limit,
         )
         records = s.catalog.find(query)
-        if as_json:
-            print(json.dumps([_file_json(s, r) for r in records], indent=1))
+        if ids:
+            for r in records:
+                print(r.archive_id or r.original_name)
             return
-        table = Table(title=f"{len(records)} file(s)")
-        for column in (
-            "archive ID",
-            "product",
-            "state",
-            "start (UTC)",
-            "object",
-            "type",
-            "filter",
-            "original name",
-        ):
-            table.add_column(column)
-        for r in records:
-            table.add_row(
-                r.archive_id or "-",
-                r.product or "-",
-                r.state.value,
-                r.start.strftime("%Y-%m-%d %H:%M:%S") if r.start else "-",
-                r.object or "",
-                r.frame_type or "",
-                r.filter or "",
-                r.original_name,
-            )
-        out.print(table)
+        fmt = Format.JSON if as_json else fmt
+        documents = [_file_json(s, r) for r in records] if fmt is Format.JSON else None
+        rows = [_file_row(r) for r in records]
+        emit(out, fmt, _FILE_COLUMNS, rows, title=f"{len(records)} file(s)", documents=documents)
+
+
+def lookup(s: Site, name: str) -> FileRecord | None:
+    """The file with archive ID ``name``, else the newest version of the file first
+    received under the original name ``name``; None if neither."""
+    record = s.catalog.get(name)
+    if record is None:
+        versions = s.catalog.find(FileQuery(original_name=name))
+        record = versions[-1] if versions else None
+    return record
 
 
 def _file_json(s: Site, record: FileRecord) -> dict[str, Any]:
@@ -119,10 +146,7 @@ def show(
 ) -> None:
     """Show one file: metadata, tags, keywords, ledger and ingest request."""
     with _site(site) as s:
-        record = s.catalog.get(archive_id)
-        if record is None:
-            versions = s.catalog.find(FileQuery(original_name=archive_id))
-            record = versions[-1] if versions else None
+        record = lookup(s, archive_id)
         if record is None:
             err.print(f"[red]no file[/] with archive ID or name {archive_id!r}")
             raise typer.Exit(1)
@@ -152,23 +176,23 @@ def show(
         if as_json:
             print(json.dumps(data, indent=1))
             return
-        table = Table(title=record.archive_id or record.original_name, show_header=False)
+        items: list[tuple[str, str]] = []
         for key, value in data.items():
             if key in ("ledger", "keywords", "ingest", "made_by"):
                 continue
-            table.add_row(key, "" if value is None else str(value))
+            items.append((key, "" if value is None else str(value)))
         for key, value in record.keywords.items():
-            table.add_row(f"keyword {key}", str(value))
+            items.append((f"keyword {key}", str(value)))
         if data["ingest"]:
-            table.add_row("ingest", json.dumps(data["ingest"]))
+            items.append(("ingest", json.dumps(data["ingest"])))
         if "made_by" in data:
             made = data["made_by"]
-            table.add_row(
-                "made by", f"run {made['run_id']} ({made['pipeline']} v{made['version']})"
+            items.append(
+                ("made by", f"run {made['run_id']} ({made['pipeline']} v{made['version']})")
             )
             for name, inputs in made["inputs"].items():
-                table.add_row(f"  from {name}", ", ".join(inputs))
-        out.print(table)
+                items.append((f"  from {name}", ", ".join(inputs)))
+        pairs(out, record.archive_id or record.original_name, items)
         first = ledger[0].at if ledger else None
         ledger_table = Table(title="ledger")
         ledger_table.add_column("event")
