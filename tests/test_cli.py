@@ -202,3 +202,35 @@ def test_demo_runs_a_night_live_over_epics_and_reduces_it_from_l0_to_l3(tmp_path
     assert runs and {r["state"] for r in runs} == {"succeeded"}
     assert "products made by the pipelines" in result.stdout
     assert "pipeline runs" in result.stdout
+
+
+def test_global_options_work_before_or_after_the_command(make_site: SiteFactory) -> None:
+    site = make_site().site
+    version = obsflow("--version")
+    assert version.returncode == 0 and version.stdout.startswith("obsflow ")
+    elsewhere = site.parent / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "OBSFLOW_SITE"}
+    for args in (
+        ("--site", site, "status", "--json"),
+        ("status", "--json", "--site", site),
+        ("-v", "--site", site, "status", "--json"),
+        ("status", "-v", "--json", "--site", site),
+        ("--site", site, "runs", "--json", "-vv"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "obsflow", *map(str, args)],
+            capture_output=True, text=True, cwd=elsewhere, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, (args, result.stderr)
+        json.loads(result.stdout)
+
+
+def test_help_shows_flags_without_type_noise_and_completion_is_offered() -> None:
+    for args in (("--help",), ("find", "--help"), ("runs", "show", "--help")):
+        shown = obsflow(*args)
+        assert shown.returncode == 0 and "--help" in shown.stdout
+        assert "<bool>" not in shown.stdout, args
+    assert "--install-completion" in obsflow("--help").stdout
+    script = obsflow("--show-completion", "bash", _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
+    assert script.returncode == 0 and "complete" in script.stdout

@@ -15,13 +15,14 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import typer
 from rich.console import Console
@@ -39,7 +40,7 @@ app = typer.Typer(
     help="obsflow: telescope frames from the instrument to the archive, with no operator.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish)
 )
 registry_app = typer.Typer(help="Check and inspect the registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
@@ -65,16 +66,38 @@ def _settings(site: Path | None) -> Settings:
     return with_environment(load_settings(site or Path.cwd()), os.environ)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"obsflow {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More log output.")
+        int,
+        typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug); anywhere."),
     ] = 0,
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+    site: Annotated[
+        Path | None,
+        typer.Option(
+            "--site",
+            help="The site directory, for the command that follows (which may also "
+            "take --site after its name).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    if version:
-        out.print(f"obsflow {__version__}")
-        raise typer.Exit()
+    if site is not None:
+        # the default of every command's --site is $OBSFLOW_SITE: a --site before the
+        # command sets it for this process (and the processes it starts)
+        os.environ["OBSFLOW_SITE"] = str(site)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(
         level=level,
@@ -180,9 +203,34 @@ _list_in_order(
 _list_in_order(registry_app, ("check", "replay"))
 
 
+_VERBOSE: Final = re.compile(r"-v+|--verbose")
+
+
+def _global_options_first(argv: list[str]) -> list[str]:
+    """``argv`` with every ``-v``/``-vv``/``--verbose`` moved before the command, where
+    the app takes it: ``obsflow status -v`` means ``obsflow -v status`` (up to a ``--``,
+    after which everything is an argument)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if _VERBOSE.fullmatch(a)]
+    return flags + [a for a in argv[:end] if not _VERBOSE.fullmatch(a)] + argv[end:]
+
+
+def _without_bool_noise(command: Any) -> Any:
+    """Flags and counters show no ``<bool>``/``<int>`` in ``--help``: they take no
+    value. (Typer's click is its own vendored copy, hence duck typing here.)"""
+    help_option = command.get_help_option(command.context_class(command))
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _without_bool_noise(sub)
+    return command
+
+
 def main() -> None:
+    command = _without_bool_noise(typer.main.get_command(app))
     try:
-        app()
+        command.main(_global_options_first(sys.argv[1:]), prog_name="obsflow")
     except ConfigError as exc:
         err.print("[red]configuration error[/]")
         for problem in exc.problems:
