@@ -710,3 +710,35 @@ def test_an_unknown_query_parameter_is_refused_not_ignored(world: World) -> None
         is_problem(client.get("/api/v1/status", params={"verbose": "1"}), 422)
         assert client.get("/api/v1/files", params={"product": "ofcam_raw"}).status_code == 200
         assert client.get("/api/v1/status").status_code == 200
+
+
+def test_search_by_filter_type_exposure_and_cone(world: World) -> None:
+    every = world.before + world.after + world.other
+    with world.client("admin") as admin:
+        flats = walk(admin, "/api/v1/files", frame_type="FLAT")
+        assert flats and {f["archive_id"] for f in flats} == {
+            r.archive_id for r in every if r.frame_type == "FLAT"
+        }
+        band = flats[0]["filter"]
+        assert {f["archive_id"] for f in walk(admin, "/api/v1/files", filter=band)} == {
+            r.archive_id for r in every if r.filter == band
+        }
+        low = sorted({r.exptime for r in every if r.exptime is not None})[1]
+        longer = walk(admin, "/api/v1/files", exptime_min=low)
+        assert {f["archive_id"] for f in longer} == {
+            r.archive_id for r in every if r.exptime is not None and r.exptime >= low
+        }
+        centre = next(r for r in every if r.ra is not None)
+        cone = {"cone": f"{centre.ra:.9f},{centre.dec:.9f},0.0003"}
+        assert centre.archive_id in {f["archive_id"] for f in walk(admin, "/api/v1/files", **cone)}
+        far = {"cone": f"{((centre.ra or 0) + 180) % 360:.6f},{-(centre.dec or 0):.6f},10"}
+        assert walk(admin, "/api/v1/files", **far) == []
+        for bad in ("10,5", "10,95,1", "400,5,1", "10,5,-1", "a,b,c"):
+            body = is_problem(admin.get("/api/v1/files", params={"cone": bad}), 422)
+            assert "cone" in body["detail"], bad
+    with (
+        world.client() as anonymous
+    ):  # a position is withheld: a cone matches only what one may read
+        wide = {"cone": f"{centre.ra:.9f},{centre.dec:.9f},5"}
+        seen = {f["archive_id"] for f in walk(anonymous, "/api/v1/files", **wide)}
+        assert seen and seen <= {r.archive_id for r in world.after}

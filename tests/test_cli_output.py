@@ -82,3 +82,41 @@ def test_fetch_many_files_by_id_or_name_into_a_directory(
     assert not again.exists()
     paths = obsflow("fetch", first["original_name"], "--print-path", "--site", site)
     assert Path(paths.stdout.strip()).read_bytes() == (to / first["archive_id"]).read_bytes()
+
+
+def test_find_by_filter_type_exposure_and_cone(make_site: SiteFactory, frames: list[Path]) -> None:
+    site = make_site().site
+    assert obsflow("ingest", "--site", site, frames[0].parent).returncode == 0
+    every = as_json(obsflow("find", "--site", site, "--json"))
+
+    def ids(*args: str) -> list[str]:
+        return [r["archive_id"] for r in as_json(obsflow("find", "--site", site, "--json", *args))]
+
+    flats = [r for r in every if r["frame_type"] == "FLAT"]
+    assert flats and ids("--type", "FLAT") == [r["archive_id"] for r in flats]
+    band = flats[0]["filter"]
+    assert ids("--filter", band) == [r["archive_id"] for r in every if r["filter"] == band]
+    times = sorted({r["exptime"] for r in every})
+    assert len(times) > 1
+    low = times[1]
+    assert ids("--exptime", f"{low}..") == [r["archive_id"] for r in every if r["exptime"] >= low]
+    assert ids("--exptime", f"..{low}") == [r["archive_id"] for r in every if r["exptime"] <= low]
+    assert ids("--exptime", str(low)) == [r["archive_id"] for r in every if r["exptime"] == low]
+    # a cone: in degrees, or sexagesimal (RA in hours)
+    centre = next(r for r in every if r["ra"] is not None)
+    near = ids("--ra", str(centre["ra"]), "--dec", str(centre["dec"]), "--radius", "1arcsec")
+    assert centre["archive_id"] in near
+    hours = centre["ra"] / 15
+    sexagesimal = f"{int(hours)}:{(hours % 1) * 60:.6f}"
+    assert centre["archive_id"] in ids("--ra", sexagesimal, "--dec", str(centre["dec"]),
+                                       "--radius", "0.01")  # fmt: skip
+    far = (centre["ra"] + 180) % 360
+    assert ids("--ra", str(far), "--dec", str(-centre["dec"]), "--radius", "10") == []
+    for args, says in (
+        (("--ra", "10", "--dec", "5"), "missing --radius"),
+        (("--ra", "10", "--dec", "95", "--radius", "1"), "dec 95.0"),
+        (("--ra", "ten", "--dec", "5", "--radius", "1"), "'ten' is not an angle"),
+        (("--exptime", "60..30"), "the minimum is above the maximum"),
+    ):
+        refused = obsflow("find", "--site", site, *args)
+        assert refused.returncode == 2 and says in " ".join(refused.stderr.split()), args

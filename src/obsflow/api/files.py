@@ -34,11 +34,11 @@ from obsflow.access import Principal, ReadRule, Scope, may_read_data, visible_fi
 from obsflow.api import pages
 from obsflow.api.auth import Caller, Writer, denied
 from obsflow.api.data import OpenFileResponse, UnsatisfiableError, parse_range
-from obsflow.api.params import ARCHIVE_ID, KEYWORD, NAME, TAG, TEXT, Day, Level, Time, utc
+from obsflow.api.params import ARCHIVE_ID, CONE, KEYWORD, NAME, TAG, TEXT, Day, Level, Time, utc
 from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
 from obsflow.archive.retrieval import InvalidTagError, NotFoundError
-from obsflow.catalog.records import FileOrder, FileQuery, FileRecord, KeywordIs
+from obsflow.catalog.records import Cone, FileOrder, FileQuery, FileRecord, KeywordIs
 from obsflow.errors import StorageError
 from obsflow.states import FileState, LedgerEvent, RequestState, RunState
 
@@ -182,10 +182,33 @@ def list_files(
             "(numbers compare as numbers); repeat for several.",
         ),
     ] = None,
+    filter: Annotated[
+        str | None, Query(pattern=TEXT, min_length=1, max_length=32, description="The filter.")
+    ] = None,
+    frame_type: Annotated[
+        str | None,
+        Query(pattern=TEXT, min_length=1, max_length=32, description="BIAS, FLAT, OBJECT, ..."),
+    ] = None,
+    exptime_min: Annotated[
+        float | None, Query(ge=0, le=1e9, description="Exposure time at least (seconds).")
+    ] = None,
+    exptime_max: Annotated[
+        float | None, Query(ge=0, le=1e9, description="Exposure time at most (seconds).")
+    ] = None,
+    cone: Annotated[
+        str | None,
+        Query(
+            pattern=CONE,
+            max_length=64,
+            description="RA,DEC,RADIUS in degrees: the files at most RADIUS from (RA, DEC), "
+            "e.g. 52.0,19.5,0.5 (matches only files whose position the caller may read).",
+        ),
+    ] = None,
     limit: pages.LimitParam = None,
     cursor: pages.CursorParam = None,
 ) -> Response:
     """Files in the order they were recorded, a page at a time."""
+    circle = _cone(cone)
     size = pages.page_size(limit, svc.page_limit)
     now = svc.now()
     since_utc, until_utc = utc(since), utc(until)
@@ -193,7 +216,7 @@ def list_files(
         return json_response(FilePage(items=[], next=None))
     words = tuple(_keyword(k) for k in keyword or ())
     # filters on withheld fields match only the files the caller may read
-    private = original_name is not None or object is not None or bool(words)
+    private = original_name is not None or object is not None or bool(words) or circle is not None
     query = FileQuery(
         archive_id=archive_id,
         original_name=original_name,
@@ -208,6 +231,11 @@ def list_files(
         tag=tag,
         object=object,
         keywords=words,
+        filter=filter,
+        frame_type=frame_type,
+        exptime_min=exptime_min,
+        exptime_max=exptime_max,
+        cone=circle,
         readable_by=ReadRule.of(who, now) if private else None,
         live_only=True,
         order=FileOrder.RECORDED,
@@ -218,6 +246,14 @@ def list_files(
     shown, cursor_next = pages.next_cursor([r.id for r in records], size)
     items = [_file_out(who, r, now) for r in records[: len(shown)]]
     return json_response(FilePage(items=items, next=cursor_next))
+
+
+def _cone(text: str | None) -> Cone | None:
+    """The :class:`Cone` of a ``cone`` parameter (its pattern has checked it)."""
+    if text is None:
+        return None
+    ra, dec, radius = (float(part) for part in text.split(","))
+    return Cone(ra, dec, radius)
 
 
 def _keyword(text: str) -> KeywordIs:

@@ -25,6 +25,12 @@ TEXT: Final = r"^[^\x00-\x1f\x7f]*$"
 """Printable text: no control characters (nor NUL, which PostgreSQL refuses)."""
 MAX_ROW_ID: Final = 2**31 - 1
 """The largest row ID (the catalog's ID columns are 32-bit integers on PostgreSQL)."""
+_RA: Final = r"(?:360(?:\.0+)?|(?:3[0-5]\d|[12]\d\d|\d{1,2})(?:\.\d{1,17})?)"
+_DEC: Final = r"[+-]?(?:90(?:\.0+)?|[0-8]?\d(?:\.\d{1,17})?)"
+_RADIUS: Final = r"(?:180(?:\.0+)?|(?:1[0-7]\d|\d{1,2})(?:\.\d{1,17})?)"
+CONE: Final = rf"^{_RA},{_DEC},{_RADIUS}$"
+"""A cone, ``RA,DEC,RADIUS`` in degrees (RA 0..360, DEC -90..90, radius 0..180): one
+parameter, so that its three parts are given together and the document can say so."""
 KEYWORD: Final = r"^[A-Za-z0-9_-]{1,72}=[^\x00-\x1f\x7f]{0,255}$"
 """A header keyword filter, NAME=VALUE."""
 

@@ -52,7 +52,7 @@ from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0012"
 """The newest migration; a test checks it is Alembic's head."""
 MIGRATION_WAIT_SECONDS = 120.0
 """How long opening a catalog waits for another process's migration of it."""
@@ -563,6 +563,9 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+        dbapi_conn.create_function(
+            search.SEPARATION, 4, search.separation, deterministic=True
+        )  # the exact test of a cone search
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:

@@ -3,6 +3,7 @@ that ``obsflow find`` and the REST listing build."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -124,6 +125,25 @@ class KeywordIs:
 
 
 @dataclass(frozen=True)
+class Cone:
+    """A circle on the sky: the files whose (ra, dec) are at most ``radius`` degrees from
+    (``ra``, ``dec``) (all in degrees, ICRS as the headers give them)."""
+
+    ra: float
+    dec: float
+    radius: float
+
+    def __post_init__(self) -> None:
+        for name, value, low, high in (
+            ("ra", self.ra, 0.0, 360.0),
+            ("dec", self.dec, -90.0, 90.0),
+            ("radius", self.radius, 0.0, 180.0),
+        ):
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"cone {name} {value!r} is not within [{low:g}, {high:g}] degrees")
+
+
+@dataclass(frozen=True)
 class FileQuery:
     """What ``obsflow find`` and ``GET /api/v1/files`` ask for; every field narrows the
     result (all are ANDed)."""
@@ -146,6 +166,16 @@ class FileQuery:
     level: int | None = None
     keywords: tuple[KeywordIs, ...] = ()
     """Header keywords the file has, each with its value."""
+    filter: str | None = None
+    """The filter (the instrument's mapped keyword, e.g. FILTER), exactly."""
+    frame_type: str | None = None
+    """The frame type (BIAS, FLAT, OBJECT, ...), exactly."""
+    exptime_min: float | None = None
+    """Exposure time at least this (seconds)."""
+    exptime_max: float | None = None
+    """Exposure time at most this (seconds)."""
+    cone: Cone | None = None
+    """Only files whose position is in this circle."""
     readable_by: ReadRule | None = None
     """Only files this rule lets the reader read (see :class:`ReadRule`)."""
     live_only: bool = False

@@ -9,7 +9,11 @@ everywhere. Each filter is chosen to stay on an index at a million files:
   files near the window;
 - a tag reads the tag's own index, in start order (``(tag, start_utc, file_id)``) or in
   ID order (``(tag, file_id)``);
-- header keywords are looked up by ``(name, value)`` in their two indexes.
+- header keywords are looked up by ``(name, value)`` in their two indexes;
+- a cone reads the index on ``(dec, ra)``: the band of declinations the circle spans
+  and, unless it holds a pole, the window of right ascensions (two, when it wraps at
+  0/360), then keeps the files at most the radius away, computed exactly
+  (:func:`cone_is`).
 
 Also here, the other read the listing needs: how many listed files carry each tag.
 """
@@ -23,12 +27,15 @@ from typing import Any, Final
 from sqlalchemy import ColumnElement, Connection, Select, and_, func, or_, select, true
 
 from obsflow.catalog import schema, spans
-from obsflow.catalog.records import FileOrder, FileQuery, KeywordIs
+from obsflow.catalog.records import Cone, FileOrder, FileQuery, KeywordIs
 
 files = schema.files
 _NUMBER: Final = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 _EQUAL: Final = ("product", "instrument", "object", "archive_id", "original_name", "night")
-_EQUAL_TOO: Final = ("program", "level")
+_EQUAL_TOO: Final = ("program", "level", "filter", "frame_type")
+SEPARATION: Final = "obsflow_separation"
+"""The SQL function SQLite connections get (:func:`separation`); PostgreSQL computes
+the same formula with its own functions."""
 
 
 def statement(conn: Connection, query: FileQuery) -> Select[Any]:
@@ -50,6 +57,12 @@ def statement(conn: Connection, query: FileQuery) -> Select[Any]:
     if not query.include_superseded:
         where.append(files.c.superseded_by.is_(None))
     where += [keyword_is(k) for k in query.keywords]
+    if query.exptime_min is not None:
+        where.append(files.c.exptime >= query.exptime_min)
+    if query.exptime_max is not None:
+        where.append(files.c.exptime <= query.exptime_max)
+    if query.cone is not None:
+        where.append(cone_is(conn.dialect.name, query.cone))
     if query.readable_by is not None:
         where.append(query.readable_by.sql(files.c.proprietary_until, files.c.program))
     by_time = query.since is not None or query.until is not None
@@ -86,6 +99,58 @@ def keyword_is(wanted: KeywordIs) -> ColumnElement[bool]:
     if _NUMBER.fullmatch(wanted.value) and math.isfinite(number := float(wanted.value)):
         match = or_(kw.c.value_num == number, match)
     return files.c.id.in_(select(kw.c.file_id).where(kw.c.name == wanted.name, match))
+
+
+def cone_is(dialect: str, cone: Cone) -> ColumnElement[bool]:
+    """The files within ``cone``: an indexed box around it (a band of dec; a window of
+    RA, split in two where it crosses 0/360; the whole circle of RA when the cone holds
+    a pole), then the exact angular distance (the haversine formula, in SQL)."""
+    ra, dec = files.c.ra, files.c.dec
+    low, high = cone.dec - cone.radius, cone.dec + cone.radius
+    box: list[ColumnElement[bool]] = [dec >= max(low, -90.0), dec <= min(high, 90.0)]
+    if low > -90.0 and high < 90.0:
+        # the RA half-width of the circle at its widest (< 90: no pole inside)
+        ratio = math.sin(math.radians(cone.radius)) / math.cos(math.radians(cone.dec))
+        half = math.degrees(math.asin(min(1.0, ratio)))
+        start, end = cone.ra - half, cone.ra + half
+        if start < 0.0:
+            box.append(or_(ra >= start + 360.0, ra <= end))
+        elif end >= 360.0:
+            box.append(or_(ra >= start, ra <= end - 360.0))
+        else:
+            box.append(ra.between(start, end))
+    distance: ColumnElement[Any]
+    if dialect == "sqlite":
+        distance = getattr(func, SEPARATION)(ra, dec, cone.ra, cone.dec)
+    else:
+        distance = _haversine_sql(ra, dec, cone.ra, cone.dec)
+    return and_(ra.is_not(None), *box, distance <= cone.radius)
+
+
+def separation(ra1: float | None, dec1: float | None, ra2: float, dec2: float) -> float | None:
+    """The angle between two positions, in degrees (the haversine formula: accurate at
+    small angles, where cones are drawn); None if a position is missing. SQLite's
+    :data:`SEPARATION` (SQLite may be built without trigonometry)."""
+    if ra1 is None or dec1 is None:
+        return None
+    d1, d2 = math.radians(dec1), math.radians(dec2)
+    a = (
+        math.sin((d2 - d1) / 2) ** 2
+        + math.cos(d1) * math.cos(d2) * math.sin(math.radians(ra2 - ra1) / 2) ** 2
+    )
+    return math.degrees(2 * math.asin(min(1.0, math.sqrt(a))))
+
+
+def _haversine_sql(
+    ra: ColumnElement[Any], dec: ColumnElement[Any], ra0: float, dec0: float
+) -> ColumnElement[Any]:
+    """:func:`separation` in PostgreSQL's SQL."""
+    d0 = math.radians(dec0)
+    d1 = func.radians(dec)
+    a = func.power(func.sin((d0 - d1) / 2), 2) + func.cos(d1) * math.cos(d0) * func.power(
+        func.sin(func.radians(ra0 - ra) / 2), 2
+    )
+    return func.degrees(2 * func.asin(func.least(1.0, func.sqrt(a))))
 
 
 def tag_counts(conn: Connection) -> list[tuple[str, int]]:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Final
 import typer
 from rich.table import Table
 
-from obsflow.catalog.records import FileQuery, FileRecord
+from obsflow.catalog.records import Cone, FileQuery, FileRecord
 from obsflow.catalog.runs import RunStore
 from obsflow.catalog.tags import Tags
 from obsflow.cli import (
@@ -72,9 +72,50 @@ def find(
     ] = None,
     night: Annotated[str | None, typer.Option(help="Observing night, YYYY-MM-DD.")] = None,
     tag: Annotated[str | None, typer.Option(help="A tag.")] = None,
-    object_: Annotated[str | None, typer.Option("--object", help="OBJECT name.")] = None,
+    object_: Annotated[
+        str | None,
+        typer.Option(
+            "--object",
+            help="The object's name: the value of the header keyword each instrument maps to "
+            "object (keywords.object in its registry file; OBJECT in the example).",
+            show_default=False,
+        ),
+    ] = None,
     state: Annotated[
         str | None, typer.Option(metavar=choices(FileState), help="File state.", show_default=False)
+    ] = None,
+    filter_: Annotated[
+        str | None, typer.Option("--filter", help="The filter (e.g. R).", show_default=False)
+    ] = None,
+    frame_type: Annotated[
+        str | None,
+        typer.Option(
+            "--type", help="The frame type (BIAS, FLAT, OBJECT, ...).", show_default=False
+        ),
+    ] = None,
+    exptime: Annotated[
+        str | None,
+        typer.Option(
+            metavar="MIN..MAX",
+            help="Exposure time in seconds: 30 (exactly), 30..60, 30.. or ..60.",
+            show_default=False,
+        ),
+    ] = None,
+    ra: Annotated[
+        str | None,
+        typer.Option(
+            help="A cone's centre: degrees, or hours as 10:30:00 or 10h30m.", show_default=False
+        ),
+    ] = None,
+    dec: Annotated[
+        str | None,
+        typer.Option(help="A cone's centre: degrees, or as -20:30:00.", show_default=False),
+    ] = None,
+    radius: Annotated[
+        str | None,
+        typer.Option(
+            help="A cone's radius: degrees, or with a unit: 5arcmin, 30arcsec.", show_default=False
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many.")] = None,
     ids: Annotated[
@@ -91,6 +132,8 @@ def find(
         raise typer.BadParameter(f"{night!r} is not YYYY-MM-DD", param_hint="--night") from None
     start, end = _time(since, "--since"), _time(until, "--until")
     file_state = choice(state, FileState, "file state", "--state")
+    low, high = _range(exptime, "--exptime")
+    cone = _cone(ra, dec, radius)
     with _site(site) as s:
         known(product, s.registry.products, "product", "--product")
         known(instrument, s.registry.instruments, "instrument", "--instrument")
@@ -105,6 +148,11 @@ def find(
             tag=tag,
             object=object_,
             state=file_state,
+            filter=filter_,
+            frame_type=frame_type,
+            exptime_min=low,
+            exptime_max=high,
+            cone=cone,
             limit=limit,
         )
         records = s.catalog.find(query)
@@ -116,6 +164,61 @@ def find(
         documents = [_file_json(s, r) for r in records] if fmt is Format.JSON else None
         rows = [_file_row(r) for r in records]
         emit(out, fmt, _FILE_COLUMNS, rows, title=f"{len(records)} file(s)", documents=documents)
+
+
+def _range(text: str | None, option: str) -> tuple[float | None, float | None]:
+    """``30`` → (30, 30); ``30..60``, ``30..``, ``..60`` → its bounds."""
+    if text is None:
+        return None, None
+    low, sep, high = text.partition("..")
+    try:
+        bounds = (float(low) if low else None, float(high) if high else None)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r}: expected seconds, or a range such as 30..60, 30.. or ..60",
+            param_hint=option,
+        ) from None
+    if not sep:
+        return bounds[0], bounds[0]
+    if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
+        raise typer.BadParameter(f"{text!r}: the minimum is above the maximum", param_hint=option)
+    return bounds
+
+
+def _angle(text: str, unit: str, option: str) -> float:
+    """Degrees from ``text``: a number of degrees, or what astropy's ``Angle`` reads
+    (``10:30:00`` in ``unit``, ``10h30m``, ``5arcmin``); astropy is imported only then."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from astropy.coordinates import Angle  # slow to import: only for a sexagesimal angle
+
+    try:
+        return float(Angle(text, unit=unit).degree)
+    except (ValueError, TypeError):
+        raise typer.BadParameter(f"{text!r} is not an angle", param_hint=option) from None
+
+
+def _cone(ra: str | None, dec: str | None, radius: str | None) -> Cone | None:
+    given = {"--ra": ra, "--dec": dec, "--radius": radius}
+    if all(v is None for v in given.values()):
+        return None
+    missing = [name for name, v in given.items() if v is None]
+    if missing:
+        raise typer.BadParameter(
+            f"a cone search needs --ra, --dec and --radius; missing {', '.join(missing)}"
+        )
+    assert ra is not None and dec is not None and radius is not None
+    values = (
+        _angle(ra, "hourangle", "--ra"),
+        _angle(dec, "deg", "--dec"),
+        _angle(radius, "deg", "--radius"),
+    )
+    try:
+        return Cone(*values)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def lookup(s: Site, name: str) -> FileRecord | None:
