@@ -90,6 +90,17 @@ class TrackerGroups:
         with self.catalog.write() as conn:
             conn.execute(update(groups).where(_is(key)).values(due_at=when, updated_at=now))
 
+    def waiting(self) -> list[Due]:
+        """Every group that waits for a deadline, the soonest first."""
+        stmt = (
+            select(groups.c.pipeline, groups.c.group_key, groups.c.due_at)
+            .where(groups.c.due_at.is_not(None))
+            .order_by(groups.c.due_at, groups.c.pipeline, groups.c.group_key)
+        )
+        with self.catalog.read() as conn:
+            rows = conn.execute(stmt).all()
+        return [Due(GroupKey.parse(row.pipeline, row.group_key), row.due_at) for row in rows]
+
     def next_deadline(self) -> datetime | None:
         """The earliest deadline a group waits for, if any."""
         stmt = select(func.min(groups.c.due_at)).where(groups.c.due_at.is_not(None))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import uuid
+from collections.abc import Sequence
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +34,7 @@ from obsflow.cli import (
 from obsflow.processing.profile import ParameterValue, parameter_names
 from obsflow.processing.tracker import Tracker
 from obsflow.processing.tracker.loop import process_until_idle
+from obsflow.registry import Registry, load_registry
 from obsflow.settings import load_settings
 from obsflow.site import Site, open_site
 from obsflow.states import RunState
@@ -166,20 +169,43 @@ def runs_show(
         out.print(step_table)
 
 
-def _execute_here(s: Site) -> None:
-    """Run the queued runs in this process, unless a daemon runs (it takes them)."""
+def _execute_here(s: Site, watch: Sequence[int] = ()) -> bool:
+    """Run the queued runs in this process, unless a daemon runs (it takes them: False).
+    While they run, a line on stderr says how many of ``watch`` have finished, each time
+    one does."""
     from obsflow.daemon import read_status  # the daemon's and executors' modules: at use
     from obsflow.processing.executor import make_executor
 
     status = read_status(s.settings.site, s.clock())
     if status is not None and status.get("alive"):
         out.print("the daemon is running: it executes the queued runs")
-        return
+        return False
     executor = make_executor(s)
+    done = threading.Event()
+    progress = threading.Thread(target=_progress, args=(s, watch, done), daemon=True)
+    if watch:
+        progress.start()
     try:
         process_until_idle(s, executor, timeout=3600)
     finally:
+        done.set()
         executor.close()
+        if watch:
+            progress.join()
+    return True
+
+
+def _progress(s: Site, watch: Sequence[int], done: threading.Event) -> None:
+    """Say on stderr, each time it changes, how many of ``watch`` have finished."""
+    store, last = RunStore(s.catalog), ""
+    while not done.wait(1.0):
+        states = [r.state for r in store.find(run_ids=watch)]
+        finished = sum(1 for st in states if st.finished)
+        running = states.count(RunState.RUNNING)
+        line = f"{finished}/{len(watch)} run(s) finished, {running} running"
+        if line != last:
+            err.print(line, highlight=False)
+            last = line
 
 
 @runs_app.command("retry")
@@ -206,6 +232,107 @@ def runs_retry(
             out.print(f"run {run_id}: {run.state.value}" + (f": {run.error}" if run.error else ""))
             if run.state is RunState.FAILED:
                 raise typer.Exit(1)
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_ids: Annotated[
+        list[int] | None,
+        typer.Argument(metavar="[RUN]...", help="Runs to cancel.", show_default=False),
+    ] = None,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(help="Cancel this pipeline's runs (queued and running).", show_default=False),
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            metavar="[queued|running]",
+            help="With --pipeline: only its runs in this state.",
+            show_default=False,
+        ),
+    ] = None,
+    site: SiteOption = None,
+) -> None:
+    """Cancel queued or running runs: they end failed ("cancelled"); a running one's
+    steps are stopped at its next heartbeat. 'obsflow runs retry' queues one again."""
+    from obsflow.catalog.cancel import CANCELLABLE, cancel_runs
+
+    if not run_ids and pipeline is None:
+        raise typer.BadParameter("name runs to cancel, or --pipeline")
+    if run_ids and (pipeline is not None or state is not None):
+        raise typer.BadParameter("give run numbers, or --pipeline [--state], not both")
+    states = [s for s in CANCELLABLE if s.value == state] if state else list(CANCELLABLE)
+    known(state, [s.value for s in CANCELLABLE], "state a run can be cancelled in", "--state")
+    with _site(site) as s:
+        store = RunStore(s.catalog)
+        if pipeline is not None:
+            known(pipeline, s.registry.pipelines, "pipeline", "--pipeline")
+            chosen = [r.id for st in states for r in store.find(state=st, pipeline=pipeline)]
+            who = f"runs of {pipeline}"
+        else:
+            chosen = list(run_ids or [])
+            who = "runs " + ", ".join(map(str, chosen))
+        cancelled = cancel_runs(s.catalog, chosen, s.clock(), f"by the operator ({who})")
+        for run_id in sorted(set(chosen) - set(cancelled)):
+            run = store.get(run_id)
+            state_now = "does not exist" if run is None else f"is {run.state.value}"
+            err.print(f"run {run_id} not cancelled: it {state_now}", highlight=False)
+        out.print(
+            f"cancelled {len(cancelled)} run(s)"
+            + (": " + ", ".join(map(str, cancelled)) if cancelled else ""),
+            highlight=False,
+        )
+        if run_ids and len(cancelled) < len(set(run_ids)):
+            raise typer.Exit(1)
+
+
+@app.command("groups")
+def groups_waiting(as_json: JsonOption = False, site: SiteOption = None) -> None:
+    """Which groups wait for their pipeline's deadline: until when, with what, lacking
+    what (a run starts for each at its deadline)."""
+    with _site(site) as s:
+        waiting = Tracker(s.registry, s.catalog, s.clock).waiting()
+        now = s.clock()
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "pipeline": w.group.pipeline,
+                        "group": w.group.text(),
+                        "until": w.until.isoformat(),
+                        "rule": w.rule,
+                        "has": w.has,
+                        "lacks": list(w.lacks),
+                    }
+                    for w in waiting
+                ],
+                indent=1,
+            )
+        )
+        return
+    if not waiting:
+        out.print("no group waits for a deadline")
+        return
+    for w in waiting:
+        left = (w.until - now).total_seconds()
+        when = f"in {_duration(left)}" if left > 0 else "now (the tracker starts it)"
+        has = ", ".join(f"{n} {name}" for name, n in w.has.items())
+        lacks = f"; lacks {'; '.join(w.lacks)}" if w.lacks else "; complete"
+        out.print(
+            f"{w.group.pipeline} {w.group.text()} waits for its deadline ({w.rule}): "
+            f"{w.until.isoformat(timespec='seconds')}, {when}; has {has}{lacks}",
+            highlight=False,
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _parameter(text: str) -> tuple[str, ParameterValue]:
@@ -270,13 +397,36 @@ def reprocess(
             if run_id is not None:
                 queued.append(run_id)
         out.print(f"{len(queued)} run(s) of {pipeline} queued as {request}")
-        if queued and not no_wait:
-            _execute_here(s)
-            store = RunStore(s.catalog)
-            states = [r.state for r in store.find(run_ids=queued)]
-            out.print(", ".join(f"{st.value}: {states.count(st)}" for st in sorted(set(states))))
-            if RunState.FAILED in states:
-                raise typer.Exit(1)
+        if not queued or no_wait:
+            return
+        first_new = max(queued) + 1
+        if not _execute_here(s, queued):
+            return
+        store = RunStore(s.catalog)
+        mine = store.find(run_ids=queued)
+        table = Table(title=f"{request}: {pipeline}")
+        for column in ("run", "group", "state", "took", "error"):
+            table.add_column(column, overflow="fold")
+        for r in mine:
+            took = (
+                f"{(r.finished - r.started).total_seconds():.1f} s"
+                if r.finished and r.started
+                else ""
+            )
+            table.add_row(str(r.id), str(r.group_key), r.state.value, took, r.error or "")
+        out.print(table)
+        states = [r.state for r in mine]
+        out.print(", ".join(f"{st.value}: {states.count(st)}" for st in sorted(set(states))))
+        after = [r for r in store.find() if r.id >= first_new]  # what they started downstream
+        if after:
+            made = sorted({r.pipeline for r in after})
+            ok = sum(1 for r in after if r.state is RunState.SUCCEEDED)
+            out.print(
+                f"then {len(after)} downstream run(s) of {', '.join(made)}: {ok} succeeded",
+                highlight=False,
+            )
+        if RunState.FAILED in states:
+            raise typer.Exit(1)
 
 
 @registry_app.command("replay")
@@ -312,6 +462,9 @@ def registry_replay(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     recognised = sum(1 for r in summary.received if r.product is not None)
+    registry = load_registry(settings.registry)
+    for run in would:
+        run["then"] = _cascade(registry, run["pipeline"], frozenset({run["pipeline"]}))
     if as_json:
         print(json.dumps({"files": len(files), "recognised": recognised, "runs": would}, indent=1))
         return
@@ -323,3 +476,32 @@ def registry_replay(
         )
         for name, ids in run["inputs"].items():
             out.print(f"      {name}: {', '.join(ids)}", highlight=False)
+        _print_cascade(run["then"], "      ")
+
+
+def _cascade(registry: Registry, pipeline: str, seen: frozenset[str]) -> list[dict[str, Any]]:
+    """What a run of ``pipeline`` starts in turn: each product it makes, and the
+    pipelines that take that product, each with what it makes, and so on (a pipeline
+    already on the way is not followed again)."""
+    spec = registry.pipelines.get(pipeline)
+    made: list[dict[str, Any]] = []
+    for output in spec.outputs if spec else ():
+        takers = [p.id for p in registry.consumers.get(output.product, ())]
+        made.append(
+            {
+                "product": output.product,
+                "pipelines": [
+                    {"pipeline": t, "then": [] if t in seen else _cascade(registry, t, seen | {t})}
+                    for t in takers
+                ],
+            }
+        )
+    return made
+
+
+def _print_cascade(made: list[dict[str, Any]], indent: str) -> None:
+    for product in made:
+        takers = ", ".join(p["pipeline"] for p in product["pipelines"]) or "nothing"
+        out.print(f"{indent}→ makes {product['product']}, which starts {takers}", highlight=False)
+        for taker in product["pipelines"]:
+            _print_cascade(taker["then"], indent + "    ")

@@ -61,6 +61,21 @@ class Started:
     degraded: bool
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """A group that waits for its pipeline's deadline: what it has, what it lacks."""
+
+    group: GroupKey
+    until: datetime
+    """The deadline: the run starts then (degraded, or not at all, if inputs still lack)."""
+    rule: str
+    """The kickoff rule it waits by, in words, e.g. ``2 min after its last input``."""
+    has: dict[str, int]
+    """Input name → how many files it has chosen so far."""
+    lacks: tuple[str, ...]
+    """What it still lacks to be complete, e.g. ``flats: 3 of at least 5``."""
+
+
 class Tracker:
     def __init__(self, registry: Registry, catalog: Catalog, clock: Callable[[], datetime]) -> None:
         self.registry = registry
@@ -235,6 +250,23 @@ class Tracker:
             now = max([now, *(c.arrived for cs in candidates.values() for c in cs)])
             now += timedelta(minutes=pipeline.kickoff.after_minutes, days=2)
         return readiness(pipeline, candidates, now=now, night_end=end)
+
+    def waiting(self) -> list[Waiting]:
+        """Every group that waits for a deadline, the soonest first, with what it has
+        and lacks (a group of a pipeline gone from the registry is left out)."""
+        found: list[Waiting] = []
+        for due in self.groups.waiting():
+            spec = self.registry.pipelines.get(due.key.pipeline)
+            primary = self.groups.primary(due.key)
+            if spec is None or primary is None:
+                continue
+            decision = self.decide(spec, due.key, primary)
+            kickoff = spec.kickoff
+            base = "the night's end" if kickoff.deadline == "night_end" else "its last input"
+            rule = f"{kickoff.after_minutes:g} min after {base}"
+            has = {name: len(ids) for name, ids in decision.selected.items()}
+            found.append(Waiting(due.key, due.due_at, rule, has, decision.unmet))
+        return found
 
     def known_groups(
         self, pipeline: PipelineSpec, night: date | None = None
