@@ -175,16 +175,25 @@ def test_init_with_an_unreachable_catalog_says_so_and_can_be_run_again(tmp_path:
     assert not (tmp_path / "site" / "obsflow.yaml").exists()
 
 
-def test_two_processes_upgrade_an_older_catalog_at_once(make_site: SiteFactory) -> None:
+def test_an_older_catalog_is_refused_until_migrated_and_migrations_at_once_are_safe(
+    make_site: SiteFactory,
+) -> None:
     for n in range(ROUNDS):
         settings = make_site(f"site{n}")
         downgrade_to(settings, "0004")
-        procs = [obsflow(settings, "status", "--json") for _ in range(3)]
-        procs.append(obsflow(settings, "token", "create", "--user", "u", "--scope", "read"))
+        refused = obsflow(settings, "status", "--json")
+        _, stderr = refused.communicate(timeout=120)
+        assert refused.returncode == 1
+        text_ = " ".join(stderr.split())
+        assert "is at schema 0004; this obsflow needs" in text_ and "obsflow migrate" in text_
+        assert revision(settings) == "0004", "a command other than migrate upgraded it"
+        procs = [obsflow(settings, "migrate") for _ in range(3)]
         for proc in procs:
             _, stderr = proc.communicate(timeout=120)
             assert proc.returncode == 0, f"round {n}: {command_line(proc)} failed: {stderr[-2000:]}"
         assert revision(settings) == SCHEMA_REVISION
+        status = obsflow(settings, "status", "--json")
+        assert status.communicate(timeout=120)[0] and status.returncode == 0
 
 
 @contextmanager
@@ -210,7 +219,7 @@ def migration_lock(settings: Settings) -> Iterator[None]:
     engine.dispose()
 
 
-def test_opening_waits_for_a_migration_in_another_process_and_says_so(
+def test_migrating_waits_for_a_migration_in_another_process_and_says_so(
     make_site: SiteFactory,
 ) -> None:
     """A process finding the migration lock taken waits (and logs that it waits), then
@@ -218,14 +227,18 @@ def test_opening_waits_for_a_migration_in_another_process_and_says_so(
     settings = make_site(daemon={"status_seconds": 0.3})
     downgrade_to(settings, "0005")
     with migration_lock(settings):
-        daemon = obsflow(settings, "-v", "run")
-        time.sleep(2.0)  # the daemon is waiting for the lock meanwhile
-        assert daemon.poll() is None
+        migrating = obsflow(settings, "-v", "migrate")
+        time.sleep(2.0)  # it is waiting for the lock meanwhile
+        assert migrating.poll() is None
         assert revision(settings) == "0005", "migrated without the lock"
+    _, stderr = migrating.communicate(timeout=120)
+    assert migrating.returncode == 0, stderr
+    assert revision(settings) == SCHEMA_REVISION
+    assert "another process is migrating it; waiting" in " ".join(stderr.split())
+    daemon = obsflow(settings, "-v", "run")
     wait_ready(settings, daemon)
     code, stderr = stop(daemon)
-    assert code == 0
-    assert "another process is migrating it; waiting" in " ".join(stderr.split())
+    assert code == 0, stderr
 
 
 def test_a_daemon_whose_catalog_is_unreachable_retries_then_says_why(

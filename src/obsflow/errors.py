@@ -17,8 +17,10 @@ defined in ``obsflow.module`` (and so are its children that name no module of th
     │   │   └── AmbiguousError the filename matches two or more products
     │   └── VanishedError      the file disappeared or changed while being received
     ├── CatalogError           the catalog database cannot be reached, migrated or written
-    │   └── CatalogUnavailableError  not now (the server is down, a lock held too long):
-    │                                a daemon or worker starting up tries again
+    │   ├── CatalogUnavailableError  not now (the server is down, a lock held too long):
+    │   │                            a daemon or worker starting up tries again
+    │   └── SchemaError        the catalog's schema is older (obsflow migrate) or newer
+    │                          (a newer obsflow made it) than this obsflow's
     ├── StorageError           archive storage could not store or verify a file
     │   └── transfer.client.TransferError  a frame did not reach the archive server this time
     │       ├── BusyError      the server asked to wait (503 Retry-After, upload in progress)
@@ -143,6 +145,11 @@ class CatalogError(ObsflowError):
 
 class CatalogUnavailableError(CatalogError):
     """The catalog cannot be reached now; trying again later may succeed."""
+
+
+class SchemaError(CatalogError):
+    """The catalog's schema is not the one this obsflow reads: older (``obsflow
+    migrate`` upgrades it, explicitly) or newer (made by a newer obsflow)."""
 
 
 class StorageError(ObsflowError):

@@ -235,7 +235,7 @@ def open_catalog(url: str, retry_seconds: float = 0.0) -> Catalog:
     pause = 0.5
     while True:
         try:
-            return Catalog.open(url)
+            return Catalog.open(url, upgrade=False)  # an upgrade is explicit: obsflow migrate
         except CatalogUnavailableError as exc:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,7 +27,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import (
     Connection,
@@ -47,11 +48,12 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from obsflow.catalog import batch, schema, search, spans
 from obsflow.catalog.batch import CacheEntry, Recorded
 from obsflow.catalog.records import FileOrder, FileQuery, FileRecord, KeywordIs, LedgerEntry
-from obsflow.errors import CatalogError, CatalogUnavailableError
+from obsflow.errors import CatalogError, CatalogUnavailableError, SchemaError
 from obsflow.states import FileState, LedgerEvent
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
+_REVISION: Final = re.compile(r"""^revision\s*=\s*["']([^"']+)["']""", re.MULTILINE)
 SCHEMA_REVISION = "0012"
 """The newest migration; a test checks it is Alembic's head."""
 MIGRATION_WAIT_SECONDS = 120.0
@@ -128,9 +130,15 @@ class Catalog:
 
     @classmethod
     def open(
-        cls, url: str, *, migrate: bool = True, wait_seconds: float = MIGRATION_WAIT_SECONDS
+        cls,
+        url: str,
+        *,
+        migrate: bool = True,
+        upgrade: bool = True,
+        wait_seconds: float = MIGRATION_WAIT_SECONDS,
     ) -> Catalog:
-        """Connect to ``url`` and bring its schema up to date (see :meth:`migrate`)."""
+        """Connect to ``url`` and bring its schema up to date (see :meth:`migrate`;
+        ``upgrade`` False: create a new catalog's schema, but refuse an older one)."""
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
             _configure_sqlite(engine)
@@ -139,14 +147,21 @@ class Catalog:
         catalog = cls(engine)
         if migrate:
             try:
-                catalog.migrate(wait_seconds=wait_seconds)
+                catalog.migrate(wait_seconds=wait_seconds, upgrade=upgrade)
             except BaseException:
                 catalog.close()
                 raise
         return catalog
 
-    def migrate(self, *, wait_seconds: float = MIGRATION_WAIT_SECONDS) -> None:
+    def migrate(
+        self, *, wait_seconds: float = MIGRATION_WAIT_SECONDS, upgrade: bool = True
+    ) -> None:
         """Bring the schema to :data:`SCHEMA_REVISION` (Alembic is loaded only if needed).
+
+        A new (empty) catalog is always made at the newest schema; an older one is
+        upgraded only if ``upgrade`` (``obsflow migrate``), else a :class:`SchemaError`
+        says to back it up and migrate it. A catalog made by a newer obsflow (a revision
+        this one does not know) is always a :class:`SchemaError`.
 
         Safe when several processes open one catalog at once (the daemon, a command,
         workers): a catalog already at head is only read (under WAL a read never waits
@@ -156,8 +171,10 @@ class Catalog:
         finds the schema at head and has nothing to do.
         """
         try:
-            if self.revision() == SCHEMA_REVISION and self._journal_ok():
+            found = self.revision()
+            if found == SCHEMA_REVISION and self._journal_ok():
                 return
+            self._check_revision(found, upgrade)
             with self._migration_lock(wait_seconds) as conn:
                 if self.is_sqlite:
                     # Set once, here, under the lock (it is a property of the database
@@ -166,6 +183,7 @@ class Catalog:
                     driver.execute("PRAGMA journal_mode=WAL").close()
                 if _revision(conn) == SCHEMA_REVISION:
                     return  # another process migrated it while this one waited
+                self._check_revision(_revision(conn), upgrade)
                 from alembic import command
                 from alembic.config import Config
 
@@ -179,6 +197,23 @@ class Catalog:
             raise CatalogUnavailableError(
                 f"cannot open the catalog at {self.engine.url!r}: {exc.orig}"
             ) from exc
+
+    def _check_revision(self, found: str | None, upgrade: bool) -> None:
+        """Refuse a schema this obsflow does not know, or an older one unless ``upgrade``."""
+        if found is None or found == SCHEMA_REVISION:
+            return
+        where = self.engine.url.render_as_string(hide_password=True)
+        if found not in _known_revisions():
+            raise SchemaError(
+                f"the catalog at {where} is at schema {found}, which this obsflow does not "
+                f"know (it reads {SCHEMA_REVISION}): a newer obsflow made it; upgrade obsflow"
+            )
+        if not upgrade:
+            raise SchemaError(
+                f"the catalog at {where} is at schema {found}; this obsflow needs "
+                f"{SCHEMA_REVISION}: back it up ('obsflow backup DIR'), then run "
+                "'obsflow migrate' (the CHANGELOG's upgrade notes say what changes)"
+            )
 
     def _journal_ok(self) -> bool:
         """SQLite's journal is WAL (a read of the connection's mode takes no lock)."""
@@ -552,6 +587,13 @@ def _revision(conn: Connection) -> str | None:
     finally:
         if conn.in_transaction():
             conn.rollback()  # a read: end it, so the connection holds no snapshot
+
+
+def _known_revisions() -> frozenset[str]:
+    """The revisions of the migrations this obsflow ships (each file's ``revision = "..."``
+    line, read as text so that Alembic is not loaded for it)."""
+    found = (_REVISION.search(p.read_text()) for p in (MIGRATIONS / "versions").glob("*.py"))
+    return frozenset(m.group(1) for m in found if m)
 
 
 def _configure_sqlite(engine: Engine) -> None:

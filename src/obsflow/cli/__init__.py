@@ -8,7 +8,7 @@ when imported at the bottom: :mod:`~obsflow.cli.sites` (init, registry check),
 :mod:`~obsflow.cli.daemon` (run), :mod:`~obsflow.cli.cache` (cache, fetch, tag),
 :mod:`~obsflow.cli.runs` (runs, reprocess, registry replay), :mod:`~obsflow.cli.verify`
 (fixity audits), :mod:`~obsflow.cli.worker`, :mod:`~obsflow.cli.serve` and
-:mod:`~obsflow.cli.tokens`."""
+:mod:`~obsflow.cli.tokens`; :mod:`~obsflow.cli.upkeep` (migrate, backup, restore)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ from typing import Annotated, Any, Final, TypeVar
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from typer.main import get_command_name
 from typer.models import CommandInfo
 
 from obsflow import __version__
+from obsflow.cli import logs
+from obsflow.cli.logs import LogFormat, LogLevel
 from obsflow.errors import ConfigError, ObsflowError, SiteError
 from obsflow.receipt.metadata import parse_time
 from obsflow.settings import Settings, load_settings, with_environment
@@ -93,18 +94,45 @@ def _main(
             show_default=False,
         ),
     ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level",
+            envvar="OBSFLOW_LOG_LEVEL",
+            metavar=choices(LogLevel),
+            help="The least level logged (else warning; -v: info, -vv: debug).",
+            show_default=False,
+        ),
+    ] = None,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            envvar="OBSFLOW_LOG_FORMAT",
+            metavar=choices(LogFormat),
+            help="json: one JSON object a line (time, level, logger, message, context).",
+        ),
+    ] = LogFormat.TEXT.value,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-file",
+            envvar="OBSFLOW_LOG_FILE",
+            help="Also append the log to this file.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     if site is not None:
         # the default of every command's --site is $OBSFLOW_SITE: a --site before the
         # command sets it for this process (and the processes it starts)
         os.environ["OBSFLOW_SITE"] = str(site)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level,
-        format="%(name)s: %(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(console=err, show_path=False)],
-    )
+    named = choice(log_level, LogLevel, "log level", "--log-level")
+    if named is not None:
+        level = logging.getLevelNamesMapping()[named.value.upper()]
+    fmt = choice(log_format, LogFormat, "log format", "--log-format")
+    logs.configure(level, fmt or LogFormat.TEXT, log_file, err)
 
 
 def _time(value: str | None, option: str) -> datetime | None:
@@ -167,6 +195,7 @@ from obsflow.cli import (  # noqa: E402, F401
     sites,
     status,
     tokens,
+    upkeep,
     verify,
     worker,
 )
