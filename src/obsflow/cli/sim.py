@@ -8,7 +8,7 @@ import sys
 import tempfile
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -17,6 +17,9 @@ from obsflow.catalog.records import FileQuery, FileRecord
 from obsflow.catalog.runs import RunStore
 from obsflow.cli import SiteOption, _settings, _site, app, err, out
 from obsflow.states import FileState, RunState
+
+if TYPE_CHECKING:
+    from obsflow.sim.demo import DemoResult
 
 
 class DemoExecutor(StrEnum):
@@ -54,12 +57,19 @@ def demo(
         str,
         typer.Option(envvar="OBSFLOW_BROKER", help="The Celery broker, with --executor celery."),
     ] = "redis://127.0.0.1:6379/0",
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep", help="Keep the temporary site at the end (a --dir site is always kept)."
+        ),
+    ] = False,
 ) -> None:
     """A short night in real time: an EPICS simulator announces frames; the daemon archives
     them and reduces them, L0 → L3, as they arrive."""
     from obsflow.sim.demo import ANNOUNCEMENTS, PV_PREFIX, DemoPlan, run_demo
 
     root = directory or Path(tempfile.mkdtemp(prefix="obsflow-demo-"))
+    temporary = directory is None and not keep
     celery = executor is DemoExecutor.CELERY
     plan = DemoPlan(
         root,
@@ -80,7 +90,19 @@ def demo(
         + (f";\nthe runs go through Celery ({broker}) to {plan.workers} workers" if celery else ""),
         highlight=False,
     )
-    result = run_demo(plan, out)
+    ok = False
+    try:
+        result = run_demo(plan, out)
+        ok = result.ok
+        _summary(result, root, temporary)
+    finally:
+        if temporary and ok:  # a failed night's site stays, with its logs
+            shutil.rmtree(root, ignore_errors=True)
+            out.print(f"removed the demo's site {root} (--keep or --dir keeps it)", highlight=False)
+
+
+def _summary(result: DemoResult, root: Path, temporary: bool) -> None:
+    """What the night made, how fast; what to try next (on a site that stays)."""
     settings = result.settings
     with _site(settings.site) as s:
         records = s.catalog.find(FileQuery())
@@ -130,13 +152,14 @@ def demo(
         f"acquired → archived: {numbers}",
         highlight=False,
     )
-    out.print(f"archive: {settings.archive}   logs: {settings.site / '.obsflow'}")
-    command = _command_name()
-    out.print(f"try:  export OBSFLOW_SITE={root}")
-    out.print(f"      {command} status --latency;  {command} find --product ofcam_nightcat")
-    out.print(f"      {command} runs;  {command} runs show 1 --log")
-    if records:
-        out.print(f"      {command} show {records[-1].archive_id}")
+    if not temporary or not result.ok:
+        out.print(f"archive: {settings.archive}   logs: {settings.site / '.obsflow'}")
+        command = _command_name()
+        out.print(f"try:  export OBSFLOW_SITE={root}")
+        out.print(f"      {command} status --latency;  {command} find --product ofcam_nightcat")
+        out.print(f"      {command} runs;  {command} runs show 1 --log")
+        if records:
+            out.print(f"      {command} show {records[-1].archive_id}")
     if not result.ok:
         err.print(
             f"[red]the demo did not archive and reduce every frame[/] (simulator exit "

@@ -51,6 +51,7 @@ from obsflow.catalog.latency import Percentiles, latencies
 from obsflow.catalog.status import site_status
 from obsflow.daemon import read_status as read_daemon_status
 from obsflow.errors import SiteError
+from obsflow.processing.tracker import Tracker
 from obsflow.receipt.receiver import utcnow
 from obsflow.registry import load_registry
 from obsflow.settings import SETTINGS_FILE, Settings, load_settings
@@ -97,8 +98,9 @@ class Snapshot:
     products: Mapping[int, int]
     """Level (1-3) → products archived."""
     runs: Mapping[RunState, int]
-    waiting: bool
-    """A group waits for its deadline (more runs will start)."""
+    waiting: tuple[str, ...]
+    """Each group that waits for its deadline (more runs will start), in words:
+    ``ofcam_masterflat filter=R waits for its deadline, 12 s``."""
     unarchived: int
     """Files of any level cached and not archived yet."""
     untracked: int
@@ -210,8 +212,11 @@ def make_demo_site(
     return settings
 
 
-def snapshot(settings: Settings, catalog: Catalog, since: datetime) -> Snapshot:
-    """The night so far: frames on disk, the site's status, latencies, trigger health."""
+def snapshot(
+    settings: Settings, catalog: Catalog, since: datetime, tracker: Tracker | None = None
+) -> Snapshot:
+    """The night so far: frames on disk, the site's status, latencies, trigger health,
+    and (with ``tracker``) which groups wait for their deadline."""
     acquired = sum(1 for p in settings.incoming.glob("ofc_*.fits"))
     now = utcnow()
     daemon = read_daemon_status(settings.site, now)
@@ -237,10 +242,27 @@ def snapshot(settings: Settings, catalog: Catalog, since: datetime) -> Snapshot:
         triggers=triggers,
         products=products,
         runs={state: n for state, n in status.runs.items() if n},
-        waiting=status.groups_waiting > 0,
+        waiting=_waiting(tracker, now, status.groups_waiting),
         unarchived=status.files[FileState.CACHED],
         untracked=status.untracked,
     )
+
+
+def _waiting(tracker: Tracker | None, now: datetime, count: int) -> tuple[str, ...]:
+    """Each group that waits for its deadline, in words (``count`` of them, as the
+    status counted: never fewer words than that)."""
+    if not count:
+        return ()
+    said = []
+    for w in tracker.waiting() if tracker else ():
+        group = " ".join(f"{k}={v}" for k, v in w.group.values if k != "night")
+        left = max(0.0, (w.until - now).total_seconds())
+        lacks = f" (lacks {'; '.join(w.lacks)})" if w.lacks else ""
+        said.append(
+            f"{w.group.pipeline}{' ' + group if group else ''} waits for its deadline, "
+            f"{left:.0f} s{lacks}"
+        )
+    return tuple(said) or (f"{count} group(s) wait for their deadline",)
 
 
 def render(plan: DemoPlan, now: Snapshot, elapsed: float, *, night_over: bool = False) -> Group:
@@ -273,11 +295,14 @@ def render(plan: DemoPlan, now: Snapshot, elapsed: float, *, night_over: bool = 
         health.append(f"{name} ", style="bold")
         if night_over and name.startswith("epics:"):
             health.append("(the instrument has finished its night)  ")
+        elif not ok and name.startswith("epics:") and now.acquired == 0:
+            # the IOC comes up with the simulator: no link yet is no alarm yet
+            health.append("(waiting for the instrument to start)  ")
         else:
             health.append("ok  " if ok else f"ALARM {detail}  ", style="green" if ok else "red")
-    if now.waiting:
-        health.append(" (a group waits for its deadline)")
-    return Group(table, runs, health)
+    lines: list[Text] = [health]
+    lines += [Text(f"waiting: {said}") for said in now.waiting]
+    return Group(table, runs, *lines)
 
 
 def run_demo(
@@ -293,6 +318,7 @@ def run_demo(
     env = loopback_epics_env(free_port())
     command = [sys.executable, "-m", "obsflow"]
     catalog = Catalog.open(settings.catalog_url)  # made here, before either program starts
+    tracker = Tracker(load_registry(settings.registry), catalog, utcnow)
     since = utcnow()
     began = clock()
     with (
@@ -313,12 +339,12 @@ def run_demo(
                 out = worker_logs.enter_context(open(logs / f"demo-worker-{n + 1}.log", "w"))
                 workers.append(_start([*command, "worker", *site, *queue], env, out))
         try:
-            now = snapshot(settings, catalog, since)
+            now = snapshot(settings, catalog, since, tracker)
             with Live(render(plan, now, 0.0), console=console, refresh_per_second=4) as live:
                 finished_at: float | None = None
                 while True:
                     time.sleep(0.25)
-                    now = snapshot(settings, catalog, since)
+                    now = snapshot(settings, catalog, since, tracker)
                     over = simulator.poll() is not None
                     live.update(render(plan, now, clock() - began, night_over=over))
                     if daemon.poll() is not None:
@@ -334,7 +360,7 @@ def run_demo(
             daemon_exit = _stop(daemon)
             worker_exits = tuple(_stop(worker) for worker in workers)
     try:
-        last = snapshot(settings, catalog, since)
+        last = snapshot(settings, catalog, since, tracker)
     finally:
         catalog.close()
     return DemoResult(settings, last, simulator_exit, daemon_exit, clock() - began, worker_exits)
