@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -742,3 +743,23 @@ def test_search_by_filter_type_exposure_and_cone(world: World) -> None:
         wide = {"cone": f"{centre.ra:.9f},{centre.dec:.9f},5"}
         seen = {f["archive_id"] for f in walk(anonymous, "/api/v1/files", **wide)}
         assert seen and seen <= {r.archive_id for r in world.after}
+
+
+def test_the_interactive_docs_need_no_outside_host(world: World) -> None:
+    """Observatory networks are often offline: the docs page and every asset it loads
+    come from obsflow itself."""
+    with world.client() as client:
+        page = client.get("/api/v1/docs")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        html = page.text
+        assert "SwaggerUIBundle" in html and "/api/v1/openapi.json" in html
+        hosts = re.findall(r"\b(?:https?:)?//([A-Za-z0-9.-]+)", html)
+        assert hosts == [], hosts  # no URL names a host: every one is this server's path
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+        assert len(assets) >= 3, assets  # the bundle, its CSS, the icon
+        for asset in assets:
+            assert asset.startswith("/api/v1/"), asset
+            fetched = client.get(asset)
+            assert fetched.status_code == 200 and len(fetched.content) > 100, asset
+        script = next(a for a in assets if a.endswith(".js"))
+        assert "SwaggerUIBundle" in client.get(script).text

@@ -223,3 +223,34 @@ def test_a_section_with_every_key_commented_out_means_its_defaults(tmp_path: Pat
     settings = load_settings(site)
     assert settings.workers.receipt == 2
     assert settings.ingest.max_attempts == 5
+
+
+def test_the_settings_reference_names_every_key_its_default_and_meaning() -> None:
+    """Made from the model: a setting added without a meaning fails here."""
+    import subprocess
+    import sys
+
+    from obsflow.settings import _SettingsFile
+
+    done = subprocess.run(
+        [sys.executable, "-m", "obsflow", "settings"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    rows = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if line.startswith("| `") and len(cells) == 3:
+            rows[cells[0].strip("`")] = (cells[1].strip("`"), cells[2])
+    for section, field in _SettingsFile.model_fields.items():
+        model = field.annotation
+        assert model is not None and hasattr(model, "model_fields")
+        for key, spec in model.model_fields.items():
+            name = f"{section}.{key}"
+            assert name in rows, f"{name} is missing from the reference"
+            default, meaning = rows[name]
+            expected = spec.get_default(call_default_factory=True)
+            shown = "none" if expected is None else str(getattr(expected, "value", expected))
+            assert default == shown, name
+            assert len(meaning) > 10, f"{name} has no meaning: write a docstring under it"
+    assert rows["receipt.settle_seconds"][0] == "1.0"
+    assert rows["transfer.role"][0] == "all"

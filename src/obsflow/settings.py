@@ -22,17 +22,24 @@ SETTINGS_FILE = "obsflow.yaml"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # the docstring under each field is its meaning: the settings reference
+    # (``obsflow settings``, :func:`reference`) is made from them
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class Paths(_Section):
     """Where the site keeps its files; relative paths are relative to the site."""
 
     incoming: Path = Path("incoming")
+    """Where frames arrive (the directory watch and the reconcile scan look here)."""
     cache: Path = Path("cache")
+    """The cache: received files, and what pipelines read and write."""
     archive: Path = Path("archive")
+    """Permanent storage: archived files, by instrument and night."""
     quarantine: Path = Path("quarantine")
+    """Refused files, each beside a note of the reason."""
     registry: Path = Path("registry")
+    """The registry's YAML files (instruments, products, pipelines, profiles)."""
     work: Path = Path("work")
     """Pipeline runs' work directories (one per run; kept when a run fails)."""
     logs: Path = Path("logs")
@@ -46,7 +53,9 @@ class Catalog(_Section):
 
 class Workers(_Section):
     receipt: int = Field(default=2, ge=1, le=256)
+    """Files received (read, checked, checksummed) at once."""
     ingest: int = Field(default=2, ge=1, le=256)
+    """Files copied into the archive at once."""
     runs: int = Field(default=2, ge=1, le=256)
     """Pipeline runs executed at once by the local executor."""
 
@@ -70,10 +79,17 @@ class Receipt(_Section):
 
 class Ingest(_Section):
     max_attempts: int = Field(default=5, ge=1)
+    """An ingest request that failed this many times is failed for good (``obsflow
+    retry`` queues it again)."""
     lease_seconds: float = Field(default=120.0, gt=0)
+    """An ingestor holds a request this long; a request whose ingestor died is taken
+    again after it."""
     backoff_seconds: float = Field(default=2.0, ge=0)
+    """The wait before a failed request is tried again, doubled at each attempt..."""
     backoff_max_seconds: float = Field(default=600.0, ge=0)
+    """...up to this."""
     batch: int = Field(default=16, ge=1, le=1000)
+    """Requests an ingestor takes at a time."""
 
 
 class Daemon(_Section):
@@ -104,6 +120,8 @@ class Processing(_Section):
     max_attempts: int = Field(default=3, ge=1)
     """A run whose executor died this many times is marked failed."""
     lease_seconds: float = Field(default=60.0, gt=0)
+    """A run's executor renews its lease this often (its heartbeat); a run whose lease
+    has expired (its executor died) is queued again or failed."""
     keep_work: bool = False
     """Keep a successful run's work directory (a failed run's is always kept)."""
     nice: int = Field(default=10, ge=0, le=19)
@@ -349,3 +367,28 @@ def with_environment(settings: Settings, environ: Mapping[str, str]) -> Settings
         containers = settings.containers.model_copy(update={"host": host})
         settings = settings.model_copy(update={"containers": containers})
     return settings
+
+
+def reference() -> str:
+    """The settings reference, in Markdown: every key of ``obsflow.yaml``, section by
+    section, with its default and its meaning, made from the settings model itself (so
+    it cannot drift from what obsflow reads)."""
+    lines = [
+        "# obsflow.yaml: every setting",
+        "",
+        "Made by `obsflow settings` from the settings model. A key left out takes its",
+        "default; a relative path is relative to the site.",
+    ]
+    for name, section in _SettingsFile.model_fields.items():
+        kind = section.annotation
+        assert isinstance(kind, type) and issubclass(kind, _Section)
+        lines += ["", f"## {name}", ""]
+        if kind.__doc__ and kind.__doc__ is not _Section.__doc__:
+            lines += [" ".join(kind.__doc__.split()), ""]
+        lines += ["| key | default | meaning |", "| --- | --- | --- |"]
+        for key, field in kind.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            shown = "none" if default is None else str(getattr(default, "value", default))
+            meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+            lines.append(f"| `{name}.{key}` | `{shown}` | {meaning} |")
+    return "\n".join(lines) + "\n"

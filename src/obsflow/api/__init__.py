@@ -23,6 +23,7 @@ RFC 9457 problem details, :mod:`~obsflow.api.auth` says who is asking.
 ``GET /healthz``                           alive, and the catalog answers
 ``GET /metrics``                           Prometheus
 ``GET /api/v1/openapi.json``               this API, described
+``GET /api/v1/docs``                       the same, interactive (assets served here)
 ========================================  ==========================================
 
 :func:`serve` runs it with uvicorn until a :class:`threading.Event` is set;
@@ -45,6 +46,7 @@ from typing import Any, Final
 import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from obsflow import __version__
 from obsflow.access import TokenStore
@@ -61,6 +63,8 @@ from obsflow.site import Site
 log = logging.getLogger(__name__)
 
 OPENAPI_URL: Final = "/api/v1/openapi.json"
+DOCS_URL: Final = "/api/v1/docs"
+"""The interactive docs (Swagger UI), with every asset served from here."""
 """Where ``obsflow serve`` listens when neither ``--listen`` nor the settings say."""
 
 __all__ = [
@@ -88,7 +92,9 @@ def create_app(
     )
     run_store = RunStore(site.catalog)
     app_metrics = Metrics(site)
-    app = FastAPI(
+    # FastAPI's docs pages load Swagger UI from a CDN; observatory networks are often
+    # offline, so its assets (Swagger UI 5) come from fastapi-offline, served here
+    app = FastAPIOffline(
         title="obsflow",
         version=__version__,
         summary="Telescope data: files, runs and the state of the site.",
@@ -97,8 +103,11 @@ def create_app(
             "Errors are RFC 9457 problem details (`application/problem+json`)."
         ),
         openapi_url=OPENAPI_URL,
-        docs_url="/api/v1/docs",
+        docs_url=DOCS_URL,
         redoc_url=None,
+        static_url=DOCS_URL + "-assets",
+        favicon_url=DOCS_URL + "-assets/favicon.png",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from outside
         dependencies=[Depends(params.known_query)],
     )
     app.state.services = Services(

@@ -9,6 +9,7 @@ import typer
 
 from obsflow.cli import SiteOption, _settings, app, err, out, registry_app
 from obsflow.registry import load_registry
+from obsflow.settings import reference
 from obsflow.site import init_site
 
 
@@ -51,3 +52,10 @@ def registry_check(site: SiteOption = None) -> None:
         f"{len(registry.products)} product(s), {len(registry.pipelines)} pipeline(s), "
         f"{len(registry.profiles)} profile(s) in {settings.registry}"
     )
+
+
+@app.command("settings")
+def settings_reference() -> None:
+    """Print the settings reference: every key of obsflow.yaml, its default and its
+    meaning (Markdown), made from the settings model itself."""
+    print(reference(), end="")
