@@ -31,6 +31,8 @@ from obsflow.cli import (
     out,
     registry_app,
 )
+from obsflow.cli.tables import Column
+from obsflow.cli.tables import table as fitted_table
 from obsflow.processing.profile import ParameterValue, parameter_names
 from obsflow.processing.tracker import Tracker
 from obsflow.processing.tracker.loop import process_until_idle
@@ -57,6 +59,18 @@ def _run_json(site: Site, run: RunRecord) -> dict[str, Any]:
     data["inputs"] = {name: [names.get(i, str(i)) for i in ids] for name, ids in run.inputs.items()}
     data["outputs"] = [names.get(i, str(i)) for i in RunStore(site.catalog).outputs(run.id)]
     return data
+
+
+_RUN_COLUMNS = (
+    Column("run", "run", whole=True),
+    Column("pipeline", "pipeline", whole=True),
+    Column("group", "group", whole=True, drop=2),
+    Column("v", "v", drop=4),
+    Column("state", "state"),
+    Column("started", "started", drop=3),
+    Column("took", "took", drop=5),
+    Column("reason", "reason", drop=1),
+)
 
 
 @runs_app.callback()
@@ -86,27 +100,22 @@ def runs_list(
         if as_json:
             print(json.dumps([_run_json(s, r) for r in found], indent=1))
             return
-        table = Table(title=f"runs ({len(found)})")
-        for column in ("run", "pipeline", "group", "v", "state", "started", "took", "reason"):
-            table.add_column(column)
-        for r in found:
-            took = (
-                f"{(r.finished - r.started).total_seconds():.1f} s"
+        rows = [
+            {
+                "run": str(r.id),
+                "pipeline": r.pipeline,
+                "group": str(r.group_key),
+                "v": str(r.version),
+                "state": r.state.value,
+                "started": r.started.isoformat(timespec="seconds") if r.started else "",
+                "took": f"{(r.finished - r.started).total_seconds():.1f} s"
                 if r.finished and r.started
-                else ""
-            )
-            style = {RunState.FAILED: "red", RunState.RUNNING: "yellow"}.get(r.state, "")
-            table.add_row(
-                str(r.id),
-                r.pipeline,
-                str(r.group_key),
-                str(r.version),
-                f"[{style}]{r.state.value}[/]" if style else r.state.value,
-                r.started.isoformat(timespec="seconds") if r.started else "",
-                took,
-                (r.error or r.reason)[:80],
-            )
-        out.print(table)
+                else "",
+                "reason": r.error or r.reason,
+            }
+            for r in found
+        ]
+        fitted_table(out, _RUN_COLUMNS, rows, title=f"runs ({len(found)})")
 
 
 @runs_app.command("show")

@@ -47,6 +47,8 @@ class Column:
 _EDGE = 4
 """The width a table adds around its columns: its two borders and the title's slack."""
 _PER_COLUMN = 3
+_FOLDED = 12
+"""The narrowest a column that may fold is worth showing."""
 """A column's padding (one space each side) and its separator."""
 
 
@@ -55,12 +57,15 @@ def _text(value: Any) -> str:
 
 
 def fit(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], width: int) -> list[Column]:
-    """The columns to show in ``width`` characters: all of them if they fit whole; else
-    without the ones marked to drop first, one at a time, until they do (or none is left
-    to drop: then the whole columns stay whole and rich folds the others)."""
-    needed = {
-        c.key: max([len(c.title), *(len(_text(r.get(c.key))) for r in rows)]) for c in columns
-    }
+    """The columns to show in ``width`` characters: all of them if the whole ones fit
+    whole and the others folded to a few characters; else without the ones marked to
+    drop first, one at a time, until they do (or none is left to drop: then the whole
+    columns stay whole and rich folds the others)."""
+    needed = {}
+    for c in columns:
+        longest = max([0, *(len(_text(r.get(c.key))) for r in rows)])
+        # a whole column needs its longest value; another folds, down to a few characters
+        needed[c.key] = max(len(c.title), longest if c.whole else min(longest, _FOLDED))
     shown = list(columns)
     while sum(needed[c.key] + _PER_COLUMN for c in shown) + _EDGE > width:
         droppable = [c for c in shown if c.drop > 0]
