@@ -238,6 +238,22 @@ class Transfer(_Section):
     the agent resumes it from what was received."""
 
 
+class Ivoa(_Section):
+    """The Virtual Observatory services (TAP with ObsCore: :mod:`obsflow.ivoa`)."""
+
+    authority: str = Field(
+        default="ivo://obsflow.invalid/archive", pattern=r"^ivo://[\w.~-]+(/[\w.~-]+)*$"
+    )
+    """The IVOA identifier this archive's datasets are published under:
+    ``obs_publisher_did`` is ``<authority>?<archive ID>``."""
+    maxrec: int = Field(default=10_000, ge=1)
+    """Rows a TAP query returns when it names no ``MAXREC`` (more: overflow)."""
+    max_maxrec: int = Field(default=1_000_000, ge=1)
+    """The most rows a TAP query may ask for (a larger ``MAXREC`` is cut to it)."""
+    query_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """A TAP query running longer is stopped, and answered with an error."""
+
+
 class _SettingsFile(_Section):
     paths: Paths = Paths()
     catalog: Catalog = Catalog()
@@ -251,6 +267,7 @@ class _SettingsFile(_Section):
     api: Api = Api()
     transfer: Transfer = Transfer()
     fixity: Fixity = Fixity()
+    ivoa: Ivoa = Ivoa()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -280,6 +297,7 @@ class Settings(_Section):
     api: Api
     transfer: Transfer
     fixity: Fixity = Fixity()
+    ivoa: Ivoa = Ivoa()
 
 
 def load_settings(site: Path) -> Settings:
@@ -325,6 +343,7 @@ def from_file(site: Path, parsed: _SettingsFile) -> Settings:
         api=parsed.api,
         transfer=parsed.transfer,
         fixity=parsed.fixity,
+        ivoa=parsed.ivoa,
     )
 
 

@@ -24,6 +24,10 @@ RFC 9457 problem details, :mod:`~obsflow.api.auth` says who is asking.
 ``GET /metrics``                           Prometheus
 ``GET /api/v1/openapi.json``               this API, described
 ``GET /api/v1/docs``                       the same, interactive (assets served here)
+``GET|POST /tap/sync``                     IVOA TAP 1.1: ADQL over ObsCore
+                                           (:mod:`obsflow.ivoa`; also
+                                           ``/tap/capabilities``, ``availability``,
+                                           ``tables``)
 ========================================  ==========================================
 
 :func:`serve` runs it with uvicorn until a :class:`threading.Event` is set;
@@ -56,6 +60,7 @@ from obsflow.api.services import Services, Uploads
 from obsflow.archive.retrieval import Retriever
 from obsflow.catalog.runs import RunStore
 from obsflow.errors import ObsflowError
+from obsflow.ivoa import tap
 from obsflow.receipt.intake import Wakeable
 from obsflow.settings import DEFAULT_LISTEN
 from obsflow.site import Site
@@ -125,6 +130,7 @@ def create_app(
     problems.install(app)
     for module in (files, runs, status, metrics, transfer, workers):
         app.include_router(module.router)
+    app.include_router(tap.router)  # IVOA: /tap beside /api/v1
     app.add_middleware(RequestMetrics, metrics=app_metrics)
 
     def openapi() -> dict[str, Any]:

@@ -45,6 +45,63 @@ class Source(BaseModel):
         return f"{self.file}:{self.line}" if self.line else str(self.file)
 
 
+# ------------------------------------------------------------------- obscore
+
+
+class DataproductType(StrEnum):
+    """ObsCore 1.1's ``dataproduct_type`` vocabulary."""
+
+    IMAGE = "image"
+    CUBE = "cube"
+    SPECTRUM = "spectrum"
+    SED = "sed"
+    TIMESERIES = "timeseries"
+    VISIBILITY = "visibility"
+    EVENT = "event"
+    MEASUREMENTS = "measurements"
+
+
+class ObsCoreInstrumentSpec(Spec):
+    """What ObsCore needs of an instrument that its frames' headers do not say
+    (``instrument: {obscore: {...}}``; all optional: an unknown value is NULL)."""
+
+    facility: str | None = Field(default=None, max_length=128)
+    """``facility_name`` (the telescope); None: the frame's TELESCOP value."""
+    fov_deg: float | None = Field(default=None, gt=0, le=360)
+    """``s_fov``: the diameter of the field of view, degrees."""
+    resolution_arcsec: float | None = Field(default=None, gt=0)
+    """``s_resolution``: the typical angular resolution (seeing, or the pixel scale)."""
+    pixels: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
+    """``s_xel1, s_xel2``: the image's size in pixels (NAXIS1, NAXIS2)."""
+    wavelength_nm: dict[
+        Annotated[str, Field(min_length=1, max_length=32)],
+        tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]],
+    ] = {}
+    """``em_min, em_max`` of each filter (the FILTER value), in nanometres."""
+
+    @field_validator("wavelength_nm")
+    @classmethod
+    def _ranges(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for name, (low, high) in value.items():
+            if low >= high:
+                raise ValueError(
+                    f"filter {name!r}: the shortest wavelength {low:g} nm must be "
+                    f"below the longest {high:g} nm"
+                )
+        return value
+
+
+class ObsCoreProductSpec(Spec):
+    """What ObsCore needs of a product (``products: [{obscore: {...}}]``)."""
+
+    dataproduct_type: DataproductType = DataproductType.IMAGE
+    o_ucd: str = Field(default="phot.count", pattern=r"^[A-Za-z0-9_.;:-]{1,64}$")
+    """The UCD of the observable (e.g. ``phot.count``, ``phot.flux.density``)."""
+    calib_level: int | None = Field(default=None, ge=0, le=4)
+    """ObsCore's ``calib_level``; None: the product's level + 1 (a raw FITS frame of
+    level 0 is calib_level 1, a calibrated one of level 1 is 2, ...; at most 4)."""
+
+
 # ---------------------------------------------------------------- instrument
 
 
@@ -111,6 +168,8 @@ class InstrumentSpec(Spec):
     names nights and places ``night_end``. Instead of ``utc_offset_hours``."""
     night_end: time = time(7, 0)
     """The local time the night ends, the next morning (``deadline: night_end``)."""
+    obscore: ObsCoreInstrumentSpec = ObsCoreInstrumentSpec()
+    """What the IVOA ObsCore table says of its frames beyond their headers."""
     source: Source | None = None
 
     @field_validator("timezone")
@@ -276,6 +335,8 @@ class ProductSpec(Spec):
     """A new file with an earlier file's name and other bytes: ``version`` (it supersedes
     the older) or ``distinct`` (both stay current); None: ``version`` for pipeline products
     (level 1 and up), ``distinct`` for raw frames, which are never superseded."""
+    obscore: ObsCoreProductSpec = ObsCoreProductSpec()
+    """Its kind in the IVOA ObsCore table (dataproduct_type, UCD, calib_level)."""
     source: Source | None = None
 
     def required_keywords(self, instrument: InstrumentSpec) -> tuple[str, ...]:

@@ -1,0 +1,289 @@
+"""The SQL of the IVOA services: the ObsCore view of the files, small tables of
+literals (TAP_SCHEMA), and the one way a translated ADQL query is run.
+
+ObsCore is not a stored table: :func:`obscore_select` is a ``SELECT`` over ``files``
+made for each query, with the registry's declarations (field of view, wavelengths
+per filter, dataproduct type...) as ``CASE`` expressions over the product, the
+instrument and the filter, and the reader's :class:`~obsflow.access.ReadRule`
+applied by its SQL form: a file the reader may not read yet keeps its public columns
+(its times, its instrument, its release date) and shows NULL for its target, its
+position and its region, so no cone search can find where it points. Nothing is
+stored twice, so nothing goes stale when the registry changes.
+
+:func:`run_query` runs a query that :mod:`obsflow.ivoa.adql` made from a user's
+ADQL (regenerated from the parsed tree, never the user's text) with these selects as
+its common table expressions, in a read-only transaction with a time limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    Integer,
+    Select,
+    String,
+    case,
+    cast,
+    literal,
+    null,
+    select,
+    text,
+    union_all,
+)
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from obsflow.catalog import Catalog
+from obsflow.catalog.schema import files, is_live
+from obsflow.errors import ObsflowError
+
+__all__ = [
+    "InstrumentFacts",
+    "ObsCoreFacts",
+    "ProductFacts",
+    "QueryError",
+    "QueryResult",
+    "literal_table",
+    "obscore_select",
+    "run_query",
+]
+
+
+class QueryError(ObsflowError):
+    """A translated query the database refused or that ran out of time (says which)."""
+
+
+@dataclass(frozen=True)
+class ProductFacts:
+    """What ObsCore says of every file of one product (from the registry)."""
+
+    dataproduct_type: str
+    calib_level: int
+    o_ucd: str
+
+
+@dataclass(frozen=True)
+class InstrumentFacts:
+    """What ObsCore says of every frame of one instrument (from the registry); None:
+    unknown (NULL)."""
+
+    facility: str | None = None
+    fov_deg: float | None = None
+    resolution_arcsec: float | None = None
+    pixels: tuple[int, int] | None = None
+    wavelength_m: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    """Filter → (em_min, em_max), metres."""
+
+
+@dataclass(frozen=True)
+class ObsCoreFacts:
+    """Everything :func:`obscore_select` needs besides the catalog and the reader."""
+
+    products: Mapping[str, ProductFacts]
+    instruments: Mapping[str, InstrumentFacts]
+    authority: str
+    """``ivo://...``: ``obs_publisher_did`` is ``<authority>?<archive ID>``."""
+    data_url: str
+    """The prefix of ``access_url`` (the archive ID follows), e.g.
+    ``http://host/api/v1/files/``."""
+    datalink_url: str | None = None
+    """The prefix of a dataset's DataLink document (``...?ID=`` + its DID), if served."""
+
+
+def _by_product(facts: ObsCoreFacts, value: Any, default: Any, type_: Any) -> ColumnElement[Any]:
+    """A ``CASE`` over the product giving ``value(product facts)``."""
+    whens = [
+        (files.c.product == name, literal(value(p), type_))
+        for name, p in sorted(facts.products.items())
+    ]
+    if not whens:
+        return literal(default, type_) if default is not None else null()
+    return case(*whens, else_=literal(default, type_) if default is not None else null())
+
+
+def _by_instrument(facts: ObsCoreFacts, value: Any, type_: Any) -> ColumnElement[Any]:
+    whens = [
+        (files.c.instrument == name, literal(value(i), type_))
+        for name, i in sorted(facts.instruments.items())
+        if value(i) is not None
+    ]
+    return case(*whens, else_=null()) if whens else cast(null(), type_)
+
+
+def _by_filter(facts: ObsCoreFacts, index: int) -> ColumnElement[Any]:
+    whens = [
+        (
+            (files.c.instrument == name) & (files.c.filter == band),
+            literal(span[index], Float),
+        )
+        for name, i in sorted(facts.instruments.items())
+        for band, span in sorted(i.wavelength_m.items())
+    ]
+    return case(*whens, else_=null()) if whens else cast(null(), Float)
+
+
+def _res_power(facts: ObsCoreFacts) -> ColumnElement[Any]:
+    whens = [
+        (
+            (files.c.instrument == name) & (files.c.filter == band),
+            literal((low + high) / 2 / (high - low), Float),
+        )
+        for name, i in sorted(facts.instruments.items())
+        for band, (low, high) in sorted(i.wavelength_m.items())
+    ]
+    return case(*whens, else_=null()) if whens else cast(null(), Float)
+
+
+def obscore_select(facts: ObsCoreFacts, readable: ColumnElement[bool]) -> Select[Any]:
+    """ObsCore 1.1's columns, one row per live, current file. ``readable`` is the
+    reader's :meth:`~obsflow.access.ReadRule.sql` over ``files``: where it is false,
+    the target, position and region are NULL (the rest is public)."""
+    f = files.c
+
+    def hidden(column: ColumnElement[Any]) -> ColumnElement[Any]:
+        return case((readable, column), else_=null())
+
+    fov = _by_instrument(facts, lambda i: i.fov_deg, Float)
+    region = (
+        literal("CIRCLE ICRS ", String)
+        + cast(f.ra, String)
+        + literal(" ", String)
+        + cast(f.dec, String)
+        + literal(" ", String)
+        + cast(fov / 2, String)
+    )
+    has_region = f.ra.is_not(None) & f.dec.is_not(None) & fov.is_not(None)
+    did = literal(facts.authority + "?", String) + f.archive_id
+    access = (
+        literal(facts.datalink_url, String) + did
+        if facts.datalink_url
+        else literal(facts.data_url, String) + f.archive_id + literal("/data", String)
+    )
+    access_format = (
+        "application/x-votable+xml;content=datalink" if facts.datalink_url else "application/fits"
+    )
+    columns: list[ColumnElement[Any]] = [
+        _by_product(facts, lambda p: p.dataproduct_type, "image", String).label("dataproduct_type"),
+        _by_product(facts, lambda p: p.calib_level, None, Integer).label("calib_level"),
+        f.instrument.label("obs_collection"),
+        f.archive_id.label("obs_id"),
+        did.label("obs_publisher_did"),
+        access.label("access_url"),
+        literal(access_format, String).label("access_format"),
+        ((f.size + 1023) // 1024).label("access_estsize"),
+        hidden(f.object).label("target_name"),
+        hidden(f.ra).label("s_ra"),
+        hidden(f.dec).label("s_dec"),
+        fov.label("s_fov"),
+        case((readable & has_region, region), else_=null()).label("s_region"),
+        _by_instrument(facts, lambda i: i.resolution_arcsec, Float).label("s_resolution"),
+        _by_instrument(facts, lambda i: i.pixels[0] if i.pixels else None, Integer).label("s_xel1"),
+        _by_instrument(facts, lambda i: i.pixels[1] if i.pixels else None, Integer).label("s_xel2"),
+        f.start_mjd.label("t_min"),
+        f.stop_mjd.label("t_max"),
+        f.exptime.label("t_exptime"),
+        f.exptime.label("t_resolution"),
+        literal(1, Integer).label("t_xel"),
+        _by_filter(facts, 0).label("em_min"),
+        _by_filter(facts, 1).label("em_max"),
+        _res_power(facts).label("em_res_power"),
+        literal(1, Integer).label("em_xel"),
+        _by_product(facts, lambda p: p.o_ucd, None, String).label("o_ucd"),
+        cast(null(), String).label("pol_states"),
+        cast(null(), Integer).label("pol_xel"),
+        case(
+            (
+                _by_instrument(facts, lambda i: i.facility, String).is_not(None),
+                _by_instrument(facts, lambda i: i.facility, String),
+            ),
+            else_=f.telescope,
+        ).label("facility_name"),
+        f.instrument.label("instrument_name"),
+        # optional ObsCore columns obsflow knows
+        f.program.label("proposal_id"),
+        f.proprietary_until.label("obs_release_date"),
+        f.filter.label("em_filter"),
+        f.frame_type.label("obs_type"),
+    ]
+    found: Select[Any] = select(*columns).where(is_live(), f.superseded_by.is_(None))
+    return found
+
+
+def literal_table(names: Sequence[str], rows: Sequence[Sequence[Any]]) -> Select[Any]:
+    """A table of literal rows (TAP_SCHEMA's), as a ``SELECT ... UNION ALL ...``; with
+    no rows, one ``SELECT`` that yields none."""
+    if not rows:
+        nulls: list[Any] = [cast(null(), String).label(n) for n in names]
+        empty: Select[Any] = select(*nulls).where(literal(False))
+        return empty
+    parts: list[Select[Any]] = [
+        select(
+            *(
+                literal(v).label(n) if v is not None else null().label(n)
+                for n, v in zip(names, r, strict=True)
+            )
+        )
+        for r in rows
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    everything: Select[Any] = select(union_all(*parts).subquery())
+    return everything
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+    seconds: float
+
+
+def run_query(
+    catalog: Catalog,
+    sql: str,
+    tables: Mapping[str, Select[Any]],
+    *,
+    seconds: float,
+) -> QueryResult:
+    """Run ``sql`` (made by :func:`obsflow.ivoa.adql.translate`, which names its
+    tables as the keys of ``tables``) with ``tables`` as its common table expressions,
+    read-only, stopped after ``seconds``. Raises :class:`QueryError` with the
+    database's own words when it refuses it."""
+    query = text(sql.replace(":", "\\:")).columns()
+    for name, table in tables.items():
+        query = query.add_cte(table.cte(name))
+    started = time.monotonic()
+    try:
+        with catalog.engine.connect() as conn:
+            if catalog.is_sqlite:
+                deadline = started + seconds
+                raw = conn.connection.driver_connection
+                raw.set_progress_handler(  # type: ignore[union-attr]
+                    lambda: 1 if time.monotonic() > deadline else 0, 10_000
+                )
+                try:
+                    with conn.begin():
+                        result = conn.execute(query)
+                        rows = [tuple(r) for r in result]
+                        names = tuple(result.keys())
+                finally:
+                    raw.set_progress_handler(None, 0)  # type: ignore[union-attr]
+            else:
+                with conn.begin():
+                    conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(seconds * 1000)}")
+                    result = conn.execute(query)
+                    rows = [tuple(r) for r in result]
+                    names = tuple(result.keys())
+    except (OperationalError, DBAPIError) as exc:
+        elapsed = time.monotonic() - started
+        message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        if elapsed >= seconds or "interrupted" in message or "statement timeout" in message:
+            raise QueryError(f"the query ran longer than {seconds:g} s and was stopped") from None
+        raise QueryError(f"the database refused the query: {message}") from None
+    return QueryResult(names, rows, time.monotonic() - started)

@@ -1,0 +1,377 @@
+"""ADQL 2.1 → the catalog's SQL (SQLite or PostgreSQL), through a real parser.
+
+We use `sqlglot <https://sqlglot.com>`_ rather than ``queryparser-python3``: sqlglot
+parses ``SELECT TOP n`` (its T-SQL grammar is ADQL's ancestor), joins, subqueries,
+``ORDER BY``, set operations and every function we allow into a syntax tree, and
+*generates* SQL for both our engines from it, while queryparser only parses (into
+ANTLR trees) and would leave the SQL generation, per engine, to us; it is also
+kept up to date far more often. The user's text never reaches the database: the
+tree is checked (one ``SELECT``; only the published tables; only the functions
+below) and the SQL is generated from the checked tree.
+
+Geometry is rewritten into plain arithmetic on the sphere, the same on both engines
+(no extension needed): ``DISTANCE`` by the haversine formula; ``CONTAINS`` and
+``INTERSECTS`` of a point and a ``CIRCLE`` by that distance, with a declination
+range first (a cheap, exact prefilter); of a point and a convex ``POLYGON`` or a
+``BOX`` by the side of each edge's great circle the point lies on (exact).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError
+from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
+
+from obsflow.errors import ObsflowError
+
+__all__ = ["AdqlError", "Translated", "translate"]
+
+
+class AdqlError(ObsflowError):
+    """An ADQL query obsflow cannot run: bad syntax, an unknown table or function,
+    or a statement that is not a query (the message names it)."""
+
+
+# sqlglot's classes for the ADQL functions (and a few common ones) we pass on
+_ALLOWED: Final[tuple[type[exp.Expr], ...]] = (
+    exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max,
+    exp.Abs, exp.Ceil, exp.Floor, exp.Round, exp.Sqrt, exp.Pow, exp.Exp, exp.Ln, exp.Log,
+    exp.Mod, exp.Pi, exp.Sin, exp.Cos, exp.Tan, exp.Asin, exp.Acos, exp.Atan, exp.Atan2,
+    exp.Degrees, exp.Radians, exp.Trunc, exp.Sign,
+    exp.Lower, exp.Upper, exp.Trim, exp.Substring, exp.Length, exp.Coalesce, exp.Cast,
+    exp.Case, exp.If, exp.Nullif,
+)  # fmt: skip
+
+# operators sqlglot also counts as functions (AND, OR, XOR...)
+_OPERATORS: Final[tuple[type[exp.Expr], ...]] = (
+    exp.Binary, exp.Unary, exp.Connector, exp.Predicate,
+)  # fmt: skip
+
+_GEOMETRY: Final = frozenset({"POINT", "CIRCLE", "POLYGON", "BOX"})
+_PREDICATES: Final = frozenset({"CONTAINS", "INTERSECTS"})
+_FRAMES: Final = frozenset({"", "ICRS", "J2000", "FK5", "ICRS GEOCENTER", "UNKNOWNFRAME"})
+
+
+@dataclass(frozen=True)
+class Translated:
+    """A query ready for :func:`obsflow.catalog.obscore.run_query`."""
+
+    sql: str
+    top: int | None
+    """The query's own ``TOP`` (None: none)."""
+
+
+def translate(
+    adql: str,
+    tables: Mapping[str, str],
+    dialect: str,
+    *,
+    limit: int | None,
+    columns: Mapping[str, frozenset[str]] | None = None,
+) -> Translated:
+    """``adql`` in ``dialect`` (``sqlite`` or ``postgresql``), reading the published
+    ``tables`` (ADQL name, e.g. ``ivoa.obscore`` → the name it is run under), at most
+    ``limit`` rows (besides its own ``TOP``). ``columns`` (ADQL table name → its
+    column names), when given, lets a query name only those and its own aliases
+    (SQLite would read an unknown ``"name"`` as a string). Raises :class:`AdqlError`."""
+    if not adql.strip():
+        raise AdqlError("the query is empty")
+    try:
+        parsed = sqlglot.parse(adql, read="tsql")
+    except ParseError as exc:
+        first = exc.errors[0] if exc.errors else {}
+        where = f" at line {first.get('line')}, column {first.get('col')}" if first else ""
+        raise AdqlError(f"ADQL syntax error{where}: {first.get('description', str(exc))}") from None
+    statements = [s for s in parsed if s is not None]
+    if len(statements) != 1:
+        raise AdqlError(f"expected one SELECT statement, found {len(statements)} statements")
+    tree = statements[0]
+    if not isinstance(tree, exp.Query):
+        word = adql.split(maxsplit=1)[0]
+        raise AdqlError(f"only SELECT queries are allowed, not {word!r}")
+    tree = normalize_identifiers(tree, dialect="postgres")
+    top = _top(tree)
+    if columns is not None:
+        _check_columns(tree, tables, columns)
+    _check(tree, {k.lower(): v for k, v in tables.items()})
+    tree = tree.transform(_geometry)
+    assert isinstance(tree, exp.Query)
+    wanted = [n for n in (top, limit) if n is not None]
+    if wanted:
+        tree = tree.limit(min(wanted))
+    target = "postgres" if dialect.startswith("postgres") else "sqlite"
+    return Translated(tree.sql(dialect=target, identify=True), top)
+
+
+def _top(tree: exp.Query) -> int | None:
+    found = tree.args.get("limit")
+    if found is None:
+        return None
+    value = found.expression if isinstance(found, exp.Limit) else None
+    if not isinstance(value, exp.Literal) or value.is_string or not value.this.isdigit():
+        raise AdqlError("TOP must be followed by a whole number")
+    return int(value.this)
+
+
+def _check(tree: exp.Expr, tables: Mapping[str, str]) -> None:
+    """Refuse what is not a query over the published tables with allowed functions;
+    rename the tables to the names they run under (in place)."""
+    local = {c.alias_or_name.lower() for c in tree.find_all(exp.CTE)}
+    for node in tree.walk():
+        if isinstance(node, exp.Table):
+            if isinstance(node.this, exp.Func):
+                raise AdqlError(f"table functions are not allowed: {node.this.sql()}")
+            name = ".".join(p for p in (node.catalog, node.db, node.name) if p).lower()
+            if name in local and not node.db:
+                continue
+            if name not in tables:
+                known = ", ".join(sorted(tables))
+                raise AdqlError(f"unknown table {name!r}: expected one of {known}")
+            alias = node.alias or node.name
+            node.set("this", exp.to_identifier(tables[name]))
+            node.set("db", None)
+            node.set("catalog", None)
+            node.set("alias", exp.TableAlias(this=exp.to_identifier(alias)))
+        elif isinstance(node, exp.Column) and node.args.get("db") is not None:
+            node.set("db", None)  # ivoa.obscore.s_ra → obscore.s_ra
+            node.set("catalog", None)
+        elif isinstance(node, exp.Anonymous):
+            name = str(node.this).upper()
+            if name not in _GEOMETRY | _PREDICATES | {"DISTANCE"}:
+                raise AdqlError(f"unknown or unsupported function {name}()")
+        elif isinstance(node, exp.Contains):
+            pass
+        elif isinstance(node, exp.Func) and not isinstance(node, _ALLOWED + _OPERATORS):
+            raise AdqlError(f"unsupported function {node.sql(dialect='tsql').split('(')[0]}()")
+        elif isinstance(node, (exp.Command, exp.Into, exp.Lock)):
+            raise AdqlError("only SELECT queries are allowed")
+
+
+def _check_columns(
+    tree: exp.Expr, tables: Mapping[str, str], columns: Mapping[str, frozenset[str]]
+) -> None:
+    """Every column named is one of the tables read or an alias the query makes."""
+    known: set[str] = set()
+    for node in tree.find_all(exp.Table):
+        name = ".".join(p for p in (node.catalog, node.db, node.name) if p).lower()
+        known |= columns.get(name, frozenset())
+    for alias in tree.find_all(exp.Alias):
+        known.add(alias.alias.lower())
+    for table_alias in tree.find_all(exp.TableAlias):
+        known |= {c.name.lower() for c in table_alias.columns}
+    for column in tree.find_all(exp.Column):
+        if isinstance(column.this, exp.Star):
+            continue
+        if column.name.lower() not in known:
+            raise AdqlError(f"unknown column {column.name!r}")
+
+
+# ------------------------------------------------------------------ geometry
+
+
+@dataclass(frozen=True)
+class _Point:
+    ra: exp.Expr
+    dec: exp.Expr
+
+
+@dataclass(frozen=True)
+class _Circle:
+    center: _Point
+    radius: exp.Expr
+
+
+@dataclass(frozen=True)
+class _Polygon:
+    vertices: tuple[tuple[float, float], ...]
+
+
+def _name(node: exp.Expr) -> str:
+    if isinstance(node, exp.Contains):
+        return "CONTAINS"
+    if isinstance(node, exp.Anonymous):
+        return str(node.this).upper()
+    return ""
+
+
+def _args(node: exp.Expr) -> list[exp.Expr]:
+    if isinstance(node, exp.Contains):
+        return [node.this, node.expression]
+    return list(node.expressions)
+
+
+def _frame(args: list[exp.Expr], counts: tuple[int, ...], what: str) -> list[exp.Expr]:
+    """The arguments without the optional coordinate system (ADQL 2.0's first one)."""
+    if args and isinstance(args[0], exp.Literal) and args[0].is_string:
+        system = args[0].this.strip().upper()
+        if system not in _FRAMES:
+            raise AdqlError(f"{what}: unsupported coordinate system {args[0].this!r}: use 'ICRS'")
+        args = args[1:]
+    if len(args) not in counts:
+        raise AdqlError(f"{what}: expected {' or '.join(map(str, counts))} coordinates")
+    return args
+
+
+def _number(node: exp.Expr, what: str) -> float:
+    value = node
+    sign = 1.0
+    if isinstance(value, exp.Neg):
+        sign, value = -1.0, value.this
+    if isinstance(value, exp.Paren):
+        value = value.this
+    if isinstance(value, exp.Literal) and not value.is_string:
+        return sign * float(value.this)
+    raise AdqlError(f"{what}: its coordinates must be numbers, not {node.sql()}")
+
+
+def _shape(node: exp.Expr) -> _Point | _Circle | _Polygon:
+    name = _name(node)
+    args = _args(node)
+    if name == "POINT":
+        ra, dec = _frame(args, (2,), "POINT")
+        return _Point(ra, dec)
+    if name == "CIRCLE":
+        args = _frame(args, (2, 3), "CIRCLE")
+        if len(args) == 2:
+            center = _shape(args[0])
+            if not isinstance(center, _Point):
+                raise AdqlError("CIRCLE: its centre must be a POINT")
+            return _Circle(center, args[1])
+        return _Circle(_Point(args[0], args[1]), args[2])
+    if name == "POLYGON":
+        args = _frame(args, tuple(range(6, 200, 2)), "POLYGON")
+        values = [_number(a, "POLYGON") for a in args]
+        return _polygon(tuple(zip(values[0::2], values[1::2], strict=True)))
+    if name == "BOX":
+        x, y, width, height = (_number(a, "BOX") for a in _frame(args, (4,), "BOX"))
+        w, h = width / 2, height / 2
+        return _polygon(((x - w, y - h), (x + w, y - h), (x + w, y + h), (x - w, y + h)))
+    raise AdqlError(f"expected a POINT, CIRCLE, POLYGON or BOX, not {node.sql()}")
+
+
+def _vector(ra: float, dec: float) -> tuple[float, float, float]:
+    a, d = math.radians(ra), math.radians(dec)
+    return (math.cos(d) * math.cos(a), math.cos(d) * math.sin(a), math.sin(d))
+
+
+def _cross(
+    u: tuple[float, float, float], v: tuple[float, float, float]
+) -> tuple[float, float, float]:
+    return (u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0])
+
+
+def _dot(u: tuple[float, float, float], v: tuple[float, float, float]) -> float:
+    return u[0] * v[0] + u[1] * v[1] + u[2] * v[2]
+
+
+def _normals(vertices: tuple[tuple[float, float], ...]) -> list[tuple[float, float, float]]:
+    points = [_vector(*v) for v in vertices]
+    return [_cross(p, points[(i + 1) % len(points)]) for i, p in enumerate(points)]
+
+
+def _polygon(vertices: tuple[tuple[float, float], ...]) -> _Polygon:
+    """A convex polygon, its vertices turned counter-clockwise (seen from inside)."""
+    normals = _normals(vertices)
+    points = [_vector(*v) for v in vertices]
+    signs = {
+        _dot(n, points[(i + 2) % len(points)]) > 0 for i, n in enumerate(normals)
+    }  # each edge must see the next-but-one vertex on the same side
+    if len(signs) != 1:
+        raise AdqlError("POLYGON: only convex polygons (vertices in order) are supported")
+    return _Polygon(vertices if signs == {True} else tuple(reversed(vertices)))
+
+
+def _sql(template: str, **parts: exp.Expr) -> exp.Expr:
+    text = template.format(**{k: f"({v.sql(dialect='tsql')})" for k, v in parts.items()})
+    return sqlglot.parse_one(text, read="tsql")
+
+
+def _distance(a: _Point, b: _Point) -> exp.Expr:
+    """The angle between two points, degrees (haversine; clamped against rounding)."""
+    hav = _sql(
+        "SIN(RADIANS({d2} - {d1}) / 2) * SIN(RADIANS({d2} - {d1}) / 2)"
+        " + COS(RADIANS({d1})) * COS(RADIANS({d2}))"
+        " * SIN(RADIANS({a2} - {a1}) / 2) * SIN(RADIANS({a2} - {a1}) / 2)",
+        a1=a.ra,
+        d1=a.dec,
+        a2=b.ra,
+        d2=b.dec,
+    )
+    return _sql("DEGREES(2 * ASIN(SQRT(CASE WHEN {h} > 1 THEN 1 ELSE {h} END)))", h=hav)
+
+
+def _inside(point: _Point, region: _Circle | _Polygon) -> exp.Expr:
+    if isinstance(region, _Circle):
+        exact = _sql("{d} <= {r}", d=_distance(point, region.center), r=region.radius)
+        c = region.center.dec
+        near = _sql("{p} BETWEEN {c} - {r} AND {c} + {r}", p=point.dec, c=c, r=region.radius)
+        return exp.and_(near, exact)
+    x = _sql("COS(RADIANS({d})) * COS(RADIANS({a}))", a=point.ra, d=point.dec)
+    y = _sql("COS(RADIANS({d})) * SIN(RADIANS({a}))", a=point.ra, d=point.dec)
+    z = _sql("SIN(RADIANS({d}))", d=point.dec)
+    sides = [
+        _sql(
+            f"{n[0]!r} * {{x}} + {n[1]!r} * {{y}} + {n[2]!r} * {{z}} >= 0",
+            x=x,
+            y=y,
+            z=z,
+        )
+        for n in _normals(region.vertices)
+    ]
+    return exp.and_(*sides)
+
+
+def _predicate(node: exp.Expr) -> exp.Expr:
+    """CONTAINS(a, b) or INTERSECTS(a, b) as a condition."""
+    name = _name(node)
+    args = _args(node)
+    if len(args) != 2:
+        raise AdqlError(f"{name}: expected two regions")
+    a, b = (_shape(x) for x in args)
+    if name == "INTERSECTS" and isinstance(b, _Point):
+        a, b = b, a
+    if isinstance(a, _Point) and isinstance(b, (_Circle, _Polygon)):
+        return exp.paren(_inside(a, b))
+    if name == "INTERSECTS" and isinstance(a, _Circle) and isinstance(b, _Circle):
+        d = _distance(a.center, b.center)
+        return _sql("{d} <= {r1} + {r2}", d=d, r1=a.radius, r2=b.radius)
+    if name == "CONTAINS" and isinstance(a, _Circle) and isinstance(b, _Circle):
+        d = _distance(a.center, b.center)
+        return _sql("{d} + {r1} <= {r2}", d=d, r1=a.radius, r2=b.radius)
+    raise AdqlError(
+        f"{name}: supported for a POINT and a CIRCLE, POLYGON or BOX, and for two CIRCLEs"
+    )
+
+
+def _is_one(node: exp.Expr) -> bool:
+    return isinstance(node, exp.Literal) and not node.is_string and node.this == "1"
+
+
+def _geometry(node: exp.Expr) -> exp.Expr:
+    if isinstance(node, exp.EQ):
+        left, right = node.this, node.expression
+        if _is_one(left) and _name(right) in _PREDICATES:
+            return _predicate(right)
+        if _is_one(right) and _name(left) in _PREDICATES:
+            return _predicate(left)
+        return node
+    name = _name(node)
+    if name in _PREDICATES:
+        return _sql("CASE WHEN {c} THEN 1 ELSE 0 END", c=_predicate(node))
+    if name == "DISTANCE":
+        args = _args(node)
+        if len(args) == 4:
+            return _distance(_Point(args[0], args[1]), _Point(args[2], args[3]))
+        shapes = [_shape(a) for a in args]
+        if len(shapes) != 2 or not all(isinstance(s, _Point) for s in shapes):
+            raise AdqlError("DISTANCE: expected two POINTs (or four numbers)")
+        return _distance(*shapes)  # type: ignore[arg-type]
+    if name in _GEOMETRY:
+        raise AdqlError(f"{name}: a region is only allowed inside CONTAINS, INTERSECTS or DISTANCE")
+    return node
