@@ -13,6 +13,10 @@ import csv
 import io
 import json
 import math
+import re
+import shutil
+import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,13 +39,14 @@ from obsflow.ivoa.adql import AdqlError, translate
 from obsflow.ivoa.tap import RUN_NAMES
 from obsflow.registry import load_registry
 from obsflow.site import Site, example_registry, ingest_paths, open_site
-from tests.conftest import SiteFactory
+from tests.conftest import SiteFactory, service_missing
 
 CENTER = (150.0, 2.0)
 # (position angle step, distance from the centre in degrees) of each of the 12 files:
 # some inside 0.1°, some just outside, a few far away
 DISTANCES = (0.0, 0.03, 0.07, 0.0999, 0.1001, 0.12, 0.5, 0.05, 0.09, 2.0, 0.02, 0.11)
 VOTABLE_NS = "{http://www.ivoa.net/xml/VOTable/v1.3}"
+UWS_NS = "{http://www.ivoa.net/xml/UWS/v1.0}"
 
 
 @dataclass
@@ -433,11 +438,13 @@ def test_vosi_resources(world: World) -> None:
 
 def test_pyvo_queries_the_service(world: World) -> None:
     pyvo = pytest.importorskip("pyvo")
-    service = pyvo.dal.TAPService(f"{world.url}/tap")
-    result = service.run_sync(cone(*CENTER, 0.1), maxrec=50)
-    ids = world.ids
-    assert set(result.to_table()["obs_id"]) == exact(world, *CENTER, 0.1, ids[4:8])
-    assert "ivoa.obscore" in [t.name for t in service.tables]
+    requests = pytest.importorskip("requests")
+    with requests.Session() as session:
+        service = pyvo.dal.TAPService(f"{world.url}/tap", session=session)
+        result = service.run_sync(cone(*CENTER, 0.1), maxrec=50)
+        tables = [t.name for t in service.tables]
+    assert set(result.to_table()["obs_id"]) == exact(world, *CENTER, 0.1, world.ids[4:8])
+    assert "ivoa.obscore" in tables
 
 
 # ------------------------------------------------------------------ translation
@@ -456,3 +463,95 @@ def test_translation_never_passes_user_text(dialect: str) -> None:
     for bad in ("WITH x AS (DELETE FROM files) SELECT 1", "SELECT * INTO t FROM ivoa.obscore"):
         with pytest.raises(AdqlError):
             translate(bad, RUN_NAMES, dialect, limit=10)
+
+
+# ------------------------------------------------------------------ async (UWS)
+
+
+def _phase(client: httpx.Client, job: str) -> str:
+    return client.get(f"/tap/async/{job}/phase").text
+
+
+def test_an_async_job_runs_and_keeps_its_result(world: World) -> None:
+    with world.client("own") as client:
+        made = client.post(
+            "/tap/async",
+            data={"LANG": "ADQL", "QUERY": cone(*CENTER, 0.1), "FORMAT": "csv"},
+        )
+        assert made.status_code == 303
+        job = made.headers["location"].rsplit("/", 1)[1]
+        assert _phase(client, job) == "PENDING"
+        listed = ET.fromstring(client.get("/tap/async").content)
+        assert [r.get("id") for r in listed.iter(f"{UWS_NS}jobref")] == [job]
+        assert client.post(f"/tap/async/{job}/phase", data={"PHASE": "RUN"}).status_code == 303
+        document = client.get(f"/tap/async/{job}", params={"WAIT": "30"}).content
+        root = ET.fromstring(document)
+        assert root.findtext(f"{UWS_NS}phase") == "COMPLETED"
+        result = client.get(f"/tap/async/{job}/results/result")
+        assert result.headers["content-type"].startswith("text/csv")
+        found = {r["obs_id"] for r in csv.DictReader(io.StringIO(result.text))}
+        assert found == exact(world, *CENTER, 0.1, world.ids[:8])  # own program: A
+        # nobody else sees the job
+        with world.client("other") as other:
+            assert other.get(f"/tap/async/{job}").status_code == 404
+            assert other.get(f"/tap/async/{job}/results/result").status_code == 404
+        assert client.delete(f"/tap/async/{job}").status_code == 303
+        assert client.get(f"/tap/async/{job}").status_code == 404
+
+
+def test_an_async_job_with_a_bad_query_ends_in_error_with_a_document(world: World) -> None:
+    with world.client() as client:
+        made = client.post(
+            "/tap/async",
+            data={"LANG": "ADQL", "QUERY": "SELECT * FROM files", "PHASE": "RUN"},
+        )
+        job = made.headers["location"].rsplit("/", 1)[1]
+        root = ET.fromstring(client.get(f"/tap/async/{job}", params={"WAIT": "30"}).content)
+        assert root.findtext(f"{UWS_NS}phase") == "ERROR"
+        assert "unknown table 'files'" in (root.findtext(f".//{UWS_NS}message") or "")
+        error = ET.fromstring(client.get(f"/tap/async/{job}/error").content)
+        info = next(i for i in error.iter(f"{VOTABLE_NS}INFO"))
+        assert info.get("value") == "ERROR" and "files" in (info.text or "")
+        # a job aborted before it runs never runs
+        made = client.post("/tap/async", data={"LANG": "ADQL", "QUERY": "SELECT 1 AS x"})
+        job = made.headers["location"].rsplit("/", 1)[1]
+        client.post(f"/tap/async/{job}/phase", data={"PHASE": "ABORT"})
+        client.post(f"/tap/async/{job}/phase", data={"PHASE": "RUN"})
+        time.sleep(0.5)
+        assert _phase(client, job) == "ABORTED"
+        bad = client.post(f"/tap/async/{job}/destruction", data={"DESTRUCTION": "tomorrow"})
+        assert bad.status_code == 400 and b"DESTRUCTION 'tomorrow'" in bad.content
+
+
+def test_pyvo_runs_async_jobs(world: World) -> None:
+    pyvo = pytest.importorskip("pyvo")
+    requests = pytest.importorskip("requests")
+    with requests.Session() as session:
+        service = pyvo.dal.TAPService(f"{world.url}/tap", session=session)
+        query = "SELECT TOP 5 obs_id, t_min FROM ivoa.obscore ORDER BY t_min"
+        result = service.run_async(query)
+    latest = sorted(world.records, key=lambda r: r.start_mjd or 0)[:5]
+    assert list(result.to_table()["obs_id"]) == [r.archive_id for r in latest]
+
+
+# ------------------------------------------------------------------ taplint
+
+
+def test_taplint_finds_no_errors(world: World) -> None:
+    """STILTS taplint, the IVOA's validator, against the live service (it exits 0
+    even when it reports errors: its Totals line is what counts)."""
+    stilts = shutil.which("stilts")
+    if stilts is None:
+        service_missing("STILTS is not installed (Debian: apt-get install stilts)")
+    assert stilts is not None
+    done = subprocess.run(
+        [stilts, "taplint", f"tapurl={world.url}/tap", "report=EWF"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    totals = re.search(r"Totals: Errors: (\d+); Warnings: (\d+)", done.stdout)
+    assert totals is not None, done.stdout[-2000:] + done.stderr[-2000:]
+    problems = [line for line in done.stdout.splitlines() if line.startswith("E-")]
+    assert int(totals.group(1)) == 0, "\n".join(problems)

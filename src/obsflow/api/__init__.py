@@ -130,7 +130,7 @@ def create_app(
     problems.install(app)
     for module in (files, runs, status, metrics, transfer, workers):
         app.include_router(module.router)
-    app.include_router(tap.router)  # IVOA: /tap beside /api/v1
+    tap.install(app, app.state.services)  # IVOA: /tap beside /api/v1
     app.add_middleware(RequestMetrics, metrics=app_metrics)
 
     def openapi() -> dict[str, Any]:

@@ -29,6 +29,11 @@ class ColumnInfo:
     std: bool = True
 
     @property
+    def sql_name(self) -> str:
+        """The name without ADQL's delimiters (TAP_SCHEMA's ``"size"`` is ``size``)."""
+        return self.name.strip('"')
+
+    @property
     def arraysize(self) -> str | None:
         return "*" if self.datatype == "char" else None
 

@@ -10,11 +10,13 @@ REST API uses) → a VOTable, CSV or JSON. Every error is a VOTable error docume
 from __future__ import annotations
 
 import logging
+import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from obsflow.access import Principal, ReadRule
@@ -27,11 +29,23 @@ from obsflow.ivoa import vosi
 from obsflow.ivoa.adql import AdqlError, translate
 from obsflow.ivoa.obscore import OBSCORE, ColumnInfo, facts_of
 from obsflow.ivoa.tapschema import PUBLISHED, rows_of
+from obsflow.ivoa.uws import (
+    LIFETIME,
+    Job,
+    JobStore,
+    Phase,
+    UwsError,
+    format_time,
+    job_xml,
+    jobs_xml,
+    parse_time,
+    part_xml,
+)
 from obsflow.ivoa.votable import Format, FormatError, Result, error_document, parse_format, render
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TapError", "TapQuery", "execute", "router"]
+__all__ = ["TapError", "TapQuery", "execute", "install", "router"]
 
 router = APIRouter(prefix="/tap", tags=["ivoa"], include_in_schema=False)
 
@@ -40,9 +54,9 @@ Svc = Annotated[Services, Depends(services)]
 RUN_NAMES: Final = {t.name: t.name.replace(".", "_") for t in PUBLISHED}
 """ADQL table name → the name its SELECT runs under (a common table expression)."""
 KNOWN_COLUMNS: Final[dict[str, ColumnInfo]] = {
-    c.name: c for t in reversed(PUBLISHED) for c in t.columns
+    c.sql_name: c for t in reversed(PUBLISHED) for c in t.columns
 }
-COLUMN_NAMES: Final = {t.name: frozenset(c.name for c in t.columns) for t in PUBLISHED}
+COLUMN_NAMES: Final = {t.name: frozenset(c.sql_name for c in t.columns) for t in PUBLISHED}
 LANGS: Final = frozenset({"ADQL", "ADQL-2.0", "ADQL-2.1"})
 
 
@@ -112,7 +126,8 @@ def execute(svc: Services, who: Principal, query: TapQuery, base_url: str) -> Re
         if table is OBSCORE:
             tables[run_name] = obscore_select(facts, readable)
         else:
-            tables[run_name] = literal_table([c.name for c in table.columns], rows_of(table))
+            names = [c.sql_name for c in table.columns]
+            tables[run_name] = literal_table(names, rows_of(table))
     found = run_query(catalog, translated.sql, tables, seconds=svc.site.settings.ivoa.query_seconds)
     rows = found.rows
     overflow = len(rows) > query.maxrec and (
@@ -187,3 +202,223 @@ def availability(svc: Svc) -> Response:
 @router.get("/tables")
 def tables() -> Response:
     return Response(vosi.tables(PUBLISHED), media_type="text/xml")
+
+
+# ------------------------------------------------------------------ async (UWS 1.1)
+
+_RUNNING: Final = threading.BoundedSemaphore(2)
+"""Async queries that run at once per process (more wait QUEUED): a burst of jobs
+cannot take every connection of the catalog."""
+
+
+def install(app: FastAPI, svc: Services) -> None:
+    """Mount ``/tap`` on ``app``, with the job store of its async queries."""
+    settings = svc.site.settings.ivoa
+    app.state.tap_jobs = JobStore(svc.site.clock, math.ceil(settings.query_seconds))
+    app.include_router(router)
+
+
+def _jobs(request: Request) -> JobStore:
+    store = request.app.state.tap_jobs
+    assert isinstance(store, JobStore)
+    return store
+
+
+def _owner(who: Principal) -> str:
+    return "anonymous" if who.anonymous else f"{who.user}#{who.token_id}"
+
+
+def _not_found(job_id: str) -> Response:
+    return Response(f"no such job: {job_id}\n", 404, media_type="text/plain")
+
+
+def _see(url: str) -> Response:
+    return Response(status_code=303, headers={"Location": url})
+
+
+def _run(store: JobStore, job: Job, svc: Services, who: Principal, base_url: str) -> None:
+    """Execute a QUEUED job in this thread (see :func:`_start`)."""
+    with _RUNNING:
+        current = store.update(job.id, phase=Phase.EXECUTING, started=svc.now())
+        if current is None or current.phase is not Phase.EXECUTING:
+            return  # aborted or deleted while it waited
+        try:
+            query = parse_query(current.parameters, svc)
+            result = execute(svc, who, query, base_url)
+            body = render(result, query.format)
+        except (TapError, AdqlError, QueryError) as exc:
+            store.update(job.id, phase=Phase.ERROR, ended=svc.now(), error=str(exc))
+            return
+        except Exception as exc:  # a job's thread must record why it died
+            log.exception("TAP job %s failed", job.id)
+            store.update(job.id, phase=Phase.ERROR, ended=svc.now(), error=f"internal: {exc}")
+            return
+        store.update(
+            job.id,
+            phase=Phase.COMPLETED,
+            ended=svc.now(),
+            result=body,
+            media_type=query.format.media_type,
+            rows=len(result.rows),
+        )
+
+
+def _start(request: Request, job: Job, svc: Services, who: Principal) -> None:
+    store = _jobs(request)
+    queued = store.update(job.id, phase=Phase.QUEUED)
+    if queued is None or queued.phase is not Phase.QUEUED:
+        return
+    thread = threading.Thread(
+        target=_run,
+        args=(store, queued, svc, who, str(request.base_url)),
+        name=f"tap-job-{job.id}",
+        daemon=True,
+    )
+    thread.start()
+
+
+def _apply(
+    request: Request, job: Job, params: Mapping[str, str], svc: Services, who: Principal
+) -> Response | None:
+    """PHASE, DESTRUCTION, EXECUTIONDURATION posted to a job; a response if refused."""
+    store = _jobs(request)
+    if "DESTRUCTION" in params:
+        try:
+            when = parse_time(params["DESTRUCTION"])
+        except UwsError as exc:
+            return error_response(str(exc))
+        store.update(job.id, destruction=min(when, job.created + LIFETIME * 7))
+    if "EXECUTIONDURATION" in params:
+        text = params["EXECUTIONDURATION"]
+        if not text.strip().isdigit():
+            return error_response(f"EXECUTIONDURATION {text!r} is not a whole number of seconds")
+        # never longer than the site's limit (ivoa.query_seconds), which stops the query
+        store.update(job.id, execution_seconds=min(int(text), job.execution_seconds) or 1)
+    phase = params.get("PHASE")
+    if phase is not None:
+        if phase == "RUN":
+            _start(request, job, svc, who)
+        elif phase == "ABORT":
+            store.update(job.id, phase=Phase.ABORTED, ended=svc.now())
+        else:
+            return error_response(f"unknown PHASE {phase!r}: expected RUN or ABORT")
+    return None
+
+
+@router.get("/async")
+def job_list(request: Request, who: Caller) -> Response:
+    phases = {p.upper() for p in request.query_params.getlist("PHASE")}
+    jobs = [j for j in _jobs(request).of(_owner(who)) if not phases or j.phase.value in phases]
+    return Response(jobs_xml(jobs, f"{request.base_url}tap/async"), media_type="text/xml")
+
+
+@router.post("/async")
+async def create_job(request: Request, who: Caller, svc: Svc) -> Response:
+    params = await request_params(request)
+    try:
+        job = _jobs(request).create(_owner(who), {k: v for k, v in params.items() if k != "PHASE"})
+    except UwsError as exc:
+        return error_response(str(exc), 403)
+    refused = _apply(request, job, {k: v for k, v in params.items() if k == "PHASE"}, svc, who)
+    return refused or _see(f"{request.base_url}tap/async/{job.id}")
+
+
+@router.get("/async/{job_id}")
+async def get_job(request: Request, job_id: str, who: Caller) -> Response:
+    store = _jobs(request)
+    wait = request.query_params.get("WAIT")
+    job = store.get(_owner(who), job_id)
+    if job is None:
+        return _not_found(job_id)
+    if wait is not None:
+        try:
+            seconds = float(wait)
+        except ValueError:
+            return error_response(f"WAIT {wait!r} is not a number of seconds")
+        seconds = 60.0 if seconds < 0 else min(seconds, 60.0)
+        text = request.query_params.get("PHASE")
+        phase = Phase(text) if text is not None and text in Phase.__members__ else None
+        found = await run_in_threadpool(store.wait, _owner(who), job_id, seconds, phase)
+        job = found or job
+    base = f"{request.base_url}tap/async/{job.id}"
+    return Response(job_xml(job, base), media_type="text/xml")
+
+
+@router.post("/async/{job_id}")
+async def post_job(request: Request, job_id: str, who: Caller, svc: Svc) -> Response:
+    params = await request_params(request)
+    store = _jobs(request)
+    job = store.get(_owner(who), job_id)
+    if job is None:
+        return _not_found(job_id)
+    if params.get("ACTION") == "DELETE":
+        store.delete(_owner(who), job_id)
+        return _see(f"{request.base_url}tap/async")
+    refused = _apply(request, job, params, svc, who)
+    return refused or _see(f"{request.base_url}tap/async/{job_id}")
+
+
+@router.delete("/async/{job_id}")
+def delete_job(request: Request, job_id: str, who: Caller) -> Response:
+    if not _jobs(request).delete(_owner(who), job_id):
+        return _not_found(job_id)
+    return _see(f"{request.base_url}tap/async")
+
+
+@router.post("/async/{job_id}/{field}")
+async def post_job_field(
+    request: Request, job_id: str, field: str, who: Caller, svc: Svc
+) -> Response:
+    params = await request_params(request)
+    store = _jobs(request)
+    job = store.get(_owner(who), job_id)
+    if job is None:
+        return _not_found(job_id)
+    wanted = {"phase": "PHASE", "destruction": "DESTRUCTION",
+              "executionduration": "EXECUTIONDURATION"}  # fmt: skip
+    if field == "parameters":
+        try:
+            store.set_parameters(_owner(who), job_id, params)
+        except UwsError as exc:
+            return error_response(str(exc), 409)
+    elif field in wanted:
+        if wanted[field] not in params:
+            return error_response(f"expected {wanted[field]}=... for {field}")
+        refused = _apply(request, job, {wanted[field]: params[wanted[field]]}, svc, who)
+        if refused:
+            return refused
+    else:
+        return _not_found(f"{job_id}/{field}")
+    return _see(f"{request.base_url}tap/async/{job_id}")
+
+
+@router.get("/async/{job_id}/{field}")
+def get_job_field(request: Request, job_id: str, field: str, who: Caller) -> Response:
+    job = _jobs(request).get(_owner(who), job_id)
+    if job is None:
+        return _not_found(job_id)
+    base = f"{request.base_url}tap/async/{job.id}"
+    text = {
+        "phase": job.phase.value,
+        "executionduration": str(job.execution_seconds),
+        "destruction": format_time(job.destruction),
+        "quote": "",
+        "owner": job.owner,
+    }
+    if field in text:
+        return Response(text[field], media_type="text/plain")
+    if field == "error":
+        if job.phase is not Phase.ERROR:
+            return _not_found(f"{job_id}/error")
+        return error_response(job.error or "the job failed", 200)
+    if field in {"results", "parameters"}:
+        return Response(part_xml(job, base, field), media_type="text/xml")
+    return _not_found(f"{job_id}/{field}")
+
+
+@router.get("/async/{job_id}/results/result")
+def job_result(request: Request, job_id: str, who: Caller) -> Response:
+    job = _jobs(request).get(_owner(who), job_id)
+    if job is None or job.phase is not Phase.COMPLETED or job.result is None:
+        return _not_found(f"{job_id}/results/result")
+    return Response(job.result, media_type=job.media_type)

@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from obsflow.ivoa.obscore import OBSCORE, ColumnInfo, TableInfo
 
-__all__ = ["PUBLISHED", "TAP_SCHEMA_TABLES", "rows_of"]
+__all__ = ["KEYS_OF", "PUBLISHED", "TAP_SCHEMA_TABLES", "rows_of"]
 
 
 def _t(name: str, description: str) -> ColumnInfo:
@@ -56,9 +56,9 @@ COLUMNS: Final = TableInfo(
         _t("unit", "Column unit (VOUnit)"),
         _t("description", "Describes the column"),
         _t("datatype", "VOTable datatype"),
-        _i("arraysize", "Array size, NULL: a scalar or variable"),
+        _t("arraysize", "VOTable arraysize ('*': variable; NULL: a scalar)"),
         _t("xtype", "VOTable xtype"),
-        _i("size", "Deprecated: arraysize"),
+        _i('"size"', "Deprecated: arraysize as a number"),
         _i("principal", "1 if the column is principal"),
         _i("indexed", "1 if the column is indexed"),
         _i("std", "1 if the column is defined by a standard"),
@@ -105,6 +105,14 @@ _KEYS: Final = (
 )
 
 
+KEYS_OF: Final = {
+    f: [(k, t, c, "table_name" if c in {"from_table", "target_table"} else c)
+        for k, f2, t, c in _KEYS if f2 == f]
+    for _, f, _, _ in _KEYS
+}  # fmt: skip
+"""From table → its foreign keys: (key ID, target table, from column, target column)."""
+
+
 def rows_of(table: TableInfo) -> list[tuple[Any, ...]]:
     """The rows of one of the TAP_SCHEMA tables."""
     if table is SCHEMAS:
@@ -123,7 +131,7 @@ def rows_of(table: TableInfo) -> list[tuple[Any, ...]]:
                 c.unit,
                 c.description,
                 c.datatype,
-                None,
+                c.arraysize,
                 c.xtype,
                 None,
                 int(c.principal),
@@ -137,6 +145,5 @@ def rows_of(table: TableInfo) -> list[tuple[Any, ...]]:
     if table is KEYS:
         return [(k, f, t, None, f"{f} refers to {t}") for k, f, t, _ in _KEYS]
     if table is KEY_COLUMNS:
-        key_target = {"key_id": "key_id", "from_table": "table_name", "target_table": "table_name"}
-        return [(k, c, key_target.get(c, c)) for k, _, _, c in _KEYS]
+        return [(k, c, target) for keys in KEYS_OF.values() for k, _, c, target in keys]
     raise KeyError(table.name)

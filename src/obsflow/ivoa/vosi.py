@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 from obsflow.ivoa.obscore import ColumnInfo, TableInfo
+from obsflow.ivoa.tapschema import KEYS_OF
 
 __all__ = ["availability", "capabilities", "tables"]
 
@@ -122,6 +123,16 @@ def tables(published: Sequence[TableInfo]) -> bytes:
             if t.utype:
                 body.append(f"      <utype>{escape(t.utype)}</utype>\n")
             body.extend(_column(c) for c in t.columns)
+            for _, target, column, target_column in KEYS_OF.get(t.name, []):
+                body.append(
+                    "      <foreignKey>\n"
+                    f"        <targetTable>{escape(target)}</targetTable>\n"
+                    "        <fkColumn>\n"
+                    f"          <fromColumn>{escape(column)}</fromColumn>\n"
+                    f"          <targetColumn>{escape(target_column)}</targetColumn>\n"
+                    "        </fkColumn>\n"
+                    "      </foreignKey>\n"
+                )
             body.append("    </table>\n")
         body.append("  </schema>\n")
     return (
