@@ -39,7 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from obsflow.catalog import Catalog
-from obsflow.catalog.schema import files, is_live
+from obsflow.catalog.schema import files, is_live, run_inputs
 from obsflow.errors import ObsflowError
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "ProductFacts",
     "QueryError",
     "QueryResult",
+    "derived_from",
     "literal_table",
     "obscore_select",
     "run_query",
@@ -287,3 +288,13 @@ def run_query(
             raise QueryError(f"the query ran longer than {seconds:g} s and was stopped") from None
         raise QueryError(f"the database refused the query: {message}") from None
     return QueryResult(names, rows, time.monotonic() - started)
+
+
+def derived_from(catalog: Catalog, file_id: int) -> list[int]:
+    """The live files that runs made from ``file_id`` (DataLink's ``#derivation``)."""
+    with catalog.read() as conn:
+        used = select(run_inputs.c.run_id).where(run_inputs.c.file_id == file_id)
+        query = (
+            select(files.c.id).where(files.c.made_by_run.in_(used), is_live()).order_by(files.c.id)
+        )
+        return list(conn.execute(query).scalars())

@@ -25,7 +25,7 @@ from obsflow.api.services import Services, services
 from obsflow.catalog.obscore import QueryError, literal_table, obscore_select, run_query
 from obsflow.catalog.schema import files
 from obsflow.errors import ObsflowError
-from obsflow.ivoa import vosi
+from obsflow.ivoa import datalink, soda, vosi
 from obsflow.ivoa.adql import AdqlError, translate
 from obsflow.ivoa.obscore import OBSCORE, ColumnInfo, facts_of
 from obsflow.ivoa.tapschema import PUBLISHED, rows_of
@@ -212,10 +212,13 @@ cannot take every connection of the catalog."""
 
 
 def install(app: FastAPI, svc: Services) -> None:
-    """Mount ``/tap`` on ``app``, with the job store of its async queries."""
+    """Mount ``/tap`` (with the job store of its async queries), ``/datalink`` and
+    ``/soda`` on ``app``."""
     settings = svc.site.settings.ivoa
     app.state.tap_jobs = JobStore(svc.site.clock, math.ceil(settings.query_seconds))
     app.include_router(router)
+    app.include_router(datalink.router)
+    app.include_router(soda.router)
 
 
 def _jobs(request: Request) -> JobStore:
