@@ -30,6 +30,8 @@ from sqlalchemy import (
     String,
     case,
     cast,
+    false,
+    func,
     literal,
     null,
     select,
@@ -143,11 +145,23 @@ def _res_power(facts: ObsCoreFacts) -> ColumnElement[Any]:
 def obscore_select(facts: ObsCoreFacts, readable: ColumnElement[bool]) -> Select[Any]:
     """ObsCore 1.1's columns, one row per live, current file. ``readable`` is the
     reader's :meth:`~obsflow.access.ReadRule.sql` over ``files``: where it is false,
-    the target, position and region are NULL (the rest is public)."""
+    the target, position and region are NULL (the rest is public).
+
+    Two branches, ``UNION ALL``: the files the reader may read, with their columns as
+    they are, and the others, with NULLs. Both engines push a query's conditions into
+    each branch, so a cone search's declination band and a time range reach the
+    indexes on ``files.dec`` and ``files.start_mjd`` (a ``CASE`` would hide them)."""
+    mine = _branch(facts, shown=True).where(readable)
+    others = _branch(facts, shown=False).where(~func.coalesce(readable, false()))
+    everything: Select[Any] = select(union_all(mine, others).subquery())
+    return everything
+
+
+def _branch(facts: ObsCoreFacts, *, shown: bool) -> Select[Any]:
     f = files.c
 
     def hidden(column: ColumnElement[Any]) -> ColumnElement[Any]:
-        return case((readable, column), else_=null())
+        return column if shown else cast(null(), column.type)
 
     fov = _by_instrument(facts, lambda i: i.fov_deg, Float)
     region = (
@@ -181,7 +195,9 @@ def obscore_select(facts: ObsCoreFacts, readable: ColumnElement[bool]) -> Select
         hidden(f.ra).label("s_ra"),
         hidden(f.dec).label("s_dec"),
         fov.label("s_fov"),
-        case((readable & has_region, region), else_=null()).label("s_region"),
+        (case((has_region, region), else_=null()) if shown else cast(null(), String)).label(
+            "s_region"
+        ),
         _by_instrument(facts, lambda i: i.resolution_arcsec, Float).label("s_resolution"),
         _by_instrument(facts, lambda i: i.pixels[0] if i.pixels else None, Integer).label("s_xel1"),
         _by_instrument(facts, lambda i: i.pixels[1] if i.pixels else None, Integer).label("s_xel2"),

@@ -128,6 +128,7 @@ files = Table(
     Index("ix_files_virtual_last_access", "virtual", "last_access"),  # eviction order
     Index("ix_files_start_stop", "start_utc", "stop_utc"),
     Index("ix_files_dec_ra", "dec", "ra"),  # a cone search's box (catalog/search.py)
+    Index("ix_files_start_mjd", "start_mjd"),  # ObsCore's t_min (TAP time ranges)
     Index(
         "ix_files_untracked", "id", sqlite_where=text(UNTRACKED), postgresql_where=text(UNTRACKED)
     ),

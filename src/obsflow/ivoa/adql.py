@@ -18,7 +18,9 @@ range first (a cheap, exact prefilter); of a point and a convex ``POLYGON`` or a
 
 from __future__ import annotations
 
+import functools
 import math
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -100,11 +102,11 @@ def translate(
     if columns is not None:
         _check_columns(tree, tables, columns)
     _check(tree, {k.lower(): v for k, v in tables.items()})
-    tree = tree.transform(_geometry)
+    tree = tree.transform(_geometry, copy=False)
     assert isinstance(tree, exp.Query)
     wanted = [n for n in (top, limit) if n is not None]
     if wanted:
-        tree = tree.limit(min(wanted))
+        tree = tree.limit(min(wanted), copy=False)
     target = "postgres" if dialect.startswith("postgres") else "sqlite"
     return Translated(tree.sql(dialect=target, identify=True), top)
 
@@ -287,9 +289,24 @@ def _polygon(vertices: tuple[tuple[float, float], ...]) -> _Polygon:
     return _Polygon(vertices if signs == {True} else tuple(reversed(vertices)))
 
 
+@functools.lru_cache(maxsize=256)
+def _template(template: str) -> exp.Expr:
+    """``template`` parsed once, its ``{name}`` placeholders as columns ``__name``."""
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    return sqlglot.parse_one(template.format(**{n: f"__{n}" for n in names}), read="tsql")
+
+
 def _sql(template: str, **parts: exp.Expr) -> exp.Expr:
-    text = template.format(**{k: f"({v.sql(dialect='tsql')})" for k, v in parts.items()})
-    return sqlglot.parse_one(text, read="tsql")
+    """``template`` with each ``{name}`` replaced by (a copy of) ``parts[name]``, in
+    parentheses: a tree made from trees, never from text."""
+
+    def put(node: exp.Expr) -> exp.Expr:
+        if isinstance(node, exp.Column) and not node.table and node.name.startswith("__"):
+            part = parts[node.name[2:]]  # copied only once it stands somewhere already
+            return exp.Paren(this=part.copy() if part.parent is not None else part)
+        return node
+
+    return _template(template).copy().transform(put, copy=False)
 
 
 def _distance(a: _Point, b: _Point) -> exp.Expr:
