@@ -186,7 +186,7 @@ def measure(site: Site, repeat: int, seed: int) -> int:
                 else ReadRule.of(who, datetime.now(UTC))
             )
             readable = rule.sql(files.c.proprietary_until, files.c.program)
-            view = {"ivoa_obscore": obscore_select(facts, readable)}
+            view = {"ivoa_obscore": obscore_select(facts, readable)}  # its URL: the default
             for name, adqls in queries.items():
 
                 def direct(adql: str, view: dict[str, Any] = view) -> Callable[[], int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import (
     ColumnElement,
@@ -28,6 +28,7 @@ from sqlalchemy import (
     Integer,
     Select,
     String,
+    bindparam,
     case,
     cast,
     false,
@@ -45,8 +46,10 @@ from obsflow.catalog.schema import files, is_live, run_inputs
 from obsflow.errors import ObsflowError
 
 __all__ = [
+    "URL_PARAMETER",
     "InstrumentFacts",
     "ObsCoreFacts",
+    "ObsCoreView",
     "ProductFacts",
     "QueryError",
     "QueryResult",
@@ -142,6 +145,27 @@ def _res_power(facts: ObsCoreFacts) -> ColumnElement[Any]:
     return case(*whens, else_=null()) if whens else cast(null(), Float)
 
 
+URL_PARAMETER: Final = "obscore_data_url"
+"""The bound parameter that sets ``access_url``'s prefix per query (``run_query``'s
+``params``); without it, :attr:`ObsCoreFacts.data_url`."""
+
+
+class ObsCoreView:
+    """:func:`obscore_select` of one registry, its branches built once: a query then
+    only adds the reader's rule (building them costs more than running a cone search)."""
+
+    def __init__(self, facts: ObsCoreFacts) -> None:
+        self.facts = facts
+        self._mine = _branch(facts, shown=True)
+        self._others = _branch(facts, shown=False)
+
+    def select(self, readable: ColumnElement[bool]) -> Select[Any]:
+        mine = self._mine.where(readable)
+        others = self._others.where(~func.coalesce(readable, false()))
+        everything: Select[Any] = select(union_all(mine, others).subquery())
+        return everything
+
+
 def obscore_select(facts: ObsCoreFacts, readable: ColumnElement[bool]) -> Select[Any]:
     """ObsCore 1.1's columns, one row per live, current file. ``readable`` is the
     reader's :meth:`~obsflow.access.ReadRule.sql` over ``files``: where it is false,
@@ -151,10 +175,7 @@ def obscore_select(facts: ObsCoreFacts, readable: ColumnElement[bool]) -> Select
     they are, and the others, with NULLs. Both engines push a query's conditions into
     each branch, so a cone search's declination band and a time range reach the
     indexes on ``files.dec`` and ``files.start_mjd`` (a ``CASE`` would hide them)."""
-    mine = _branch(facts, shown=True).where(readable)
-    others = _branch(facts, shown=False).where(~func.coalesce(readable, false()))
-    everything: Select[Any] = select(union_all(mine, others).subquery())
-    return everything
+    return ObsCoreView(facts).select(readable)
 
 
 def _branch(facts: ObsCoreFacts, *, shown: bool) -> Select[Any]:
@@ -177,7 +198,9 @@ def _branch(facts: ObsCoreFacts, *, shown: bool) -> Select[Any]:
     access = (
         literal(facts.datalink_url, String) + did
         if facts.datalink_url
-        else literal(facts.data_url, String) + f.archive_id + literal("/data", String)
+        else bindparam(URL_PARAMETER, facts.data_url, type_=String)
+        + f.archive_id
+        + literal("/data", String)
     )
     access_format = (
         "application/x-votable+xml;content=datalink" if facts.datalink_url else "application/fits"
@@ -266,6 +289,7 @@ def run_query(
     tables: Mapping[str, Select[Any]],
     *,
     seconds: float,
+    params: Mapping[str, Any] | None = None,
 ) -> QueryResult:
     """Run ``sql`` (made by :func:`obsflow.ivoa.adql.translate`, which names its
     tables as the keys of ``tables``) with ``tables`` as its common table expressions,
@@ -285,7 +309,7 @@ def run_query(
                 )
                 try:
                     with conn.begin():
-                        result = conn.execute(query)
+                        result = conn.execute(query, dict(params or {}))
                         rows = [tuple(r) for r in result]
                         names = tuple(result.keys())
                 finally:
@@ -294,7 +318,7 @@ def run_query(
                 with conn.begin():
                     conn.exec_driver_sql("SET TRANSACTION READ ONLY")
                     conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(seconds * 1000)}")
-                    result = conn.execute(query)
+                    result = conn.execute(query, dict(params or {}))
                     rows = [tuple(r) for r in result]
                     names = tuple(result.keys())
     except (OperationalError, DBAPIError) as exc:

@@ -22,7 +22,13 @@ from starlette.concurrency import run_in_threadpool
 from obsflow.access import Principal, ReadRule
 from obsflow.api.auth import Caller
 from obsflow.api.services import Services, services
-from obsflow.catalog.obscore import QueryError, literal_table, obscore_select, run_query
+from obsflow.catalog.obscore import (
+    URL_PARAMETER,
+    ObsCoreView,
+    QueryError,
+    literal_table,
+    run_query,
+)
 from obsflow.catalog.schema import files
 from obsflow.errors import ObsflowError
 from obsflow.ivoa import datalink, soda, vosi
@@ -42,6 +48,7 @@ from obsflow.ivoa.uws import (
     part_xml,
 )
 from obsflow.ivoa.votable import Format, FormatError, Result, error_document, parse_format, render
+from obsflow.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -115,25 +122,46 @@ def execute(svc: Services, who: Principal, query: TapQuery, base_url: str) -> Re
     )
     rule = ReadRule.of(who, svc.now())
     readable = rule.sql(files.c.proprietary_until, files.c.program)
-    facts = facts_of(
-        svc.site.registry, svc.site.settings.ivoa.authority, f"{base_url}api/v1/files/"
-    )
     tables: dict[str, Any] = {}
     for table in PUBLISHED:
         run_name = RUN_NAMES[table.name]
         if f'"{run_name}"' not in translated.sql:
             continue
         if table is OBSCORE:
-            tables[run_name] = obscore_select(facts, readable)
+            tables[run_name] = _view(svc).select(readable)
         else:
             names = [c.sql_name for c in table.columns]
             tables[run_name] = literal_table(names, rows_of(table))
-    found = run_query(catalog, translated.sql, tables, seconds=svc.site.settings.ivoa.query_seconds)
+    found = run_query(
+        catalog,
+        translated.sql,
+        tables,
+        seconds=svc.site.settings.ivoa.query_seconds,
+        params={URL_PARAMETER: f"{base_url}api/v1/files/"},
+    )
     rows = found.rows
     overflow = len(rows) > query.maxrec and (
         translated.top is None or translated.top > query.maxrec
     )
     return Result(found.columns, rows[: query.maxrec], overflow, KNOWN_COLUMNS)
+
+
+_VIEWS: dict[int, tuple[Registry, ObsCoreView]] = {}
+_VIEWS_LOCK: Final = threading.Lock()
+
+
+def _view(svc: Services) -> ObsCoreView:
+    """The site's ObsCore view, built once per registry (a few, for tests' many sites)."""
+    registry = svc.site.registry
+    with _VIEWS_LOCK:
+        found = _VIEWS.get(id(registry))
+        if found is not None and found[0] is registry:
+            return found[1]
+        if len(_VIEWS) >= 8:
+            _VIEWS.clear()
+        view = ObsCoreView(facts_of(registry, svc.site.settings.ivoa.authority, ""))
+        _VIEWS[id(registry)] = (registry, view)
+        return view
 
 
 def _params(pairs: list[tuple[str, Any]]) -> dict[str, str]:
