@@ -252,6 +252,9 @@ class Ivoa(_Section):
     """The most rows a TAP query may ask for (a larger ``MAXREC`` is cut to it)."""
     query_seconds: float = Field(default=30.0, gt=0, le=3600)
     """A TAP query running longer is stopped, and answered with an error."""
+    queries_per_user: int = Field(default=4, ge=1, le=1000)
+    """The TAP queries one reader (a token; all readers without one together) may run
+    at once; one more is answered 429 with a VOTable error, until one ends."""
 
 
 class _SettingsFile(_Section):

@@ -185,12 +185,47 @@ def error_response(message: str, status: int = 400) -> Response:
     return Response(error_document(message), status, media_type=Format.VOTABLE.media_type)
 
 
+class Running:
+    """How many queries each reader runs now, within ``ivoa.queries_per_user``: one
+    reader's burst of heavy queries cannot take every connection of the catalog."""
+
+    def __init__(self) -> None:
+        self._count: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, owner: str, most: int) -> bool:
+        with self._lock:
+            if self._count.get(owner, 0) >= most:
+                return False
+            self._count[owner] = self._count.get(owner, 0) + 1
+            return True
+
+    def leave(self, owner: str) -> None:
+        with self._lock:
+            left = self._count.get(owner, 1) - 1
+            if left:
+                self._count[owner] = left
+            else:
+                self._count.pop(owner, None)
+
+
+RUNNING: Final = Running()
+
+
 def answer(svc: Services, who: Principal, params: Mapping[str, str], base_url: str) -> Response:
+    owner, most = _owner(who), svc.site.settings.ivoa.queries_per_user
+    if not RUNNING.enter(owner, most):
+        return error_response(
+            f"{who.user} runs {most} queries already (ivoa.queries_per_user): wait for one to end",
+            429,
+        )
     try:
         query = parse_query(params, svc)
         result = execute(svc, who, query, base_url)
     except (TapError, AdqlError, QueryError) as exc:
         return error_response(str(exc))
+    finally:
+        RUNNING.leave(owner)
     return Response(render(result, query.format), media_type=query.format.media_type)
 
 
