@@ -747,3 +747,32 @@ def test_soda_keeps_the_proprietary_rule(world: World) -> None:
         else:
             assert response.status_code in (401, 403), role
             assert "proprietary" in response.text
+
+
+def test_pyvo_follows_datalink_to_a_soda_cutout(world: World) -> None:
+    from astropy.io import fits
+
+    pyvo = pytest.importorskip("pyvo")
+    requests = pytest.importorskip("requests")
+    archive_id, _ = _science(world)
+    with warnings.catch_warnings():  # see test_pyvo_runs_async_jobs
+        warnings.simplefilter("ignore", ResourceWarning)
+        with requests.Session() as session:
+            session.headers["Authorization"] = f"Bearer {world.tokens['admin']}"
+            links = pyvo.dal.adhoc.DatalinkResults.from_result_url(
+                f"{world.url}/datalink/links?ID={archive_id}", session=session
+            )
+            this = next(row for row in links if row.semantics == "#this")
+            data = session.get(this.access_url).content
+            soda = pyvo.dal.adhoc.SodaQuery.from_resource(
+                this, links.get_adhocservice_by_id("soda"), session=session
+            )
+            with fits.open(io.BytesIO(data)) as hdus:
+                ra, dec = (float(hdus[0].header[k]) for k in ("CRVAL1", "CRVAL2"))
+            soda.circle = (ra, dec, 0.002)
+            cut = soda.execute_stream().read()
+        del links, soda
+        gc.collect()
+    assert data[:6] == b"SIMPLE"
+    with fits.open(io.BytesIO(cut)) as hdus:
+        assert 0 < hdus[0].data.shape[0] < 64
