@@ -1,10 +1,6 @@
 """TAP with ObsCore (:mod:`obsflow.ivoa`) as VO clients meet it: a real uvicorn
-server on a real site (SQLite and PostgreSQL), httpx and pyvo as clients.
-
-The site holds the small night's 12 frames. The test places them on the sky (the
-catalog's ``ra``/``dec``, as receipt would have recorded them) around (150°, +2°) at
-known distances, and gives them programs and release dates: 0-3 of program A still
-proprietary, 4-7 of program A released yesterday, 8-11 of program B proprietary.
+server on a real site (SQLite and PostgreSQL), httpx, pyvo and STILTS taplint as
+clients; the world is :mod:`tests.ivoaworld`'s.
 """
 
 from __future__ import annotations
@@ -22,131 +18,33 @@ import time
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.io.votable import parse_single_table
-from sqlalchemy import update
 
-from obsflow.access import Scope, TokenStore
-from obsflow.api import ApiServer
-from obsflow.catalog import schema
-from obsflow.catalog.groupkey import GroupKey
-from obsflow.catalog.records import FileQuery, FileRecord
-from obsflow.catalog.runs import NewRun, RunStore
 from obsflow.errors import RegistryError
 from obsflow.ivoa.adql import AdqlError, translate
 from obsflow.ivoa.tap import RUN_NAMES
 from obsflow.registry import load_registry
-from obsflow.site import Site, example_registry, ingest_paths, open_site
+from obsflow.site import example_registry
 from tests.conftest import SiteFactory, service_missing
-
-CENTER = (150.0, 2.0)
-# (position angle step, distance from the centre in degrees) of each of the 12 files:
-# some inside 0.1°, some just outside, a few far away
-DISTANCES = (0.0, 0.03, 0.07, 0.0999, 0.1001, 0.12, 0.5, 0.05, 0.09, 2.0, 0.02, 0.11)
-VOTABLE_NS = "{http://www.ivoa.net/xml/VOTable/v1.3}"
-UWS_NS = "{http://www.ivoa.net/xml/UWS/v1.0}"
-
-
-@dataclass
-class World:
-    site: Site
-    url: str
-    records: list[FileRecord]
-    positions: dict[str, tuple[float, float]]
-    """archive ID → (ra, dec)."""
-    tokens: dict[str, str]
-
-    @property
-    def ids(self) -> list[str]:
-        """The archive IDs of :attr:`records`, in order."""
-        return [r.archive_id or "" for r in self.records]
-
-    def client(self, role: str = "anonymous") -> httpx.Client:
-        token = self.tokens.get(role)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
-
-    def sync(
-        self, query: str, role: str = "admin", fmt: str = "csv", **params: str
-    ) -> httpx.Response:
-        with self.client(role) as client:
-            return client.post(
-                "/tap/sync", data={"LANG": "ADQL", "QUERY": query, "FORMAT": fmt, **params}
-            )
-
-    def rows(self, query: str, role: str = "admin") -> list[dict[str, str]]:
-        response = self.sync(query, role)
-        assert response.status_code == 200, response.text
-        return list(csv.DictReader(io.StringIO(response.text)))
-
-
-def _place(i: int, distance: float) -> tuple[float, float]:
-    centre = SkyCoord(*CENTER, unit="deg")
-    moved = centre.directional_offset_by(i * 30 * u.deg, distance * u.deg)
-    return float(moved.ra.deg), float(moved.dec.deg)
+from tests.ivoaworld import (
+    CENTER,
+    UWS_NS,
+    VOTABLE_NS,
+    World,
+    cone,
+    exact,
+    make_world,
+)
 
 
 @pytest.fixture
 def world(make_site: SiteFactory, frames: list[Path]) -> Iterator[World]:
-    site = open_site(make_site(ivoa={"query_seconds": 3, "maxrec": 100, "queries_per_user": 1}))
-    ingest_paths(site, frames)
-    records = sorted(site.catalog.find(FileQuery()), key=lambda r: r.id)
-    assert len(records) == 12
-    now = site.clock()
-    positions = {}
-    with site.catalog.write() as conn:  # setup: where each frame points, whose it is
-        for i, record in enumerate(records):
-            ra, dec = _place(i, DISTANCES[i])
-            positions[record.archive_id or ""] = (ra, dec)
-            program, until = (
-                ("A", now + timedelta(days=365))
-                if i < 4
-                else ("A", now - timedelta(days=1))
-                if i < 8
-                else ("B", now + timedelta(days=365))
-            )
-            conn.execute(
-                update(schema.files)
-                .where(schema.files.c.id == record.id)
-                .values(ra=ra, dec=dec, object=f"target-{i}", program=program,
-                        proprietary_until=until)
-            )  # fmt: skip
-    store = TokenStore(site.catalog)
-    tokens = {
-        role: store.create(user, scope, programs, now)[0]
-        for role, user, scope, programs in (
-            ("own", "alice", Scope.READ, ["A"]),
-            ("other", "bob", Scope.READ, ["B"]),
-            ("admin", "root", Scope.ADMIN, []),
-        )
-    }
-    server = ApiServer(site).start()
-    try:
-        yield World(site, server.url, records, positions, tokens)
-    finally:
-        server.stop()
-        site.close()
-
-
-def cone(ra: float, dec: float, radius: float) -> str:
-    return (
-        "SELECT obs_id FROM ivoa.obscore WHERE 1 = CONTAINS("
-        f"POINT('ICRS', s_ra, s_dec), CIRCLE('ICRS', {ra}, {dec}, {radius}))"
-    )
-
-
-def exact(world: World, ra: float, dec: float, radius: float, ids: list[str]) -> set[str]:
-    centre = SkyCoord(ra, dec, unit="deg")
-    return {
-        a for a in ids if centre.separation(SkyCoord(*world.positions[a], unit="deg")).deg <= radius
-    }
+    yield from make_world(make_site, frames)
 
 
 # ------------------------------------------------------------------ ObsCore
@@ -588,191 +486,3 @@ def test_taplint_finds_no_errors(world: World) -> None:
     assert totals is not None, done.stdout[-2000:] + done.stderr[-2000:]
     problems = [line for line in done.stdout.splitlines() if line.startswith("E-")]
     assert int(totals.group(1)) == 0, "\n".join(problems)
-
-
-# ------------------------------------------------------------------ DataLink, SODA
-
-DATALINK = "application/x-votable+xml;content=datalink"
-
-
-def _provenance(world: World) -> tuple[str, str, str]:
-    """A run over a raw frame and a master bias (files 4, 5: released) that made file
-    6: setup written as the controller would leave it. Returns their archive IDs."""
-    raw, bias, made = world.records[4], world.records[5], world.records[6]
-    store = RunStore(world.site.catalog)
-    run_id = store.create(
-        NewRun(
-            pipeline="ofcam_calibrate",
-            group_key=GroupKey.of(
-                "ofcam_calibrate", {"night": str(raw.night), "file": str(raw.id)}
-            ),
-            night=raw.night,
-            inputs={"frame": (raw.id,), "bias": (bias.id,)},
-            reason="test",
-        ),
-        world.site.clock(),
-    )
-    with world.site.catalog.write() as conn:
-        files = schema.files
-        conn.execute(update(files).where(files.c.id == bias.id).values(product="ofcam_masterbias"))
-        conn.execute(update(files).where(files.c.id == made.id).values(made_by_run=run_id))
-    return world.ids[4], world.ids[5], world.ids[6]
-
-
-def _links(world: World, archive_id: str, role: str = "anonymous") -> list[dict[str, str]]:
-    with world.client(role) as client:
-        response = client.get("/datalink/links", params={"ID": archive_id})
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith(DATALINK)
-    table = parse_single_table(io.BytesIO(response.content))
-    names = [field.name for field in table.fields]
-    return [
-        {name: ("" if masked else str(value)) for name, value, masked in zip(
-            names, row.data.tolist(), row.mask.tolist(), strict=True)}
-        for row in table.array
-    ]  # fmt: skip
-
-
-def test_datalink_links_data_preview_cutout_and_provenance(world: World) -> None:
-    raw, bias, made = _provenance(world)
-    did = f"ivo://obsflow.invalid/archive?{made}"
-    links = _links(world, did)
-    by = {link["semantics"]: link for link in links}
-    assert by["#this"]["access_url"] == f"{world.url}/api/v1/files/{made}/data"
-    assert by["#this"]["content_type"] == "application/fits"
-    assert by["#preview"]["access_url"].endswith(f"/datalink/preview?ID={made}")
-    assert by["#cutout"]["service_def"] == "soda"
-    assert by["#progenitor"]["access_url"].endswith(f"ID={raw}")
-    assert by["#calibration"]["access_url"].endswith(f"ID={bias}")
-    assert all(link["ID"] == did for link in links)
-    derived = {link["semantics"]: link for link in _links(world, raw)}
-    assert derived["#derivation"]["access_url"].endswith(f"ID={made}")
-    with world.client() as client:
-        png = client.get(by["#preview"]["access_url"])
-        assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
-        again = client.get(by["#preview"]["access_url"])
-    assert again.content == png.content
-    assert list((world.site.settings.work / "previews").glob("*.png"))  # made once, kept
-
-
-def test_datalink_withholds_proprietary_data(world: World) -> None:
-    secret = world.ids[0]
-    anonymous = {link["semantics"]: link for link in _links(world, secret)}
-    assert set(anonymous) == {"#this"}
-    assert anonymous["#this"]["access_url"] == ""
-    assert anonymous["#this"]["error_message"].startswith("NotAuthorizedFault")
-    own = {link["semantics"] for link in _links(world, secret, "own")}
-    assert {"#this", "#preview", "#cutout"} <= own
-    with world.client() as client:
-        assert client.get("/datalink/preview", params={"ID": secret}).status_code == 403
-        missing = _links(world, "OF.nosuch.fits")
-    assert missing[0]["error_message"].startswith("NotFoundFault")
-
-
-def _science(world: World, proprietary: bool | None = None) -> tuple[str, bytes]:
-    """A science frame (it has a WCS), proprietary or not if asked, and its bytes."""
-    with world.client("admin") as client:
-        for i, (archive_id, record) in enumerate(zip(world.ids, world.records, strict=True)):
-            if proprietary is not None and (not 4 <= i < 8) != proprietary:
-                continue
-            if record.frame_type == "OBJECT":
-                return archive_id, client.get(f"/api/v1/files/{archive_id}/data").content
-    raise AssertionError("the small night has no science frame")
-
-
-def test_a_soda_cutout_keeps_the_sky_where_it_was(world: World) -> None:
-    from astropy.io import fits
-    from astropy.wcs import WCS
-
-    archive_id, original = _science(world)
-    with fits.open(io.BytesIO(original)) as hdus:
-        data, wcs = hdus[0].data.astype(float), WCS(hdus[0].header)
-    ra, dec = (float(v) for v in wcs.pixel_to_world_values(30, 25))
-    scale = abs(float(wcs.pixel_scale_matrix[0, 0]))
-    with world.client("admin") as client:
-        response = client.get(
-            "/soda/sync", params={"ID": archive_id, "CIRCLE": f"{ra} {dec} {10 * scale}"}
-        )
-    assert response.status_code == 200, response.text
-    with fits.open(io.BytesIO(response.content)) as hdus:
-        cut, cut_wcs = hdus[0].data.astype(float), WCS(hdus[0].header)
-    assert 18 <= cut.shape[0] <= 22 and 18 <= cut.shape[1] <= 22
-    for x, y in ((30, 25), (25, 20), (34, 29)):  # the same sky, the same pixel value
-        sky = wcs.pixel_to_world_values(x, y)
-        cx, cy = (round(float(v)) for v in cut_wcs.world_to_pixel_values(*sky))
-        assert cut[cy, cx] == data[y, x]
-    # a polygon, and POS=RANGE, cut the same kind of piece
-    with world.client("admin") as client:
-        box = f"{ra - 5 * scale} {dec - 5 * scale} {ra + 5 * scale} {dec - 5 * scale} "
-        box += f"{ra + 5 * scale} {dec + 5 * scale} {ra - 5 * scale} {dec + 5 * scale}"
-        polygon = client.get("/soda/sync", params={"ID": archive_id, "POLYGON": box})
-    assert polygon.status_code == 200
-    with fits.open(io.BytesIO(polygon.content)) as hdus:
-        assert 9 <= hdus[0].data.shape[0] <= 13
-
-
-@pytest.mark.parametrize(
-    ("params", "status", "fault"),
-    [
-        ({"CIRCLE": "1 2 0.1"}, 400, "UsageFault: ID is missing"),
-        ({"ID": "@", "CIRCLE": "1 2 0.1", "POS": "CIRCLE 1 2 0.1"}, 400, "exactly one"),
-        ({"ID": "@", "CIRCLE": "1 two 0.1"}, 400, "CIRCLE '1 two 0.1'"),
-        ({"ID": "@", "CIRCLE": "1 2 -1"}, 400, "CIRCLE '1 2 -1'"),
-        ({"ID": "@", "POLYGON": "1 2 3 4"}, 400, "POLYGON '1 2 3 4'"),
-        ({"ID": "@", "POS": "ELLIPSE 1 2 3"}, 400, "POS 'ELLIPSE 1 2 3'"),
-        ({"ID": "OF.nosuch.fits", "CIRCLE": "1 2 0.1"}, 404, "NotFoundFault"),
-        ({"ID": "@", "CIRCLE": "300 -80 0.01"}, 400, "NoOverlap"),
-    ],
-)
-def test_soda_faults_name_the_culprit(
-    world: World, params: dict[str, str], status: int, fault: str
-) -> None:
-    archive_id, _ = _science(world)
-    wanted = {k: (archive_id if v == "@" else v) for k, v in params.items()}
-    with world.client("admin") as client:
-        response = client.get("/soda/sync", params=wanted)
-    assert response.status_code == status, response.text
-    assert fault in response.text
-
-
-def test_soda_keeps_the_proprietary_rule(world: World) -> None:
-    archive_id, _ = _science(world, proprietary=True)
-    index = world.ids.index(archive_id)
-    readable = {"anonymous": 4 <= index < 8, "own": index < 8, "other": index >= 4}
-    for role, may in readable.items():
-        with world.client(role) as client:
-            response = client.get("/soda/sync", params={"ID": archive_id, "POS": "RANGE 0 1 0 1"})
-        if may:
-            assert response.status_code in (200, 400), response.text  # NoOverlap is fine
-        else:
-            assert response.status_code in (401, 403), role
-            assert "proprietary" in response.text
-
-
-def test_pyvo_follows_datalink_to_a_soda_cutout(world: World) -> None:
-    from astropy.io import fits
-
-    pyvo = pytest.importorskip("pyvo")
-    requests = pytest.importorskip("requests")
-    archive_id, _ = _science(world)
-    with warnings.catch_warnings():  # see test_pyvo_runs_async_jobs
-        warnings.simplefilter("ignore", ResourceWarning)
-        with requests.Session() as session:
-            session.headers["Authorization"] = f"Bearer {world.tokens['admin']}"
-            links = pyvo.dal.adhoc.DatalinkResults.from_result_url(
-                f"{world.url}/datalink/links?ID={archive_id}", session=session
-            )
-            this = next(row for row in links if row.semantics == "#this")
-            data = session.get(this.access_url).content
-            soda = pyvo.dal.adhoc.SodaQuery.from_resource(
-                this, links.get_adhocservice_by_id("soda"), session=session
-            )
-            with fits.open(io.BytesIO(data)) as hdus:
-                ra, dec = (float(hdus[0].header[k]) for k in ("CRVAL1", "CRVAL2"))
-            soda.circle = (ra, dec, 0.002)
-            cut = soda.execute_stream().read()
-        del links, soda
-        gc.collect()
-    assert data[:6] == b"SIMPLE"
-    with fits.open(io.BytesIO(cut)) as hdus:
-        assert 0 < hdus[0].data.shape[0] < 64
