@@ -241,6 +241,16 @@ def test_json_and_csv(world: World) -> None:
         ({"QUERY": "SELECT * FROM ivoa.obscore", "MAXREC": "many"}, "MAXREC 'many'"),
         ({"QUERY": "SELECT * FROM ivoa.obscore", "LANG": "SQL"}, "unknown LANG 'SQL'"),
         ({}, "QUERY is missing"),
+        ({"QUERY": "SELECT " + "(" * 3000 + "1" + ")" * 3000 + " FROM ivoa.obscore"}, "nested"),
+        ({"QUERY": "SELECT 'unterminated FROM ivoa.obscore"}, "syntax error"),
+        (
+            {
+                "QUERY": "SELECT * FROM ivoa.obscore WHERE 1 = CONTAINS(POINT(s_ra, s_dec), "
+                "CIRCLE(1, 2))"
+            },
+            "CIRCLE: expected",
+        ),
+        ({"QUERY": "SELECT 1 AS x FROM ivoa.obscore -- " + "x" * 100_001}, "at most 100000"),
         ({"QUERY": "SELECT * FROM ivoa.obscore", "LANG": ""}, "LANG"),
     ],
 )

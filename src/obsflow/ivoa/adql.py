@@ -27,7 +27,7 @@ from typing import Final
 
 import sqlglot
 from sqlglot import exp
-from sqlglot.errors import ParseError
+from sqlglot.errors import ParseError, SqlglotError
 from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 
 from obsflow.errors import ObsflowError
@@ -54,6 +54,9 @@ _ALLOWED: Final[tuple[type[exp.Expr], ...]] = (
 _OPERATORS: Final[tuple[type[exp.Expr], ...]] = (
     exp.Binary, exp.Unary, exp.Connector, exp.Predicate,
 )  # fmt: skip
+
+MAX_QUERY: Final = 100_000
+"""The longest ADQL text accepted, in characters."""
 
 _GEOMETRY: Final = frozenset({"POINT", "CIRCLE", "POLYGON", "BOX"})
 _PREDICATES: Final = frozenset({"CONTAINS", "INTERSECTS"})
@@ -84,6 +87,23 @@ def translate(
     (SQLite would read an unknown ``"name"`` as a string). Raises :class:`AdqlError`."""
     if not adql.strip():
         raise AdqlError("the query is empty")
+    if len(adql) > MAX_QUERY:
+        raise AdqlError(f"the query is {len(adql)} characters long: at most {MAX_QUERY}")
+    try:
+        return _translate(adql, tables, dialect, limit, columns)
+    except RecursionError:
+        raise AdqlError("the query is nested too deeply") from None
+    except SqlglotError as exc:  # the tokenizer's and the generator's own complaints
+        raise AdqlError(f"ADQL syntax error: {str(exc).splitlines()[0]}") from None
+
+
+def _translate(
+    adql: str,
+    tables: Mapping[str, str],
+    dialect: str,
+    limit: int | None,
+    columns: Mapping[str, frozenset[str]] | None,
+) -> Translated:
     try:
         parsed = sqlglot.parse(adql, read="tsql")
     except ParseError as exc:
@@ -208,7 +228,9 @@ def _args(node: exp.Expr) -> list[exp.Expr]:
     return list(node.expressions)
 
 
-def _frame(args: list[exp.Expr], counts: tuple[int, ...], what: str) -> list[exp.Expr]:
+def _frame(
+    args: list[exp.Expr], counts: tuple[int, ...], what: str, how_many: str = ""
+) -> list[exp.Expr]:
     """The arguments without the optional coordinate system (ADQL 2.0's first one)."""
     if args and isinstance(args[0], exp.Literal) and args[0].is_string:
         system = args[0].this.strip().upper()
@@ -216,7 +238,8 @@ def _frame(args: list[exp.Expr], counts: tuple[int, ...], what: str) -> list[exp
             raise AdqlError(f"{what}: unsupported coordinate system {args[0].this!r}: use 'ICRS'")
         args = args[1:]
     if len(args) not in counts:
-        raise AdqlError(f"{what}: expected {' or '.join(map(str, counts))} coordinates")
+        wanted = how_many or " or ".join(map(str, counts))
+        raise AdqlError(f"{what}: expected {wanted} coordinates, not {len(args)}")
     return args
 
 
@@ -241,13 +264,14 @@ def _shape(node: exp.Expr) -> _Point | _Circle | _Polygon:
     if name == "CIRCLE":
         args = _frame(args, (2, 3), "CIRCLE")
         if len(args) == 2:
+            if _name(args[0]) != "POINT":
+                raise AdqlError("CIRCLE: expected (ra, dec, radius) or (POINT, radius)")
             center = _shape(args[0])
-            if not isinstance(center, _Point):
-                raise AdqlError("CIRCLE: its centre must be a POINT")
+            assert isinstance(center, _Point)
             return _Circle(center, args[1])
         return _Circle(_Point(args[0], args[1]), args[2])
     if name == "POLYGON":
-        args = _frame(args, tuple(range(6, 200, 2)), "POLYGON")
+        args = _frame(args, tuple(range(6, 200, 2)), "POLYGON", "an even number, 6 to 198, of")
         values = [_number(a, "POLYGON") for a in args]
         return _polygon(tuple(zip(values[0::2], values[1::2], strict=True)))
     if name == "BOX":
