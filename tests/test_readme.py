@@ -35,7 +35,7 @@ def test_readme_profile_example_fills_for_a_run(tmp_path: Path) -> None:
         run_id="7",
         pipeline=pipeline,
         profile=registry.profiles[pipeline.profile],
-        parameters={**pipeline.parameters, "nightid": "20261121", "python": "python3"},
+        parameters={**pipeline.defaults, "nightid": "20261121", "python": "python3"},
         inputs={"biases": biases},
         work=tmp_path / "work",
     )

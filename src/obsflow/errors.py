@@ -33,6 +33,7 @@ defined in ``obsflow.module`` (and so are its children that name no module of th
     │   └── processing.serverhost.ServerError  a worker's call to the server failed
     ├── NotFoundError          no (live) file with this archive ID
     ├── processing.celery.BrokerError  no broker, or it cannot take a run
+    ├── processing.reductions.ReductionError  a reduction that cannot be made as asked
     ├── catalog.tags.InvalidTagError  a tag that does not follow the registry's rule
     ├── access.AccessError     a bad user, program or scope name
     ├── api.ListenError        the API cannot listen where asked (a bad HOST:PORT, in use)

@@ -203,6 +203,24 @@ class Fixity(_Section):
     """When no file is due, the daemon looks again after this long."""
 
 
+class Reductions(_Section):
+    """On-demand reductions (``POST /api/v1/reductions``): how long their results are
+    kept and how much one user may ask for at once."""
+
+    keep_days: float = Field(default=7.0, gt=0)
+    """A completed reduction's results are deleted this long after it completed (a
+    request made again later re-makes them)."""
+    max_active: int = Field(default=4, ge=1, le=10000)
+    """Reductions one user may have queued or executing at once (more: 429)."""
+    max_inputs: int = Field(default=500, ge=1)
+    """Input files one request may name."""
+    max_input_bytes: int = Field(default=20 * 1024**3, ge=1)
+    """The inputs' total size one request may ask to reduce."""
+    fair_share: int = Field(default=2, ge=1, le=1024)
+    """Runs of one user's reductions handed to the executor at once: the users take
+    turns (a reduction asked with ``priority: high`` by an admin goes first)."""
+
+
 class Transfer(_Section):
     role: Role = Role.ALL
     """What ``obsflow run`` does (``--role`` overrides)."""
@@ -271,6 +289,7 @@ class _SettingsFile(_Section):
     transfer: Transfer = Transfer()
     fixity: Fixity = Fixity()
     ivoa: Ivoa = Ivoa()
+    reductions: Reductions = Reductions()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -301,6 +320,7 @@ class Settings(_Section):
     transfer: Transfer
     fixity: Fixity = Fixity()
     ivoa: Ivoa = Ivoa()
+    reductions: Reductions = Reductions()
 
 
 def load_settings(site: Path) -> Settings:
@@ -347,6 +367,7 @@ def from_file(site: Path, parsed: _SettingsFile) -> Settings:
         transfer=parsed.transfer,
         fixity=parsed.fixity,
         ivoa=parsed.ivoa,
+        reductions=parsed.reductions,
     )
 
 

@@ -126,6 +126,27 @@ _RUN_MOVES: dict[RunState, frozenset[RunState]] = {
 }
 
 
+class ReductionPhase(StrEnum):
+    """Where an on-demand reduction stands, in IVOA UWS's phase names.
+
+    ``queued`` from its request until one of its runs executes; ``executing`` while
+    one does; then ``completed`` (its results ready), ``error`` (a run failed, or it
+    could not be planned) or ``aborted`` (its owner stopped it). ``pending`` is a plan
+    not submitted (``?dry_run=true``).
+    """
+
+    PENDING = "PENDING"
+    QUEUED = "QUEUED"
+    EXECUTING = "EXECUTING"
+    COMPLETED = "COMPLETED"
+    ERROR = "ERROR"
+    ABORTED = "ABORTED"
+
+    @property
+    def finished(self) -> bool:
+        return self in (ReductionPhase.COMPLETED, ReductionPhase.ERROR, ReductionPhase.ABORTED)
+
+
 class StepState(StrEnum):
     """How one step of a run ended (a step being run is ``running``)."""
 

@@ -54,7 +54,17 @@ from fastapi_offline import FastAPIOffline
 
 from obsflow import __version__
 from obsflow.access import TokenStore
-from obsflow.api import files, metrics, params, problems, runs, status, transfer, workers
+from obsflow.api import (
+    files,
+    metrics,
+    params,
+    problems,
+    reductions,
+    runs,
+    status,
+    transfer,
+    workers,
+)
 from obsflow.api.metrics import Metrics, RequestMetrics
 from obsflow.api.services import Services, Uploads
 from obsflow.archive.retrieval import Retriever
@@ -128,7 +138,7 @@ def create_app(
     app.state.sweeper = transfer.sweeper(site)  # partial uploads expire
     app.state.sweeper.maybe()  # (at start-up, then as uploads come)
     problems.install(app)
-    for module in (files, runs, status, metrics, transfer, workers):
+    for module in (files, runs, reductions, status, metrics, transfer, workers):
         app.include_router(module.router)
     tap.install(app, app.state.services)  # IVOA: /tap beside /api/v1
     app.add_middleware(RequestMetrics, metrics=app_metrics)

@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import (
     Connection,
@@ -131,6 +131,12 @@ _STAMP_PROCESSED = insert(_LEDGER).from_select(
     )
     .distinct(),
 )
+
+
+REDUCTION_PREFIX: Final = "reduction-"
+"""The request label of an on-demand reduction's runs (``reduction-<id>``): what they
+make are the user's results, not the archive's products, and the tracker does not count
+them as a group's runs."""
 
 
 @dataclass(frozen=True)
@@ -585,11 +591,15 @@ class RunStore:
             return list(conn.execute(query).scalars())
 
     def latest_for_group(self, key: GroupKey) -> RunRecord | None:
-        """The group's newest run (any request), if any."""
+        """The group's newest run (of any request but a user's reduction), if any."""
         with self.catalog.read() as conn:
             run_id = conn.execute(
                 select(runs.c.id)
-                .where(runs.c.pipeline == key.pipeline, runs.c.group_key == key.text())
+                .where(
+                    runs.c.pipeline == key.pipeline,
+                    runs.c.group_key == key.text(),
+                    ~runs.c.request.startswith(REDUCTION_PREFIX),
+                )
                 .order_by(runs.c.version.desc())
                 .limit(1)
             ).scalar()

@@ -321,6 +321,56 @@ fixity_checks = Table(
     Index("ix_fixity_checks_file", "file_id", "checked_at"),
 )
 
+# On-demand reductions: what a user asked for, its plan, and the runs that serve it. A
+# reduction's runs are shared by every identical request (``key``); the runs' results
+# are not files of the archive: they live under the site's ``reductions/`` directory,
+# one row each in ``reduction_results``, until they expire.
+reductions = Table(
+    "reductions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("owner", String(64), nullable=False, index=True),  # the token's user
+    Column("pipeline", String(64), nullable=False),
+    Column("key", String(64), nullable=False, index=True),  # pipeline+profile+params+inputs
+    Column("runs_request", String(64), nullable=False),  # the request label of its runs
+    Column("parameters", Text, nullable=False),  # JSON: the effective parameters
+    Column("inputs", Text, nullable=False),  # JSON: the archive IDs asked for
+    Column("plan", Text, nullable=False),  # JSON: the plan's actions
+    Column("phase", String(16), nullable=False, index=True),  # states.ReductionPhase
+    Column("priority", String(8), nullable=False, server_default=text("'normal'")),
+    Column("input_bytes", BigInteger, nullable=False, server_default=text("0")),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("expires_at", UTCDateTime),
+    Column("expired_at", UTCDateTime),  # its results deleted (asked again: made again)
+    Column("error", Text),
+)
+
+reduction_runs = Table(
+    "reduction_runs",
+    metadata,
+    Column(
+        "reduction_id",
+        Integer,
+        ForeignKey("reductions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("final", Boolean, nullable=False),  # makes results (else: an archive product)
+    Index("ix_reduction_runs_run", "run_id"),
+)
+
+reduction_results = Table(
+    "reduction_results",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(255), primary_key=True),
+    Column("product", String(64), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
 # API tokens, stored hashed (sha256 of the secret); the secret is shown once.
 tokens = Table(
     "tokens",

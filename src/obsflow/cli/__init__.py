@@ -189,6 +189,7 @@ from obsflow.cli import (  # noqa: E402, F401
     daemon,
     files,
     ingest,
+    reduce,
     runs,
     serve,
     sim,

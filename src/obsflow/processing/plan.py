@@ -151,7 +151,7 @@ def plan_run(
                 parameters[name] = value
     parameters.update(dict(run.group_key.values))
     parameters.update(name_parts(parameters))
-    parameters.update(pipeline.parameters)
+    parameters.update(pipeline.defaults)
     return RunPlan(run.id, run.attempts, pipeline, profile, parameters, inputs, dict(run.overrides))
 
 

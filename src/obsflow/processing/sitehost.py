@@ -25,7 +25,7 @@ from pathlib import Path
 from sqlalchemy import Connection
 
 from obsflow.catalog.cachestate import CacheState
-from obsflow.catalog.runs import RunStore
+from obsflow.catalog.runs import REDUCTION_PREFIX, RunStore
 from obsflow.catalog.steps import StepRow
 from obsflow.errors import NotFoundError, ObsflowError, RunError
 from obsflow.processing.lifecycle import Claim, StoredProfile
@@ -139,6 +139,10 @@ class SiteHost:
         only while ``owner`` holds the lease (a worker that lost it publishes nothing)."""
         if not self.holds(run_id, owner):
             raise RunError(f"run {run_id}: {owner} no longer holds its lease; not published")
+        run = self.runs.get(run_id)
+        if run is not None and run.request.startswith(REDUCTION_PREFIX):
+            self._keep_results(run_id, outputs)
+            return
         receiver = self.site.receiver
         prepared: list[Prepared] = []
         for product, path in sorted(outputs.items()):
@@ -157,6 +161,23 @@ class SiteHost:
         for result in receiver.commit(prepared):
             if result.outcome not in (Outcome.CACHED, Outcome.DUPLICATE):
                 raise RunError(f"run {run_id}: output {result.path.name}: {result.reason}")
+
+    def _keep_results(self, run_id: int, outputs: Mapping[str, Path]) -> None:
+        """A user's reduction made these: its results, not the archive's products (each
+        checked to be the product the pipeline names, by its name)."""
+        from obsflow.processing.reductions import Reductions  # the tracker's: at use
+
+        for product, path in outputs.items():
+            try:
+                recognised = self.site.registry.recognise(path.name).product.id
+            except ObsflowError as exc:
+                raise RunError(f"run {run_id}: output {path.name}: {exc}") from None
+            if recognised != product:
+                raise RunError(
+                    f"run {run_id}: output {path.name} is recognised as product "
+                    f"{recognised}, not {product}; fix the pipeline's output name"
+                )
+        Reductions(self.site).publish(run_id, outputs)
 
     def finish(
         self,

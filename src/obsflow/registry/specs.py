@@ -15,6 +15,7 @@ every file.
 from __future__ import annotations
 
 import difflib
+import math
 import string
 from datetime import UTC, datetime, time, timedelta, timezone, tzinfo
 from enum import StrEnum
@@ -465,6 +466,92 @@ class OnNewInput(StrEnum):
     RERUN = "rerun"
 
 
+class ParameterType(StrEnum):
+    FLOAT = "float"
+    INT = "int"
+    STR = "str"
+    BOOL = "bool"
+
+
+Scalar = str | int | float | bool
+
+
+class ParameterSpec(Spec):
+    """A pipeline parameter: its default and what a caller may set it to.
+
+    Written in full (``threshold_sigma: {default: 5.0, min: 1, max: 100}``) or as its
+    default alone (``threshold_sigma: 5.0``); the type is the default's unless given.
+    """
+
+    default: Scalar
+    type: ParameterType | None = None
+    """float, int, str or bool; None: the default's."""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Scalar, ...] = ()
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParameterSpec:
+        if (self.min is not None or self.max is not None) and self.kind not in (
+            ParameterType.FLOAT,
+            ParameterType.INT,
+        ):
+            raise ValueError(f"min and max apply to numbers, not to a {self.kind.value}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        self.check(self.default, what="the default")
+        for choice in self.choices:
+            self.check(choice, what="a choice", choosing=False)
+        return self
+
+    @property
+    def kind(self) -> ParameterType:
+        return self.type or _type_of(self.default)
+
+    def check(self, value: object, *, what: str = "the value", choosing: bool = True) -> Scalar:
+        """``value`` as this parameter takes it (an int for a float is a float); a
+        ValueError saying what was expected otherwise."""
+        kind = self.kind
+        ok: Scalar
+        if kind is ParameterType.BOOL:
+            if not isinstance(value, bool):
+                raise ValueError(f"{what} {value!r} is not true or false")
+            ok = value
+        elif kind is ParameterType.INT:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{what} {value!r} is not a whole number")
+            ok = value
+        elif kind is ParameterType.FLOAT:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{what} {value!r} is not a number")
+            ok = float(value)
+            if not math.isfinite(ok):
+                raise ValueError(f"{what} {value!r} is not a finite number")
+        else:
+            if not isinstance(value, str):
+                raise ValueError(f"{what} {value!r} is not a string")
+            ok = value
+        if isinstance(ok, int | float) and not isinstance(ok, bool):
+            if self.min is not None and ok < self.min:
+                raise ValueError(f"{what} {value!r} is below the minimum {self.min:g}")
+            if self.max is not None and ok > self.max:
+                raise ValueError(f"{what} {value!r} is above the maximum {self.max:g}")
+        if choosing and self.choices and ok not in self.choices:
+            raise ValueError(f"{what} {value!r} is not one of {', '.join(map(repr, self.choices))}")
+        return ok
+
+
+def _type_of(value: Scalar) -> ParameterType:
+    if isinstance(value, bool):
+        return ParameterType.BOOL
+    if isinstance(value, int):
+        return ParameterType.INT
+    if isinstance(value, float):
+        return ParameterType.FLOAT
+    return ParameterType.STR
+
+
 class PipelineSpec(Spec):
     id: Identifier
     description: str = ""
@@ -474,11 +561,31 @@ class PipelineSpec(Spec):
     kickoff: KickoffSpec = KickoffSpec()
     outputs: tuple[OutputSpec, ...] = ()
     on_new_input: OnNewInput = OnNewInput.IGNORE
-    parameters: dict[str, str | int | float | bool] = {}
+    parameters: dict[Identifier, ParameterSpec] = {}
+    """The parameters a profile's steps may use, with their defaults, types and bounds
+    (what a reprocessing or an on-demand reduction may set)."""
+    on_demand: bool = True
+    """Users may ask for reductions with this pipeline (``POST /api/v1/reductions``)."""
     queue: Identifier | None = None
     """The executor's queue for this pipeline's runs (Celery: workers started with
     ``--queues`` naming it, e.g. ``gpu``); None: the profile's, else ``processing.queue``."""
     source: Source | None = None
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _declared(cls, value: object) -> object:
+        """A bare value is the default of a parameter of its type."""
+        if isinstance(value, dict):
+            return {
+                name: spec if isinstance(spec, dict | ParameterSpec) else {"default": spec}
+                for name, spec in value.items()
+            }
+        return value
+
+    @property
+    def defaults(self) -> dict[str, Scalar]:
+        """Each parameter's default, by name."""
+        return {name: spec.default for name, spec in self.parameters.items()}
 
 
 # ------------------------------------------------------------------- profile

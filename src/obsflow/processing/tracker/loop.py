@@ -30,6 +30,7 @@ from typing import Any
 from obsflow.catalog.runs import RunStore
 from obsflow.processing.executor import Executor
 from obsflow.processing.plan import queue_of
+from obsflow.processing.reductions import Reductions
 from obsflow.processing.sitehost import holder
 from obsflow.processing.tracker import Tracker
 from obsflow.site import Site
@@ -69,6 +70,7 @@ class TrackerLoop:
         self.executor = executor
         self.tracker = Tracker(site.registry, site.catalog, site.clock)
         self.runs = RunStore(site.catalog)
+        self.reductions = Reductions(site)
         self.poll_seconds = poll_seconds
         self._last_recovery = 0.0
         self._started = False
@@ -109,7 +111,8 @@ class TrackerLoop:
         registry = self.site.registry
         sent: list[int] = []
         try:
-            for run_id, pipeline in self.runs.to_dispatch(stale):
+            # the users' reductions take turns, behind the archive's own runs
+            for run_id, pipeline in self.reductions.fair(self.runs.to_dispatch(stale), stale):
                 queue = queue_of(registry, pipeline, settings.queue)
                 self.executor.submit(run_id, queue)
                 sent.append(run_id)
@@ -118,9 +121,11 @@ class TrackerLoop:
         return len(sent)
 
     def once(self) -> int:
-        """One pass: new files, due deadlines, (now and then) expired leases, and the
-        queue handed to the executor. Returns how many runs it queued."""
+        """One pass: new files, due deadlines, on-demand reductions followed, (now and
+        then) expired leases, and the queue handed to the executor. Returns how many
+        runs it queued."""
         started = self.tracker.drain() + self.tracker.tick()
+        self.reductions.advance()  # (before the dispatch: a reduction's new runs go now)
         lease = self.site.settings.processing.lease_seconds
         if time.monotonic() - self._last_recovery > lease / 2:
             self.recover()
@@ -173,10 +178,12 @@ def process_until_idle(
     timeout: float = 600.0,
     idle_seconds: float = 0.5,
     clock: Callable[[], float] = time.monotonic,
+    until: Callable[[], bool] | None = None,
 ) -> bool:
     """Track, execute and archive until no run is queued or running, no group waits for
     a deadline, and nothing new starts one for ``idle_seconds``; False if ``timeout``
-    came first."""
+    came first. With ``until``: as soon as it is true and no run is queued or running
+    (the groups' deadlines not waited for: e.g. until a reduction has ended)."""
     loop = TrackerLoop(site, executor)
     loop.recover()
     ingestor = site.ingestor()
@@ -188,12 +195,14 @@ def process_until_idle(
             report = ingestor.run_once()
             if not report.archived and not report.errors:
                 break
-        waiting = loop.tracker.next_deadline() is not None
+        waiting = until is None and loop.tracker.next_deadline() is not None
         busy = started > 0 or executor.in_flight > 0 or waiting
         busy = busy or bool(
             loop.runs.queued(limit=1) or loop.runs.find(state=RunState.RUNNING, limit=1)
         )
-        if busy:
+        if until is not None and not busy and until():
+            return True
+        if busy or until is not None:
             quiet_since = None
         elif quiet_since is None:
             quiet_since = clock()
