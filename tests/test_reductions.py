@@ -10,7 +10,10 @@ hours away, so that a reduction finds them missing ("cold") until it makes them.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from obsflow.processing.reductions import Reductions
 from obsflow.processing.tracker import Tracker
 from obsflow.processing.tracker.loop import TrackerLoop, process_until_idle
 from obsflow.site import Site, ingest_paths, open_site
-from obsflow.states import RunState
+from obsflow.states import ReductionPhase, RunState
 from tests.conftest import SiteFactory
 
 STACK = Path(__file__).parent / "tools" / "stack.py"
@@ -333,6 +336,13 @@ def test_identical_requests_in_flight_share_one_run(world: World) -> None:
         assert first.json()["plan"] == second.json()["plan"]
         world.process()
         one, two = (c.get(r.headers["location"]).json() for c, r in ((alice, first), (amy, second)))
+        tar = alice.get(f"{first.headers['location']}/results.tar")
+        assert tar.status_code == 200 and tar.headers["content-type"] == "application/x-tar"
+        with tarfile.open(fileobj=io.BytesIO(tar.content)) as archive:
+            members = {m.name: archive.extractfile(m).read() for m in archive}  # type: ignore[union-attr]
+        assert {n: hashlib.sha256(b).hexdigest() for n, b in members.items()} == {
+            r["name"]: r["sha256"] for r in one["results"]
+        }
     assert one["phase"] == two["phase"] == "COMPLETED"
     assert same(one["results"], two["results"]) and len(one["results"]) == 2
     finals = [r for r in RunStore(world.site.catalog).find() if r.request.startswith("reduction-")]
@@ -509,3 +519,16 @@ def test_users_take_turns_and_high_priority_is_for_admins(one_worker: World) -> 
     # first come, first served would have run alice's three first: amy's one frame
     # goes in alice's turns, before alice's last
     assert amys < alices[-1], (amys, alices)
+
+
+def test_a_reduction_being_planned_is_not_followed_nor_completed(world: World) -> None:
+    """The API's thread records a reduction, then plans it; the tracker loop's thread
+    must not take a reduction without a plan for one with nothing left to do."""
+    from obsflow.catalog.reductions import NewReduction
+
+    reductions = Reductions(world.site)
+    new = NewReduction("alice", "toy_sources", "k" * 64, {}, ["OF.x"], "normal", 0)
+    reduction_id = reductions.store.create(new, world.site.clock())
+    reductions.advance()
+    assert reductions.refresh(reduction_id).phase is ReductionPhase.PENDING
+    assert reductions.store.active("alice") == 1  # (it counts against the quota)

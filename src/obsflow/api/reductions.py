@@ -11,10 +11,14 @@ with ``Retry-After``.
 from __future__ import annotations
 
 import os
+import tarfile
+from collections.abc import Iterator
 from datetime import date, datetime
+from pathlib import Path as FsPath
 from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from obsflow.access import Principal, ReadRule, Scope
@@ -26,7 +30,7 @@ from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
 from obsflow.api.workers import SMALL
 from obsflow.catalog.records import FileQuery
-from obsflow.catalog.reductions import ReductionRecord
+from obsflow.catalog.reductions import ReductionRecord, Result
 from obsflow.processing.reductions import ReductionError, Reductions
 from obsflow.processing.reductions import Request as Asked
 from obsflow.states import ReductionPhase
@@ -37,6 +41,7 @@ ReductionId = Annotated[RowId, Path(description="The reduction's number.")]
 
 STATUS: Final = {"invalid": 422, "not-found": 404, "forbidden": 403, "quota": 429}
 RETRY_AFTER: Final = "30"
+CHUNK: Final = 1 << 20
 LOG_TAIL: Final = 4000
 """The most characters of a failed step's output an error shows."""
 
@@ -314,6 +319,48 @@ def get_result(
         headers=headers,
         media_type=kind,
     )
+
+
+@router.get(
+    "/reductions/{reduction_id}/results.tar",
+    response_class=StreamingResponse,
+    summary="Every result at once, as one tar stream",
+    responses=documented(401, 404),
+)
+def get_results_tar(reduction_id: ReductionId, who: Asker, reductions: Service) -> Response:
+    """The reduction's own results (not the archive's products it answered with: fetch
+    those by their ``url``), streamed as a POSIX tar without a temporary file."""
+    record = _own(reductions, reduction_id, who)
+    files = [
+        (result, path)
+        for result in reductions.own_results(record)
+        if (found := reductions.result_file(record, result.name)) is not None
+        for _, path in [found]
+    ]
+    if not files:
+        raise ProblemError(404, f"reduction {reduction_id} has no results", kind="not-found")
+    return StreamingResponse(
+        _tar(files),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="reduction-{reduction_id}.tar"'},
+    )
+
+
+def _tar(files: list[tuple[Result, FsPath]]) -> Iterator[bytes]:
+    """A tar stream of ``files``: each member's header, its bytes, padding to 512; two
+    empty blocks at the end (tarfile writes only to a file object: this streams)."""
+    for result, path in files:
+        info = tarfile.TarInfo(result.name)
+        info.size = path.stat().st_size
+        info.mtime = int(path.stat().st_mtime)
+        info.mode = 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        with path.open("rb") as source:
+            while chunk := source.read(CHUNK):
+                yield chunk
+        if info.size % tarfile.BLOCKSIZE:
+            yield b"\0" * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)
 
 
 def _own(reductions: Reductions, reduction_id: int, who: Principal) -> ReductionRecord:

@@ -90,8 +90,10 @@ class ReductionStore:
     # ------------------------------------------------------------- requests
 
     def create(self, new: NewReduction, now: datetime, runs_request: str | None = None) -> int:
-        """Record a queued reduction; its runs' request label is ``runs_request`` (an
-        identical reduction's, to share its runs) or its own."""
+        """Record a reduction, ``pending`` until its plan is kept (:meth:`update` with
+        a phase): the tracker loop follows only queued and executing ones. Its runs'
+        request label is ``runs_request`` (an identical reduction's, to share its runs)
+        or its own."""
         with self.catalog.write() as conn:
             reduction_id = conn.execute(
                 insert(reductions)
@@ -103,7 +105,7 @@ class ReductionStore:
                     parameters=json.dumps(new.parameters, sort_keys=True),
                     inputs=json.dumps(list(new.inputs)),
                     plan="[]",
-                    phase=ReductionPhase.QUEUED.value,
+                    phase=ReductionPhase.PENDING.value,
                     priority=new.priority,
                     input_bytes=new.input_bytes,
                     created_at=now,
@@ -157,10 +159,16 @@ class ReductionStore:
         return None if row is None else _record(row)
 
     def active(self, owner: str) -> int:
-        """How many of ``owner``'s reductions are queued or executing."""
+        """How many of ``owner``'s reductions are being planned, queued or executing."""
         query = select(func.count()).where(
             reductions.c.owner == owner,
-            reductions.c.phase.in_([ReductionPhase.QUEUED.value, ReductionPhase.EXECUTING.value]),
+            reductions.c.phase.in_(
+                [
+                    ReductionPhase.PENDING.value,
+                    ReductionPhase.QUEUED.value,
+                    ReductionPhase.EXECUTING.value,
+                ]
+            ),
         )
         with self.catalog.read() as conn:
             return int(conn.execute(query).scalar_one())
@@ -208,7 +216,11 @@ class ReductionStore:
         if only_unfinished:
             statement = statement.where(
                 reductions.c.phase.in_(
-                    [ReductionPhase.QUEUED.value, ReductionPhase.EXECUTING.value]
+                    [
+                        ReductionPhase.PENDING.value,
+                        ReductionPhase.QUEUED.value,
+                        ReductionPhase.EXECUTING.value,
+                    ]
                 )
             )
         with self.catalog.write() as conn:

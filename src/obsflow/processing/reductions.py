@@ -30,7 +30,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -249,7 +249,7 @@ class Reductions:
             reduction_id = self.store.create(new, now, runs_request=earlier.runs_request)
             for link in self.store.runs_of(earlier.id):
                 self.store.link(reduction_id, [link.run_id], final=link.final)
-            self.store.update(reduction_id, plan=earlier.plan)
+            self.store.update(reduction_id, plan=earlier.plan, phase=ReductionPhase.QUEUED)
             record = self.refresh(reduction_id)
             log.info("reduction %d shares the runs of reduction %d", reduction_id, earlier.id)
             return record, record.phase is ReductionPhase.COMPLETED
@@ -258,12 +258,12 @@ class Reductions:
         assert made is not None
         try:
             actions = self._plan(checked, made.runs_request, create=True)
-        except ReductionError as exc:
+            self._keep(reduction_id, actions)
+        except Exception as exc:  # never left pending (it would count against the quota)
             self.store.update(
                 reduction_id, phase=ReductionPhase.ERROR, error=str(exc), finished=now
             )
             raise
-        self._keep(reduction_id, actions)
         log.info(
             "reduction %d of %s by %s: %d action(s)",
             reduction_id,
@@ -393,13 +393,14 @@ class Reductions:
 
     def result_file(self, record: ReductionRecord, name: str) -> tuple[Result, Path] | None:
         """One of the reduction's own results and its file, if it has it."""
-        for result in self._own_results(record):
+        for result in self.own_results(record):
             if result.name == name:
                 path = self._dir(result.run_id) / result.name
                 return (result, path) if path.is_file() else None
         return None
 
-    def _own_results(self, record: ReductionRecord) -> list[Result]:
+    def own_results(self, record: ReductionRecord) -> list[Result]:
+        """The results the reduction's own runs made (while they are kept)."""
         if record.phase is not ReductionPhase.COMPLETED or record.expired is not None:
             return []
         runs = [a["run_id"] for a in record.plan if a["final"] and a["action"] == RUN]
@@ -575,10 +576,10 @@ class Reductions:
                 for i in pipeline.inputs[1:]
                 if not i.optional and len(decision.selected.get(i.name, ())) < i.min
             ]
-            if (
-                not short
-                or len(decision.selected.get(pipeline.inputs[0].name, ())) < pipeline.inputs[0].min
-            ):
+            first = pipeline.inputs[0]
+            have = len(decision.selected.get(first.name, ()))
+            enough = have >= first.min or (pipeline.kickoff.degraded_ok and have > 0)
+            if not short or not enough:
                 raise ReductionError(
                     f"{pipeline.id} for {key} cannot run: {'; '.join(decision.unmet)}",
                     "invalid",
@@ -608,23 +609,36 @@ class Reductions:
         depth: int,
         key: GroupKey,
     ) -> None:
-        """Plan the archive's runs that make the inputs ``pipeline`` lacks (every group
-        of their producers of the primary's night)."""
+        """Plan the archive's runs that make the inputs ``pipeline`` lacks: the groups
+        of their producers, of the primary's night, whose first file meets the input's
+        ``where`` (a product takes its values from its first input: the master flat of
+        the frame's filter, not the others'). A group that cannot be planned is left
+        out; ReductionError when no group can make an input."""
+        wanted = group_values(key, values_of(primary, self.site.registry))
         for spec_in in short:
-            groups = [
-                (producer, group, first)
-                for producer in self._producers(spec_in.product)
-                for group, first in self.tracker.known_groups(producer, primary.night)
-            ]
-            if not groups:
+            planned = 0
+            why: list[str] = []
+            for producer in self._producers(spec_in.product):
+                for group, first in self.tracker.known_groups(producer, primary.night):
+                    try:
+                        values = values_of(first, self.site.registry)
+                    except ObsflowError:
+                        continue
+                    if not matches(spec_in, values, wanted, primary=False):
+                        continue
+                    try:
+                        self._ensure(producer, group, first, actions, create, depth + 1)
+                    except ReductionError as exc:
+                        why.append(str(exc))
+                        continue
+                    planned += 1
+            if not planned:
+                reason = f": {why[0]}" if why else ""
                 raise ReductionError(
                     f"{pipeline.id} for {key} needs {spec_in.name} ({spec_in.product}); the "
-                    f"archive holds none for night {primary.night} and nothing it holds "
-                    "can make one",
+                    f"archive holds none for night {primary.night} and cannot make one" + reason,
                     "invalid",
                 )
-            for producer, group, first in groups:
-                self._ensure(producer, group, first, actions, create, depth + 1)
 
     def _archive_run(
         self,
@@ -710,10 +724,14 @@ class Reductions:
     # ------------------------------------------------------------ phases
 
     def _keep(self, reduction_id: int, actions: Sequence[Action]) -> None:
-        self.store.update(reduction_id, plan=[a.to_json() for a in actions])
+        """Link the plan's runs, then keep the plan (a pending reduction becomes queued:
+        the tracker loop follows it from then on)."""
         for final in (False, True):
             ids = [a.run_id for a in actions if a.final is final and a.run_id is not None]
             self.store.link(reduction_id, ids, final=final)
+        record = self.store.get(reduction_id)
+        phase = ReductionPhase.QUEUED if record and record.phase is ReductionPhase.PENDING else None
+        self.store.update(reduction_id, plan=[a.to_json() for a in actions], phase=phase)
 
     def _waiting(self, record: ReductionRecord) -> bool:
         return any(a["action"] == RUN and a["run_id"] is None for a in record.plan)
@@ -727,8 +745,16 @@ class Reductions:
             owner.principal(), Request(record.pipeline, record.inputs, self._given(record))
         )
         actions = self._plan(checked, record.runs_request, create=True)
-        # what it ran before stays in the plan (the runs it made), ahead of the rest
-        now = {(a.pipeline, a.group) for a in actions}
+        # what it ran stays in the plan as run (with the run, and now its products),
+        # ahead of the rest
+        ran = {(a["pipeline"], a["group"]): a for a in record.plan if a["run_id"] is not None}
+        kept: list[Action] = []
+        for action in actions:
+            before = ran.pop((action.pipeline, action.group), None)
+            if before is not None and action.action == REUSE:
+                kept.append(replace(action, action=RUN, run_id=before["run_id"]))
+            else:
+                kept.append(action)
         earlier = [
             Action(
                 a["pipeline"],
@@ -738,10 +764,9 @@ class Reductions:
                 a["run_id"],
                 a["final"],
             )
-            for a in record.plan
-            if a["run_id"] is not None and (a["pipeline"], a["group"]) not in now
+            for a in ran.values()
         ]
-        self._keep(record.id, [*earlier, *actions])
+        self._keep(record.id, [*earlier, *kept])
 
     def _given(self, record: ReductionRecord) -> dict[str, Any]:
         spec = self.site.registry.pipelines.get(record.pipeline)
@@ -759,9 +784,11 @@ class Reductions:
             return ReductionPhase.ERROR, f"run {first.run_id}{pipeline} failed: {first.error}"
         if any(link.state is RunState.RUNNING for link in links):
             return ReductionPhase.EXECUTING, None
-        if self._waiting(record):
-            return ReductionPhase.QUEUED, None
-        if all(link.state is RunState.SUCCEEDED for link in links if link.final):
+        if record.phase is ReductionPhase.PENDING or self._waiting(record):
+            return record.phase, None  # (pending: being planned)
+        finals = [a for a in record.plan if a["final"]]
+        made = {link.run_id for link in links if link.final and link.state is RunState.SUCCEEDED}
+        if finals and all(a["action"] == REUSE or a["run_id"] in made for a in finals):
             return ReductionPhase.COMPLETED, None
         return ReductionPhase.QUEUED, None
 
