@@ -188,6 +188,15 @@ def _julian(value: float, key: str, path: Path) -> datetime:
     from astropy.time import Time  # imported by the few products that need it
 
     jd = "JD" in key.upper() and "MJD" not in key.upper()
+    # the plausible years first: ERFA only warns of a "dubious year" and converts it
+    mjd = value - 2400000.5 if jd else value
+    first = (datetime(values.FIRST_YEAR, 1, 1, tzinfo=UTC) - MJD_EPOCH).days
+    last = (datetime(values.LAST_YEAR + 1, 1, 1, tzinfo=UTC) - MJD_EPOCH).days
+    if not first <= mjd < last:  # (NaN too)
+        raise MetadataError(
+            path,
+            f"{key} = {value!r} is outside the years {values.FIRST_YEAR}-{values.LAST_YEAR}",
+        )
     try:
         moment = Time(value, format="jd" if jd else "mjd", scale="utc").to_datetime(timezone=UTC)
     except (ValueError, OverflowError) as exc:
