@@ -144,7 +144,8 @@ class World:
 
 
 def make_world(make_site: SiteFactory, frames: list[Path], **settings: Any) -> Iterator[World]:
-    config = make_site(processing={"lease_seconds": 3}, **settings)
+    processing = {"lease_seconds": 3, **settings.pop("processing", {})}
+    config = make_site(processing=processing, **settings)
     (config.registry / "ofcam_pipelines.yaml").write_text(PIPELINES)
     site = open_site(config)
     ingest_paths(site, frames)

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 
 from obsflow.catalog import Catalog, schema
+from obsflow.catalog.cancel import cancel_runs
 from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.runs import REDUCTION_PREFIX
 from obsflow.states import ReductionPhase, RunState
@@ -346,36 +347,10 @@ class ReductionStore:
         return None if found is None else int(found)
 
     def stop_runs(self, run_ids: Sequence[int], reason: str, now: datetime) -> list[int]:
-        """Queued or running runs → failed with ``reason``, their leases dropped (a
-        worker executing one loses its lease at its next heartbeat and kills its steps).
-        Returns the runs stopped."""
-        if not run_ids:
-            return []
-        live = [RunState.QUEUED.value, RunState.RUNNING.value]
-        with self.catalog.write() as conn:
-            stopped = list(
-                conn.execute(
-                    select(runs.c.id).where(runs.c.id.in_(list(run_ids)), runs.c.state.in_(live))
-                ).scalars()
-            )
-            if stopped:
-                conn.execute(
-                    update(runs)
-                    .where(runs.c.id.in_(stopped), runs.c.state.in_(live))
-                    .values(
-                        state=RunState.FAILED.value,
-                        error=reason,
-                        lease_owner=None,
-                        lease_expires=None,
-                        finished_at=now,
-                    )
-                )
-                conn.execute(
-                    delete(schema.pins).where(
-                        schema.pins.c.holder.in_([f"run:{i}" for i in stopped])
-                    )
-                )
-        return [int(i) for i in stopped]
+        """Queued or running runs cancelled with ``reason`` (as ``obsflow runs cancel``
+        does: a worker executing one loses its lease at its next heartbeat and kills its
+        steps). Returns the runs stopped."""
+        return cancel_runs(self.catalog, run_ids, now, reason)
 
     # ------------------------------------------------------------- results
 
