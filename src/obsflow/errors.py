@@ -35,6 +35,13 @@ defined in ``obsflow.module`` (and so are its children that name no module of th
     ├── processing.celery.BrokerError  no broker, or it cannot take a run
     ├── processing.reductions.ReductionError  a reduction that cannot be made as asked
     ├── catalog.tags.InvalidTagError  a tag that does not follow the registry's rule
+    ├── catalog.obscore.QueryError  a translated TAP query the database refused, or out of time
+    ├── ivoa.adql.AdqlError    an ADQL query obsflow cannot run (syntax, unknown table/function)
+    ├── ivoa.tap.TapError      a TAP request obsflow cannot answer (names the parameter)
+    ├── ivoa.uws.UwsError      an async TAP job request that cannot be done (says why)
+    ├── ivoa.votable.FormatError  a FORMAT naming no format obsflow writes
+    ├── ivoa.datalink.DatasetError  an ID names no dataset the reader may see
+    ├── ivoa.soda.SodaError    a cutout obsflow cannot make (starts with DALI's fault name)
     ├── access.AccessError     a bad user, program or scope name
     ├── api.ListenError        the API cannot listen where asked (a bad HOST:PORT, in use)
     ├── sim.ioc.PublishError   the simulated IOC is not running or cannot be reached

@@ -19,6 +19,8 @@ from enum import StrEnum
 from typing import Final
 from xml.sax.saxutils import escape
 
+from obsflow.errors import ObsflowError
+
 __all__ = [
     "LIFETIME",
     "Job",
@@ -37,7 +39,7 @@ LIFETIME: Final = timedelta(days=1)
 UWS_NS: Final = "http://www.ivoa.net/xml/UWS/v1.0"
 
 
-class UwsError(Exception):
+class UwsError(ObsflowError):
     """A request about a job obsflow cannot do (the message says why)."""
 
 

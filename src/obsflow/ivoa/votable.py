@@ -17,6 +17,7 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 from astropy.io.votable.tree import Field, Info, Resource, TableElement, VOTableFile
 
+from obsflow.errors import ObsflowError
 from obsflow.ivoa.obscore import ColumnInfo
 
 __all__ = ["Format", "Result", "error_document", "parse_format", "render"]
@@ -51,8 +52,8 @@ _ALIASES: Final = {
 }
 
 
-class FormatError(ValueError):
-    pass
+class FormatError(ObsflowError):
+    """A FORMAT parameter naming no format obsflow writes (lists the known ones)."""
 
 
 def parse_format(text: str | None) -> Format:
