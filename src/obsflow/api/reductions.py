@@ -153,7 +153,7 @@ def _problem(exc: ReductionError) -> ProblemError:
     responses={
         200: {"description": "Answered at once (an identical reduction), or a dry run's plan."},
         202: {"description": "Accepted: follow its Location.", "model": ReductionOut},
-        **documented(401, 403, 404, 413, 429),
+        **documented(400, 401, 403, 404, 413, 429),  # 400: a body that is not JSON
     },
     dependencies=SMALL,
 )
