@@ -84,6 +84,8 @@ def utc(value: datetime | None) -> datetime | None:
         return (datetime.min if value.year < 5000 else datetime.max).replace(tzinfo=UTC)
 
 
+API_PREFIX: Final = "/api/"
+"""The REST API's routes, whose unknown query parameters are refused (not /tap, ...)."""
 _KNOWN: dict[int, frozenset[str]] = {}
 """The query parameters each route declares, by the route's ``id`` (worked out once)."""
 
@@ -93,8 +95,8 @@ def known_query(request: Request) -> None:
     (``?prodcut=...``) is an error that names it, not a filter silently ignored that
     answers with every file. Installed on the whole app by :func:`obsflow.api.create_app`."""
     route = request.scope.get("route")
-    if not isinstance(route, APIRoute):
-        return
+    if not isinstance(route, APIRoute) or not request.url.path.startswith(API_PREFIX):
+        return  # the IVOA services read their own parameters (VOSI detail, UWS WAIT, ...)
     names = _KNOWN.get(id(route))
     if names is None:
         names = _KNOWN[id(route)] = frozenset(_query_names(route.dependant))
