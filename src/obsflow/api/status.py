@@ -27,6 +27,7 @@ from obsflow.api.params import Level, Time, utc
 from obsflow.api.problems import documented
 from obsflow.api.services import Services, json_response, services
 from obsflow.catalog import latency
+from obsflow.catalog.processes import ProcessKind
 from obsflow.catalog.status import answers, site_status
 from obsflow.daemon import read_status as read_daemon_status
 from obsflow.settings import Role
@@ -110,7 +111,7 @@ class WorkersOut(BaseModel):
 
 class ProcessOut(BaseModel):
     id: str
-    kind: str = Field(description="daemon or worker.")
+    kind: ProcessKind
     host: str | None = Field(description="Admin tokens only.")
     pid: int | None = Field(description="Admin tokens only.")
     role: Role | None = Field(description="A daemon's role.")
