@@ -132,7 +132,7 @@ def test_cli_api_and_metrics_tell_the_same_status(mixed: Mixed) -> None:
     finally:
         server.stop()
     ours = site_status(site.catalog, site.clock(), role=site.settings.transfer.role)
-    assert set(cli) == {"files", "queue", "queue_depth", "daemon"}  # as it always said
+    assert set(cli) == {"files", "queue", "queue_depth", "daemon", "processes"}
     for key in ("files", "queue", "queue_depth"):
         assert cli[key] == api[key] == ours.to_json()[key], key
     for key in ("runs", "tracker", "cache", "role"):

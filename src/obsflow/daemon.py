@@ -11,9 +11,15 @@ loses nothing either (leases expire; the scan and the sweep recover the rest).
 
 Once every part is up it writes ``SITE/.obsflow/daemon.json`` with ``ready: true``
 (pid, times, the health of each trigger and of the tracker), then again every
-``status_seconds``, for ``obsflow status``. The ``tracker`` object (``null`` for an
-agent, which runs no pipelines) holds ``ok``, ``last_error``, ``failures`` (passes failed
-in a row) and ``since`` (see :class:`~obsflow.processing.tracker.loop.TrackerHealth`).
+``status_seconds``, for ``obsflow status``. Beside it, at start and at each of those
+heartbeats, it records itself in the catalog (:mod:`obsflow.catalog.processes`: one
+UPSERT: its triggers, EPICS links, workers busy and total, an agent's outbox depth), so
+that whoever reads the catalog, on any machine, sees it; ``stopping`` once told to stop,
+``stopped`` when it ends cleanly, and ``lost`` to readers if it dies.
+
+In ``daemon.json``, the ``tracker`` object (``null`` for an agent, which runs no
+pipelines) holds ``ok``, ``last_error``, ``failures`` (passes failed in a row) and
+``since`` (see :class:`~obsflow.processing.tracker.loop.TrackerHealth`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from obsflow.archive.ingest import Ingestor
+from obsflow.catalog.processes import (
+    Health,
+    Identity,
+    ProcessKind,
+    ProcessStore,
+    TriggerHealth,
+    Workers,
+)
 from obsflow.catalog.seen import SeenLedger
 from obsflow.errors import SiteError
 from obsflow.processing.executor import Executor, make_executor
@@ -38,8 +52,10 @@ from obsflow.receipt.receiver import Outcome, Received
 from obsflow.registry.specs import EpicsTriggerSpec, WatchTriggerSpec
 from obsflow.settings import Role
 from obsflow.site import Site
+from obsflow.states import ProcessState
 from obsflow.transfer.agent import Client, Transferer
-from obsflow.trigger import Trigger
+from obsflow.trigger import Offer, Trigger
+from obsflow.trigger.epics import EpicsTrigger  # (caproto is imported when one starts)
 from obsflow.trigger.scan import ReconcileScan
 from obsflow.trigger.watch import WatchTrigger
 
@@ -68,8 +84,6 @@ def build_triggers(site: Site) -> list[Trigger]:
                 )
                 directories[directory] = directories.get(directory, False) or spec.recursive
             elif isinstance(spec, EpicsTriggerSpec):
-                from obsflow.trigger.epics import EpicsTrigger  # caproto only when used
-
                 triggers.append(EpicsTrigger(spec, directory))
                 directories.setdefault(directory, False)
     triggers.append(
@@ -141,6 +155,14 @@ class Daemon:
         """The tracker's loop (not for an agent), whose health the status file shows."""
         self.ready = False
         """Every part is up and every trigger started (and not yet stopping)."""
+        self.process = ProcessStore(
+            site.catalog,
+            Identity.of_this_process(ProcessKind.DAEMON, self.started, self.role),
+            site.settings.daemon.status_seconds,
+        )
+        """This daemon's row in the catalog's ``processes``."""
+        self._started: list[Trigger] = []
+        self._offered: dict[str, datetime] = {}  # trigger name → when it last offered a path
         self._lock = threading.Lock()
 
     def run(self, stop: threading.Event, on_ready: Callable[[], object] = lambda: None) -> None:
@@ -156,6 +178,8 @@ class Daemon:
 
     def _run(self, stop: threading.Event, on_ready: Callable[[], object]) -> None:
         site = self.site
+        self._forget_old_processes()
+        self.record(ProcessState.RUNNING)
         swept = sweep_cache(site)
         if swept:
             log.warning("removed %d file(s) an interrupted run left in the cache", len(swept))
@@ -217,20 +241,23 @@ class Daemon:
         trimmer.start()
         if auditor is not None:
             auditor.start()
-        started: list[Trigger] = []
+        started = self._started
         try:
             for trigger in self.triggers:
-                trigger.start(intake.offer)
+                trigger.start(self._offering(trigger.name, intake.offer))
                 started.append(trigger)
                 log.info("trigger %s started", trigger.name)
             self.ready = True
             self.write_status(intake, running=True)
+            self.record(ProcessState.RUNNING)
             log.info("ready: %d trigger(s) started", len(started))
             on_ready()
             while not stop.wait(site.settings.daemon.status_seconds):
                 self.write_status(intake, running=True)
+                self.record(ProcessState.RUNNING)
         finally:
             self.ready = False
+            self.record(ProcessState.STOPPING)
             log.info("stopping: triggers, files in flight, the tracker, runs, then ingestors")
             for trigger in reversed(started):
                 trigger.stop()
@@ -249,6 +276,7 @@ class Daemon:
             if client is not None:
                 client.close()
             self.write_status(intake, running=False)
+            self._record_stopped()
 
     def _client(self) -> Client | None:
         """The agent's connection to its server (None in the other roles)."""
@@ -318,6 +346,69 @@ class Daemon:
             self.counts[result.outcome] = self.counts.get(result.outcome, 0) + 1
         if result.outcome in (Outcome.ERROR, Outcome.VANISHED):
             log.warning("%s %s: %s", result.outcome.value, result.path, result.reason)
+
+    def _offering(self, name: str, offer: Offer) -> Offer:
+        """``offer``, noting when the trigger ``name`` last offered a path (its last event)."""
+
+        def noted(path: Path) -> None:
+            now = self.site.clock()
+            with self._lock:
+                self._offered[name] = now
+            offer(path)
+
+        return noted
+
+    def health(self) -> Health:
+        """What this daemon records in the catalog at each heartbeat: its started triggers,
+        its EPICS links, its executor's workers, an agent's outbox depth."""
+        with self._lock:
+            offered = dict(self._offered)
+        triggers = []
+        for trigger in list(self._started):
+            health = trigger.health()
+            triggers.append(
+                TriggerHealth(
+                    name=trigger.name,
+                    kind=trigger.kind,
+                    healthy=health.ok,
+                    last_event=offered.get(trigger.name),
+                    error=None if health.ok else health.detail or "unhealthy",
+                )
+            )
+        epics = tuple(t.link() for t in self._started if isinstance(t, EpicsTrigger))
+        executor = self.executor
+        workers = None
+        if executor is not None and executor.capacity is not None:
+            workers = Workers(busy=executor.in_flight, total=executor.capacity)
+        depth = self.site.queue.depth() if self.role is Role.AGENT else None
+        return Health(triggers=tuple(triggers), epics=epics, workers=workers, outbox_depth=depth)
+
+    def record(self, state: ProcessState) -> None:
+        """Record this daemon's heartbeat and health in the catalog (one UPSERT). A
+        catalog out of reach is said in the log, and tried again at the next heartbeat."""
+        try:
+            self.process.beat(self.health(), self.site.clock(), state)
+        except Exception as exc:
+            log.warning("could not record the daemon's heartbeat in the catalog: %s", exc)
+
+    def _record_stopped(self) -> None:
+        try:
+            self.process.stop(self.site.clock())
+        except Exception as exc:
+            log.warning("could not record the daemon's stop in the catalog: %s", exc)
+        self._forget_old_processes()
+
+    def _forget_old_processes(self) -> None:
+        """Delete the rows of processes stopped or lost over ``forget_processes_seconds``."""
+        try:
+            forgotten = self.process.prune(
+                self.site.clock(), self.site.settings.daemon.forget_processes_seconds
+            )
+        except Exception as exc:
+            log.warning("could not forget old processes in the catalog: %s", exc)
+            return
+        if forgotten:
+            log.info("forgot %d process(es) stopped or lost long ago", forgotten)
 
     def write_status(self, intake: Intake, *, running: bool) -> None:
         now = self.site.clock()

@@ -96,7 +96,12 @@ class Daemon(_Section):
     reconcile_seconds: float = Field(default=60.0, gt=0)
     """How often ``obsflow run`` scans the watched directories for files no trigger offered."""
     status_seconds: float = Field(default=2.0, gt=0)
-    """How often the daemon writes its status (health of triggers) for ``obsflow status``."""
+    """How often the daemon (and a worker) records its status, the health of its triggers
+    and workers, for ``obsflow status``: its heartbeat, in ``daemon.json`` and in the
+    catalog (a process silent for 3 of these is shown lost)."""
+    forget_processes_seconds: float = Field(default=86400.0, gt=0)
+    """A process (daemon, worker) stopped or lost this long ago is forgotten: its row in
+    the catalog's ``processes`` is deleted when a process starts or stops."""
     start_seconds: float = Field(default=120.0, ge=0)
     """At start-up the daemon (and a worker) tries this long to open a catalog it cannot
     reach yet (the database server still starting, a migration by another process)."""

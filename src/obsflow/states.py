@@ -169,3 +169,26 @@ class FixityOutcome(StrEnum):
     def bad(self) -> bool:
         """The archive does not hold the file's bytes (an operator must act)."""
         return self in (FixityOutcome.MISMATCH, FixityOutcome.MISSING, FixityOutcome.UNREADABLE)
+
+
+class ProcessState(StrEnum):
+    """The state of a process that writes to the catalog (a daemon, a worker), as
+    ``obsflow status`` shows it (:mod:`obsflow.catalog.processes`).
+
+    A process records itself ``running`` at start and at every heartbeat, ``stopping``
+    once told to stop (it finishes what it holds), and ``stopped`` when it ends cleanly:
+    those three are stored, each by the process itself, never by another. ``lost`` is never
+    stored: it is computed when the row is read, for a running or stopping process whose
+    last heartbeat is older than a few of its heartbeat intervals (it was killed, its
+    machine died, or it cannot reach the catalog).
+    """
+
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    LOST = "lost"
+
+    @property
+    def alive(self) -> bool:
+        """Running or stopping (its heartbeat is fresh)."""
+        return self in (ProcessState.RUNNING, ProcessState.STOPPING)

@@ -4,7 +4,11 @@ Gauges are read from the catalog when Prometheus scrapes (nothing is counted twi
 nothing drifts): files by state, ingest requests by state and the queue's depth,
 runs by state (their outcomes) and the cache, from the site's status snapshot
 (:func:`obsflow.catalog.status.site_status`, what ``obsflow status`` shows), and the
-stuck files from the latency ledger.
+stuck files from the latency ledger. From the same snapshot, the processes that write to
+the catalog (:mod:`obsflow.catalog.processes`): how many of each kind are in each state,
+the age of the stalest heartbeat of each kind (processes not cleanly stopped), their
+workers busy and total, and whether each trigger of the live daemons is healthy (labels
+from closed sets: the process kinds and states, and the triggers the registry declares).
 
 The latency histogram ``obsflow_latency_seconds{stage}`` (``acquired_to_archived``,
 and each stage between consecutive ledger events) is fed from the ledger
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Annotated, Final
 
@@ -37,8 +41,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from obsflow.api.problems import documented
 from obsflow.api.services import Services, services
 from obsflow.catalog import latency
+from obsflow.catalog.processes import ProcessKind, ProcessRecord
 from obsflow.catalog.status import site_status
 from obsflow.site import Site
+from obsflow.states import ProcessState
 
 OVERLAP: Final = timedelta(minutes=2)
 LATENCY_BUCKETS: Final = (
@@ -127,7 +133,8 @@ class _CatalogCollector(Collector):
         now = site.clock()
         status = site_status(site.catalog, now, role=site.settings.transfer.role)
         families = self._families()
-        files, requests, depth, runs, stuck, cache_files, cache_bytes, virtual, *fixity = families
+        files, requests, depth, runs, stuck, cache_files, cache_bytes, virtual = families[:8]
+        unaudited, bad = families[8:10]
         for counts, family in ((status.files, files), (status.queue, requests)):
             for state, n in counts.items():
                 family.add_metric([state.value], n)
@@ -138,9 +145,9 @@ class _CatalogCollector(Collector):
         cache_files.add_metric([], status.cache.files)
         cache_bytes.add_metric([], status.cache.bytes)
         virtual.add_metric([], status.cache.virtual)
-        unaudited, bad = fixity
         unaudited.add_metric([], status.fixity.never)
         bad.add_metric([], status.fixity.bad)
+        _processes(status.processes, *families[10:])
         return iter(families)
 
     @staticmethod
@@ -167,7 +174,62 @@ class _CatalogCollector(Collector):
                 "Archived files whose latest fixity audit found them changed, missing or "
                 "unreadable (alert on > 0).",
             ),
+            GaugeMetricFamily(
+                "obsflow_processes",
+                "Processes writing to the catalog (daemons, workers) by kind and state.",
+                labels=["kind", "state"],
+            ),
+            GaugeMetricFamily(
+                "obsflow_process_heartbeat_age_seconds",
+                "Seconds since the stalest heartbeat of the processes of a kind that are not "
+                "cleanly stopped (running, stopping or lost).",
+                labels=["kind"],
+            ),
+            GaugeMetricFamily(
+                "obsflow_workers_busy",
+                "Runs the live processes of a kind execute now.",
+                labels=["kind"],
+            ),
+            GaugeMetricFamily(
+                "obsflow_workers_total",
+                "Runs the live processes of a kind can execute at once.",
+                labels=["kind"],
+            ),
+            GaugeMetricFamily(
+                "obsflow_trigger_healthy",
+                "1 if the trigger is healthy in every live daemon that runs it, else 0.",
+                labels=["trigger"],
+            ),
         ]
+
+
+def _processes(
+    processes: Sequence[ProcessRecord],
+    counts: GaugeMetricFamily,
+    ages: GaugeMetricFamily,
+    busy: GaugeMetricFamily,
+    total: GaugeMetricFamily,
+    triggers: GaugeMetricFamily,
+) -> None:
+    """The processes' gauges: every (kind, state), and per kind and trigger those seen."""
+    for kind in ProcessKind:
+        of_kind = [p for p in processes if p.kind is kind]
+        for state in ProcessState:
+            counts.add_metric([kind.value, state.value], sum(p.state is state for p in of_kind))
+        unstopped = [p.age_seconds for p in of_kind if p.state is not ProcessState.STOPPED]
+        if unstopped:
+            ages.add_metric([kind.value], max(unstopped))
+        live = [p.health.workers for p in of_kind if p.state.alive and p.health.workers]
+        if live:
+            busy.add_metric([kind.value], sum(w.busy for w in live))
+            total.add_metric([kind.value], sum(w.total for w in live))
+    healthy: dict[str, bool] = {}
+    for p in processes:
+        if p.kind is ProcessKind.DAEMON and p.state.alive:
+            for t in p.health.triggers:
+                healthy[t.name] = healthy.get(t.name, True) and t.healthy
+    for name, ok in sorted(healthy.items()):
+        triggers.add_metric([name], 1.0 if ok else 0.0)
 
 
 class RequestMetrics:

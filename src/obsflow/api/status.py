@@ -7,6 +7,10 @@ tracker's backlog, the cache, an agent's outbox) with the latency percentiles fr
 ledger (:func:`obsflow.catalog.latency.latency_report`) and the stuck files by archive
 ID. Their original names and error details (which quote paths and header values), and
 the daemon's status (which quotes paths and addresses), are shown to admin tokens only.
+The processes that write to the catalog (daemons, workers: :mod:`obsflow.catalog.processes`)
+are shown to everyone by kind, role, state and heartbeat; where they run (host, pid) and
+what names paths or addresses (trigger names and errors, EPICS PVs) to admin tokens only
+(null for others).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from obsflow.api.params import Level, Time, utc
 from obsflow.api.problems import documented
 from obsflow.api.services import Services, json_response, services
 from obsflow.catalog import latency
+from obsflow.catalog.processes import ProcessKind
 from obsflow.catalog.status import answers, site_status
 from obsflow.daemon import read_status as read_daemon_status
 from obsflow.settings import Role
-from obsflow.states import FileState, RequestState, RunState
+from obsflow.states import FileState, ProcessState, RequestState, RunState
 
 router = APIRouter(tags=["status"])
 Svc = Annotated[Services, Depends(services)]
@@ -77,6 +82,50 @@ class OutboxOut(BaseModel):
     window_seconds: float
 
 
+class TriggerOut(BaseModel):
+    name: str | None = Field(description="e.g. watch:/data/incoming; admin tokens only.")
+    kind: str = Field(description="watch, epics or scan.")
+    healthy: bool
+    last_event: datetime | None = Field(description="When it last offered a path.")
+    error: str | None = Field(description="Why it is not healthy; admin tokens only.")
+
+
+class EpicsLinkOut(BaseModel):
+    trigger: str
+    pv: str
+    connected: bool
+    heartbeat_pv: str | None
+    heartbeat_age_seconds: float | None
+
+
+class EpicsOut(BaseModel):
+    connected: bool = Field(description="Every EPICS link connected.")
+    heartbeat_age_seconds: float | None = Field(description="The oldest heartbeat PV's age.")
+    links: list[EpicsLinkOut] = Field(description="Each link; admin tokens only (else []).")
+
+
+class WorkersOut(BaseModel):
+    busy: int
+    total: int
+
+
+class ProcessOut(BaseModel):
+    id: str
+    kind: ProcessKind
+    host: str | None = Field(description="Admin tokens only.")
+    pid: int | None = Field(description="Admin tokens only.")
+    role: Role | None = Field(description="A daemon's role.")
+    started: datetime
+    heartbeat: datetime
+    age_seconds: float = Field(description="Since its last heartbeat.")
+    state: ProcessState = Field(description="lost: its heartbeat is too old.")
+    version: str
+    triggers: list[TriggerOut]
+    epics: EpicsOut | None
+    workers: WorkersOut | None = Field(description="Its executor's workers busy and total.")
+    outbox_depth: int | None = Field(description="An agent's frames not yet archived.")
+
+
 class StatusOut(BaseModel):
     now: datetime
     role: Role
@@ -89,6 +138,9 @@ class StatusOut(BaseModel):
     outbox: OutboxOut | None = Field(default=None, description="An agent's outbox only.")
     daemon: dict[str, Any] | None = Field(
         default=None, description="The daemon's status (null: it never ran); admin tokens only."
+    )
+    processes: list[ProcessOut] = Field(
+        description="Every process (daemon, worker) that writes to the catalog, and its health."
     )
     latency: LatencyOut
     stuck: list[StuckOut] = Field(description="The oldest stuck files.")
@@ -131,6 +183,7 @@ def get_status(
     admin = who.may(Scope.ADMIN)
     if not admin:
         del snapshot["daemon"]
+    snapshot["processes"] = [p.to_json(operational=admin) for p in site.processes]
     status = StatusOut.model_validate(
         {
             **snapshot,

@@ -54,7 +54,7 @@ from obsflow.states import FileState, LedgerEvent
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 _REVISION: Final = re.compile(r"""^revision\s*=\s*["']([^"']+)["']""", re.MULTILINE)
-SCHEMA_REVISION = "0014"
+SCHEMA_REVISION = "0015"
 """The newest migration; a test checks it is Alembic's head."""
 MIGRATION_WAIT_SECONDS = 120.0
 """How long opening a catalog waits for another process's migration of it."""

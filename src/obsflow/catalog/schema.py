@@ -371,6 +371,26 @@ reduction_results = Table(
     Column("created_at", UTCDateTime, nullable=False),
 )
 
+# The processes that write to the catalog (daemons, Celery workers): one row per process
+# instance, written by the process itself at start, at every heartbeat (one UPSERT) and
+# when it stops cleanly; ``lost`` is computed at read time from ``heartbeat`` and
+# ``interval_seconds`` (see obsflow.catalog.processes). Old rows are pruned.
+processes = Table(
+    "processes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),  # catalog.processes.ProcessKind
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("role", String(16)),  # a daemon's role (settings.Role); None for a worker
+    Column("version", String(32), nullable=False),
+    Column("started", UTCDateTime, nullable=False),
+    Column("heartbeat", UTCDateTime, nullable=False, index=True),
+    Column("interval_seconds", Float, nullable=False),  # how often it beats
+    Column("state", String(16), nullable=False),  # states.ProcessState (never lost)
+    Column("health", Text, nullable=False),  # JSON: triggers, EPICS, workers, outbox
+)
+
 # API tokens, stored hashed (sha256 of the secret); the secret is shown once.
 tokens = Table(
     "tokens",

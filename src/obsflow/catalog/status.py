@@ -12,10 +12,13 @@ SQLite's read transaction in WAL mode, PostgreSQL's ``REPEATABLE READ``):
 * the cache's figures (:func:`obsflow.catalog.cachestate.cache_figures`: files whose
   bytes are in it, their bytes, virtual files, pinned files, bytes not archived yet);
 * for an agent, its outbox (its ingest queue, whose archive is the server): the depth,
-  the oldest waiting frame, the last confirmation and the throughput.
+  the oldest waiting frame, the last confirmation and the throughput;
+* every process that writes to the catalog (daemons, workers, on any machine) with its
+  health, as it last recorded it (:mod:`obsflow.catalog.processes`; ``lost`` computed).
 
-The daemon's status (``daemon.json``, read by :func:`obsflow.daemon.read_status`) is
-passed in by the caller, which knows the site's directory; its ``role``, when given,
+The local daemon's status file (``daemon.json``, read by
+:func:`obsflow.daemon.read_status`) is passed in by the caller, which knows the site's
+directory; its ``role``, when given,
 is the site's role, else the settings' role is. :meth:`SiteStatus.to_json` is what
 ``obsflow status --json`` prints; the API's status is made of it and of
 :meth:`SiteStatus.details_json`.
@@ -38,6 +41,7 @@ from sqlalchemy import Connection, func, literal_column, select
 from obsflow.catalog import Catalog, schema
 from obsflow.catalog.cachestate import CacheFigures, cache_figures
 from obsflow.catalog.fixity import FixityFigures, FixityStore
+from obsflow.catalog.processes import ProcessRecord, processes_of
 from obsflow.catalog.queue import count_by_state, depth_of, is_waiting
 from obsflow.catalog.tracking import groups_waiting
 from obsflow.settings import Role
@@ -106,6 +110,8 @@ class SiteStatus:
     """An agent's outbox; None at any other site."""
     fixity: FixityFigures
     """The archive's fixity audits: files audited, never audited, bad."""
+    processes: tuple[ProcessRecord, ...] = ()
+    """Every process that writes to the catalog (daemons, workers), with its health."""
 
     def at_level(self, level: int | None) -> Mapping[FileState, int]:
         """Files of one processing level by state (the states nothing is in are absent)."""
@@ -113,13 +119,16 @@ class SiteStatus:
 
     def to_json(self) -> dict[str, Any]:
         """What ``obsflow status --json`` prints: files and ingest requests by state (every
-        state), the queue's depth, the daemon's status and, at an agent only, its outbox.
-        The API's status is this, with :meth:`details_json` and the latency ledger."""
+        state), the queue's depth, the daemon's status, the processes that write to the
+        catalog (:meth:`~obsflow.catalog.processes.ProcessRecord.to_json`) and, at an agent
+        only, its outbox. The API's status is this, with :meth:`details_json` and the
+        latency ledger."""
         data: dict[str, Any] = {
             "files": _by_value(self.files),
             "queue": _by_value(self.queue),
             "queue_depth": self.queue_depth,
             "daemon": None if self.daemon is None else dict(self.daemon),
+            "processes": [p.to_json() for p in self.processes],
         }
         if self.outbox is not None:
             data["outbox"] = self.outbox.to_json()
@@ -167,6 +176,7 @@ def site_status(
         depth = depth_of(queue)
         outbox = _outbox(conn, now, depth, outbox_window) if effective is Role.AGENT else None
         fixity = FixityStore(catalog).figures(conn)
+        processes = processes_of(conn, now)
     by_state: dict[FileState, int] = {}
     for counts in levels.values():
         for state, n in counts.items():
@@ -185,6 +195,7 @@ def site_status(
         daemon=daemon,
         outbox=outbox,
         fixity=fixity,
+        processes=processes,
     )
 
 

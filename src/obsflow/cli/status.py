@@ -1,6 +1,7 @@
 """The ``status`` command: the site's status (:func:`obsflow.catalog.status.site_status`:
-files by state, the ingest queue's depth, an agent's outbox, the daemon; ``--json`` prints
-all of it, runs and the cache too) and, with ``--latency``, the latency ledger."""
+files by state, the ingest queue's depth, an agent's outbox, the daemon, and every process
+that writes to the catalog, on any machine, with its health; ``--json`` prints all of it)
+and, with ``--latency``, the latency ledger."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from obsflow.catalog import latency as latency_ledger
+from obsflow.catalog.processes import ProcessRecord
 from obsflow.catalog.status import site_status
 from obsflow.cli import JsonOption, SiteOption, _site, _time, app, out
 
@@ -54,7 +57,8 @@ def status(
     ] = None,
     site: SiteOption = None,
 ) -> None:
-    """Counts of files by state, and the ingest queue's depth; --latency for the latency ledger."""
+    """Counts of files by state, the ingest queue's depth, the daemons and workers that
+    write to the catalog; --latency for the latency ledger."""
     window_start = _time(since, "--since")
     if not latency and (
         since is not None or level is not None or stuck_after != latency_ledger.DEFAULT_STUCK_AFTER
@@ -158,3 +162,39 @@ def status(
                 state = "ok" if trigger["ok"] else f"[red]ALARM[/]: {trigger['detail']}"
                 table.add_row(f"trigger {trigger['name']}", state)
         out.print(table)
+        if snapshot.processes:
+            out.print(processes_table(snapshot.processes))
+
+
+_STATE_STYLE = {"running": "green", "stopping": "yellow", "stopped": "dim", "lost": "red"}
+
+
+def processes_table(processes: tuple[ProcessRecord, ...]) -> Table:
+    """The processes that write to the catalog: kind (and role), host:pid, state, the age
+    of the last heartbeat, triggers healthy of all, workers busy of all or an outbox."""
+    table = Table(title="processes writing to this catalog")
+    for column in ("kind", "host:pid", "state", "heartbeat", "triggers", "workers / outbox"):
+        table.add_column(column, justify="right" if column == "heartbeat" else "left")
+    for p in processes:
+        me, health = p.identity, p.health
+        kind = p.kind.value + (f" ({me.role.value})" if me.role is not None else "")
+        healthy = sum(1 for t in health.triggers if t.healthy)
+        triggers = f"{healthy}/{len(health.triggers)}" if health.triggers else "-"
+        if healthy < len(health.triggers) and p.state.alive:
+            bad = escape(", ".join(t.name for t in health.triggers if not t.healthy))
+            triggers = f"[red]{triggers}[/] ({bad})"
+        load = "-"
+        if health.workers is not None:
+            load = f"{health.workers.busy}/{health.workers.total} busy"
+        if health.outbox_depth is not None:
+            load = f"outbox {health.outbox_depth}"
+        style = _STATE_STYLE[p.state.value]
+        table.add_row(
+            kind,
+            escape(f"{me.host}:{me.pid}"),
+            f"[{style}]{p.state.value}[/]",
+            f"{p.age_seconds:.0f} s ago",
+            triggers,
+            load,
+        )
+    return table

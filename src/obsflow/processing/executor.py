@@ -69,6 +69,12 @@ class Executor(ABC):
     def in_flight(self) -> int:
         """Runs submitted and not finished."""
 
+    @property
+    def capacity(self) -> int | None:
+        """Runs it executes at once, here (None: they execute elsewhere, on workers that
+        report themselves)."""
+        return None
+
 
 class InlineExecutor(Executor):
     """Executes each run at once, in the thread that submits it."""
@@ -99,6 +105,10 @@ class InlineExecutor(Executor):
     def in_flight(self) -> int:
         return 0
 
+    @property
+    def capacity(self) -> int:
+        return 1
+
 
 class LocalExecutor(Executor):
     """Executes up to ``workers.runs`` runs at once, each in a worker process of a pool
@@ -111,6 +121,7 @@ class LocalExecutor(Executor):
         context = multiprocessing.get_context("spawn")
         self._stop_workers = context.Event()
         workers = site.settings.workers.runs
+        self._capacity = workers
         self._pool = ProcessPoolExecutor(
             workers,
             mp_context=context,
@@ -154,6 +165,10 @@ class LocalExecutor(Executor):
     def in_flight(self) -> int:
         with self._lock:
             return len(self._running)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
 
 
 # A worker process of the LocalExecutor holds its own site (its own catalog connections,

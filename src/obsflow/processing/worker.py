@@ -14,6 +14,12 @@ daemon's own pool runs. Two kinds, by :class:`WorkerConfig`:
   HTTP into a local input cache (by sha256, within a size budget), runs the steps in a
   local work directory and sends the outputs back; no path of the site is ever read.
 
+A worker with the site's storage records itself in the site's catalog
+(:mod:`obsflow.catalog.processes`): from its main process, at start and every
+``daemon.status_seconds`` (its runs in progress and its concurrency), ``stopping`` when
+told to stop, ``stopped`` at its end; a server's ``obsflow status`` shows it, or shows it
+``lost`` once it is silent. (A worker over HTTP has no catalog to write to.)
+
 What a pool process holds is made once, when Celery starts it (``worker_process_init``):
 the run host, a :class:`~obsflow.processing.container.ContainerRunner` for container
 steps, and its lease owner's name, ``celery-HOSTNAME-PID``. At start, before any run,
@@ -60,6 +66,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from celery import signals
 
+from obsflow.catalog import Catalog
+from obsflow.catalog.processes import Health, Identity, ProcessKind, ProcessStore, Workers
 from obsflow.processing.celery import TASK, make_app, require_broker, shown
 from obsflow.processing.controller import kill_every_step
 from obsflow.processing.lifecycle import RunHost, execute_run
@@ -69,7 +77,7 @@ from obsflow.receipt.receiver import utcnow
 from obsflow.registry import Registry
 from obsflow.settings import DEFAULT_CACHE_BYTES, Containers, Processing, Settings
 from obsflow.site import Site, open_site
-from obsflow.states import RunState
+from obsflow.states import ProcessState, RunState
 
 if TYPE_CHECKING:
     from obsflow.processing.container import ContainerRunner
@@ -207,6 +215,7 @@ def run_worker(
     app.conf.worker_proc_alive_timeout = start_seconds + 30.0
     pool = PoolProcess(config, registry, os.getpid(), start_seconds)
     app.task(name=TASK, **TASK_OPTIONS)(pool.execute)
+    heartbeat = WorkerHeartbeat(config.site, config.concurrency) if config.site else None
 
     def started(**_: Any) -> None:
         pool.start()
@@ -222,11 +231,16 @@ def run_worker(
     def keep_logging(**_: Any) -> None:
         """Celery leaves logging alone when someone answers this: obsflow's CLI set it up."""
 
+    def shutting_down(**_: Any) -> None:
+        if heartbeat is not None:
+            heartbeat.stopping()
+
     receivers = (
         (signals.worker_process_init, started),
         (signals.worker_process_shutdown, stopped),
         (signals.worker_ready, ready),
         (signals.setup_logging, keep_logging),
+        (signals.worker_shutting_down, shutting_down),
     )
     for signal_, receiver in receivers:
         signal_.connect(receiver, weak=False)
@@ -242,6 +256,8 @@ def run_worker(
         without_mingle=True,
         optimization="fair",
     )
+    if heartbeat is not None:
+        heartbeat.start()
     try:
         with warnings.catch_warnings():
             # on a lost connection Celery warns that it lets acks_late runs go on; that
@@ -251,10 +267,100 @@ def run_worker(
             )
             worker.start()
     finally:
+        if heartbeat is not None:
+            heartbeat.close()
         for signal_, receiver in receivers:
             signal_.disconnect(receiver)
         app.close()
     return int(worker.exitcode or 0)
+
+
+class WorkerHeartbeat:
+    """The worker's row in its site's catalog (``processes``), kept by a thread of its main
+    process: at start, every ``daemon.status_seconds`` (the runs it executes now, of its
+    ``concurrency``), ``stopping`` on a warm shutdown, ``stopped`` at :meth:`close`.
+
+    Its catalog connections are the main process's own: a pool process forked from it
+    drops them unclosed (SQLAlchemy's way for a fork), never uses them."""
+
+    def __init__(self, settings: Settings, concurrency: int) -> None:
+        self.settings = settings
+        self.concurrency = concurrency
+        self.catalog: Catalog | None = None
+        self.store: ProcessStore | None = None
+        self.state = ProcessState.RUNNING
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Open the catalog (already migrated: :func:`_check_site`), record the worker,
+        and beat from a thread. A catalog out of reach is said in the log, not fatal."""
+        settings = self.settings
+        try:
+            catalog = Catalog.open(settings.catalog_url, migrate=False)
+        except Exception as exc:
+            log.warning("the worker cannot record itself in the catalog: %s", exc)
+            return
+        self.catalog = catalog
+        os.register_at_fork(after_in_child=self._forked)
+        now = utcnow()
+        self.store = ProcessStore(
+            catalog,
+            Identity.of_this_process(ProcessKind.WORKER, now, role=None),
+            settings.daemon.status_seconds,
+        )
+        try:
+            self.store.prune(now, settings.daemon.forget_processes_seconds)
+        except Exception as exc:
+            log.warning("could not forget old processes in the catalog: %s", exc)
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _forked(self) -> None:
+        catalog = self.catalog
+        if catalog is not None:
+            catalog.engine.dispose(close=False)  # the parent's connections: not the child's
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.daemon.status_seconds):
+            self.beat()
+
+    def health(self) -> Health:
+        from celery.worker import state  # the requests this worker's main process accepted
+
+        busy = min(len(state.active_requests), self.concurrency)
+        return Health(workers=Workers(busy=busy, total=self.concurrency))
+
+    def beat(self) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.beat(self.health(), utcnow(), self.state)
+        except Exception as exc:
+            log.warning("could not record the worker's heartbeat in the catalog: %s", exc)
+
+    def stopping(self) -> None:
+        """A warm shutdown: it takes no new run and finishes those it has."""
+        self.state = ProcessState.STOPPING
+        self.beat()
+
+    def close(self) -> None:
+        """The worker has ended cleanly: ``stopped``."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        store, catalog = self.store, self.catalog
+        self.store = self.catalog = None
+        if store is not None:
+            try:
+                now = utcnow()
+                store.stop(now)
+                store.prune(now, self.settings.daemon.forget_processes_seconds)
+            except Exception as exc:
+                log.warning("could not record the worker's stop in the catalog: %s", exc)
+        if catalog is not None:
+            catalog.close()
 
 
 def _check_site(settings: Settings) -> Registry:

@@ -48,8 +48,8 @@ from rich.text import Text
 
 from obsflow.catalog import Catalog
 from obsflow.catalog.latency import Percentiles, latencies
+from obsflow.catalog.processes import ProcessKind
 from obsflow.catalog.status import site_status
-from obsflow.daemon import read_status as read_daemon_status
 from obsflow.errors import SiteError
 from obsflow.processing.tracker import Tracker
 from obsflow.receipt.receiver import utcnow
@@ -94,7 +94,8 @@ class Snapshot:
     quarantined: int
     latency: Percentiles
     triggers: tuple[tuple[str, bool, str], ...]
-    """(name, ok, detail) of each of the daemon's triggers, as its status file says."""
+    """(name, ok, detail) of each of the daemon's triggers, as it last recorded them in
+    the catalog (the status snapshot's processes)."""
     products: Mapping[int, int]
     """Level (1-3) → products archived."""
     runs: Mapping[RunState, int]
@@ -219,13 +220,13 @@ def snapshot(
     and (with ``tracker``) which groups wait for their deadline."""
     acquired = sum(1 for p in settings.incoming.glob("ofc_*.fits"))
     now = utcnow()
-    daemon = read_daemon_status(settings.site, now)
     # one snapshot of the catalog: never quiet between two steps of the tracker
-    status = site_status(catalog, now, role=settings.transfer.role, daemon=daemon)
+    status = site_status(catalog, now, role=settings.transfer.role)
     total, _ = latencies(catalog, since, level=0)  # the frames, not the products
+    daemons = [p for p in status.processes if p.kind is ProcessKind.DAEMON]
+    newest = max(daemons, key=lambda p: p.identity.started, default=None)
     triggers = tuple(
-        (str(t["name"]), bool(t["ok"]), str(t.get("detail") or ""))
-        for t in (daemon or {}).get("triggers", [])
+        (t.name, t.healthy, t.error or "") for t in (newest.health.triggers if newest else ())
     )
     raw = status.at_level(0)
     products = {

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 Offer = Callable[[Path], None]
 """Called by a trigger, from any thread, with the path of a file that may be new."""
@@ -34,6 +35,8 @@ class Trigger(ABC):
 
     name: str
     """Short and unique within the daemon, e.g. ``watch:/data/incoming``."""
+    kind: ClassVar[str] = "other"
+    """What it listens to, as the status shows it: ``watch``, ``epics``, ``scan``."""
 
     @abstractmethod
     def start(self, offer: Offer) -> None:

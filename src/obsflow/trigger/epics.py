@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from obsflow.catalog.processes import EpicsLink
 from obsflow.registry.specs import EpicsTriggerSpec
 from obsflow.trigger import Health, Offer, Trigger
 
@@ -99,6 +100,8 @@ class EpicsTrigger(Trigger):
     ``offer`` is called on caproto's callback thread, one update at a time, and must not
     call :meth:`stop`.
     """
+
+    kind = "epics"
 
     def __init__(
         self,
@@ -205,6 +208,22 @@ class EpicsTrigger(Trigger):
                     f"(alarm after {self.spec.heartbeat_stale_seconds:g} s)",
                 )
             return Health(ok=True, detail=f"connected to {self.spec.pv}; heartbeat {age:.1f} s ago")
+
+    def link(self) -> EpicsLink:
+        """Its Channel Access link, as the catalog records it: connected (every PV it
+        monitors), and how long ago the heartbeat PV last changed."""
+        with self._lock:
+            connected = self._state == "started" and all(pv.connected for pv in self._pvs.values())
+            age: float | None = None
+            if self.spec.heartbeat_pv is not None and self._beat_at is not None:
+                age = max(0.0, self._clock() - self._beat_at)
+            return EpicsLink(
+                trigger=self.name,
+                pv=self.spec.pv,
+                connected=connected,
+                heartbeat_pv=self.spec.heartbeat_pv,
+                heartbeat_age_seconds=age,
+            )
 
     # ------------------------------------------------------------ callbacks (caproto threads)
 

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class ReconcileScan(Trigger):
+    kind = "scan"
+
     def __init__(
         self,
         directories: Sequence[tuple[Path, bool]],

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class WatchTrigger(Trigger):
+    kind = "watch"
+
     def __init__(
         self,
         directory: Path,
