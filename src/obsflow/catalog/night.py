@@ -86,14 +86,19 @@ class LatencyBin:
 def latency_series(
     catalog: Catalog, since: datetime, until: datetime, bins: int = 24
 ) -> list[LatencyBin]:
-    """``bins`` equal bins from ``since`` to ``until``, each with the acquired → archived
-    percentiles of the files archived in it (a bin nothing was archived in has count 0)."""
+    """``bins`` equal bins from the first file archived at or after ``since`` to ``until``,
+    each with the acquired → archived percentiles of the files archived in it (a bin
+    nothing was archived in has count 0); none if nothing was archived."""
+    found = archived_stamps(catalog, since)
+    first = min((s.archived for s in found if s.archived is not None), default=None)
+    if first is not None:
+        since = max(since, first)
     if bins < 1 or until <= since:
         return []
     width = (until - since) / bins
     spans: list[list[float]] = [[] for _ in range(bins)]
     total = stage_name(*TOTAL)
-    for stamps in archived_stamps(catalog, since):
+    for stamps in found:
         at = stamps.archived
         if at is None or at >= until:
             continue

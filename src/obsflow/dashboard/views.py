@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from obsflow.access import Scope, may_read_data
@@ -195,7 +195,7 @@ def processes(snapshot: dict[str, Any], admin: bool) -> tuple[ProcessView, ...]:
             pid=daemon.get("pid") if admin else None,
             version=None,
             triggers=triggers,
-            workers=f"{in_flight} running" if in_flight is not None else None,
+            workers=f"{in_flight} runs in flight" if in_flight is not None else None,
             outbox_depth=None,
             epics=(),
         ),
@@ -268,7 +268,9 @@ def plot(series: list[LatencyBin]) -> Plot:
 
     y_ticks = tuple((y(v), ms(v)) for v in (0.0, top / 16, top / 4, top))
     step = max(span // 6, 1)
-    x_ticks = tuple((x(i), f"{series[i].start:%H:%M}") for i in range(0, span, step))
+    short = series[-1].end - series[0].start < timedelta(hours=2)
+    clock = "%H:%M:%S" if short else "%H:%M"
+    x_ticks = tuple((x(i), series[i].start.strftime(clock)) for i in range(0, span, step))
     worst = max(filled, key=lambda b: b.total.p99_ms or 0.0)
     summary = (
         f"latency acquired to archived, {len(filled)} of {span} intervals with frames; "
