@@ -14,6 +14,7 @@ RFC 9457 problem details, :mod:`~obsflow.api.auth` says who is asking.
 ``GET /api/v1/runs``                       pipeline runs (filters, cursor pages)
 ``GET /api/v1/runs/{n}``                   one run, with its steps and log
 ``POST /api/v1/runs/{n}/retry``            queue a failed run again (write scope)
+``POST /api/v1/runs/{n}/reprocess``        a new version of its group (write scope)
 ``POST /api/v1/runs/{n}/claim``            a remote worker claims a run (worker scope;
                                            also ``lease``, ``steps``, ``publish``,
                                            ``finish``, ``release``: :mod:`.workers`)
@@ -28,6 +29,8 @@ RFC 9457 problem details, :mod:`~obsflow.api.auth` says who is asking.
                                            (:mod:`obsflow.ivoa`; also
                                            ``/tap/capabilities``, ``availability``,
                                            ``tables``)
+``GET /``, ``/login``, ``/ui/...``         the operator's dashboard
+                                           (:mod:`obsflow.dashboard`)
 ========================================  ==========================================
 
 :func:`serve` runs it with uvicorn until a :class:`threading.Event` is set;
@@ -69,6 +72,7 @@ from obsflow.api.metrics import Metrics, RequestMetrics
 from obsflow.api.services import Services, Uploads
 from obsflow.archive.retrieval import Retriever
 from obsflow.catalog.runs import RunStore
+from obsflow.dashboard import routes as dashboard
 from obsflow.errors import ObsflowError
 from obsflow.ivoa import tap
 from obsflow.receipt.intake import Wakeable
@@ -141,6 +145,7 @@ def create_app(
     for module in (files, runs, reductions, status, metrics, transfer, workers):
         app.include_router(module.router)
     tap.install(app, app.state.services)  # IVOA: /tap beside /api/v1
+    dashboard.install(app)  # the operator's pages at /, out of the OpenAPI document
     app.add_middleware(RequestMetrics, metrics=app_metrics)
 
     def openapi() -> dict[str, Any]:
@@ -242,6 +247,7 @@ class ApiServer:
         self.host = host
         self.port: int = self.socket.getsockname()[1]
         self.stopping = stop or threading.Event()
+        self.app.state.stopping = self.stopping  # long responses (event streams) end with it
         config = uvicorn.Config(
             self.app,
             lifespan="on",

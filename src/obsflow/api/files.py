@@ -285,6 +285,13 @@ def _lookup(svc: Services, archive_id: str) -> FileRecord:
 def get_file(archive_id: ArchiveId, who: Caller, svc: Svc) -> Response:
     """The file's metadata as the caller may see it, its latency ledger, its ingest
     request, and which run made it from which inputs (if a pipeline did)."""
+    return json_response(file_detail(svc, who, archive_id))
+
+
+def file_detail(svc: Services, who: Principal, archive_id: str) -> FileDetail:
+    """One live file as ``who`` may see it, with its ledger, ingest request and
+    provenance (``GET /files/{id}``; also the dashboard's). A :class:`ProblemError` 404
+    if there is no such file."""
     record = _lookup(svc, archive_id)
     now = svc.now()
     data: dict[str, Any] = visible_fields(who, record, now)
@@ -298,7 +305,7 @@ def get_file(archive_id: ArchiveId, who: Caller, svc: Svc) -> Response:
         data["ingest"] = ingest
     else:
         data["ingest"] = None
-    return json_response(FileDetail.model_validate(data))
+    return FileDetail.model_validate(data)
 
 
 def _provenance(svc: Services, record: FileRecord) -> dict[str, Any] | None:

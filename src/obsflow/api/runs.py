@@ -1,5 +1,6 @@
-"""``/api/v1/runs``: pipeline runs, one run with its steps and log, and retrying a
-failed run.
+"""``/api/v1/runs``: pipeline runs, one run with its steps and log, retrying a failed
+run and reprocessing a run's group (the dashboard's buttons call the same functions:
+:func:`retry`, :func:`reprocess`).
 
 A run is as proprietary as its files: a caller who may not read every one of its
 inputs and outputs (:func:`~obsflow.access.may_read_data`) sees its public part
@@ -29,6 +30,7 @@ from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
 from obsflow.catalog.records import FileRecord
 from obsflow.catalog.runs import RunRecord
+from obsflow.processing.tracker import Tracker
 from obsflow.states import RunState, StepState
 
 router = APIRouter(prefix="/api/v1", tags=["runs"])
@@ -120,14 +122,10 @@ def list_runs(
     cursor: pages.CursorParam = None,
 ) -> Response:
     """Runs in the order they were created, a page at a time."""
-    size = pages.page_size(limit, svc.page_limit)
-    after = pages.after(cursor)
-    ids = svc.runs.page(after, size + 1, state=state, pipeline=pipeline, night=night)
-    shown, cursor_next = pages.next_cursor(ids, size)
-    found = svc.runs.find(run_ids=shown) if shown else []
-    views = _views(svc, who, found)
-    items = [RunOut.model_validate(views[r.id]) for r in found]
-    return json_response(RunPage(items=items, next=cursor_next))
+    page = run_page(
+        svc, who, state=state, pipeline=pipeline, night=night, limit=limit, cursor=cursor
+    )
+    return json_response(page)
 
 
 @router.get(
@@ -140,15 +138,7 @@ def get_run(run_id: RunId, who: Caller, svc: Svc) -> Response:
     """Site paths in the steps' argv, the run-time profile, the log and the messages
     are shown to admin tokens only; others see them relative to the run (``./out.fits``)
     or to the site's directories (``<cache>/...``)."""
-    run = _lookup(svc, run_id)
-    view = _views(svc, who, [run])[run.id]
-    if not view.get("proprietary"):
-        view["steps"] = [s.to_json() for s in svc.runs.steps(run.id)]
-        view["profile"] = run.profile
-        view["log"], view["log_truncated"] = _log(svc, run)
-    if not who.may(Scope.ADMIN):
-        view = _redacted(view, _site_paths(svc, run))
-    return json_response(RunDetail.model_validate(view))
+    return json_response(run_detail(svc, who, run_id))
 
 
 @router.post(
@@ -161,15 +151,106 @@ def get_run(run_id: RunId, who: Caller, svc: Svc) -> Response:
 def retry_run(run_id: RunId, who: Writer, svc: Svc) -> Response:
     """Queue a failed run again (after its cause was fixed); the daemon runs it. Needs
     write scope, and a run whose files the caller may read."""
+    return json_response(retry(svc, who, run_id), 202)
+
+
+class ReprocessOut(BaseModel):
+    request: str = Field(description="The request label of the runs queued.")
+    queued: list[int] = Field(description="The runs queued (new versions of the group).")
+    skipped: list[str] = Field(description="Why the group was not ready, if it was not.")
+
+
+@router.post(
+    "/runs/{run_id}/reprocess",
+    response_model=ReprocessOut,
+    status_code=202,
+    summary="Run a run's pipeline again on its group",
+    responses=documented(401, 403, 404, 409),
+)
+def reprocess_run(run_id: RunId, who: Writer, svc: Svc) -> Response:
+    """Queue a new version of the run: its pipeline on its group, with the group's
+    inputs as they are now and every deadline passed (``obsflow reprocess``, for one
+    group); its products supersede the older ones. Needs write scope, and a run whose
+    files the caller may read."""
+    return json_response(reprocess(svc, who, run_id), 202)
+
+
+def run_detail(svc: Services, who: Principal, run_id: int) -> RunDetail:
+    """One run with its steps and log, as ``who`` may see it (``GET /runs/{n}``; also
+    the dashboard's). A :class:`ProblemError` 404 if there is no such run."""
     run = _lookup(svc, run_id)
-    if _views(svc, who, [run])[run.id].get("proprietary"):
-        raise denied(who, f"run {run_id} works on another program's proprietary files")
+    view = _views(svc, who, [run])[run.id]
+    if not view.get("proprietary"):
+        view["steps"] = [s.to_json() for s in svc.runs.steps(run.id)]
+        view["profile"] = run.profile
+        view["log"], view["log_truncated"] = _log(svc, run)
+    if not who.may(Scope.ADMIN):
+        view = _redacted(view, _site_paths(svc, run))
+    return RunDetail.model_validate(view)
+
+
+def run_page(
+    svc: Services,
+    who: Principal,
+    *,
+    state: RunState | None = None,
+    pipeline: str | None = None,
+    night: date | None = None,
+    limit: int | None = None,
+    cursor: str | None = None,
+) -> RunPage:
+    """A page of runs as ``who`` may see them (``GET /runs``; also the dashboard's)."""
+    size = pages.page_size(limit, svc.page_limit)
+    after = pages.after(cursor)
+    ids = svc.runs.page(after, size + 1, state=state, pipeline=pipeline, night=night)
+    shown, cursor_next = pages.next_cursor(ids, size)
+    found = svc.runs.find(run_ids=shown) if shown else []
+    views = _views(svc, who, found)
+    items = [RunOut.model_validate(views[r.id]) for r in found]
+    return RunPage(items=items, next=cursor_next)
+
+
+def retry(svc: Services, who: Principal, run_id: int) -> RunOut:
+    """Queue a failed run again, for ``who`` (write scope, and the run's files readable):
+    the one retry of the API and the dashboard. A :class:`ProblemError` says why not."""
+    run = _writable(svc, who, run_id)
     if not svc.runs.retry(run_id):
         current = svc.runs.get(run_id)
         state = current.state.value if current else "gone"
         raise ProblemError(409, f"run {run_id} is {state}, not failed", kind="not-failed")
-    queued = _lookup(svc, run_id)
-    return json_response(RunOut.model_validate(_views(svc, who, [queued])[run_id]), 202)
+    queued = _lookup(svc, run.id)
+    return RunOut.model_validate(_views(svc, who, [queued])[run_id])
+
+
+def reprocess(svc: Services, who: Principal, run_id: int) -> ReprocessOut:
+    """Queue a new version of run ``run_id``'s group, for ``who`` (write scope, and the
+    run's files readable): :meth:`obsflow.processing.tracker.Tracker.reprocess`, as
+    ``obsflow reprocess`` does, for the API and the dashboard alike."""
+    run = _writable(svc, who, run_id)
+    registry = svc.site.registry
+    spec = registry.pipelines.get(run.pipeline)
+    if spec is None:
+        raise ProblemError(
+            409, f"pipeline {run.pipeline} is no longer in the registry", kind="no-pipeline"
+        )
+    tracker = Tracker(registry, svc.site.catalog, svc.site.clock)
+    done = tracker.reprocess(spec, group=run.group_key)
+    if not done.queued and not done.skipped:
+        raise ProblemError(
+            409, f"the tracker knows no group {run.group_key} of {run.pipeline}", kind="no-group"
+        )
+    skipped = [f"{key}: not ready ({'; '.join(unmet)})" for key, unmet in done.skipped]
+    return ReprocessOut(request=done.request, queued=list(done.queued), skipped=skipped)
+
+
+def _writable(svc: Services, who: Principal, run_id: int) -> RunRecord:
+    """The run, if ``who`` may change it: write scope and every one of its files readable."""
+    if not who.may(Scope.WRITE):
+        raise denied(who, f"{who.user} has {who.scope.value} scope; this needs write")
+    run = _lookup(svc, run_id)
+    if _views(svc, who, [run])[run.id].get("proprietary"):
+        raise denied(who, f"run {run_id} works on another program's proprietary files")
+    return run
 
 
 def _lookup(svc: Services, run_id: int) -> RunRecord:

@@ -7,7 +7,6 @@ import json
 import shutil
 import tempfile
 import threading
-import uuid
 from collections.abc import Sequence
 from datetime import date, timedelta
 from pathlib import Path
@@ -17,7 +16,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from obsflow.catalog.runs import NewRun, RunRecord, RunStore
+from obsflow.catalog.runs import RunRecord, RunStore
 from obsflow.cli import (
     JsonOption,
     SiteOption,
@@ -383,28 +382,10 @@ def reprocess(
         for name in overrides:  # a misspelt name would be ignored: the run would not change
             known(name, declared, f"parameter of pipeline {pipeline}", "--param")
         tracker = Tracker(s.registry, s.catalog, s.clock)
-        request = f"reprocess-{s.clock():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        queued: list[int] = []
-        for key, primary in tracker.known_groups(spec, when):
-            decision = tracker.decide(spec, key, primary, deadline_passed=True)
-            if not decision.ready:
-                out.print(f"  {key}: not ready ({'; '.join(decision.unmet)}); skipped")
-                continue
-            run_id = tracker.runs.create(
-                NewRun(
-                    pipeline=spec.id,
-                    group_key=key,
-                    night=date.fromisoformat(key.night) if key.night else None,
-                    inputs={k: v for k, v in decision.selected.items() if v},
-                    reason=f"reprocess ({request})",
-                    degraded=decision.degraded,
-                    request=request,
-                    overrides=overrides,
-                ),
-                s.clock(),
-            )
-            if run_id is not None:
-                queued.append(run_id)
+        done = tracker.reprocess(spec, night=when, overrides=overrides)
+        for key, unmet in done.skipped:
+            out.print(f"  {key}: not ready ({'; '.join(unmet)}); skipped")
+        request, queued = done.request, list(done.queued)
         out.print(f"{len(queued)} run(s) of {pipeline} queued as {request}")
         if not queued or no_wait:
             return

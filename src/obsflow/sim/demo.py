@@ -8,7 +8,8 @@ Two programs run, as they would on two terminals at an observatory:
   well broadcast a value more than once);
 * ``obsflow run``: the daemon, whose registry (here) has the EPICS trigger instead of the
   directory watch, so every frame reaches it through Channel Access; the reconcile scan
-  stands behind it;
+  stands behind it; it serves the API and the operator's dashboard on 127.0.0.1
+  (:data:`DASHBOARD_PORT` when free), whose URL and an admin token are printed first;
 * with a broker (``obsflow demo --broker redis://...``), two ``obsflow worker`` processes
   too: the daemon hands its runs to Celery, and the workers execute them with the site's
   storage, as on a cluster with shared disks.
@@ -46,6 +47,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from obsflow.access import Scope, TokenStore
 from obsflow.catalog import Catalog
 from obsflow.catalog.latency import Percentiles, latencies
 from obsflow.catalog.processes import ProcessKind
@@ -81,6 +83,9 @@ class DemoPlan:
     """If given, runs go through Celery on this broker to :attr:`workers` workers
     (``obsflow worker``, sharing the site's storage) instead of the daemon's own pool."""
     workers: int = 2
+    port: int | None = None
+    """Where the daemon serves the API and the dashboard on 127.0.0.1; None:
+    :data:`DASHBOARD_PORT` if it is free, else any free port."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,20 @@ class DemoResult:
             and last.runs.get(RunState.FAILED, 0) == 0
             and last.quiet
         )
+
+
+DASHBOARD_PORT: Final = 8765
+"""The demo's dashboard port, when it is free: the same URL from one demo to the next."""
+
+
+def dashboard_port(preferred: int = DASHBOARD_PORT) -> int:
+    """``preferred`` if nothing listens there on 127.0.0.1, else any free port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        try:
+            tcp.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
 
 
 def free_port() -> int:
@@ -320,6 +339,14 @@ def run_demo(
     command = [sys.executable, "-m", "obsflow"]
     catalog = Catalog.open(settings.catalog_url)  # made here, before either program starts
     tracker = Tracker(load_registry(settings.registry), catalog, utcnow)
+    port = plan.port or dashboard_port()
+    secret, _ = TokenStore(catalog).create("operator", Scope.ADMIN, [], utcnow())
+    console.print(
+        f"the dashboard: [bold]http://127.0.0.1:{port}/[/] (open it now; sign in with the "
+        f"token {secret} to retry and reprocess runs)",
+        highlight=False,
+        soft_wrap=True,
+    )
     since = utcnow()
     began = clock()
     with (
@@ -332,7 +359,8 @@ def run_demo(
         night += ["--wait-listener", "30"]  # the first frame waits for the daemon to listen
         site = ["--site", str(settings.site)]
         simulator = _start([*command, "simulate", "--epics", *site, *night], env, simulator_log)
-        daemon = _start([*command, "run", *site], env, daemon_log)
+        listen = ["--listen", f"127.0.0.1:{port}"]  # the API and the dashboard
+        daemon = _start([*command, "run", *site, *listen], env, daemon_log)
         workers: list[subprocess.Popen[bytes]] = []
         if plan.broker is not None:
             queue = ["--queues", settings.processing.queue, "--concurrency", "1"]

@@ -31,9 +31,11 @@ different input set starts a new run version only if the pipeline says
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from obsflow.catalog import Catalog
 from obsflow.catalog.groupkey import GroupKey
@@ -74,6 +76,17 @@ class Waiting:
     """Input name → how many files it has chosen so far."""
     lacks: tuple[str, ...]
     """What it still lacks to be complete, e.g. ``flats: 3 of at least 5``."""
+
+
+@dataclass(frozen=True)
+class Reprocessing:
+    """What :meth:`Tracker.reprocess` queued: the runs, and the groups it skipped."""
+
+    request: str
+    """The request label of its runs (``reprocess-<time>-<random>``)."""
+    queued: tuple[int, ...]
+    skipped: tuple[tuple[GroupKey, tuple[str, ...]], ...]
+    """Groups not ready even with every deadline passed, with what they lack."""
 
 
 class Tracker:
@@ -274,6 +287,45 @@ class Tracker:
         """Every group of ``pipeline`` the tracker has seen (of one night), with the file
         that made it."""
         return self.groups.of_pipeline(pipeline.id, night)
+
+    def reprocess(
+        self,
+        pipeline: PipelineSpec,
+        *,
+        night: date | None = None,
+        group: GroupKey | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Reprocessing:
+        """Queue ``pipeline`` again on every group it knows (of one ``night``; or only
+        ``group``), as if every deadline had come: new run versions under one request,
+        whose products supersede the older ones. What ``obsflow reprocess`` and the
+        API's ``POST /api/v1/runs/{n}/reprocess`` (and so the dashboard) do."""
+        request = f"reprocess-{self.clock():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        queued: list[int] = []
+        skipped: list[tuple[GroupKey, tuple[str, ...]]] = []
+        for key, primary in self.known_groups(pipeline, night):
+            if group is not None and key != group:
+                continue
+            decision = self.decide(pipeline, key, primary, deadline_passed=True)
+            if not decision.ready:
+                skipped.append((key, decision.unmet))
+                continue
+            run_id = self.runs.create(
+                NewRun(
+                    pipeline=pipeline.id,
+                    group_key=key,
+                    night=date.fromisoformat(key.night) if key.night else None,
+                    inputs={k: v for k, v in decision.selected.items() if v},
+                    reason=f"reprocess ({request})",
+                    degraded=decision.degraded,
+                    request=request,
+                    overrides=dict(overrides or {}),
+                ),
+                self.clock(),
+            )
+            if run_id is not None:
+                queued.append(run_id)
+        return Reprocessing(request, tuple(queued), tuple(skipped))
 
     # ------------------------------------------------------------ the catalog
 
