@@ -289,7 +289,9 @@ def test_a_server_shows_a_worker_that_writes_to_its_catalog(
                 assert all(p["host"] is None and p["pid"] is None for p in as_reader.values())
                 assert all(t["name"] is None for t in as_reader["daemon"]["triggers"])
                 assert as_reader["worker"]["state"] == "running"
-                metrics = parse_metrics(client.get("/metrics").text)
+                page = client.get("/metrics").text
+                assert str(site.settings.site) not in page  # no path to anonymous callers
+                metrics = parse_metrics(page)
                 assert metrics['obsflow_processes{kind="worker",state="running"}'] == 1
                 assert metrics['obsflow_processes{kind="daemon",state="running"}'] == 1
                 assert metrics['obsflow_processes{kind="daemon",state="lost"}'] == 0

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
+from pathlib import PurePath
 from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, Response
@@ -229,7 +230,14 @@ def _processes(
             for t in p.health.triggers:
                 healthy[t.name] = healthy.get(t.name, True) and t.healthy
     for name, ok in sorted(healthy.items()):
-        triggers.add_metric([name], 1.0 if ok else 0.0)
+        triggers.add_metric([_public(name)], 1.0 if ok else 0.0)
+
+
+def _public(trigger: str) -> str:
+    """A trigger's name without a path (``/metrics`` needs no token, and no answer to
+    an anonymous caller names a site path): ``watch:/srv/site/incoming`` → ``watch:incoming``."""
+    kind, sep, what = trigger.partition(":")
+    return f"{kind}:{PurePath(what).name}" if sep and what.startswith("/") else trigger
 
 
 class RequestMetrics:
