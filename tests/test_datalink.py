@@ -11,13 +11,18 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from astropy.io import fits
 from astropy.io.votable import parse_single_table
+from astropy.visualization import ZScaleInterval
+from PIL import Image
 from sqlalchemy import update
 
 from obsflow.catalog import schema
 from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.runs import NewRun, RunStore
+from obsflow.ivoa.datalink import preview
 from tests.conftest import SiteFactory
 from tests.ivoaworld import (
     World,
@@ -216,3 +221,17 @@ def test_pyvo_follows_datalink_to_a_soda_cutout(world: World) -> None:
     assert data[:6] == b"SIMPLE"
     with fits.open(io.BytesIO(cut)) as hdus:
         assert 0 < hdus[0].data.shape[0] < 64
+
+
+def test_a_preview_is_zscaled_so_a_hot_pixel_does_not_black_out_the_sky(tmp_path: Path) -> None:
+    sky = np.random.default_rng(7).normal(1000.0, 10.0, (64, 64))
+    sky[10, 10] = 60000.0  # a saturated star, or a cosmic ray
+    path = tmp_path / "frame.fits"
+    fits.PrimaryHDU(sky.astype(np.float32)).writeto(path)
+    png = Image.open(io.BytesIO(preview(path, tmp_path / "frame.png")))
+    pixels = np.asarray(png, dtype=float)[::-1]  # back to FITS order (y up)
+    low, high = ZScaleInterval().get_limits(sky.astype(np.float32))
+    expected = np.clip((sky - low) / (high - low), 0, 1) * 255
+    assert png.mode == "L" and png.size == (64, 64)
+    assert np.abs(pixels - expected).max() <= 1.0  # linear between the zscale limits
+    assert pixels.std() > 40  # the sky's noise is visible, not crushed to black by the star

@@ -72,9 +72,7 @@ from obsflow.api.metrics import Metrics, RequestMetrics
 from obsflow.api.services import Services, Uploads
 from obsflow.archive.retrieval import Retriever
 from obsflow.catalog.runs import RunStore
-from obsflow.dashboard import routes as dashboard
 from obsflow.errors import ObsflowError
-from obsflow.ivoa import tap
 from obsflow.receipt.intake import Wakeable
 from obsflow.settings import DEFAULT_LISTEN
 from obsflow.site import Site
@@ -144,6 +142,12 @@ def create_app(
     problems.install(app)
     for module in (files, runs, reductions, status, metrics, transfer, workers):
         app.include_router(module.router)
+    # imported here, not at the top: the IVOA services and the dashboard are built on
+    # obsflow.api's modules (auth, params, ...), so importing them first must not need
+    # this package's __init__ to have finished (a cycle otherwise)
+    from obsflow.dashboard import routes as dashboard
+    from obsflow.ivoa import tap
+
     tap.install(app, app.state.services)  # IVOA: /tap beside /api/v1
     dashboard.install(app)  # the operator's pages at /, out of the OpenAPI document
     app.add_middleware(RequestMetrics, metrics=app_metrics)

@@ -25,6 +25,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 from astropy.io import fits
+from astropy.visualization import ZScaleInterval
 from fastapi import APIRouter, Depends, Query, Request, Response
 from PIL import Image
 
@@ -219,8 +220,10 @@ def links(
 
 
 def preview(data_path: Path, cache: Path) -> bytes:
-    """A PNG of the first image in a FITS file (its 0.5-99.5 percentile, square-root
-    stretched, at most :data:`PREVIEW_PIXELS` on a side), made once into ``cache``."""
+    """A PNG of the first image in a FITS file (IRAF's zscale limits, astropy's
+    :class:`~astropy.visualization.ZScaleInterval`, a linear stretch between them: how
+    astronomers look at a frame; at most :data:`PREVIEW_PIXELS` on a side), made once
+    into ``cache``."""
     if cache.is_file():
         return cache.read_bytes()
     with fits.open(data_path, memmap=False) as hdus:
@@ -231,9 +234,9 @@ def preview(data_path: Path, cache: Path) -> bytes:
     while plane.ndim > 2:
         plane = plane[0]
     finite = plane[np.isfinite(plane)]
-    low, high = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+    low, high = ZScaleInterval().get_limits(finite) if finite.size else (0.0, 1.0)
     scaled = np.clip((plane - low) / max(high - low, 1e-12), 0, 1)
-    pixels = (np.sqrt(np.nan_to_num(scaled)) * 255).astype(np.uint8)[::-1]  # FITS: y up
+    pixels = (np.nan_to_num(scaled) * 255).astype(np.uint8)[::-1]  # FITS: y up
     picture = Image.fromarray(pixels, mode="L")
     picture.thumbnail((PREVIEW_PIXELS, PREVIEW_PIXELS))
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +261,7 @@ def get_preview(
         return Response("NotAuthorizedFault: the data are proprietary\n", 403,
                         media_type="text/plain")  # fmt: skip
     path = svc.retriever.fetch(record.archive_id or "")
-    cache = svc.site.settings.work / "previews" / f"{record.sha256}.png"
+    cache = svc.site.settings.work / "previews" / f"{record.sha256}.zscale.png"
     try:
         png = preview(path, cache)
     except (DatasetError, OSError, ValueError) as exc:
