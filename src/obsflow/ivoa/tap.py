@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from obsflow.access import Principal, ReadRule
 from obsflow.api.auth import Caller
 from obsflow.api.services import Services, services
+from obsflow.api.params import READS_ITS_OWN_QUERY
 from obsflow.catalog.obscore import (
     URL_PARAMETER,
     ObsCoreView,
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TapError", "TapQuery", "execute", "install", "router"]
 
-router = APIRouter(prefix="/tap", tags=["ivoa"], include_in_schema=False)
+router = APIRouter(prefix="/tap", tags=[READS_ITS_OWN_QUERY], include_in_schema=False)
 
 Svc = Annotated[Services, Depends(services)]
 
