@@ -49,8 +49,7 @@ from sqlalchemy import text
 from obsflow.access import ANONYMOUS, ReadRule, Scope, TokenStore
 from obsflow.api import ApiServer
 from obsflow.catalog import Catalog
-from obsflow.catalog.obscore import obscore_select, run_query
-from obsflow.catalog.schema import files
+from obsflow.catalog.obscore import ObsCoreView, run_query
 from obsflow.ivoa import tap
 from obsflow.ivoa.adql import translate
 from obsflow.ivoa.obscore import facts_of
@@ -201,12 +200,13 @@ def measure(site: Site, repeat: int, seed: int) -> int:
                 if who is None
                 else ReadRule.of(who, datetime.now(UTC))
             )
-            readable = rule.sql(files.c.proprietary_until, files.c.program)
-            view = {"ivoa_obscore": obscore_select(facts, readable)}  # its URL: the default
+            statement = ObsCoreView(facts).statement(rule, site.catalog.engine.dialect)
+            view = {"ivoa_obscore": statement}  # its URL: the default
             for name, adqls in queries.items():
 
                 def direct(adql: str, view: dict[str, Any] = view) -> Callable[[], int]:
-                    sql = translate(adql, tap.RUN_NAMES, dialect, limit=10001).sql
+                    sky = site.catalog.sky_index
+                    sql = translate(adql, tap.RUN_NAMES, dialect, limit=10001, sky=sky).sql
 
                     def call() -> int:
                         return len(run_query(site.catalog, sql, view, seconds=30).rows)
