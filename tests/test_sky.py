@@ -193,6 +193,8 @@ def test_the_index_changes_no_answer(world: World) -> None:
         "SELECT a.obs_id FROM ivoa.obscore AS a JOIN ivoa.obscore AS b ON a.obs_id = b.obs_id "
         "WHERE 1 = CONTAINS(POINT(a.s_ra, a.s_dec), CIRCLE(0, -90, 0.3))",
         f"SELECT COUNT(*) AS n FROM ivoa.obscore WHERE 1 = CONTAINS({point}, CIRCLE(0, -90, 0.3))",
+        "WITH near AS (SELECT obs_id, s_ra, s_dec FROM ivoa.obscore) SELECT obs_id FROM near "
+        f"WHERE 1 = CONTAINS({point}, CIRCLE(0, 10, 0.1))",
     ]
     now = datetime.now(UTC)
     rules = {

@@ -256,7 +256,8 @@ class _RuleTemplate:
     def bind(self, rule: ReadRule) -> Statement:
         params = dict(self.statement.params)
         if not rule.everything:
-            params["obscore_now"] = self.process_now(rule.now)
+            now = rule.now
+            params["obscore_now"] = self.process_now(now) if self.process_now else now
         for name, program in zip(self.programs, sorted(rule.programs), strict=True):
             params[name] = program
         return Statement(self.statement.sql, params)
