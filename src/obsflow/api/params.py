@@ -84,8 +84,8 @@ def utc(value: datetime | None) -> datetime | None:
         return (datetime.min if value.year < 5000 else datetime.max).replace(tzinfo=UTC)
 
 
-API_PREFIX: Final = "/api/"
-"""The REST API's routes, whose unknown query parameters are refused (not /tap, ...)."""
+READS_ITS_OWN_QUERY: Final = "ivoa"
+"""The tag of routes whose query parameters :func:`known_query` leaves to them."""
 _KNOWN: dict[int, frozenset[str]] = {}
 """The query parameters each route declares, by the route's ``id`` (worked out once)."""
 
@@ -93,10 +93,12 @@ _KNOWN: dict[int, frozenset[str]] = {}
 def known_query(request: Request) -> None:
     """Refuse (422) a query parameter the route does not declare: a misspelt filter
     (``?prodcut=...``) is an error that names it, not a filter silently ignored that
-    answers with every file. Installed on the whole app by :func:`obsflow.api.create_app`."""
+    answers with every file. Installed on the whole app by :func:`obsflow.api.create_app`.
+    Not on the IVOA services' routes (tagged :data:`READS_ITS_OWN_QUERY`): their protocols
+    (DALI) name parameters case-insensitively, and they read them themselves."""
     route = request.scope.get("route")
-    if not isinstance(route, APIRoute) or not request.url.path.startswith(API_PREFIX):
-        return  # the IVOA services read their own parameters (VOSI detail, UWS WAIT, ...)
+    if not isinstance(route, APIRoute) or READS_ITS_OWN_QUERY in route.tags:
+        return
     names = _KNOWN.get(id(route))
     if names is None:
         names = _KNOWN[id(route)] = frozenset(_query_names(route.dependant))

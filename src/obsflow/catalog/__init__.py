@@ -45,7 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
-from obsflow.catalog import batch, schema, search, spans
+from obsflow.catalog import batch, schema, search, sky, spans
 from obsflow.catalog.batch import CacheEntry, Recorded
 from obsflow.catalog.records import FileOrder, FileQuery, FileRecord, KeywordIs, LedgerEntry
 from obsflow.errors import CatalogError, CatalogUnavailableError, SchemaError
@@ -54,7 +54,7 @@ from obsflow.states import FileState, LedgerEvent
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 _REVISION: Final = re.compile(r"""^revision\s*=\s*["']([^"']+)["']""", re.MULTILINE)
-SCHEMA_REVISION = "0015"
+SCHEMA_REVISION = "0016"
 """The newest migration; a test checks it is Alembic's head."""
 MIGRATION_WAIT_SECONDS = 120.0
 """How long opening a catalog waits for another process's migration of it."""
@@ -115,6 +115,7 @@ class Catalog:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
         self.spans = spans.Spans()
+        self._sky: sky.SkyIndex | None = None
         # SQLite allows one writer; its busy handler waits by sleeping in growing steps
         # (1, 2, 5, 10 ... ms). Writers of this process queue on a lock instead, which wakes
         # the next at once, and writers of other processes (the executor's workers, the
@@ -152,6 +153,14 @@ class Catalog:
                 catalog.close()
                 raise
         return catalog
+
+    @property
+    def sky_index(self) -> sky.SkyIndex:
+        """The index this catalog's cone searches read (:mod:`obsflow.catalog.sky`)."""
+        if self._sky is None:
+            with self.engine.connect() as conn:
+                self._sky = sky.kind(conn)
+        return self._sky
 
     def migrate(
         self, *, wait_seconds: float = MIGRATION_WAIT_SECONDS, upgrade: bool = True
@@ -192,6 +201,7 @@ class Catalog:
                 with conn.execution_options(obsflow_immediate=True).begin():
                     config.attributes["connection"] = conn
                     command.upgrade(config, "head")
+                self._sky = None
                 log.info("catalog %s migrated to schema %s", self.engine.url, SCHEMA_REVISION)
         except (OperationalError, InterfaceError) as exc:
             raise CatalogUnavailableError(

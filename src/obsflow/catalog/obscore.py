@@ -12,18 +12,24 @@ stored twice, so nothing goes stale when the registry changes.
 
 :func:`run_query` runs a query that :mod:`obsflow.ivoa.adql` made from a user's
 ADQL (regenerated from the parsed tree, never the user's text) with these selects as
-its common table expressions, in a read-only transaction with a time limit.
+its common table expressions, in a read-only transaction with a time limit. They are
+compiled once (:class:`Statement`): compiling the view took longer than running a
+cone search, so :meth:`ObsCoreView.statement` keeps one compiled view per engine and
+shape of reader, and binds the reader's instant and programs as parameters.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from sqlalchemy import (
     ColumnElement,
+    Dialect,
     Float,
     Integer,
     Select,
@@ -41,6 +47,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from obsflow.access import ReadRule
 from obsflow.catalog import Catalog
 from obsflow.catalog.schema import files, is_live, run_inputs
 from obsflow.errors import ObsflowError
@@ -53,6 +60,8 @@ __all__ = [
     "ProductFacts",
     "QueryError",
     "QueryResult",
+    "Statement",
+    "compiled",
     "derived_from",
     "literal_table",
     "obscore_select",
@@ -101,6 +110,14 @@ class ObsCoreFacts:
     """The prefix of a dataset's DataLink document (``...?ID=`` + its DID), if served."""
 
 
+def _typed(value: Any, type_: Any) -> ColumnElement[Any]:
+    """``value`` as SQL of ``type_``: a float is cast, so that once written into the SQL
+    (:meth:`ObsCoreView.statement`) PostgreSQL reads it as a float, not a numeric."""
+    if type_ is Float:
+        return cast(literal(value, Float), Float)
+    return literal(value, type_)
+
+
 def _by_product(facts: ObsCoreFacts, value: Any, default: Any, type_: Any) -> ColumnElement[Any]:
     """A ``CASE`` over the product giving ``value(product facts)``."""
     whens = [
@@ -114,7 +131,7 @@ def _by_product(facts: ObsCoreFacts, value: Any, default: Any, type_: Any) -> Co
 
 def _by_instrument(facts: ObsCoreFacts, value: Any, type_: Any) -> ColumnElement[Any]:
     whens = [
-        (files.c.instrument == name, literal(value(i), type_))
+        (files.c.instrument == name, _typed(value(i), type_))
         for name, i in sorted(facts.instruments.items())
         if value(i) is not None
     ]
@@ -125,7 +142,7 @@ def _by_filter(facts: ObsCoreFacts, index: int) -> ColumnElement[Any]:
     whens = [
         (
             (files.c.instrument == name) & (files.c.filter == band),
-            literal(span[index], Float),
+            _typed(span[index], Float),
         )
         for name, i in sorted(facts.instruments.items())
         for band, span in sorted(i.wavelength_m.items())
@@ -137,7 +154,7 @@ def _res_power(facts: ObsCoreFacts) -> ColumnElement[Any]:
     whens = [
         (
             (files.c.instrument == name) & (files.c.filter == band),
-            literal((low + high) / 2 / (high - low), Float),
+            _typed((low + high) / 2 / (high - low), Float),
         )
         for name, i in sorted(facts.instruments.items())
         for band, (low, high) in sorted(i.wavelength_m.items())
@@ -152,18 +169,98 @@ URL_PARAMETER: Final = "obscore_data_url"
 
 class ObsCoreView:
     """:func:`obscore_select` of one registry, its branches built once: a query then
-    only adds the reader's rule (building them costs more than running a cone search)."""
+    only adds the reader's rule (building them costs more than running a cone search),
+    and :meth:`statement` compiles them once per engine and shape of reader."""
 
     def __init__(self, facts: ObsCoreFacts) -> None:
         self.facts = facts
         self._mine = _branch(facts, shown=True)
         self._others = _branch(facts, shown=False)
+        self._templates: dict[tuple[str, bool, int, bool], _RuleTemplate] = {}
+        self._lock = threading.Lock()
 
-    def select(self, readable: ColumnElement[bool]) -> Select[Any]:
+    def select(self, readable: ColumnElement[bool], *, hidden: bool = True) -> Select[Any]:
+        """ObsCore for the reader whose rule is ``readable``; ``hidden`` False: without
+        the files it may not read, for a query that cannot find them anyway (one that
+        asks for a position in a region: theirs are NULL), so that no plan reads them."""
         mine = self._mine.where(readable)
+        if not hidden:
+            return mine
         others = self._others.where(~func.coalesce(readable, false()))
         everything: Select[Any] = select(union_all(mine, others).subquery())
         return everything
+
+    def statement(self, rule: ReadRule, dialect: Dialect, *, hidden: bool = True) -> Statement:
+        """This view for ``rule``'s reader (``hidden``: see :meth:`select`; a reader who
+        reads everything has no hidden files), compiled once per engine and shape of
+        rule (reads everything, or how many programs), its instant and programs bound
+        as parameters (the rule itself is :meth:`ReadRule.sql`, as everywhere)."""
+        hidden = hidden and not rule.everything
+        key = (dialect.name, rule.everything, len(rule.programs), hidden)
+        with self._lock:
+            template = self._templates.get(key)
+        if template is None:
+            template = _RuleTemplate.of(self, dialect, rule, hidden)
+            with self._lock:
+                self._templates[key] = template
+        return template.bind(rule)
+
+
+_NOW: Final = datetime(1, 2, 3, 4, 5, 6, 789012, tzinfo=UTC)
+_URL: Final = "obsflow placeholder of access_url"
+
+
+def _program(index: int) -> str:
+    return f"obsflow placeholder of program {index:04d}"  # sorts as its index
+
+
+@dataclass(frozen=True)
+class _RuleTemplate:
+    """The view compiled with its values written in, for a rule made of placeholders
+    (:data:`_NOW`, :func:`_program`) and a placeholder URL, each then turned into a
+    parameter: a query's SQL has three parameters, not the view's hundred values."""
+
+    statement: Statement
+    programs: tuple[str, ...]
+    """The parameters of the programs, in order."""
+    process_now: Any
+
+    @classmethod
+    def of(
+        cls, view: ObsCoreView, dialect: Dialect, shape: ReadRule, hidden: bool
+    ) -> _RuleTemplate:
+        """The template of rules shaped like ``shape`` (whose values it does not keep)."""
+        programs, everything = len(shape.programs), shape.everything
+        rule = ReadRule(frozenset(_program(i) for i in range(programs)), everything, _NOW)
+        readable = rule.sql(files.c.proprietary_until, files.c.program)
+        query = view.select(readable, hidden=hidden)
+        sql = _literal_sql(query.params({URL_PARAMETER: _URL}), dialect)
+        names = tuple(f"obscore_program_{i}" for i in range(programs))
+        holes: list[tuple[Any, Any, str]] = [(_URL, String(), URL_PARAMETER)] + [
+            (_program(i), files.c.program.type, names[i]) for i in range(programs)
+        ]
+        if not everything:
+            holes.append((_NOW, files.c.proprietary_until.type, "obscore_now"))
+        for value, type_, name in holes:
+            made = literal(value, type_).compile(
+                dialect=dialect, compile_kwargs={"literal_binds": True}
+            )
+            written = made.string.replace(":", "\\:")
+            if written not in sql:  # ReadRule.sql or the view changed shape
+                raise AssertionError(f"ObsCoreView: {value!r} is not in the compiled view")
+            sql = sql.replace(written, f":{name}")
+        statement = Statement(sql, {URL_PARAMETER: view.facts.data_url})
+        process = files.c.proprietary_until.type.dialect_impl(dialect).bind_processor(dialect)
+        return cls(statement, names, process)
+
+    def bind(self, rule: ReadRule) -> Statement:
+        params = dict(self.statement.params)
+        if not rule.everything:
+            now = rule.now
+            params["obscore_now"] = self.process_now(now) if self.process_now else now
+        for name, program in zip(self.programs, sorted(rule.programs), strict=True):
+            params[name] = program
+        return Statement(self.statement.sql, params)
 
 
 def obscore_select(facts: ObsCoreFacts, readable: ColumnElement[bool]) -> Select[Any]:
@@ -277,6 +374,28 @@ def literal_table(names: Sequence[str], rows: Sequence[Sequence[Any]]) -> Select
 
 
 @dataclass(frozen=True)
+class Statement:
+    """A ``SELECT`` compiled once for one engine: its SQL, with ``:name`` parameters,
+    and their values as the driver takes them."""
+
+    sql: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _literal_sql(query: Select[Any], dialect: Dialect) -> str:
+    """``query``'s SQL for ``dialect`` with its values written in, its colons escaped
+    for :func:`~sqlalchemy.text` (which reads ``:name`` as a parameter)."""
+    made = query.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+    return made.string.replace(":", "\\:")
+
+
+def compiled(query: Select[Any], dialect: Dialect) -> Statement:
+    """``query`` compiled for ``dialect``, its values written in (a constant table,
+    such as TAP_SCHEMA's)."""
+    return Statement(_literal_sql(query, dialect))
+
+
+@dataclass(frozen=True)
 class QueryResult:
     columns: tuple[str, ...]
     rows: list[tuple[Any, ...]]
@@ -286,18 +405,25 @@ class QueryResult:
 def run_query(
     catalog: Catalog,
     sql: str,
-    tables: Mapping[str, Select[Any]],
+    tables: Mapping[str, Statement],
     *,
     seconds: float,
     params: Mapping[str, Any] | None = None,
+    explain: bool = False,
 ) -> QueryResult:
     """Run ``sql`` (made by :func:`obsflow.ivoa.adql.translate`, which names its
     tables as the keys of ``tables``) with ``tables`` as its common table expressions,
-    read-only, stopped after ``seconds``. Raises :class:`QueryError` with the
-    database's own words when it refuses it."""
-    query = text(sql.replace(":", "\\:")).columns()
-    for name, table in tables.items():
-        query = query.add_cte(table.cte(name))
+    read-only, stopped after ``seconds``; ``explain``: the engine's plan of it instead
+    (``EXPLAIN QUERY PLAN`` on SQLite, ``EXPLAIN`` on PostgreSQL). Raises
+    :class:`QueryError` with the database's own words when it refuses it."""
+    whole = _with(sql.replace(":", "\\:"), tables)
+    if explain:
+        whole = ("EXPLAIN QUERY PLAN " if catalog.is_sqlite else "EXPLAIN ") + whole
+    query = text(whole)
+    values: dict[str, Any] = {}
+    for table in tables.values():
+        values.update(table.params)
+    values.update(params or {})
     started = time.monotonic()
     try:
         with catalog.engine.connect() as conn:
@@ -309,7 +435,7 @@ def run_query(
                 )
                 try:
                     with conn.begin():
-                        result = conn.execute(query, dict(params or {}))
+                        result = conn.execute(query, values)
                         rows = [tuple(r) for r in result]
                         names = tuple(result.keys())
                 finally:
@@ -318,7 +444,7 @@ def run_query(
                 with conn.begin():
                     conn.exec_driver_sql("SET TRANSACTION READ ONLY")
                     conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(seconds * 1000)}")
-                    result = conn.execute(query, dict(params or {}))
+                    result = conn.execute(query, values)
                     rows = [tuple(r) for r in result]
                     names = tuple(result.keys())
     except (OperationalError, DBAPIError) as exc:
@@ -328,6 +454,17 @@ def run_query(
             raise QueryError(f"the query ran longer than {seconds:g} s and was stopped") from None
         raise QueryError(f"the database refused the query: {message}") from None
     return QueryResult(names, rows, time.monotonic() - started)
+
+
+def _with(sql: str, tables: Mapping[str, Statement]) -> str:
+    """``sql`` with ``tables`` as common table expressions before its own (if any)."""
+    if not tables:
+        return sql
+    ours = ", ".join(f'"{name}" AS ({table.sql})' for name, table in tables.items())
+    for head in ("WITH RECURSIVE ", "WITH "):
+        if sql.startswith(head):
+            return f"{head}{ours}, {sql[len(head) :]}"
+    return f"WITH {ours} {sql}"
 
 
 def derived_from(catalog: Catalog, file_id: int) -> list[int]:

@@ -31,6 +31,7 @@ from PIL import Image
 
 from obsflow.access import Principal, may_read_data
 from obsflow.api.auth import Caller
+from obsflow.api.params import READS_ITS_OWN_QUERY
 from obsflow.api.services import Services, services
 from obsflow.catalog.obscore import derived_from
 from obsflow.catalog.records import FileRecord
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Link", "archive_id_of", "links_of", "preview", "router"]
 
-router = APIRouter(prefix="/datalink", tags=["ivoa"], include_in_schema=False)
+router = APIRouter(prefix="/datalink", tags=[READS_ITS_OWN_QUERY], include_in_schema=False)
 Svc = Annotated[Services, Depends(services)]
 
 MEDIA: Final = "application/x-votable+xml;content=datalink"

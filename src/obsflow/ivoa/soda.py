@@ -22,13 +22,14 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from obsflow.access import may_read_data
 from obsflow.api.auth import Caller
+from obsflow.api.params import READS_ITS_OWN_QUERY
 from obsflow.api.services import Services, services
 from obsflow.errors import ObsflowError
 from obsflow.ivoa.datalink import DatasetError, lookup
 
 __all__ = ["Region", "SodaError", "parse_region", "router"]
 
-router = APIRouter(prefix="/soda", tags=["ivoa"], include_in_schema=False)
+router = APIRouter(prefix="/soda", tags=[READS_ITS_OWN_QUERY], include_in_schema=False)
 Svc = Annotated[Services, Depends(services)]
 Text = Annotated[str | None, Query(max_length=4000)]
 MAX_VERTICES: Final = 100

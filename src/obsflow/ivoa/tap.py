@@ -17,23 +17,26 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from sqlalchemy import Dialect
 from starlette.concurrency import run_in_threadpool
 
 from obsflow.access import Principal, ReadRule
 from obsflow.api.auth import Caller
+from obsflow.api.params import READS_ITS_OWN_QUERY
 from obsflow.api.services import Services, services
 from obsflow.catalog.obscore import (
     URL_PARAMETER,
     ObsCoreView,
     QueryError,
+    Statement,
+    compiled,
     literal_table,
     run_query,
 )
-from obsflow.catalog.schema import files
 from obsflow.errors import ObsflowError
 from obsflow.ivoa import datalink, soda, vosi
 from obsflow.ivoa.adql import AdqlError, translate
-from obsflow.ivoa.obscore import OBSCORE, ColumnInfo, facts_of
+from obsflow.ivoa.obscore import OBSCORE, ColumnInfo, TableInfo, facts_of
 from obsflow.ivoa.tapschema import PUBLISHED, rows_of
 from obsflow.ivoa.uws import (
     LIFETIME,
@@ -54,7 +57,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TapError", "TapQuery", "execute", "install", "router"]
 
-router = APIRouter(prefix="/tap", tags=["ivoa"], include_in_schema=False)
+router = APIRouter(prefix="/tap", tags=[READS_ITS_OWN_QUERY], include_in_schema=False)
 
 Svc = Annotated[Services, Depends(services)]
 
@@ -118,20 +121,26 @@ def execute(svc: Services, who: Principal, query: TapQuery, base_url: str) -> Re
     catalog = svc.site.catalog
     dialect = catalog.engine.dialect.name
     translated = translate(
-        query.query, RUN_NAMES, dialect, limit=query.maxrec + 1, columns=COLUMN_NAMES
+        query.query,
+        RUN_NAMES,
+        dialect,
+        limit=query.maxrec + 1,
+        columns=COLUMN_NAMES,
+        sky=catalog.sky_index,
     )
     rule = ReadRule.of(who, svc.now())
-    readable = rule.sql(files.c.proprietary_until, files.c.program)
-    tables: dict[str, Any] = {}
+    tables: dict[str, Statement] = {}
     for table in PUBLISHED:
         run_name = RUN_NAMES[table.name]
         if f'"{run_name}"' not in translated.sql:
             continue
         if table is OBSCORE:
-            tables[run_name] = _view(svc).select(readable)
+            view = _view(svc)
+            tables[run_name] = view.statement(
+                rule, catalog.engine.dialect, hidden=translated.hidden
+            )
         else:
-            names = [c.sql_name for c in table.columns]
-            tables[run_name] = literal_table(names, rows_of(table))
+            tables[run_name] = _literal(table, catalog.engine.dialect)
     found = run_query(
         catalog,
         translated.sql,
@@ -144,6 +153,19 @@ def execute(svc: Services, who: Principal, query: TapQuery, base_url: str) -> Re
         translated.top is None or translated.top > query.maxrec
     )
     return Result(found.columns, rows[: query.maxrec], overflow, KNOWN_COLUMNS)
+
+
+_LITERALS: dict[tuple[str, str], Statement] = {}
+
+
+def _literal(table: TableInfo, dialect: Dialect) -> Statement:
+    """A TAP_SCHEMA table (constant), compiled once per engine."""
+    key = (table.name, dialect.name)
+    found = _LITERALS.get(key)
+    if found is None:
+        names = [c.sql_name for c in table.columns]
+        found = _LITERALS[key] = compiled(literal_table(names, rows_of(table)), dialect)
+    return found
 
 
 _VIEWS: dict[int, tuple[Registry, ObsCoreView]] = {}
