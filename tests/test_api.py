@@ -633,7 +633,7 @@ def test_the_openapi_document_holds_and_nothing_errs(world: World) -> None:
 
             check()
         checked.append(operation.label)
-    assert len(checked) == 29, checked
+    assert len(checked) == 30, checked
 
 
 def test_the_document_is_served(world: World) -> None:
