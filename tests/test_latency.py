@@ -273,7 +273,8 @@ def test_status_latency_after_a_real_ingest(make_site: SiteFactory, frames: list
     assert "stuck: 0 file(s)" in table.stdout
 
     plain = as_json(obsflow("status", "--site", site, "--json"))
-    assert set(plain) == {"files", "queue", "queue_depth", "daemon"}
+    assert set(plain) == {"files", "queue", "queue_depth", "daemon", "processes"}
+    assert plain["processes"] == []  # no daemon or worker has recorded itself
     assert plain["daemon"] is None  # no daemon has run on this site
 
 
