@@ -69,6 +69,8 @@ def test_runs_cancel_by_number_or_pipeline_and_retry_brings_one_back(
     failed = as_json(obsflow("runs", "--state", "failed", "--json", "--site", settings.site))
     cancelled = [r for r in failed if r["run_id"] in ids]
     assert len(cancelled) == 3 and all(r["error"].startswith("cancelled") for r in cancelled)
+    with opened(settings) as site:  # what the dashboard's failed runs show first
+        assert RunStore(site.catalog).newest(2, state=RunState.FAILED) == sorted(ids)[:0:-1]
     assert as_json(obsflow("runs", "--state", "queued", "--json", "--site", settings.site)) == []
 
     again = obsflow("runs", "cancel", str(ids[0]), "99999", "--site", settings.site)

@@ -210,6 +210,14 @@ def run_page(
     return RunPage(items=items, next=cursor_next)
 
 
+def newest_runs(svc: Services, who: Principal, state: RunState, limit: int) -> list[RunOut]:
+    """The latest ``limit`` runs in ``state``, newest first, as ``who`` may see them."""
+    ids = svc.runs.newest(limit, state=state)
+    found = sorted(svc.runs.find(run_ids=ids) if ids else [], key=lambda r: -r.id)
+    views = _views(svc, who, found)
+    return [RunOut.model_validate(views[r.id]) for r in found]
+
+
 def retry(svc: Services, who: Principal, run_id: int) -> RunOut:
     """Queue a failed run again, for ``who`` (write scope, and the run's files readable):
     the one retry of the API and the dashboard. A :class:`ProblemError` says why not."""

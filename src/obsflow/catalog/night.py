@@ -15,7 +15,7 @@ the latency acquired → archived over the night as a series, and the latest rej
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Final
 
 from sqlalchemy import and_, func, or_, select
@@ -132,8 +132,3 @@ def rejected_files(
         ids = [int(i) for i in conn.execute(query).scalars()]
     found = {r.id: r for r in catalog.records(ids)}
     return [found[i] for i in ids if i in found]
-
-
-def night_start(now: datetime, hours: float = 12.0) -> datetime:
-    """The start of the window the dashboard calls tonight: ``hours`` before ``now``."""
-    return now - timedelta(hours=hours)

@@ -562,6 +562,13 @@ class RunStore:
         with self.catalog.read() as conn:
             return list(conn.execute(query.order_by(runs.c.id).limit(limit)).scalars())
 
+    def newest(self, limit: int, *, state: RunState | None = None) -> list[int]:
+        """The IDs of the ``limit`` latest runs (in ``state``), newest first: what an
+        operator looks at first (the dashboard's failed runs)."""
+        query = _narrowed(select(runs.c.id), state, None, None)
+        with self.catalog.read() as conn:
+            return list(conn.execute(query.order_by(runs.c.id.desc()).limit(limit)).scalars())
+
     def steps(self, run_id: int) -> list[StepRecord]:
         with self.catalog.read() as conn:
             rows = conn.execute(

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta, timezone, tzinfo
 from typing import Any, Final
 
 from obsflow.access import Scope, may_read_data
 from obsflow.api.files import FileDetail, file_detail
 from obsflow.api.problems import ProblemError
-from obsflow.api.runs import RunDetail, RunOut, run_detail, run_page
+from obsflow.api.runs import RunDetail, RunOut, newest_runs, run_detail
 from obsflow.api.services import Services
 from obsflow.catalog import latency, night
 from obsflow.catalog.latency import Percentiles, StuckFile
@@ -28,6 +28,7 @@ from obsflow.catalog.obscore import derived_from
 from obsflow.catalog.status import site_status
 from obsflow.daemon import read_status as read_daemon_status
 from obsflow.dashboard.session import Session
+from obsflow.receipt.metadata import night_of
 from obsflow.states import FileState, LedgerEvent, RunState
 
 PLOT_WIDTH: Final = 640
@@ -124,10 +125,24 @@ def ms(value: float | None) -> str:
     return f"{value / 60_000:.1f} min"
 
 
+def tonight_began(svc: Services, now: datetime) -> datetime:
+    """When tonight began: local noon of the night ``now`` belongs to (obsflow's nights
+    run noon to noon in each instrument's time zone), the earliest of the site's
+    instruments; without an instrument, twelve hours ago."""
+    starts = []
+    for instrument in svc.site.registry.instruments.values():
+        zone = instrument.zone
+        if not isinstance(zone, tzinfo):
+            zone = timezone(timedelta(hours=zone))
+        began = datetime.combine(night_of(now, zone), time(12, 0), tzinfo=zone)
+        starts.append(began.astimezone(UTC))
+    return min(starts, default=now - timedelta(hours=12))
+
+
 def tonight(svc: Services, session: Session) -> Tonight:
     """The night so far: frames per instrument, latency, stages, queue, health."""
     now = svc.now()
-    since = night.night_start(now)
+    since = tonight_began(svc, now)
     settings = svc.site.settings
     catalog = svc.site.catalog
     status = site_status(
@@ -327,7 +342,7 @@ def trouble(svc: Services, session: Session) -> Trouble:
     """Files stuck in a state too long, rejected files, failed runs and why."""
     now = svc.now()
     admin = session.may(Scope.ADMIN)
-    report = latency.latency_report(svc.site.catalog, now, night.night_start(now))
+    report = latency.latency_report(svc.site.catalog, now, tonight_began(svc, now))
     stuck = tuple(
         f if admin else StuckFile(f.archive_id, "", f.state, f.since, f.seconds, None)
         for f in report.stuck
@@ -342,8 +357,8 @@ def trouble(svc: Services, session: Session) -> Trouble:
         )
         for r in night.rejected_files(svc.site.catalog, limit=50)
     )
-    page = run_page(svc, session.who, state=RunState.FAILED, limit=svc.page_limit)
-    failed = tuple(_failed(svc, session, r) for r in reversed(page.items))
+    latest = newest_runs(svc, session.who, RunState.FAILED, svc.page_limit)
+    failed = tuple(_failed(svc, session, r) for r in latest)  # the newest first
     return Trouble(stuck, report.stuck_total, report.stuck_after, rejected, failed, admin)
 
 
