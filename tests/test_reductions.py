@@ -276,6 +276,13 @@ def test_a_cold_reduction_makes_the_archive_products_it_lacks_and_user_results(
         assert data.content[:6] == b"SIMPLE"
         part = alice.get(result["url"], headers={"Range": "bytes=0-9"})
         assert part.status_code == 206 and part.content == data.content[:10]
+        assert part.headers["content-range"] == f"bytes 0-9/{result['size']}"
+        past = alice.get(result["url"], headers={"Range": f"bytes={result['size']}-"})
+        assert past.status_code == 416 and past.headers["content-range"].endswith(
+            f"/{result['size']}"
+        )
+        stale = alice.get(result["url"], headers={"Range": "bytes=0-9", "If-Range": '"x"'})
+        assert stale.status_code == 200 and stale.content == data.content  # changed: all
         # another user of the same program may not see alice's reduction (404, not 403)
         with world.client("amy") as amy:
             assert amy.get(location).status_code == 404

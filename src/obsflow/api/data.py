@@ -16,13 +16,17 @@ is sent (``200``). ``If-Range`` with another ETag also sends the whole file.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
 import anyio.to_thread
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from obsflow.api.problems import ProblemError
 
 CHUNK: Final = 256 * 1024
 _SPEC = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.ASCII)
@@ -110,3 +114,39 @@ class OpenFileResponse(Response):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.file.close()
+
+
+def ranged(
+    file: BinaryIO, request: Request, headers: dict[str, str], media_type: str, what: str
+) -> OpenFileResponse:
+    """The answer to a GET of an open file: all of it (200) or the one range asked for
+    (206; ``If-Range`` with another ETag than ``headers``' sends all), or a 416 problem
+    naming ``what`` (the file is closed then). The response closes the file after."""
+    try:
+        size = os.fstat(file.fileno()).st_size
+        if_range = request.headers.get("if-range")
+        asked = request.headers.get("range") if if_range in (None, headers.get("ETag")) else None
+        wanted = parse_range(asked, size)
+    except UnsatisfiableError:
+        file.close()
+        raise ProblemError(
+            416,
+            f"range {asked!r} is outside {what} ({size} bytes)",
+            kind="range-not-satisfiable",
+            headers={"Content-Range": f"bytes */{size}"},
+        ) from None
+    except BaseException:
+        file.close()
+        raise
+    if wanted is None:
+        return OpenFileResponse(
+            file, status_code=200, offset=0, length=size, headers=headers, media_type=media_type
+        )
+    return OpenFileResponse(
+        file,
+        status_code=206,
+        offset=wanted.start,
+        length=wanted.length,
+        headers={**headers, "Content-Range": f"bytes {wanted.start}-{wanted.end}/{size}"},
+        media_type=media_type,
+    )

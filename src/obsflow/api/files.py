@@ -22,7 +22,6 @@ when it is proprietary.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from datetime import date, datetime
 from typing import Annotated, Any, BinaryIO, Final
@@ -33,7 +32,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from obsflow.access import Principal, ReadRule, Scope, may_read_data, visible_fields
 from obsflow.api import pages
 from obsflow.api.auth import Caller, Writer, denied
-from obsflow.api.data import OpenFileResponse, UnsatisfiableError, parse_range
+from obsflow.api.data import ranged
 from obsflow.api.params import ARCHIVE_ID, CONE, KEYWORD, NAME, TAG, TEXT, Day, Level, Time, utc
 from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
@@ -360,36 +359,7 @@ def get_file_data(archive_id: ArchiveId, request: Request, who: Caller, svc: Svc
     }
     if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
-    file = _open(svc, archive_id)
-    try:
-        size = os.fstat(file.fileno()).st_size
-        if_range = request.headers.get("if-range")
-        asked = request.headers.get("range") if if_range in (None, etag) else None
-        wanted = parse_range(asked, size)
-    except UnsatisfiableError:
-        file.close()
-        raise ProblemError(
-            416,
-            f"range {asked!r} is outside {archive_id} ({size} bytes)",
-            kind="range-not-satisfiable",
-            headers={"Content-Range": f"bytes */{size}"},
-        ) from None
-    except BaseException:
-        file.close()
-        raise
-    if wanted is None:
-        return OpenFileResponse(
-            file, status_code=200, offset=0, length=size, headers=headers, media_type=FITS
-        )
-    headers["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
-    return OpenFileResponse(
-        file,
-        status_code=206,
-        offset=wanted.start,
-        length=wanted.length,
-        headers=headers,
-        media_type=FITS,
-    )
+    return ranged(_open(svc, archive_id), request, headers, FITS, archive_id)
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:

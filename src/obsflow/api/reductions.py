@@ -10,7 +10,6 @@ with ``Retry-After``.
 
 from __future__ import annotations
 
-import os
 import tarfile
 from collections.abc import Iterator
 from datetime import date, datetime
@@ -24,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from obsflow.access import Principal, ReadRule, Scope
 from obsflow.api import pages
 from obsflow.api.auth import Caller, denied
-from obsflow.api.data import OpenFileResponse, UnsatisfiableError, parse_range
+from obsflow.api.data import ranged
 from obsflow.api.params import NAME, RowId
 from obsflow.api.problems import ProblemError, documented
 from obsflow.api.services import Services, json_response, services
@@ -283,42 +282,15 @@ def get_result(
             404, f"reduction {reduction_id} has no result {name!r}", kind="not-found"
         )
     result, path = found
-    file = path.open("rb")
-    size = os.fstat(file.fileno()).st_size
     headers = {
         "ETag": f'"{result.sha256}"',
         "Accept-Ranges": "bytes",
         "Cache-Control": "private",
         "Content-Disposition": f'attachment; filename="{name}"',
     }
-    try:
-        wanted = parse_range(request.headers.get("range"), size)
-    except UnsatisfiableError:
-        file.close()
-        raise ProblemError(
-            416,
-            f"range outside {name} ({size} bytes)",
-            kind="range-not-satisfiable",
-            headers={"Content-Range": f"bytes */{size}"},
-        ) from None
-    kind = (
-        "application/fits"
-        if name.endswith((".fits", ".fit", ".fts"))
-        else "application/octet-stream"
-    )
-    if wanted is None:
-        return OpenFileResponse(
-            file, status_code=200, offset=0, length=size, headers=headers, media_type=kind
-        )
-    headers["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
-    return OpenFileResponse(
-        file,
-        status_code=206,
-        offset=wanted.start,
-        length=wanted.length,
-        headers=headers,
-        media_type=kind,
-    )
+    fits = name.endswith((".fits", ".fit", ".fts"))
+    kind = "application/fits" if fits else "application/octet-stream"
+    return ranged(path.open("rb"), request, headers, kind, name)
 
 
 @router.get(
