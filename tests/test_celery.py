@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import redis
@@ -42,7 +42,7 @@ from obsflow.catalog.runs import RunStore, input_hash
 from obsflow.processing.celery import BrokerError, CeleryExecutor
 from obsflow.processing.tracker.loop import TrackerLoop
 from obsflow.settings import Settings
-from obsflow.site import ingest_paths, open_site
+from obsflow.site import Site, ingest_paths, open_site
 from obsflow.states import FileState, RunState
 from tests.conftest import SiteFactory, service_missing
 from tests.faultproxy import FaultProxy, Faults
@@ -258,17 +258,15 @@ def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workers
 # ---------------------------------------------------------------------- the daemon's part
 
 
-class Tracking:
+class Daemon:
     """What the daemon does around the workers, in threads of the test: the tracker's loop
-    handing queued runs to a :class:`CeleryExecutor`, and an ingestor archiving what the
-    workers publish."""
+    handing queued runs to a :class:`CeleryExecutor` (and following reductions), and an
+    ingestor archiving what the workers publish."""
 
-    def __init__(self, settings: Settings, frames: list[Path]) -> None:
-        self.site = open_site(settings)
-        summary = ingest_paths(self.site, frames)
-        assert len(summary.ingest.archived) == len(frames)
-        self.executor = CeleryExecutor(settings, self.site.registry)
-        self.loop = TrackerLoop(self.site, self.executor, poll_seconds=0.2)
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.executor = CeleryExecutor(site.settings, site.registry)
+        self.loop = TrackerLoop(site, self.executor, poll_seconds=0.2)
         self.stop = threading.Event()
         self.threads = [
             threading.Thread(target=self.loop.run, args=(self.stop, threading.Event())),
@@ -286,7 +284,7 @@ class Tracking:
             if not report.archived and not report.errors:
                 self.stop.wait(0.1)
 
-    def __enter__(self) -> Tracking:
+    def __enter__(self) -> Self:
         for thread in self.threads:
             thread.start()
         return self
@@ -301,6 +299,25 @@ class Tracking:
         for thread in self.threads:
             thread.join(30)
         self.executor.close()
+
+
+class Tracking(Daemon):
+    """:class:`Daemon` on a site of its own, opened with ``frames`` ingested (and closed
+    at the end)."""
+
+    def __init__(self, settings: Settings, frames: list[Path]) -> None:
+        site = open_site(settings)
+        summary = ingest_paths(site, frames)
+        assert len(summary.ingest.archived) == len(frames)
+        super().__init__(site)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        super().__exit__(kind, value, trace)
         self.site.close()
 
     def quiet(self) -> bool:

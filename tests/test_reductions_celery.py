@@ -10,7 +10,6 @@ the test, handing runs to a :class:`~obsflow.processing.celery.CeleryExecutor`.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +17,9 @@ from pathlib import Path
 import pytest
 
 from obsflow.catalog.runs import RunStore
-from obsflow.processing.celery import CeleryExecutor
-from obsflow.processing.tracker.loop import TrackerLoop
 from obsflow.states import RunState
 from tests.conftest import SiteFactory
-from tests.test_celery import WHO, Broker, Workers, broker, sections, workers
+from tests.test_celery import WHO, Broker, Daemon, Workers, broker, sections, workers
 from tests.test_daemon import wait_for
 from tests.test_reductions import World, _alive, ask, make_world
 
@@ -45,43 +42,10 @@ def celery_world(
         yield world
 
 
-class Daemon:
-    """The daemon's part, in threads: the tracker's loop (runs to Celery, reductions
-    followed) and an ingestor archiving what the runs publish."""
-
-    def __init__(self, world: World) -> None:
-        self.site = world.site
-        self.executor = CeleryExecutor(self.site.settings, self.site.registry)
-        self.loop = TrackerLoop(self.site, self.executor, poll_seconds=0.2)
-        self.stop = threading.Event()
-        self.threads = [
-            threading.Thread(target=self.loop.run, args=(self.stop, threading.Event())),
-            threading.Thread(target=self._ingest),
-        ]
-
-    def _ingest(self) -> None:
-        ingestor = self.site.ingestor()
-        while not self.stop.is_set():
-            report = ingestor.run_once()
-            if not report.archived and not report.errors:
-                self.stop.wait(0.1)
-
-    def __enter__(self) -> Daemon:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
-        self.executor.close()
-
-
 def test_a_cold_reduction_runs_on_a_celery_worker(celery_world: World) -> None:
     world = celery_world
     frame = world.science[0].archive_id
-    with Daemon(world), world.client("alice") as alice:
+    with Daemon(world.site), world.client("alice") as alice:
         response = ask(alice, [frame], label="CATALOG")
         assert response.status_code == 202, response.text
         location = response.headers["location"]
@@ -109,7 +73,7 @@ def test_abort_kills_the_step_running_on_the_worker(celery_world: World) -> None
     world = celery_world
     frame = world.science[0].archive_id
     pid_file = world.site.settings.site / "step-SOURCES-50.0.pid"
-    with Daemon(world), world.client("alice") as alice:
+    with Daemon(world.site), world.client("alice") as alice:
         response = ask(alice, [frame], pause=50)
         assert response.status_code == 202, response.text
         location = response.headers["location"]
