@@ -185,6 +185,12 @@ def test_signing_in_sets_a_strict_http_only_cookie_and_reads_as_the_token(dash: 
     with dash.client() as browser:
         wrong = browser.post("/login", data={"token": "obf_" + "x" * 43})
         assert wrong.status_code == 401 and "unknown or revoked" in wrong.text
+        elsewhere = browser.post(  # another site's page signing the visitor in (login CSRF)
+            "/login",
+            data={"token": dash.tokens["reader"]},
+            headers={"Origin": "https://evil.example"},
+        )
+        assert elsewhere.status_code == 403 and "set-cookie" not in elsewhere.headers
         signed = browser.post("/login", data={"token": dash.tokens["reader"]})
         assert signed.status_code == 303
         cookie = signed.headers["set-cookie"].lower()

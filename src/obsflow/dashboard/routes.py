@@ -178,6 +178,9 @@ def login(
     who: Visitor,
     token: Annotated[str, Form(max_length=256)] = "",
 ) -> Response:
+    if not sessions.same_origin(request):
+        return page("error.html", request, who, status_code=403, title="403",
+                    detail="sign in from this dashboard's own page")  # fmt: skip
     found = svc.tokens.verify(token.strip()) if token.strip() else None
     if found is None:
         error = "that token is unknown or revoked" if token.strip() else "give a token"
