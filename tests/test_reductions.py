@@ -377,7 +377,14 @@ def test_a_failed_step_is_an_error_with_its_output(world: World) -> None:
     assert body["results"] == []
 
 
-def test_abort_kills_the_running_step(world: World) -> None:
+@pytest.fixture
+def long_lease_world(make_site: SiteFactory, frames: list[Path]) -> Iterator[World]:
+    """The default lease (a minute): an abort must not wait for a third of it."""
+    yield from make_world(make_site, frames, processing={"lease_seconds": 60})
+
+
+def test_abort_kills_the_running_step(long_lease_world: World) -> None:
+    world = long_lease_world
     frame = world.science[0].archive_id
     executor = LocalExecutor(world.site)
     try:
@@ -395,7 +402,7 @@ def test_abort_kills_the_running_step(world: World) -> None:
             assert alice.get(location).json()["phase"] == "EXECUTING"
             aborted = alice.post(f"{location}/abort")
             assert aborted.status_code == 200 and aborted.json()["phase"] == "ABORTED"
-            deadline = time.monotonic() + 15  # a heartbeat (lease / 3 = 1 s) and a kill
+            deadline = time.monotonic() + 4  # lifecycle.STOP_WITHIN (2 s) and the kill
             while _alive(pid):
                 assert time.monotonic() < deadline, "the aborted step lives on"
                 time.sleep(0.1)

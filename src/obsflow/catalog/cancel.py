@@ -3,7 +3,7 @@
 A queued or running run becomes ``failed`` with the error ``cancelled ...``, its lease
 and its pins dropped, in one transaction; a run that has finished meanwhile is left as
 it is (the statement's ``WHERE state IN (queued, running)`` decides, not a read before
-it). A running run's worker learns it at its next heartbeat (its lease is gone), stops
+it). A running run's worker learns it within two seconds (its lease is gone), stops
 its steps and writes nothing; ``obsflow runs retry`` queues a cancelled run again.
 """
 

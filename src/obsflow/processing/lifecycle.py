@@ -250,8 +250,16 @@ class _Either:
         return self.second.is_set() or (self.first is not None and self.first.is_set())
 
 
+STOP_WITHIN: Final = 2.0
+"""Seconds within which a running run learns that it was cancelled (``obsflow runs
+cancel``, an aborted reduction: its lease is taken) and kills its steps: its lease is
+renewed at least this often. One small UPDATE (or, for a worker over HTTP, one request)
+per running run every two seconds; a run of milliseconds renews nothing."""
+
+
 class Heartbeat:
-    """Renews a run's lease every third of its length while the run executes;
+    """Renews a run's lease every third of its length (at least every
+    :data:`STOP_WITHIN` seconds) while the run executes;
     :attr:`lost` is set when the host says the lease is gone (the steps are then
     stopped: another worker has the run). A host that cannot be reached for a while is
     tried again at the next beat: the lease outlasts two failures. It also writes the
@@ -266,7 +274,7 @@ class Heartbeat:
         self.host, self.run_id, self.owner = host, run_id, owner
         self.lost = threading.Event()
         self.recorder: StepRecorder | None = None
-        self.interval = host.lease_seconds / 3
+        self.interval = min(host.lease_seconds / 3, STOP_WITHIN)
         self.renew_at = float("inf")
 
     def watch(self, recorder: StepRecorder) -> None:

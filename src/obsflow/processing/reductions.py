@@ -279,7 +279,7 @@ class Reductions:
 
     def abort(self, reduction_id: int, who: Principal) -> ReductionRecord:
         """Stop a reduction: its runs no other reduction needs are stopped (their steps
-        killed at their worker's next heartbeat)."""
+        killed by their worker within two seconds: lifecycle.STOP_WITHIN)."""
         record = self.store.get(reduction_id)
         if record is None:
             raise ReductionError(f"no reduction {reduction_id}", "not-found")
