@@ -11,13 +11,14 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from obsflow.catalog.records import FileQuery
 from obsflow.catalog.runs import RunStore
 from obsflow.processing.executor import Executor, InlineExecutor, LocalExecutor
-from obsflow.processing.lifecycle import execute_run
+from obsflow.processing.lifecycle import Heartbeat, RunHost, execute_run
 from obsflow.processing.sitehost import SiteHost
 from obsflow.processing.tracker import Tracker
 from obsflow.processing.tracker.loop import TrackerLoop, process_until_idle
@@ -234,6 +235,34 @@ def test_a_long_step_is_shown_running_and_its_lease_renewed_until_it_ends(
         ("wait", StepState.SUCCEEDED),
         ("stack", StepState.SUCCEEDED),
     ]
+
+
+class _RenewingHost:
+    """Just what a heartbeat asks of its host: the lease's length, and renewals."""
+
+    lease_seconds = 0.3
+
+    def __init__(self) -> None:
+        self.renewed: list[int] = []
+
+    def renew(self, run_id: int, owner: str) -> bool:
+        self.renewed.append(run_id)
+        return True
+
+
+def test_a_lease_is_renewed_after_many_runs_that_never_woke_the_heartbeat_thread() -> None:
+    """The heartbeat thread is woken only for what falls due before it would look
+    anyway; runs shorter than a beat's interval come and go without waking it, and the
+    run after them is still renewed every third of its lease."""
+    host = _RenewingHost()
+    for run_id in range(300):
+        with Heartbeat(cast(RunHost, host), run_id, "busy-worker"):
+            pass
+    with Heartbeat(cast(RunHost, host), 1000, "busy-worker") as beat:
+        time.sleep(0.45)  # four intervals of 0.1 s
+    assert host.renewed.count(1000) >= 2
+    assert set(host.renewed) == {1000}
+    assert not beat.lost.is_set()
 
 
 PRIORITY = """

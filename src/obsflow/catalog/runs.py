@@ -61,20 +61,24 @@ _CLAIM = (
     .returning(*runs.c)
 )
 _FORGET_STEPS = delete(run_steps).where(run_steps.c.run_id == bindparam("b_id"))
-_INPUTS = (  # each input's files in a defined order, so a re-run makes the same outputs:
-    # observation time (a file without one last, on both engines), then name, then row
-    select(run_inputs.c.run_id, run_inputs.c.input, run_inputs.c.file_id)
-    .join(files, files.c.id == run_inputs.c.file_id)
-    .where(run_inputs.c.run_id.in_(bindparam("b_ids", expanding=True)))
-    .order_by(
-        run_inputs.c.run_id,
-        run_inputs.c.input,
-        files.c.start_utc.is_(None),
-        files.c.start_utc,
-        files.c.original_name,
-        files.c.id,
-    )
+_INPUT_ORDER = (  # each input's files in a defined order, so a re-run makes the same
+    # outputs: observation time (a file without one last, on both engines), then name, row
+    run_inputs.c.run_id,
+    run_inputs.c.input,
+    files.c.start_utc.is_(None),
+    files.c.start_utc,
+    files.c.original_name,
+    files.c.id,
 )
+_INPUTS_OF = select(run_inputs.c.run_id, run_inputs.c.input, run_inputs.c.file_id).join(
+    files, files.c.id == run_inputs.c.file_id
+)
+_INPUTS = _INPUTS_OF.where(run_inputs.c.run_id.in_(bindparam("b_ids", expanding=True))).order_by(
+    *_INPUT_ORDER
+)
+_INPUTS_OF_ONE = _INPUTS_OF.where(run_inputs.c.run_id == bindparam("b_id")).order_by(*_INPUT_ORDER)
+"""One run's (a claim's): an expanding IN is rendered again at every execution, which
+cost a claim more than the query itself."""
 _STEP_COLUMNS = (
     "position", "state", "attempts", "argv", "started_at", "finished_at", "exit_status",
     "stdout_tail", "stderr_tail", "reason",
@@ -635,7 +639,12 @@ def _records(conn: Connection, rows: Sequence[Row[Any]]) -> list[RunRecord]:
     ids = [r.id for r in rows]
     inputs: dict[int, dict[str, list[int]]] = {}
     if ids:
-        for r in conn.execute(_INPUTS, {"b_ids": ids}):
+        found = (
+            conn.execute(_INPUTS_OF_ONE, {"b_id": ids[0]})
+            if len(ids) == 1
+            else conn.execute(_INPUTS, {"b_ids": ids})
+        )
+        for r in found:
             inputs.setdefault(r.run_id, {}).setdefault(r.input, []).append(r.file_id)
     return [
         RunRecord(

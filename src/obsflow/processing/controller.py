@@ -534,8 +534,8 @@ class _Run:
         self.out.flush()
 
     def stream_paths(self, name: str, number: int) -> tuple[Path, Path]:
-        base = self.work / LOG_DIR / f"{name}.{number}"
-        return base.with_name(base.name + ".out"), base.with_name(base.name + ".err")
+        logs = self.work / LOG_DIR
+        return logs / f"{name}.{number}.out", logs / f"{name}.{number}.err"
 
 
 def _exit_fd(proc: subprocess.Popen[bytes]) -> int:
@@ -570,6 +570,8 @@ def _why_not(step: RuntimeStep, exc: BaseException) -> str:
 def _read_stream(path: Path, tail_bytes: int) -> tuple[str, str]:
     """The stream's text for the run log (capped at LOG_CAP) and its last ``tail_bytes``."""
     try:
+        if os.stat(path).st_size == 0:  # most steps say nothing: one call, not nine
+            return "", ""
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= LOG_CAP:

@@ -49,6 +49,8 @@ class SiteHost:
         self._nothing_pinned: set[int] = set()
         """Runs claimed here that have no inputs: their finish has no pins to drop and no
         input to stamp processed."""
+        self._made: set[Path] = set()
+        """Directories this host made (or found) once and never removes."""
 
     @property
     def lease_seconds(self) -> float:
@@ -119,9 +121,11 @@ class SiteHost:
         return work
 
     def log_path(self, run_id: int) -> Path:
-        path = self.site.settings.logs / "runs" / f"run-{run_id}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+        logs = self.site.settings.logs / "runs"
+        if logs not in self._made:  # once per host, not once per run
+            logs.mkdir(parents=True, exist_ok=True)
+            self._made.add(logs)
+        return logs / f"run-{run_id}.log"
 
     # -- reports ------------------------------------------------------------------------
 
