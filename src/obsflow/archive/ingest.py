@@ -5,6 +5,10 @@ For each leased request: copy the cached file into archive storage
 stored copy back and compare its sha256, and only then mark the file ``archived``
 (with its ledger stamp) in the catalog. A failure is recorded on the request and
 retried after a back-off; the file stays in the cache and its request in the queue.
+
+The files of a batch are archived a few at once (:data:`AT_ONCE`): their copies,
+fsyncs and read-backs wait on the disk, not on Python, so while one waits another
+copies or hashes, and the file system commits fsyncs that come together at once.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Final
 
 from obsflow.archive.cache import Cache
 from obsflow.archive.storage import Storage
@@ -26,6 +32,8 @@ from obsflow.receipt.receiver import Clock, utcnow
 from obsflow.settings import Ingest as IngestSettings
 
 log = logging.getLogger(__name__)
+AT_ONCE: Final = 4
+"""Files of a batch archived at once by one ingestor (each a copy, fsync and read-back)."""
 
 
 @dataclass
@@ -64,11 +72,11 @@ class Ingestor:
             self.owner, self.clock(), self.settings.lease_seconds, limit or self.settings.batch
         )
         done: list[tuple[Lease, str]] = []
-        for lease in leases:
-            try:
-                done.append((lease, self._archive(lease)))
-            except (StorageError, OSError) as exc:
-                self._failed(lease, exc, report)
+        for lease, outcome in zip(leases, self._archive_all(leases), strict=True):
+            if isinstance(outcome, str):
+                done.append((lease, outcome))
+            else:
+                self._failed(lease, outcome, report)
         if done:
             try:
                 self._flush()
@@ -81,6 +89,21 @@ class Ingestor:
             log.info("archived %s", lease.archive_id, extra={"archive_id": lease.archive_id})
             report.archived.append(lease.archive_id)
         return report
+
+    def _archive_all(self, leases: list[Lease]) -> list[str | StorageError | OSError]:
+        """:meth:`_archive` of each lease, up to :data:`AT_ONCE` at a time: its key, or
+        what it raised."""
+
+        def attempt(lease: Lease) -> str | StorageError | OSError:
+            try:
+                return self._archive(lease)
+            except (StorageError, OSError) as exc:
+                return exc
+
+        if len(leases) < 2:
+            return [attempt(lease) for lease in leases]
+        with ThreadPoolExecutor(min(AT_ONCE, len(leases)), "archive") as pool:
+            return list(pool.map(attempt, leases))
 
     def _flush(self) -> None:
         self.storage.flush()
