@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from obsflow.archive.cache import Cache
+from obsflow.archive.notice import ArchivedNotice
 from obsflow.archive.storage import Storage
 from obsflow.catalog import Catalog
 from obsflow.catalog.queue import IngestQueue, Lease
@@ -57,13 +58,17 @@ class Ingestor:
         *,
         clock: Clock = utcnow,
         owner: str | None = None,
+        notice: ArchivedNotice | None = None,
     ) -> None:
+        """``notice``: told which files each batch archived (in this process, those who
+        wait for them wake at once)."""
         self.queue = IngestQueue(catalog)
         self.storage = storage
         self.cache = cache
         self.settings = settings
         self.clock = clock
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.notice = notice
 
     def run_once(self, limit: int | None = None) -> IngestReport:
         """Lease one batch of due requests and carry each out; report what happened."""
@@ -85,6 +90,8 @@ class Ingestor:
                     self._fail(lease, str(exc), report)
                 done = []
         self.queue.complete(done, self.clock())
+        if self.notice is not None and done:
+            self.notice.tell(lease.archive_id for lease, _ in done)
         for lease, _ in done:
             log.info("archived %s", lease.archive_id, extra={"archive_id": lease.archive_id})
             report.archived.append(lease.archive_id)
