@@ -27,6 +27,8 @@ Run: ``python benchmarks/ingest.py [--small 2000] [--large 200]``; quick:
 ``--repeat 3`` times each side three times (interleaved, each on a fresh site and
 destination) and reports the best. ``--fsync-floor`` adds an informational row: the floor
 with every copy and its directory fsynced, which shows what durability alone costs.
+``--profile`` runs ``obsflow ingest`` once more per set under py-spy (``pip install
+py-spy``; untimed) and prints where its threads spend their time, station by station.
 """
 
 from __future__ import annotations
@@ -113,6 +115,60 @@ def floor(src: Path, dest: Path, db: Path, *, fsync: bool = False) -> int:
     conn.execute("COMMIT")
     conn.close()
     return len(paths)
+
+
+# ---------------------------------------------------------------- where the time goes
+
+STATIONS: list[tuple[str, tuple[str, ...]]] = [
+    # (station, the functions whose frames count for it: the innermost listed one wins)
+    ("receipt: read, validate, map, sha256, cache copy", ("Receiver.prepare",)),
+    ("receipt: the catalog transaction (group commit)", ("Receiver.commit",)),
+    ("ingest: lease and complete (catalog)", ("IngestQueue.lease", "IngestQueue.complete")),
+    ("ingest: archive copy + fsync + rename", ("LocalStorage.put",)),
+    ("ingest: read-back from the medium + sha256", ("LocalStorage.sha256",)),
+    ("ingest: directory fsync", ("LocalStorage.flush",)),
+    ("start-up: imports, settings, registry, catalog", ("_find_and_load", "open_site")),
+]
+WAITS = ("Condition.wait", "Event.wait", "Queue.get", "Future.result", "Thread.join")
+
+
+def station(frames: list[str]) -> str:
+    if frames and frames[-1].startswith(WAITS):
+        return "waiting (for work, a lock, the other threads)"
+    for frame in reversed(frames):  # innermost first
+        for name, functions in STATIONS:
+            if any(frame.startswith(f + " ") for f in functions):
+                return name
+    return "other (the command, the threads' loops, the progress bar, the summary)"
+
+
+def profile(frames: Path, work: Path, rate: int = 200) -> None:
+    """``obsflow ingest`` of ``frames`` under py-spy: samples of each busy thread
+    (wall-clock, so threads in parallel add up to more than the run), by station."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).is_file():
+        print("  (no py-spy: pip install py-spy, to see where the time goes)")
+        return
+    from obsflow.catalog import Catalog
+    from obsflow.settings import load_settings
+    from obsflow.site import init_site
+
+    site = init_site(work / "site")
+    Catalog.open(load_settings(site).catalog_url).close()
+    raw = work / "profile.txt"
+    cmd = [spy, "record", "-r", str(rate), "-f", "raw", "-o", str(raw), "--threads", "--"]
+    run([*cmd, sys.executable, obsflow_cli(), "ingest", "--site", str(site), str(frames)],
+        "py-spy record obsflow ingest")  # fmt: skip
+    seconds: dict[str, float] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        name = station(stack.split(";")[1:])  # (the first is the thread)
+        seconds[name] = seconds.get(name, 0.0) + int(count) / rate
+    total = sum(seconds.values())
+    print(f"  where obsflow ingest's threads spend their time ({total:.2f} thread-seconds "
+          "sampled by py-spy, busy threads only):")  # fmt: skip
+    for name, spent in sorted(seconds.items(), key=lambda item: -item[1]):
+        print(f"    {name:<52} {spent:6.2f} s  {spent / total:4.0%}")
 
 
 # ---------------------------------------------------------------- the harness
@@ -223,6 +279,7 @@ class Options:
     tmp: Path | None
     repeat: int
     fsync_floor: bool
+    profile: bool
 
 
 def best(timings: list[Timing]) -> Timing:
@@ -278,9 +335,12 @@ def bench_set(label: str, n: int, shape: tuple[int, int], opts: Options) -> floa
                 timings.append(step(scratch))
                 shutil.rmtree(scratch)  # free the disk before the next step
                 print(f"[{label}] {name}: {timings[-1].seconds:.2f} s", flush=True)
-        return report(
+        ratio = report(
             label, best(ours), best(base), best(durable) if durable else None, opts.repeat
         )
+        if opts.profile:
+            profile(frames, work / "profile")
+        return ratio
 
 
 def main() -> None:
@@ -297,6 +357,10 @@ def main() -> None:
         help="also time the floor with each copy fsynced (information; not the target's floor)",
     )  # fmt: skip
     parser.add_argument(
+        "--profile", action="store_true",
+        help="then run obsflow once more under py-spy and print where the time goes",
+    )  # fmt: skip
+    parser.add_argument(
         "--floor", nargs=3, type=Path, metavar=("SRC", "DEST", "DB"),
         help="internal: run only the floor on SRC",
     )  # fmt: skip
@@ -310,7 +374,7 @@ def main() -> None:
 
     print(machine())
     print(f"temporary directory: {args.tmp or tempfile.gettempdir()}")
-    opts = Options(args.seed, args.tmp, args.repeat, args.fsync_floor)
+    opts = Options(args.seed, args.tmp, args.repeat, args.fsync_floor, args.profile)
     ratios: list[tuple[str, float]] = []
     for label, n, side in (("small", args.small, 100), ("large", args.large, 2048)):
         if n > 0:

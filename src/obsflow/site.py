@@ -34,6 +34,7 @@ from pathlib import Path
 from obsflow.archive.cache import Cache
 from obsflow.archive.fixity import Auditor
 from obsflow.archive.ingest import Ingestor, IngestReport
+from obsflow.archive.notice import ArchivedNotice
 from obsflow.archive.retrieval import Retriever
 from obsflow.archive.storage import LocalStorage, Storage
 from obsflow.catalog import Catalog
@@ -170,6 +171,8 @@ class Site:
     storage: Storage
     receiver: Receiver
     clock: Clock
+    archived: ArchivedNotice = field(default_factory=ArchivedNotice)
+    """Told by this process's ingestors which files they archived (uploads wait on it)."""
 
     def ingestor(self, owner: str | None = None) -> Ingestor:
         return Ingestor(
@@ -179,6 +182,7 @@ class Site:
             self.settings.ingest,
             clock=self.clock,
             owner=owner,
+            notice=self.archived,
         )
 
     def auditor(self) -> Auditor:

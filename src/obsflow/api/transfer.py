@@ -39,6 +39,7 @@ the workers' outputs (:mod:`obsflow.api.workers`) share.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -72,6 +73,8 @@ router = APIRouter(prefix="/api/v1", tags=["transfers"])
 Svc = Annotated[Services, Depends(services)]
 
 UPLOADS: Final = ".uploads"  # under the cache (the same file system): partial files
+CONFIRM_POLL: Final = 0.25
+"""Seconds between an upload's questions to the catalog while it waits for the archive."""
 
 
 class TransferStatus(StrEnum):
@@ -281,17 +284,23 @@ def _receive(
 
 
 async def _confirm(svc: Services, state: TransferState, seconds: float) -> TransferState:
-    """Wait (up to ``seconds``) until the ingestors have archived the file."""
+    """Wait (up to ``seconds``) until the ingestors have archived the file: woken by this
+    process's ingestors the moment they archive it (:mod:`obsflow.archive.notice`), and
+    asking the catalog every :data:`CONFIRM_POLL` seconds meanwhile (an ingestor in
+    another process tells this one nothing)."""
     holdings = Holdings(svc.site.catalog)
 
     def archived() -> bool:
         return holdings.is_archived(state.archive_id)
 
     deadline = time.monotonic() + seconds
-    pause = 0.005
-    while time.monotonic() < deadline:
-        await asyncio.sleep(pause)
-        pause = min(pause * 1.5, 0.1)
-        if await anyio.to_thread.run_sync(archived):  # (the event loop never waits on SQL)
-            return TransferState(archive_id=state.archive_id, state=TransferStatus.ARCHIVED)
-    return state
+    with svc.site.archived.waiting(state.archive_id) as told:
+        while True:
+            if await anyio.to_thread.run_sync(archived):  # (the event loop never waits on SQL)
+                return TransferState(archive_id=state.archive_id, state=TransferStatus.ARCHIVED)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return state
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(told.wait(), min(left, CONFIRM_POLL))
+            told.clear()  # (told once: later waits are the polls')

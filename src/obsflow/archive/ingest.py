@@ -5,6 +5,10 @@ For each leased request: copy the cached file into archive storage
 stored copy back and compare its sha256, and only then mark the file ``archived``
 (with its ledger stamp) in the catalog. A failure is recorded on the request and
 retried after a back-off; the file stays in the cache and its request in the queue.
+
+The files of a batch are archived a few at once (:data:`AT_ONCE`): their copies,
+fsyncs and read-backs wait on the disk, not on Python, so while one waits another
+copies or hashes, and the file system commits fsyncs that come together at once.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Final
 
 from obsflow.archive.cache import Cache
+from obsflow.archive.notice import ArchivedNotice
 from obsflow.archive.storage import Storage
 from obsflow.catalog import Catalog
 from obsflow.catalog.queue import IngestQueue, Lease
@@ -26,6 +33,8 @@ from obsflow.receipt.receiver import Clock, utcnow
 from obsflow.settings import Ingest as IngestSettings
 
 log = logging.getLogger(__name__)
+AT_ONCE: Final = 4
+"""Files of a batch archived at once by one ingestor (each a copy, fsync and read-back)."""
 
 
 @dataclass
@@ -49,13 +58,17 @@ class Ingestor:
         *,
         clock: Clock = utcnow,
         owner: str | None = None,
+        notice: ArchivedNotice | None = None,
     ) -> None:
+        """``notice``: told which files each batch archived (in this process, those who
+        wait for them wake at once)."""
         self.queue = IngestQueue(catalog)
         self.storage = storage
         self.cache = cache
         self.settings = settings
         self.clock = clock
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.notice = notice
 
     def run_once(self, limit: int | None = None) -> IngestReport:
         """Lease one batch of due requests and carry each out; report what happened."""
@@ -64,11 +77,11 @@ class Ingestor:
             self.owner, self.clock(), self.settings.lease_seconds, limit or self.settings.batch
         )
         done: list[tuple[Lease, str]] = []
-        for lease in leases:
-            try:
-                done.append((lease, self._archive(lease)))
-            except (StorageError, OSError) as exc:
-                self._failed(lease, exc, report)
+        for lease, outcome in zip(leases, self._archive_all(leases), strict=True):
+            if isinstance(outcome, str):
+                done.append((lease, outcome))
+            else:
+                self._failed(lease, outcome, report)
         if done:
             try:
                 self._flush()
@@ -77,10 +90,27 @@ class Ingestor:
                     self._fail(lease, str(exc), report)
                 done = []
         self.queue.complete(done, self.clock())
+        if self.notice is not None and done:
+            self.notice.tell(lease.archive_id for lease, _ in done)
         for lease, _ in done:
             log.info("archived %s", lease.archive_id, extra={"archive_id": lease.archive_id})
             report.archived.append(lease.archive_id)
         return report
+
+    def _archive_all(self, leases: list[Lease]) -> list[str | StorageError | OSError]:
+        """:meth:`_archive` of each lease, up to :data:`AT_ONCE` at a time: its key, or
+        what it raised."""
+
+        def attempt(lease: Lease) -> str | StorageError | OSError:
+            try:
+                return self._archive(lease)
+            except (StorageError, OSError) as exc:
+                return exc
+
+        if len(leases) < 2:
+            return [attempt(lease) for lease in leases]
+        with ThreadPoolExecutor(min(AT_ONCE, len(leases)), "archive") as pool:
+            return list(pool.map(attempt, leases))
 
     def _flush(self) -> None:
         self.storage.flush()

@@ -15,9 +15,8 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 from rich.table import Table
 
@@ -25,6 +24,9 @@ from obsflow.access import Principal, Scope
 from obsflow.cli import JsonOption, SiteOption, _site, app, err, out
 from obsflow.cli.runs import _parameter
 from obsflow.site import Site
+
+if TYPE_CHECKING:
+    import httpx  # (imported when a server is asked: every command would pay ~30 ms)
 
 ServerOption = Annotated[
     str | None,
@@ -145,6 +147,8 @@ class _Asker:
 
     def __enter__(self) -> _Asker:
         if self.server:
+            import httpx
+
             self._client = httpx.Client(
                 base_url=self.server,
                 headers={"Authorization": f"Bearer {self.token}"},
