@@ -91,8 +91,9 @@ def open_fits(path: Path) -> fits.HDUList:
         raise BadInputError(path, f"cannot be read as FITS: {exc}") from None
 
 
-def read_image(path: Path) -> Image:
-    """Read the 2-D image in the primary HDU of ``path``."""
+def read_image(path: Path, required: tuple[str, ...] = ("DATE-OBS", "EXPTIME")) -> Image:
+    """Read the 2-D image in the primary HDU of ``path``, whose header must hold the
+    ``required`` keywords (a spectrograph's arcs carry no EXPTIME: ``required=()``)."""
     with open_fits(path) as hdul:
         try:
             data, header = hdul[0].data, hdul[0].header.copy()
@@ -101,7 +102,7 @@ def read_image(path: Path) -> Image:
     if data is None or data.ndim != 2:
         shape = "no data" if data is None else f"shape {data.shape}"
         raise BadInputError(path, f"expected a 2-D image in the primary HDU, found {shape}")
-    for key in ("DATE-OBS", "EXPTIME"):
+    for key in required:
         if key not in header:
             raise BadInputError(path, f"header keyword {key} is missing")
     return Image(path, np.asarray(data, dtype=np.float64), header)

@@ -29,7 +29,7 @@ from obsflow.tools import (
     check_same,
     header_number,
     iso,
-    open_fits,
+    read_image,
     run,
     write_atomic,
 )
@@ -42,7 +42,7 @@ STRUCTURAL |= {"BSCALE", "BZERO", "BLANK"}
 
 def combine(inputs: Sequence[Path], kind: str, out: Path) -> None:
     """Write the median of ``inputs`` (normalised for a flat) to ``out``."""
-    frames = [_read(path) for path in inputs]
+    frames = [read_image(path, required=()) for path in inputs]  # no EXPTIME here
     check_same([(f.path, f.data.shape) for f in frames], "shape")
     for key in ("GRATNAME", "SLITNAME"):
         check_same([(f.path, str(f.header.get(key, "")).strip()) for f in frames], key)
@@ -60,20 +60,6 @@ def combine(inputs: Sequence[Path], kind: str, out: Path) -> None:
     header["NCOMBINE"] = (len(frames), "number of frames combined")
     add_provenance(header, list(inputs), f"{TOOL} combine --kind {kind}")
     write_atomic(out, fits.HDUList([fits.PrimaryHDU(master.astype(np.float32), header)]))
-
-
-def _read(path: Path) -> Image:
-    """The 2-D image of ``path``'s primary HDU (the spectrograph writes no EXPTIME, so
-    not :func:`obsflow.tools.read_image`)."""
-    with open_fits(path) as hdul:
-        try:
-            data, header = hdul[0].data, hdul[0].header.copy()
-        except (OSError, ValueError) as exc:
-            raise BadInputError(path, f"cannot read the primary HDU: {exc}") from None
-    if data is None or data.ndim != 2:
-        shape = "no data" if data is None else f"shape {data.shape}"
-        raise BadInputError(path, f"expected a 2-D image in the primary HDU, found {shape}")
-    return Image(path, np.asarray(data, dtype=np.float64), header)
 
 
 def _span(frame: Image) -> tuple[datetime, datetime]:
