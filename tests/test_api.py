@@ -463,7 +463,9 @@ def make_run(world: World, inputs: list[FileRecord], output: FileRecord, *, fail
 def test_provenance_runs_logs_and_retry(world: World) -> None:
     public_run = make_run(world, world.after[:2], world.after[3], failed=True)
     secret_run = make_run(world, world.before[:2], world.before[3], failed=True)
-    inputs = [r.archive_id for r in world.after[:2]]
+    # a run's inputs are listed in observation order (then name), whatever order they came in
+    observed = sorted(world.after[:2], key=lambda r: (r.start is None, r.start, r.original_name))
+    inputs = [r.archive_id for r in observed]
     with world.client() as anonymous:
         made = anonymous.get(f"/api/v1/files/{world.after[3].archive_id}").json()["made_by"]
         assert made == {
