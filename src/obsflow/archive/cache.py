@@ -27,10 +27,12 @@ class Cache:
     @staticmethod
     def key(instrument: str, night: date, archive_id: str) -> str:
         """The relative path of a file in the cache (and in archive storage)."""
-        return str(check_key(f"{instrument}/{night.isoformat()}/{archive_id}"))
+        key = f"{instrument}/{night.isoformat()}/{archive_id}"
+        check_key(key)
+        return key
 
     def path(self, key: str) -> Path:
-        return self.root.joinpath(*check_key(key).parts)
+        return self.root.joinpath(*check_key(key))
 
     def temp_file(self) -> Path:
         if self.tmp not in self._made:

@@ -19,7 +19,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO
 
 from obsflow.errors import StorageError
@@ -27,19 +27,16 @@ from obsflow.errors import StorageError
 CHUNK = 1 << 20
 
 
-def check_key(key: str) -> PurePosixPath:
-    """A storage key is a relative POSIX path with no '..', '.', or empty parts."""
-    path = PurePosixPath(key)
-    if (
-        not key
-        or path.is_absolute()
-        or "\\" in key
-        or any(part in ("", ".", "..") or part.startswith(".") for part in key.split("/"))
-    ):
+def check_key(key: str) -> list[str]:
+    """A storage key is a relative POSIX path with no '..', '.', hidden or empty parts;
+    return its parts. (Split by hand rather than parsed by PurePosixPath: every cache and
+    archive path is checked, several times per file, and a split is ~10x cheaper.)"""
+    parts = key.split("/")
+    if "\\" in key or not all(parts) or any(part[0] == "." for part in parts):
         raise StorageError(
             f"invalid storage key {key!r}: expected a relative path inside the archive"
         )
-    return path
+    return parts
 
 
 class Storage(ABC):
@@ -91,7 +88,7 @@ class LocalStorage(Storage):
         self._lock = threading.Lock()
 
     def path(self, key: str) -> Path:
-        return self.root.joinpath(*check_key(key).parts)
+        return self.root.joinpath(*check_key(key))
 
     def put(self, source: Path, key: str) -> None:
         target = self.path(key)

@@ -94,13 +94,11 @@ class Transferer(Ingestor):
 
     def _archive(self, lease: Lease) -> str:
         ledger = {entry.event: entry.at for entry in self.catalog.ledger(lease.file_id)}
-        record = self.catalog.get_by_id(lease.file_id)
-        name = record.original_name if record is not None else lease.archive_id
         self.client.send(
             Outgoing(
                 archive_id=lease.archive_id,
                 path=self.cache.path(lease.cache_path),
-                name=name,
+                name=lease.original_name,
                 sha256=lease.sha256,
                 size=lease.size,
                 acquired=ledger.get(LedgerEvent.ACQUIRED),
