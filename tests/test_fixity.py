@@ -236,3 +236,31 @@ def test_the_daemon_audits_the_archive_by_itself_at_its_rate(
         assert store.figures().bad == 0
     finally:
         watched.close()
+
+
+def test_a_linked_archive_copy_that_changes_is_caught_by_verify_and_never_restored_from_itself(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    """ingest.link_cache: the archive entry is the cached file (one inode, read-only);
+    a change to it (root's write, a failing disk) is a mismatch for verify, and the cache
+    is no good copy to restore it from: it is the same bytes."""
+    settings = make_site(ingest={"link_cache": True})
+    site = open_site(settings)
+    try:
+        ingest_paths(site, frames)
+        records = archived(site)
+        assert len(records) == len(frames)
+        record = records[0]
+        assert record.cache_path is not None
+        cached = site.cache.path(record.cache_path)
+        assert stored(site, record).stat().st_ino == cached.stat().st_ino
+        assert stored(site, record).stat().st_mode & 0o777 == 0o444
+    finally:
+        site.close()
+    flip_a_byte(stored(site, record))
+    assert digest(cached) != record.sha256  # its twin: one file
+    bad = obsflow("verify", "--json", "--site", settings.site)
+    assert bad.returncode == 1, bad.stderr
+    (check,) = [c for c in json.loads(bad.stdout)["checks"] if c["outcome"] != "ok"]
+    assert check["archive_id"] == record.archive_id and check["outcome"] == "mismatch"
+    assert "no good copy" in check["detail"]

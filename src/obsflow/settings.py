@@ -90,6 +90,10 @@ class Ingest(_Section):
     """...up to this."""
     batch: int = Field(default=16, ge=1, le=1000)
     """Requests an ingestor takes at a time."""
+    link_cache: bool = False
+    """When the cache and the archive share a file system: the archive's entry is a hard
+    link to the cached file, made read-only (0444), instead of a copy (no bytes written
+    twice; one copy on the medium under two names). Elsewhere a copy, as when off."""
 
 
 class Daemon(_Section):

@@ -221,7 +221,7 @@ def open_site(
     catalog = open_catalog(settings.catalog_url, retry_seconds)
     cache = Cache(settings.cache)
     cache.clean_temp()
-    storage = storage or LocalStorage(settings.archive)
+    storage = storage or LocalStorage(settings.archive, link=settings.ingest.link_cache)
     storage.recover()
     watched = [
         settings.site / trigger.directory

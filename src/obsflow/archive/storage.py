@@ -6,13 +6,23 @@ returns, and read the stored bytes back from the medium for :meth:`Storage.sha25
 rather than trusting what it was given or what a cache holds: the ingestor marks a
 batch of files archived only after their stored copies' checksums match and ``flush``
 has returned, and fixity audits (:mod:`obsflow.archive.fixity`) re-read them later.
+
+:class:`LocalStorage` stores a file by the cheapest correct means the operating system
+offers: a reflink (``FICLONE``: the file system shares the blocks, copy-on-write), else
+``copy_file_range`` (the kernel copies, no bytes through Python), else a plain copy. With
+``link=True`` (setting ``ingest.link_cache``) and the source on the archive's file system,
+the stored object is a *hard link* to the source (the cached file) made read-only (0444):
+no bytes copied, one copy on the medium under two names, neither writable through the
+other (by any process but root's).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -24,7 +34,16 @@ from typing import BinaryIO
 
 from obsflow.errors import StorageError
 
+log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+FICLONE = 0x40049409
+"""ioctl: make the destination share the source's blocks (Linux ``_IOW(0x94, 9, int)``)."""
+CANNOT = frozenset(
+    {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL,
+     errno.ENOSYS, errno.EBADF}
+)  # fmt: skip
+"""What a link or reflink answers where the file systems cannot make it (no failure)."""
+READ_ONLY = 0o444
 
 
 def check_key(key: str) -> list[str]:
@@ -80,9 +99,13 @@ class Storage(ABC):
 class LocalStorage(Storage):
     """A directory tree on a local or shared file system."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, link: bool = False) -> None:
+        """``link``: store a source on the archive's file system as a read-only hard link
+        to it (``ingest.link_cache``); elsewhere, or where links fail, copy."""
         self.root = root
         self.tmp = root / ".tmp"  # one file system with the archive: renames are atomic
+        self.link = link
+        self._clone = True  # reflinks, until the file system says it has none
         self._unsynced: set[Path] = set()  # directories with renames not yet fsynced
         self._made: set[Path] = set()  # directories known to exist
         self._lock = threading.Lock()
@@ -99,13 +122,8 @@ class LocalStorage(Storage):
                     self._made.add(folder)
             temp = self.tmp / f"{uuid.uuid4().hex}.part"
             try:
-                with source.open("rb") as src, temp.open("wb") as dst:
-                    # held until closed (or the process dies): recover() leaves it alone
-                    fcntl.flock(dst.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    _copy(src, dst)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                    os.replace(temp, target)
+                if not (self.link and self._put_link(source, temp, target)):
+                    self._put_copy(source, temp, target)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
@@ -114,6 +132,55 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot store {key} under {self.root}: {exc}") from exc
         with self._lock:
             self._unsynced.add(target.parent)
+
+    def _put_copy(self, source: Path, temp: Path, target: Path) -> None:
+        with source.open("rb") as src, temp.open("wb") as dst:
+            # held until closed (or the process dies): recover() leaves it alone
+            fcntl.flock(dst.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not (self._clone and self._reflink(src, dst)):
+                _copy(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+            os.replace(temp, target)
+
+    def _reflink(self, src: BinaryIO, dst: BinaryIO) -> bool:
+        """Clone ``src`` into ``dst`` (no bytes copied: the blocks are shared until either
+        is written); False, and never tried again, where the file system cannot."""
+        try:
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+        except OSError as exc:
+            if exc.errno not in CANNOT:
+                raise
+            self._clone = False
+            return False
+        return True
+
+    def _put_link(self, source: Path, temp: Path, target: Path) -> bool:
+        """Store ``source`` as a hard link, read-only and synced; False (and copies from
+        then on) where it cannot be linked (another file system, no hard links)."""
+        try:
+            os.link(source, temp)
+        except OSError as exc:
+            if exc.errno not in CANNOT:
+                raise
+            log.warning(
+                "ingest.link_cache: cannot link %s into %s (%s): copying instead",
+                source, self.root, exc.strerror,
+            )  # fmt: skip
+            self.link = False
+            return False
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (as a copy's: recover() waits)
+            os.fchmod(fd, READ_ONLY)  # the inode's: the cached name is read-only too
+            os.fsync(fd)  # receipt did not sync the cached file: the link is what is durable
+            os.replace(temp, target)
+            # a rename onto another name of the same file does nothing: drop the temp name
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        finally:
+            os.close(fd)
+        return True
 
     def flush(self) -> None:
         """fsync each directory that received a file since the last flush (once per batch,
