@@ -26,7 +26,7 @@ from astropy.io import fits
 from caproto import CaprotoError
 from typer.testing import CliRunner
 
-from obsflow.cli import app
+from obsflow.cli import app, load
 from obsflow.registry.specs import EpicsTriggerSpec
 from obsflow.sim.demo import free_port
 from obsflow.sim.ioc import IocClient, PublishError
@@ -549,6 +549,7 @@ def test_simulate_options_that_need_epics_or_a_cadence_are_refused(tmp_path: Pat
         (["--cadence", 0.1, "--pv-prefix", "X:"], "--pv-prefix goes with --epics"),
         (["--no-publish"], "--no-publish goes with --cadence or --epics"),
     ]
+    load("simulate")  # (obsflow's main registers only the command it runs)
     for args, message in cases:
         result = CliRunner().invoke(app, ["simulate", *map(str, args), "--out", str(tmp_path)])
         assert result.exit_code == 2

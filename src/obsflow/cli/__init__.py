@@ -2,7 +2,9 @@
 
 This module holds the app, the options and helpers its commands share, and :func:`main`;
 each group of commands is a module of this package that registers them on :data:`app`
-when imported at the bottom: :mod:`~obsflow.cli.sites` (init, registry check),
+when imported, and :data:`COMMANDS` says which: ``obsflow CMD`` imports only CMD's
+module(s) (``--help`` and shell completion import them all). The modules:
+:mod:`~obsflow.cli.sites` (init, registry check),
 :mod:`~obsflow.cli.ingest` (ingest, retry), :mod:`~obsflow.cli.files` (find, show),
 :mod:`~obsflow.cli.status`, :mod:`~obsflow.cli.sim` (simulate, demo),
 :mod:`~obsflow.cli.daemon` (run), :mod:`~obsflow.cli.cache` (cache, fetch, tag),
@@ -13,6 +15,7 @@ when imported at the bottom: :mod:`~obsflow.cli.sites` (init, registry check),
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import os
 import re
@@ -183,23 +186,38 @@ def _site(site: Path | None) -> Iterator[Site]:
         opened.close()
 
 
-# importing a command module registers its commands on the app
-from obsflow.cli import (  # noqa: E402, F401
-    cache,
-    daemon,
-    files,
-    ingest,
-    reduce,
-    runs,
-    serve,
-    sim,
-    sites,
-    status,
-    tokens,
-    upkeep,
-    verify,
-    worker,
-)
+COMMANDS: Final[dict[str, tuple[str, ...]]] = {
+    "init": ("sites",),
+    "registry": ("sites", "runs"),
+    "settings": ("sites",),
+    "ingest": ("ingest",),
+    "retry": ("ingest",),
+    "find": ("files",),
+    "show": ("files",),
+    "status": ("status",),
+    "demo": ("sim",),
+    "simulate": ("sim",),
+    "run": ("daemon",),
+    "cache": ("cache",),
+    "fetch": ("cache",),
+    "tag": ("cache",),
+    "runs": ("runs",),
+    "groups": ("runs",),
+    "reprocess": ("runs",),
+    "reduce": ("reduce",),
+    "reductions": ("reduce",),
+    "serve": ("serve",),
+    "token": ("tokens",),
+    "migrate": ("upkeep",),
+    "backup": ("upkeep",),
+    "restore": ("upkeep",),
+    "verify": ("verify",),
+    "worker": ("worker",),
+}
+"""Each command (or group) → the modules of this package that register it. Importing a
+module registers its commands on :data:`app`; ``obsflow CMD`` imports only CMD's, as
+start-up is paid by every command (all of them together took ~0.3 s more).
+``tests/test_cli_commands.py`` holds this table to what the modules register."""
 
 
 def _list_in_order(group: typer.Typer, names: tuple[str, ...]) -> None:
@@ -213,27 +231,50 @@ def _list_in_order(group: typer.Typer, names: tuple[str, ...]) -> None:
     group.registered_commands.sort(key=rank)
 
 
-_list_in_order(
-    app,
-    (
-        "init",
-        "ingest",
-        "demo",
-        "find",
-        "show",
-        "status",
-        "retry",
-        "simulate",
-        "run",
-        "fetch",
-        "reprocess",
-        "serve",
-    ),
+def load(command: str | None = None) -> None:
+    """Register ``command`` on the app by importing its module(s); every command when
+    None or not one of :data:`COMMANDS` (``--help``, a typo that click will answer)."""
+    modules = COMMANDS.get(command or "") or sorted({m for ms in COMMANDS.values() for m in ms})
+    for module in modules:
+        importlib.import_module(f"obsflow.cli.{module}")
+    _list_in_order(app, ORDER)
+    _list_in_order(registry_app, ("check", "replay"))
+
+
+ORDER: Final = (
+    "init",
+    "ingest",
+    "demo",
+    "find",
+    "show",
+    "status",
+    "retry",
+    "simulate",
+    "run",
+    "fetch",
+    "reprocess",
+    "serve",
 )
-_list_in_order(registry_app, ("check", "replay"))
+"""The order ``--help`` lists the commands in."""
 
 
 _VERBOSE: Final = re.compile(r"-v+|--verbose")
+_VALUED: Final = ("--site", "--log-level", "--log-format", "--log-file")
+"""The app's options that take a value (the next argument)."""
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The command ``argv`` names: its first argument that is no option of the app's and
+    no option's value (None: only options, e.g. ``--help``)."""
+    args = iter(argv)
+    for arg in args:
+        if arg in _VALUED:
+            next(args, None)
+        elif arg == "--":
+            return next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 def _global_options_first(argv: list[str]) -> list[str]:
@@ -258,9 +299,12 @@ def _without_bool_noise(command: Any) -> Any:
 
 
 def main() -> None:
+    argv = _global_options_first(sys.argv[1:])
+    completing = any(name.startswith("_OBSFLOW_COMPLETE") for name in os.environ)
+    load(None if completing else _command_of(argv))
     command = _without_bool_noise(typer.main.get_command(app))
     try:
-        command.main(_global_options_first(sys.argv[1:]), prog_name="obsflow")
+        command.main(argv, prog_name="obsflow")
     except ConfigError as exc:
         err.print("[red]configuration error[/]")
         for problem in exc.problems:
