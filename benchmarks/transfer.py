@@ -20,15 +20,20 @@ and the rest made of them by rewriting DATE-OBS (distinct bytes, archive IDs and
    (the agent sends each frame's acquired moment along), with each stage on the way.
    Target: p99 ≤ 1 s.
 
-The **floor**, in the same run: the same 200 files uploaded by a plain streaming HTTP PUT
-with httpx (two at once, as the agent's two transfer workers, in 1 MiB chunks as the agent
+The **floors**, in the same run: the same 200 files uploaded by a plain streaming HTTP PUT
+with httpx (as many at once as the agent's transfer workers, in 1 MiB chunks as the agent
 reads them) to a minimal server on the same stack as obsflow's API (uvicorn, h11) whose
-only work is to write each body to a file; timed from the first request to the last
-answer. It runs twice, before the daemons start and after they stopped; the faster of the
-two is the floor (the machine is shared: the spread shows the noise). It does none of what
-obsflow does on the way: the agent's receipt into its cache (a copy and a sha256), the
-server's check of the upload's sha256, its receipt (another copy and sha256), its archive copy
-(fsynced, read back and hashed), and the two catalogs' transactions. Beside each
+only work is to write each body to a file (the **raw** floor), or to write it and fsync
+the file and its directory before it answers (the **durable** floor: the least a server
+must do before it says it holds a file); timed from the first request to the last
+answer. Each runs twice, before the daemons start and after they stopped; the faster of
+the two counts (the machine is shared: the spread shows the noise). Both ratios are
+printed, each with its verdict. The daemons are ``python -m obsflow`` of the tree this
+file belongs to (its ``src`` first on ``PYTHONPATH``, bytecode compiled first). The floors
+do none of what obsflow does on the way: the agent's receipt into its cache (a copy and a
+sha256), the server's sha256 of the upload as it streams in, its receipt (the header read,
+the upload moved into its cache), its archive copy (fsynced, read back and hashed), and
+the two catalogs' transactions. Beside each
 throughput, the CPU time per frame of each process (``/proc/PID/stat``: the agent's and
 the server's, the floor's client and server), which says where the time goes: on one
 machine both sites share the CPUs, so a pipeline that spends more CPU per byte is slower.
@@ -45,6 +50,7 @@ Run: ``python benchmarks/transfer.py``; quick: ``--quick``.
 from __future__ import annotations
 
 import argparse
+import compileall
 import hashlib
 import json
 import os
@@ -77,6 +83,7 @@ from obsflow.catalog import Catalog, FileQuery
 from obsflow.catalog.latency import LatencyReport, Percentiles, latency_report
 from obsflow.receipt.receiver import utcnow
 from obsflow.settings import SETTINGS_FILE, load_settings
+from obsflow.settings import Transfer as TransferSettings
 from obsflow.sim.demo import free_port
 from obsflow.sim.live import frame_bytes
 from obsflow.sim.simulate import night_frames
@@ -99,8 +106,8 @@ T0 = datetime(2026, 11, 22, 5, 0, tzinfo=UTC)
 """DATE-OBS of frame 0; frame N is N seconds later."""
 RATIO_TARGET = 0.7
 P99_TARGET_MS = 1000.0
-FLOOR_STREAMS = 2
-"""Uploads at once in the floor: as many as the agent's transfer workers."""
+SRC = HERE.parent.parent / "src"
+"""The tree measured: this checkout's obsflow, whatever the environment installed."""
 CHUNK = 1 << 20
 """The floor client's read size: the agent's (``obsflow.transfer.CHUNK``)."""
 START_SECONDS = 60.0
@@ -206,8 +213,9 @@ def move_in(frame: Staged, incoming: Path) -> None:
 # ---------------------------------------------------------------- the floor
 
 
-def floor_app(directory: Path) -> ASGIApp:
-    """A raw ASGI app: each ``PUT /NAME`` body streamed to ``directory/NAME``, nothing else."""
+def floor_app(directory: Path, durable: bool = False) -> ASGIApp:
+    """A raw ASGI app: each ``PUT /NAME`` body streamed to ``directory/NAME``, nothing else
+    (``durable``: the file and ``directory`` fsynced before the answer)."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -221,6 +229,15 @@ def floor_app(directory: Path) -> ASGIApp:
                 out.write(message.get("body", b""))
                 if not message.get("more_body", False):
                     break
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        if durable:
+            folder = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json")]})  # fmt: skip
         await send({"type": "http.response.body", "body": b'{"state":"stored"}'})
@@ -228,10 +245,10 @@ def floor_app(directory: Path) -> ASGIApp:
     return app
 
 
-def serve_floor(directory: Path, port: int) -> None:
+def serve_floor(directory: Path, port: int, durable: bool) -> None:
     """The floor's server, in a process of its own (``--serve-floor``)."""
     uvicorn.run(
-        floor_app(directory),
+        floor_app(directory, durable),
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -267,16 +284,24 @@ class FloorRun:
     server_cpu: float | None
 
 
-def floor(paths: list[Path], work: Path) -> FloorRun:
-    """Upload ``paths`` with httpx to the minimal server, :data:`FLOOR_STREAMS` at once,
-    timed (the bytes it stored are checked, then removed)."""
+def floor(paths: list[Path], work: Path, streams: int, durable: bool) -> FloorRun:
+    """Upload ``paths`` with httpx to the minimal server, ``streams`` at once, timed (the
+    bytes it stored are checked, then removed)."""
     out = work / "floor-out"
     out.mkdir()
     port = free_port()
     log_path = work / "floor-server.log"
     with log_path.open("w") as log:
         server = subprocess.Popen(
-            [PY, str(HERE), "--serve-floor", str(out), "--port", str(port)],
+            [
+                PY,
+                str(HERE),
+                "--serve-floor",
+                str(out),
+                "--port",
+                str(port),
+                *(["--durable"] if durable else []),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -303,7 +328,7 @@ def floor(paths: list[Path], work: Path) -> FloorRun:
             client.get("/warm-up")  # a connection open, as the agent's is after its first GET
             server_cpu, client_cpu = cpu_seconds(server.pid), own_cpu()
             start = time.perf_counter()
-            with ThreadPoolExecutor(FLOOR_STREAMS) as pool:
+            with ThreadPoolExecutor(streams) as pool:
                 list(pool.map(put, paths))
             seconds = time.perf_counter() - start
             client_cpu = own_cpu() - client_cpu
@@ -397,6 +422,7 @@ def write_token(server: Path) -> str:
 
 def start(name: str, site: Path, *args: str) -> Daemon:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OBSFLOW_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [env.get("PYTHONPATH")])])
     with (site / "daemon.log").open("w") as log:
         proc = subprocess.Popen(
             [PY, "-m", "obsflow", "run", "--site", str(site), *args],
@@ -418,6 +444,7 @@ def wait_running(daemons: list[Daemon]) -> None:
 @contextmanager
 def daemons(agent: Path, server: Path) -> Iterator[tuple[Daemon, Daemon]]:
     """The server and the agent running (stopped after: the agent first)."""
+    compileall.compile_dir(SRC / "obsflow", quiet=1)  # (start-up is not the transfer's)
     token = write_token(server)
     Catalog.open(load_settings(agent).catalog_url).close()
     port = free_port()
@@ -607,9 +634,19 @@ def show_floor(label: str, run: FloorRun, total: int, frames: int) -> None:
     print(
         f"    {label}: {mb_s(total, run.seconds):.0f} MB/s ({run.seconds:.2f} s); CPU per "
         f"frame: client {per_frame(run.client_cpu, frames)}, server "
-        f"{per_frame(run.server_cpu, frames)}",
+        f"{per_frame(run.server_cpu, frames)}; load {os.getloadavg()[0]:.2f}",
         flush=True,
     )
+
+
+def floors_both(paths: list[Path], root: Path, streams: int, when: str) -> list[FloorRun]:
+    """The raw floor and the durable floor of ``paths``, shown: [raw, durable]."""
+    runs = []
+    for durable in (False, True):
+        runs.append(floor(paths, root, streams, durable))
+        show_floor(f"{'durable' if durable else 'raw'}, {when}", runs[-1], sum(
+            p.stat().st_size for p in paths), len(paths))  # fmt: skip
+    return runs
 
 
 def sample_load(stop: threading.Event, seen: list[float]) -> None:
@@ -625,12 +662,27 @@ def main() -> None:
     parser.add_argument("--latency-frames", type=int, default=None, help="latency frames (50)")
     parser.add_argument("--rate", type=float, default=RATE, help="latency frames per second")
     parser.add_argument("--tmp", type=Path, default=None, help="where to work (default: /dev/shm)")
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="the agent's transfer.workers (default: obsflow's); the floors as many at once",
+    )  # fmt: skip
+    parser.add_argument(
+        "--link-cache", action="store_true", help="the server with ingest.link_cache: true"
+    )
     parser.add_argument("--serve-floor", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--durable", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_floor is not None:
-        serve_floor(args.serve_floor, args.port)
+        serve_floor(args.serve_floor, args.port, args.durable)
         return
+    streams = args.workers or TransferSettings().workers
+    agent_settings: dict[str, dict[str, object]] = {
+        **AGENT_SETTINGS, "transfer": {"workers": streams}
+    }  # fmt: skip
+    server_settings: dict[str, dict[str, object]] = (
+        {"ingest": {"link_cache": True}} if args.link_cache else SERVER_SETTINGS
+    )
     count = args.frames or (QUICK_FRAMES if args.quick else FRAMES)
     slow = args.latency_frames or (QUICK_LATENCY_FRAMES if args.quick else LATENCY_FRAMES)
     if count < 1 or slow < 1 or args.rate <= 0 or count + slow > 9999:
@@ -655,13 +707,14 @@ def main() -> None:
         )
         total = sum(f.size for f in staged)
         paths = [f.path for f in staged]
-        print(f"\nfloor: httpx PUT → uvicorn writing each body to a file, {FLOOR_STREAMS} "
-              f"at once, {count} frames")  # fmt: skip
-        floors = [floor(paths, root)]
-        show_floor("before the daemons", floors[0], total, count)
+        print(f"\nfloors: httpx PUT → uvicorn writing each body to a file (durable: and "
+              f"fsyncing it and its directory), {streams} at once, {count} frames")  # fmt: skip
+        floors = floors_both(paths, root, streams, "before the daemons")
 
-        agent = make_site(root / "agent", AGENT_SETTINGS)
-        server = make_site(root / "server", SERVER_SETTINGS)
+        print(f"\nobsflow: agent transfer.workers {streams}, server "
+              f"ingest.link_cache {args.link_cache}; measuring {SRC}")  # fmt: skip
+        agent = make_site(root / "agent", agent_settings)
+        server = make_site(root / "server", server_settings)
         loads: list[float] = []
         sampling = threading.Event()
         sampler = threading.Thread(target=sample_load, args=(sampling, loads), daemon=True)
@@ -704,32 +757,43 @@ def main() -> None:
         checked = verify(agent, server, staged + fresh)
         print(f"verified: {checked}")
         moved = [load_settings(agent).incoming / f.name for f in staged]
-        floors.append(floor(moved, root))
-        print("\nfloor, again:")
-        show_floor("after the daemons", floors[1], total, count)
+        print("\nfloors, again:")
+        floors += floors_both(moved, root, streams, "after the daemons")
 
-        best = min(floors, key=lambda run: run.seconds)
+        raws, durables = floors[0::2], floors[1::2]
+        best = min(raws, key=lambda run: run.seconds)
+        best_durable = min(durables, key=lambda run: run.seconds)
         obsflow_mb_s, floor_mb_s = mb_s(busy.size, busy.seconds), mb_s(total, best.seconds)
-        ratio = obsflow_mb_s / floor_mb_s
+        durable_mb_s = mb_s(total, best_durable.seconds)
+        ratio, durable_ratio = obsflow_mb_s / floor_mb_s, obsflow_mb_s / durable_mb_s
         p50, p99 = calm.report.total.p50_ms, calm.report.total.p99_ms
-        spread = ", ".join(f"{mb_s(total, run.seconds):.0f}" for run in floors)
+        spread = ", ".join(f"{mb_s(total, run.seconds):.0f}" for run in raws)
+        durable_spread = ", ".join(f"{mb_s(total, run.seconds):.0f}" for run in durables)
         obsflow_cpu = None
         if busy.agent_cpu is not None and busy.server_cpu is not None:
             obsflow_cpu = busy.agent_cpu + busy.server_cpu
         floor_cpu = None if best.server_cpu is None else best.client_cpu + best.server_cpu
+        durable_cpu = None
+        if best_durable.server_cpu is not None:
+            durable_cpu = best_durable.client_cpu + best_durable.server_cpu
         summary += [
             f"  {count} + {slow} frames of {size / 1e6:.1f} MB, agent → server on 127.0.0.1, "
             f"two processes, SQLite catalogs, on {where}",
             f"  load average while the daemons ran: {min(loads, default=0):.2f} to "
             f"{max(loads, default=0):.2f} (1 min)",
             f"  throughput, {count} frames at once:  obsflow {obsflow_mb_s:.0f} MB/s "
-            f"({busy.seconds:.1f} s), floor {floor_mb_s:.0f} MB/s (httpx → uvicorn, "
-            f"{FLOOR_STREAMS} streams; runs {spread} MB/s)",
-            f"    ratio obsflow / floor {ratio:.2f}, target ≥ {RATIO_TARGET:g}: "
-            f"{verdict(ratio >= RATIO_TARGET)}",
+            f"({busy.seconds:.1f} s; agent transfer.workers {streams}, server "
+            f"ingest.link_cache {args.link_cache})",
+            f"    raw floor {floor_mb_s:.0f} MB/s (httpx → uvicorn, {streams} streams; runs "
+            f"{spread} MB/s); durable floor {durable_mb_s:.0f} MB/s (and fsync; runs "
+            f"{durable_spread} MB/s)",
+            f"    ratio obsflow / raw floor {ratio:.2f}: {verdict(ratio >= RATIO_TARGET)}; "
+            f"obsflow / durable floor {durable_ratio:.2f}: "
+            f"{verdict(durable_ratio >= RATIO_TARGET)}; target ≥ {RATIO_TARGET:g}",
             f"    CPU per frame: obsflow {per_frame(obsflow_cpu, count)} (agent "
             f"{per_frame(busy.agent_cpu, count)}, server {per_frame(busy.server_cpu, count)}),"
-            f" floor {per_frame(floor_cpu, count)}",
+            f" raw floor {per_frame(floor_cpu, count)}, durable floor "
+            f"{per_frame(durable_cpu, count)}",
             f"  latency, {slow} frames at {args.rate:g}/s: acquired → archived p50 {ms(p50)} "
             f"ms, p99 {ms(p99)} ms, target p99 ≤ {P99_TARGET_MS:g} ms: "
             f"{verdict(p99 is not None and p99 <= P99_TARGET_MS)}",
