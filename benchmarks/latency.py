@@ -262,7 +262,7 @@ def made_calibrations(site: Path, frames: list[bytes], writer: Writer) -> None:
     flats: the pipelines' deadline (15 s after the last input), then the runs."""
     for index, payload in enumerate(frames):
         writer.write(
-            site / "incoming" / f"ofc_20261122_c{index + 1:04d}.fits",
+            site / "incoming" / f"ofc_20261122_{90001 + index}.fits",  # ofcam_raw's names: digits
             variant(payload, 9000 + index),
         )
     deadline = time.monotonic() + CALIBRATION_SECONDS

@@ -562,6 +562,7 @@ def test_status_health_and_metrics(world: World) -> None:
         status = client.get("/api/v1/status").json()
         assert status["files"]["archived"] == 12 and status["queue_depth"] == 0
         assert status["latency"]["total"]["count"] == 12
+        assert status["latency"]["levels"]["L0"]["count"] == 12  # the world's raw frames
         assert status["runs"] == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
         assert status["stuck_total"] == 0
         text = client.get("/metrics")

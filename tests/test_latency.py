@@ -4,27 +4,33 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from obsflow.catalog import Catalog, NewFile
+from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.latency import (
     Percentiles,
     StuckList,
     latencies,
     latency_report,
+    science_latencies,
     stage_name,
     stuck_files,
 )
 from obsflow.catalog.queue import IngestQueue
+from obsflow.catalog.runs import NewRun, RunStore
 from obsflow.states import FileState, LedgerEvent, RequestState
 from tests.conftest import SiteFactory
 from tests.test_cli import as_json, obsflow
 
 T0 = datetime(2026, 11, 22, 5, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
+MS = timedelta(milliseconds=1)
+SEC = timedelta(seconds=1)
 STAGE_NAMES = [
     "acquired_to_received",
     "received_to_validated",
@@ -53,11 +59,14 @@ def _new(n: int) -> NewFile:
     )
 
 
-def _cache(catalog: Catalog, n: int, stamps: dict[LedgerEvent, datetime]) -> int:
-    """Record file ``n`` as cached with these ledger stamps (but ``archived``); return its ID."""
+def _cache(
+    catalog: Catalog, n: int, stamps: dict[LedgerEvent, datetime], new: NewFile | None = None
+) -> int:
+    """Record file ``n`` (``new``, else a raw frame) as cached with these ledger stamps (but
+    ``archived``); return its ID."""
     at = stamps[LedgerEvent.CACHED]
     return catalog.record_cached(
-        _new(n),
+        _new(n) if new is None else new,
         make_archive_id=lambda bump: f"OF.{n:04d}.{bump:02d}.fits",
         cache_path=lambda aid: f"OFCAM/2026-11-21/{aid}",
         place=lambda aid: None,
@@ -242,6 +251,65 @@ def test_an_empty_catalog_reports_zero_and_nulls(catalog: Catalog) -> None:
     assert list(data["stages"]) == STAGE_NAMES
 
 
+def test_science_latency_runs_from_the_latest_raw_ancestor(catalog: Catalog) -> None:
+    """Per level, from the acquisition of the latest raw frame a product descends from
+    (through its run's inputs, recursively) to the product archived; a product's own
+    'acquired' (when its run wrote it) does not count, nor do older raw ancestors."""
+    store, archived = RunStore(catalog), {}
+    night = date(2026, 11, 21)
+
+    def raw(n: int, acquired: datetime) -> int:
+        stamps = {LedgerEvent.ACQUIRED: acquired, LedgerEvent.CACHED: acquired + 50 * MS}
+        file_id = _cache(catalog, n, stamps)
+        archived[file_id] = acquired + 100 * MS  # 100 ms each
+        return file_id
+
+    def made(n: int, level: int, inputs: tuple[int, ...], done: datetime) -> int:
+        key = GroupKey.of(f"p{level}", {"night": night.isoformat(), "file": str(n)})
+        run = store.create(NewRun(f"p{level}", key, night, {"in": inputs}, "ready"), T0)
+        assert run is not None
+        new = replace(_new(n), product=f"l{level}", level=level, made_by_run=run)
+        written = done - 500 * MS  # its own 'acquired': when its run wrote it
+        stamps = {LedgerEvent.ACQUIRED: written, LedgerEvent.CACHED: written}
+        file_id = _cache(catalog, n, stamps, new)
+        archived[file_id] = done
+        return file_id
+
+    m = timedelta(minutes=1)
+    biases = (raw(1, T0), raw(2, T0 + m))
+    master = made(10, 1, biases, T0 + 5 * m)  # 4 min after the latest bias
+    first, second = raw(3, T0 + 10 * m), raw(4, T0 + 20 * m)
+    cal1 = made(11, 1, (first, master), T0 + 10 * m + 3 * SEC)
+    cal2 = made(12, 1, (second, master), T0 + 20 * m + 4 * SEC)
+    src1 = made(21, 2, (cal1,), T0 + 10 * m + 7 * SEC)
+    src2 = made(22, 2, (cal2,), T0 + 20 * m + 9 * SEC)
+    made(31, 3, (src1,), T0 + 10 * m + 12 * SEC)
+    made(32, 3, (src1, src2), T0 + 20 * m + 15 * SEC)  # the night's catalog made again
+    _archive_all(catalog, archived)
+
+    levels = science_latencies(catalog, T0)
+    assert list(levels) == [0, 1, 2, 3]
+    assert levels[0] == Percentiles(4, 100.0, 100.0, 100.0, 100.0)
+    assert levels[1] == Percentiles(3, 4000.0, 240_000.0, 240_000.0, 240_000.0)
+    assert levels[2] == Percentiles(2, 7000.0, 9000.0, 9000.0, 9000.0)
+    assert levels[3] == Percentiles(2, 12_000.0, 15_000.0, 15_000.0, 15_000.0)
+    assert science_latencies(catalog, T0, level=2) == {2: levels[2]}
+    # windowed on the archived stamp: only the second frame's products and itself
+    late = science_latencies(catalog, T0 + 15 * m)
+    assert {n: p.count for n, p in late.items()} == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert late[3].p50_ms == 15_000.0
+
+    report = latency_report(catalog, T0 + 21 * m)
+    assert report.levels == levels
+    assert report.to_json()["levels"]["L2"] == {
+        "count": 2,
+        "p50_ms": 7000.0,
+        "p90_ms": 9000.0,
+        "p99_ms": 9000.0,
+        "max_ms": 9000.0,
+    }
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -261,6 +329,9 @@ def test_status_latency_after_a_real_ingest(make_site: SiteFactory, frames: list
         assert stage["p50_ms"] <= stage["p90_ms"] <= stage["p99_ms"] <= stage["max_ms"]
     assert data["stuck"] == [] and data["stuck_total"] == 0
     assert datetime.fromisoformat(data["since"]) < datetime.now(UTC)
+    assert list(data["levels"]) == ["L0"]  # raw frames only: their own acquired → archived
+    assert data["levels"]["L0"]["count"] == len(frames)
+    assert data["levels"]["L0"]["max_ms"] == data["max_ms"]
 
     later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     future = as_json(obsflow("status", "--site", site, "--latency", "--json", "--since", later))
@@ -271,6 +342,7 @@ def test_status_latency_after_a_real_ingest(make_site: SiteFactory, frames: list
     assert table.returncode == 0, table.stderr
     assert "acquired → archived" in table.stdout and "cached → archived" in table.stdout
     assert "stuck: 0 file(s)" in table.stdout
+    assert "science latency" in table.stdout and "L0" in table.stdout
 
     plain = as_json(obsflow("status", "--site", site, "--json"))
     assert set(plain) == {"files", "queue", "queue_depth", "daemon", "processes"}

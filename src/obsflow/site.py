@@ -100,6 +100,8 @@ processing:
   max_attempts: 3         # a run whose executor died this often is marked failed
   lease_seconds: 60       # a run is retried this long after its executor died
   keep_work: false        # keep a successful run's work directory (failed ones are kept)
+  warm: true              # Python tool steps ({python} -m MODULE) forked from a warm process
+                          #   that imported processing.warm_modules once (false: fresh interpreters)
 
 containers:               # steps with `image:` run through a Docker Engine API (Docker or Podman)
   host: null              # e.g. unix:///run/podman/podman.sock (or OBSFLOW_CONTAINER_HOST; else

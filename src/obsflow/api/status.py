@@ -49,6 +49,11 @@ class LatencyOut(BaseModel):
     since: datetime
     total: PercentilesOut = Field(description="acquired → archived.")
     stages: dict[str, PercentilesOut] = Field(description="Each stage, e.g. cached_to_archived.")
+    levels: dict[str, PercentilesOut] = Field(
+        default_factory=dict,
+        description="Science latency per processing level (L0, L1 ...): the latest raw "
+        "ancestor acquired → the file archived.",
+    )
 
 
 class StuckOut(BaseModel):
@@ -192,6 +197,10 @@ def get_status(
                 total=PercentilesOut.model_validate(report.total.to_json()),
                 stages={
                     k: PercentilesOut.model_validate(p.to_json()) for k, p in report.stages.items()
+                },
+                levels={
+                    latency.level_name(n): PercentilesOut.model_validate(p.to_json())
+                    for n, p in report.levels.items()
                 },
             ),
             "stuck": [

@@ -18,12 +18,21 @@ total count.
 
 :func:`archived_stamps` gives the stamps of each file archived since a moment, for
 ``/metrics`` to observe each file's latencies once, in its histogram.
+
+*Science latency* (:func:`science_latencies`, per processing level): a derived product's
+own ``acquired`` stamp is when its run wrote it, which says nothing of how long the sky
+waited for it. Its science "acquired" is the acquisition of its **raw ancestors** (files
+no run made), found through the run provenance: the product's run's inputs, their runs'
+inputs, and so on (one recursive query, on both engines); the **latest** raw ancestor
+counts (for a calibrated frame, its science frame, not the biases of its master bias).
+A level-0 frame is its own raw ancestor: its science latency is its acquired → archived.
+Files are windowed on their ``archived`` stamp.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
@@ -136,14 +145,19 @@ class LatencyReport:
     stuck: tuple[StuckFile, ...]
     stuck_total: int
     stuck_after: float
+    levels: Mapping[int, Percentiles] = field(default_factory=dict)
+    """Science latency by processing level, levels in order: the latest raw ancestor's
+    acquired → the file archived (:func:`science_latencies`)."""
 
     def to_json(self) -> dict[str, Any]:
-        """What ``obsflow status --latency --json`` prints: the total's numbers at the top."""
+        """What ``obsflow status --latency --json`` prints: the total's numbers at the top;
+        ``levels`` keyed ``L0``, ``L1`` ..."""
         return {
             **self.total.to_json(),
             "since": self.since.isoformat(),
             "now": self.now.isoformat(),
             "stages": {name: p.to_json() for name, p in self.stages.items()},
+            "levels": {level_name(n): p.to_json() for n, p in self.levels.items()},
             "stuck": [f.to_json() for f in self.stuck],
             "stuck_total": self.stuck_total,
             "stuck_after_seconds": self.stuck_after,
@@ -163,6 +177,7 @@ def latency_report(
     window_start = now - DEFAULT_WINDOW if since is None else since
     with catalog.read() as conn:
         total, stages = _latencies(conn, window_start, level)
+        levels = _science(conn, window_start, level)
         stuck = _stuck_files(conn, now, stuck_after, stuck_limit)
     return LatencyReport(
         now=now,
@@ -172,7 +187,76 @@ def latency_report(
         stuck=stuck.files,
         stuck_total=stuck.total,
         stuck_after=stuck_after,
+        levels=levels,
     )
+
+
+def level_name(level: int) -> str:
+    """A processing level's key in JSON and its label: ``L0``, ``L2``."""
+    return f"L{level}"
+
+
+def science_latencies(
+    catalog: Catalog, since: datetime, level: int | None = None
+) -> dict[int, Percentiles]:
+    """Science latency by processing level (or of one ``level``), of the files archived at
+    or after ``since``: from the acquisition of each file's latest raw ancestor (see the
+    module docstring) to the file's ``archived`` stamp. Levels in order; a level without
+    such files is absent."""
+    with catalog.read() as conn:
+        return _science(conn, since, level)
+
+
+def _science(conn: Connection, since: datetime, level: int | None) -> dict[int, Percentiles]:
+    files, led, inputs = schema.files, schema.ledger, schema.run_inputs
+    archived = led.alias("archived")
+    recent = (
+        select(archived.c.file_id.label("file_id"), archived.c.file_id.label("ancestor"))
+        .join(files, files.c.id == archived.c.file_id)
+        .where(
+            archived.c.event == LedgerEvent.ARCHIVED.value,
+            archived.c.at >= since,
+            files.c.level.is_not(None),
+        )
+    )
+    if level is not None:
+        recent = recent.where(files.c.level == level)
+    # (file, ancestor) pairs, each file its own first ancestor; then the inputs of the run
+    # that made an ancestor. UNION, not UNION ALL: a shared ancestor (a night's master
+    # bias under every calibrated frame of an L3 catalog) is walked once per file.
+    ancestry = recent.cte("ancestry", recursive=True)
+    made = files.alias("made")
+    ancestry = ancestry.union(
+        select(ancestry.c.file_id, inputs.c.file_id)
+        .join(made, made.c.id == ancestry.c.ancestor)
+        .join(inputs, inputs.c.run_id == made.c.made_by_run)
+    )
+    raw, acquired = files.alias("raw"), led.alias("acquired")
+    origin = (
+        select(ancestry.c.file_id, func.max(acquired.c.at).label("acquired_at"))
+        .join(raw, and_(raw.c.id == ancestry.c.ancestor, raw.c.made_by_run.is_(None)))
+        .join(
+            acquired,
+            and_(acquired.c.file_id == raw.c.id, acquired.c.event == LedgerEvent.ACQUIRED.value),
+        )
+        .group_by(ancestry.c.file_id)
+        .subquery("origin")
+    )
+    query = (
+        select(files.c.level, origin.c.acquired_at, archived.c.at.label("archived_at"))
+        .join(files, files.c.id == origin.c.file_id)
+        .join(
+            archived,
+            and_(
+                archived.c.file_id == origin.c.file_id,
+                archived.c.event == LedgerEvent.ARCHIVED.value,
+            ),
+        )
+    )
+    spans: dict[int, list[float]] = {}
+    for row in conn.execute(query):
+        spans.setdefault(int(row.level), []).append(_ms(row.archived_at - row.acquired_at))
+    return {n: Percentiles.of(spans[n]) for n in sorted(spans)}
 
 
 def latencies(

@@ -25,7 +25,8 @@ def status(
         bool,
         typer.Option(
             "--latency",
-            help="Latency percentiles acquired → archived and per stage, and the stuck files.",
+            help="Latency percentiles acquired → archived and per stage, the science latency "
+            "per processing level (from the raw frame's acquisition), and the stuck files.",
         ),
     ] = False,
     since: Annotated[
@@ -51,7 +52,8 @@ def status(
             min=0,
             max=3,
             help="With --latency: only files of this level (0: the instruments' frames; "
-            "a product's 'acquired' is when its run wrote it).",
+            "in the stages, a product's 'acquired' is when its run wrote it; in the "
+            "science latency, its raw frame's acquisition).",
             show_default=False,
         ),
     ] = None,
@@ -86,6 +88,7 @@ def status(
                 cells = ("-" if v is None else f"{v:.1f}" for v in numbers)
                 table.add_row(name, str(p.count), *cells)
             out.print(table)
+            out.print(levels_table(report))
             shown = len(report.stuck)
             more = f", the oldest {shown} shown" if report.stuck_total > shown else ""
             out.print(
@@ -164,6 +167,22 @@ def status(
         out.print(table)
         if snapshot.processes:
             out.print(processes_table(snapshot.processes))
+
+
+def levels_table(report: latency_ledger.LatencyReport) -> Table:
+    """Science latency per processing level: the latest raw ancestor acquired → archived."""
+    table = Table(
+        title="science latency (s) per level: the raw frame acquired → the product archived"
+    )
+    for column in ("level", "files", "p50", "p90", "p99", "max"):
+        table.add_column(column, justify="left" if column == "level" else "right")
+    for level, p in report.levels.items():
+        numbers = (p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms)
+        cells = ("-" if v is None else f"{v / 1000:.2f}" for v in numbers)
+        table.add_row(latency_ledger.level_name(level), str(p.count), *cells)
+    if not report.levels:
+        table.add_row("-", "0", "-", "-", "-", "-")
+    return table
 
 
 _STATE_STYLE = {"running": "green", "stopping": "yellow", "stopped": "dim", "lost": "red"}

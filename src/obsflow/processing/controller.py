@@ -20,7 +20,10 @@ profile whose ``needs`` do not form a graph of its own steps, before anything ru
   (:class:`~obsflow.processing.container.ContainerRunner`: the Docker Engine API, Docker or
   Podman); without one it fails without starting, naming the setting (``containers.host``).
   Both kinds sit behind one seam, :class:`StepRunner` → :class:`StepProcess`: the loop
-  below neither knows nor cares whether a step is a process group or a container.
+  below neither knows nor cares whether a step is a process group or a container. A third
+  sits there too: the warm runner (:mod:`obsflow.processing.warm`, ``processing.warm``)
+  forks a Python tool step from a process that imported its modules once, a process
+  group of its own as the subprocess would be.
 * When ``stop`` is set, running steps are killed (FAILED, "stopped: ...") and steps not
   started are skipped; it is checked every 0.1 s.
 * When every step succeeded, each declared output must exist as a file, or the run fails.
@@ -228,10 +231,14 @@ class Controller:
         tail_bytes: int = 4000,
         kill_grace: float = 5.0,
         containers: ContainerRunner | None = None,
+        warm: StepRunner | None = None,
     ) -> None:
         """``containers`` runs the steps that name an ``image`` (None: they fail without
-        starting); ``kill_grace`` is the subprocesses' time from SIGTERM to SIGKILL (a
-        container runner has its own, ``containers.stop_seconds``)."""
+        starting); ``warm`` the others (a :class:`~obsflow.processing.warm.WarmRunner`,
+        which forks Python tool steps from a warm process and starts the rest as
+        subprocesses; None: the subprocess runner); ``kill_grace`` is the subprocesses'
+        time from SIGTERM to SIGKILL (a container runner has its own,
+        ``containers.stop_seconds``)."""
         if parallel < 1 or tail_bytes < 0 or kill_grace < 0:
             raise ValueError("parallel must be >= 1, tail_bytes and kill_grace >= 0")
         self.parallel = parallel
@@ -239,10 +246,14 @@ class Controller:
         self.tail_bytes = tail_bytes
         self.kill_grace = kill_grace
         self.containers = containers
+        self.warm = warm
 
     def runner(self, step: RuntimeStep) -> StepRunner | None:
-        """Who runs ``step``: the subprocess runner, the container runner, or nobody."""
-        return SUBPROCESSES if step.image is None else self.containers
+        """Who runs ``step``: the warm or the subprocess runner, the container runner, or
+        nobody."""
+        if step.image is None:
+            return SUBPROCESSES if self.warm is None else self.warm
+        return self.containers
 
     def run(
         self,

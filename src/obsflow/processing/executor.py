@@ -15,7 +15,8 @@ The daemon hands each queued run to its executor once
 (:meth:`obsflow.catalog.runs.RunStore.to_dispatch`); an executor whose queue lives in
 memory (:attr:`Executor.durable` False) loses it with its daemon, so at start the daemon
 hands every queued run over again. Each step of a run is its own subprocess or container
-(:mod:`obsflow.processing.controller`).
+(:mod:`obsflow.processing.controller`), or a child forked from the worker's warm zygote
+for a Python tool step (:mod:`obsflow.processing.warm`, ``processing.warm``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from obsflow.processing.controller import StopFlag, kill_every_step
 from obsflow.processing.lifecycle import execute_run
 from obsflow.processing.priority import lower_priority
 from obsflow.processing.sitehost import SiteHost
+from obsflow.processing.warm import WarmRunner, warm_runner
 from obsflow.receipt.intake import Wakeable
 from obsflow.settings import Settings
 from obsflow.site import Site, open_site
@@ -86,6 +88,8 @@ class InlineExecutor(Executor):
         from obsflow.processing.container import ContainerRunner  # docker-py: at use
 
         self.containers = ContainerRunner(site.settings.containers, owner=self.owner)
+        # its zygote starts at the first Python tool step: most inline sites run few
+        self.warm = warm_runner(site.settings.processing, now=False)
 
     def submit(self, run_id: int, queue: str | None = None) -> None:
         settings = self.site.settings
@@ -96,10 +100,12 @@ class InlineExecutor(Executor):
             processing=settings.processing,
             containers=self.containers,
             clock=self.site.clock,
+            warm=self.warm,
         )
 
     def close(self, stop: bool = False) -> None:
-        return None
+        if self.warm is not None:
+            self.warm.close()
 
     @property
     def in_flight(self) -> int:
@@ -174,7 +180,7 @@ class LocalExecutor(Executor):
 # A worker process of the LocalExecutor holds its own site (its own catalog connections,
 # receiver and storage), made once when the process starts: per-process state is what
 # a process pool's initializer is for.
-_WORKER: dict[str, tuple[Site, StopFlag, ContainerRunner]] = {}
+_WORKER: dict[str, tuple[Site, StopFlag, ContainerRunner, WarmRunner | None]] = {}
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -182,10 +188,12 @@ def _worker_start(settings: Settings, stop: StopFlag, daemon: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when runs stop
     _die_with(daemon)
     lower_priority(settings.processing)  # the daemon's own work (frames arriving) first
+    warm = warm_runner(settings.processing, now=True)  # after: it inherits the priority
     owner = f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     from obsflow.processing.container import ContainerRunner  # docker-py: at use
 
-    _WORKER["site"] = (open_site(settings), stop, ContainerRunner(settings.containers, owner=owner))
+    containers = ContainerRunner(settings.containers, owner=owner)
+    _WORKER["site"] = (open_site(settings), stop, containers, warm)
 
 
 def _die_with(daemon: int) -> None:
@@ -216,7 +224,7 @@ def _worker_ready() -> bool:
 
 
 def _worker_execute(run_id: int, owner: str) -> RunState | None:
-    site, stop, containers = _WORKER["site"]
+    site, stop, containers, warm = _WORKER["site"]
     return execute_run(
         SiteHost(site),
         run_id,
@@ -225,6 +233,7 @@ def _worker_execute(run_id: int, owner: str) -> RunState | None:
         containers=containers,
         stop=stop,
         clock=site.clock,
+        warm=warm,
     )
 
 

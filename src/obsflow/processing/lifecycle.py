@@ -52,6 +52,7 @@ from obsflow.states import RunState, StepState
 
 if TYPE_CHECKING:
     from obsflow.processing.container import ContainerRunner
+    from obsflow.processing.controller import StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +160,11 @@ def execute_run(
     containers: ContainerRunner | None = None,
     stop: StopFlag | None = None,
     clock: Callable[[], datetime] = utcnow,
+    warm: StepRunner | None = None,
 ) -> RunState | None:
     """Claim and execute one run; its final state (QUEUED: released by ``stop``), or
-    None if another executor has it or the lease was lost on the way."""
+    None if another executor has it or the lease was lost on the way. ``warm``: the
+    worker's warm step runner (:mod:`obsflow.processing.warm`), if it has one."""
     claim = host.claim(run_id, owner)
     if claim is None:
         return None
@@ -173,7 +176,7 @@ def execute_run(
     log.info("run %d started: %s (attempt %d)", run_id, plan.pipeline.id, plan.attempt)
     with Heartbeat(host, run_id, owner) as beat:
         either = _Either(stop, beat.lost)
-        return _execute(host, plan, owner, processing, containers, either, stop, beat, clock)
+        return _execute(host, plan, owner, processing, containers, either, stop, beat, clock, warm)
 
 
 def _execute(
@@ -186,6 +189,7 @@ def _execute(
     stop: StopFlag | None,
     beat: Heartbeat,
     clock: Callable[[], datetime],
+    warm: StepRunner | None = None,
 ) -> RunState | None:
     run_id = plan.run_id
     recorder: StepRecorder | None = None
@@ -205,7 +209,7 @@ def _execute(
         recorder = StepRecorder(host, run_id, owner, profile, log_path, wake=beat.wake)
         beat.watch(recorder)
         controller = Controller(
-            parallel=processing.parallel_steps, clock=clock, containers=containers
+            parallel=processing.parallel_steps, clock=clock, containers=containers, warm=warm
         )
         outcome = controller.run(profile, log_path=log_path, listener=recorder, stop=either)
         if beat.lost.is_set():

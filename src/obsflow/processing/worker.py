@@ -73,6 +73,7 @@ from obsflow.processing.controller import kill_every_step
 from obsflow.processing.lifecycle import RunHost, execute_run
 from obsflow.processing.priority import lower_priority
 from obsflow.processing.sitehost import SiteHost
+from obsflow.processing.warm import WarmRunner, warm_runner
 from obsflow.receipt.receiver import utcnow
 from obsflow.registry import Registry
 from obsflow.settings import DEFAULT_CACHE_BYTES, Containers, Processing, Settings
@@ -414,6 +415,7 @@ class PoolProcess:
         self.site: Site | None = None
         self.owner = ""
         self.containers: ContainerRunner | None = None
+        self.warm: WarmRunner | None = None
         self.stop = threading.Event()
         """Set when this process is told to stop: the run's steps are killed and the run is
         queued again."""
@@ -430,6 +432,7 @@ class PoolProcess:
         lower_priority(self.config.processing)
         if os.getppid() != self.main_pid:  # the main process died before the line above
             os._exit(1)
+        self.warm = warm_runner(self.config.processing, now=True)  # with the lower priority
         try:
             self._open()
         except Exception:
@@ -472,6 +475,7 @@ class PoolProcess:
                 containers=self.containers,
                 stop=self.stop,
                 clock=self.site.clock if self.site is not None else utcnow,
+                warm=self.warm,
             )
         finally:
             self.idle.set()
@@ -480,6 +484,8 @@ class PoolProcess:
         return None if state is None else state.value
 
     def close(self) -> None:
+        if self.warm is not None:
+            self.warm.close()
         if self.containers is not None:
             self.containers.close()
         if self.site is not None:
