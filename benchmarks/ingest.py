@@ -150,8 +150,14 @@ STATIONS: list[tuple[str, tuple[str, ...]]] = [
     ("ingest: read-back from the medium + sha256", ("LocalStorage.sha256",)),
     ("ingest: directory fsync", ("LocalStorage.flush",)),
     ("start-up: imports, settings, registry, catalog", ("_find_and_load", "open_site")),
+    ("the command: the files listed, the progress bar, the summary", ("ingest",)),
 ]
-WAITS = ("Condition.wait", "Event.wait", "Queue.get", "Future.result", "Thread.join")
+WAITS = (
+    "Condition.wait", "Event.wait", "Queue.get", "Future.result", "Thread.join",
+    # blocked in C (a SimpleQueue, a selector, inotify): the Python frame calling it is the leaf
+    "_worker (concurrent/futures/thread.py", "Intake._commit_loop (", "EpollSelector.select (",
+    "_PollLikeSelector.select (", "InotifyFD._check_inotify_fd (",
+)  # fmt: skip
 
 
 def station(frames: list[str]) -> str:

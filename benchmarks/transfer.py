@@ -6,7 +6,7 @@ the example registry without its pipelines (no reductions) and its own SQLite ca
 an archive server (``obsflow run --role server --listen 127.0.0.1:PORT``) and an
 observatory agent (``obsflow run --role agent --server … --token …``, a write token of
 the server's; ``receipt.settle_seconds: 0.2``), two real processes, the rest of their
-settings the defaults (2 receipt workers, 2 transfer workers at the agent, 2 ingestors at
+settings the defaults (2 receipt workers, 4 transfer workers at the agent, 2 ingestors at
 the server). Frames: 2048×2048 16-bit OFCAM frames (8.4 MB), 4 rendered by the simulator
 and the rest made of them by rewriting DATE-OBS (distinct bytes, archive IDs and names
 ``ofc_20261122_NNNN.fits``), all written to a staging directory untimed.

@@ -85,6 +85,8 @@ ingest:
   backoff_seconds: 2      # first retry delay; doubles each attempt
   backoff_max_seconds: 600
   batch: 16
+  link_cache: false       # true: the archive entry is a read-only hard link to the cached file
+                          #   (cache and archive on one file system; else a copy)
 
 daemon:
   reconcile_seconds: 60   # scan watched directories for files no trigger offered
@@ -122,7 +124,7 @@ transfer:
   role: all               # all: one machine | agent: observatory, uploads to `server` | server
   server: null            # agent: the archive server, e.g. https://archive.example.org
   token: null             # agent: a write token of the server's (better: OBSFLOW_TOKEN)
-  workers: 2              # agent: frames uploaded at once
+  workers: 4              # agent: frames uploaded at once
   confirm_seconds: 10     # an upload waits this long for the server to archive the frame
   keep_seconds: null      # agent: delete frames this long after the server archived them
   max_queue: 1000         # server: more files than this waiting to be archived: 503, retry later
