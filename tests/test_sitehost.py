@@ -120,9 +120,8 @@ def test_a_claim_lost_to_another_worker_inside_a_booking_is_none(true_site: Site
     assert booking.claims[0] is None
     assert booking.claims[1] is not None and booking.claims[1].run_id == c
     with site.catalog.read() as conn:
-        owners: dict[int, str | None] = dict(
-            conn.execute(text("SELECT id, lease_owner FROM runs")).tuples().all()
-        )
+        found = conn.execute(text("SELECT id, lease_owner FROM runs")).all()
+    owners = {int(row.id): row.lease_owner for row in found}
     assert owners == {a: None, b: "other", c: "w"}
 
 
