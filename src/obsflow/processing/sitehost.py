@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -58,8 +58,11 @@ def holder(run_id: int) -> str:
 
 
 class SiteHost:
-    def __init__(self, site: Site) -> None:
+    def __init__(self, site: Site, on_published: Callable[[], object] | None = None) -> None:
         self.site = site
+        self.on_published = on_published
+        """Called when a run's outputs were published (new files, or a user's results):
+        the local pool tells its daemon's tracker at once."""
         self.runs = RunStore(site.catalog)
         self.cache = CacheState(site.catalog)
         self._nothing_pinned: set[int] = set()
@@ -178,7 +181,12 @@ class SiteHost:
         run = self.runs.get(run_id)
         if run is not None and run.request.startswith(REDUCTION_PREFIX):
             self._keep_results(run_id, outputs)
-            return
+        else:
+            self._receive(run_id, outputs)
+        if self.on_published is not None:
+            self.on_published()
+
+    def _receive(self, run_id: int, outputs: Mapping[str, Path]) -> None:
         receiver = self.site.receiver
         prepared: list[Prepared] = []
         for product, path in sorted(outputs.items()):
