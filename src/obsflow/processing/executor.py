@@ -178,7 +178,9 @@ class LocalExecutor(Executor):
         self._on_done = on_done
         self._relay: threading.Thread | None = None
         if on_done is not None:
-            self._relay = threading.Thread(target=self._relay_published, name="run-outputs")
+            self._relay = threading.Thread(
+                target=self._relay_published, name="run-outputs", daemon=True
+            )
             self._relay.start()
 
     def submit(self, run_id: int, queue: str | None = None) -> None:
