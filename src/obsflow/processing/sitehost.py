@@ -12,14 +12,20 @@ finish, whoever calls it.
   output is finished as succeeded there; a run that cannot be planned fails there.
 * :meth:`SiteHost.finish` finishes the run and drops its pins, if the caller still
   holds the lease (a released run keeps its pins until its next attempt ends).
+* :meth:`SiteHost.book` writes the ends of several runs and claims several others in
+  ONE catalog transaction (as receipt's group commit does for files): a worker that
+  executes runs one after another pays one transaction per run, its end and its
+  successor's claim, not two. The transaction commits whole or not at all; each claim
+  in it is still a compare-and-set that another worker may have won.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Connection
@@ -28,12 +34,22 @@ from obsflow.catalog.cachestate import CacheState
 from obsflow.catalog.runs import REDUCTION_PREFIX, RunStore
 from obsflow.catalog.steps import StepRow
 from obsflow.errors import NotFoundError, ObsflowError, RunError
-from obsflow.processing.lifecycle import Claim, StoredProfile
+from obsflow.processing.lifecycle import Claim, Finish, StoredProfile
 from obsflow.processing.plan import RunPlan, plan_run
 from obsflow.processing.profile import OUTPUT_DIR, ParameterValue
 from obsflow.receipt.receiver import Outcome, Prepared
 from obsflow.site import Site
 from obsflow.states import RunState
+
+
+@dataclass(frozen=True)
+class Booking:
+    """What :meth:`SiteHost.book` wrote, in the order it was asked."""
+
+    ended: tuple[bool, ...]
+    """Each end: written (False: its lease was lost, nothing written)."""
+    claims: tuple[Claim | None, ...]
+    """Each claim: won (None: another worker has the run, or it is done)."""
 
 
 def holder(run_id: int) -> str:
@@ -42,8 +58,11 @@ def holder(run_id: int) -> str:
 
 
 class SiteHost:
-    def __init__(self, site: Site) -> None:
+    def __init__(self, site: Site, on_published: Callable[[], object] | None = None) -> None:
         self.site = site
+        self.on_published = on_published
+        """Called when a run's outputs were published (new files, or a user's results):
+        the local pool tells its daemon's tracker at once."""
         self.runs = RunStore(site.catalog)
         self.cache = CacheState(site.catalog)
         self._nothing_pinned: set[int] = set()
@@ -59,26 +78,42 @@ class SiteHost:
     # -- claim --------------------------------------------------------------------------
 
     def claim(self, run_id: int, owner: str) -> Claim | None:
-        site = self.site
-        now = site.clock()
         # one write transaction: the claim, the pins and the plan's reads (the catalog's
         # cost per run is its transactions, not its statements)
-        with site.catalog.write() as conn:
-            run = self.runs.claim(run_id, owner, now, self.lease_seconds, conn)
-            if run is None:
-                return None
-            self.cache.pin(run.input_ids, holder(run_id), now, conn)
-            if not run.input_ids:
-                self._nothing_pinned.add(run_id)
-            if run.attempts > 1 and self._already_published(run.id, run.pipeline):
-                self._end(run_id, owner, RunState.SUCCEEDED, None, (), conn=conn)
-                return Claim(run_id, None, RunState.SUCCEEDED)
-            try:
-                plan = plan_run(site.catalog, site.registry, run, conn)
-            except ObsflowError as exc:
-                self._end(run_id, owner, RunState.FAILED, str(exc), (), conn=conn)
-                return Claim(run_id, None, RunState.FAILED, str(exc))
+        with self.site.catalog.write() as conn:
+            return self._claim(run_id, owner, self.site.clock(), conn)
+
+    def _claim(self, run_id: int, owner: str, now: datetime, conn: Connection) -> Claim | None:
+        site = self.site
+        run = self.runs.claim(run_id, owner, now, self.lease_seconds, conn)
+        if run is None:
+            return None
+        self.cache.pin(run.input_ids, holder(run_id), now, conn)
+        if not run.input_ids:
+            self._nothing_pinned.add(run_id)
+        if run.attempts > 1 and self._already_published(run.id, run.pipeline):
+            self._end(run_id, owner, RunState.SUCCEEDED, None, (), conn=conn)
+            return Claim(run_id, None, RunState.SUCCEEDED)
+        try:
+            plan = plan_run(site.catalog, site.registry, run, conn)
+        except ObsflowError as exc:
+            self._end(run_id, owner, RunState.FAILED, str(exc), (), conn=conn)
+            return Claim(run_id, None, RunState.FAILED, str(exc))
         return Claim(run_id, plan)
+
+    def book(self, owner: str, ends: Sequence[Finish], claims: Sequence[int]) -> Booking:
+        """Write ``ends`` (runs ``owner`` leases) and claim the runs ``claims`` for
+        ``owner``, in ONE transaction: all of it is written, or (an error, a crash)
+        none of it. An end whose lease was lost writes nothing (False); a claim another
+        worker won is None, as :meth:`claim` says."""
+        with self.site.catalog.write() as conn:
+            now = self.site.clock()
+            ended = tuple(
+                self._end(e.run_id, owner, e.state, e.error, e.steps, e.profile, conn, now)
+                for e in ends
+            )
+            claimed = tuple(self._claim(run_id, owner, now, conn) for run_id in claims)
+        return Booking(ended, claimed)
 
     def _already_published(self, run_id: int, pipeline_id: str) -> bool:
         """An earlier attempt published every output, then died before finishing."""
@@ -146,7 +181,12 @@ class SiteHost:
         run = self.runs.get(run_id)
         if run is not None and run.request.startswith(REDUCTION_PREFIX):
             self._keep_results(run_id, outputs)
-            return
+        else:
+            self._receive(run_id, outputs)
+        if self.on_published is not None:
+            self.on_published()
+
+    def _receive(self, run_id: int, outputs: Mapping[str, Path]) -> None:
         receiver = self.site.receiver
         prepared: list[Prepared] = []
         for product, path in sorted(outputs.items()):
@@ -204,13 +244,14 @@ class SiteHost:
         steps: Sequence[StepRow],
         profile: StoredProfile | None = None,
         conn: Connection | None = None,
+        now: datetime | None = None,
     ) -> bool:
         """Finish as ``owner``, in one transaction (``conn``'s if given); drop the run's
         pins only if it did (else the run's next owner holds them)."""
         if conn is None:
             with self.site.catalog.write() as own:
                 return self._end(run_id, owner, state, error, steps, profile, own)
-        now = self.site.clock()
+        now = now or self.site.clock()
         inputs = run_id not in self._nothing_pinned
         self._nothing_pinned.discard(run_id)
         moved = self.runs.finish(

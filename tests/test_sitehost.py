@@ -1,0 +1,214 @@
+"""SiteHost.book: the ends and claims of several runs in ONE catalog transaction, on
+SQLite and PostgreSQL; a claim inside it is still a compare-and-set, a failure inside it
+writes nothing, and a worker killed between two bookings loses and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import date, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+
+from obsflow.catalog.groupkey import GroupKey
+from obsflow.catalog.runs import NewRun, RunStore
+from obsflow.catalog.steps import StepRow
+from obsflow.processing.lifecycle import Finish
+from obsflow.processing.sitehost import SiteHost
+from obsflow.site import Site, open_site
+from obsflow.states import RunState, StepState
+from tests.conftest import SiteFactory
+
+# Runs with no inputs (created directly, as the orchestration benchmark does) of a
+# pipeline whose one step is `true`.
+TRUE = """
+pipelines:
+  - id: toy_true
+    profile: only_true
+    inputs: [{product: ofcam_raw, name: frames, where: "frame_type == 'NO SUCH TYPE'"}]
+    group: {by: [file]}
+profiles:
+  - id: only_true
+    steps:
+      - {name: run, command: ["true"]}
+"""
+
+
+@pytest.fixture
+def true_site(make_site: SiteFactory) -> Iterator[Site]:
+    settings = make_site(processing={"lease_seconds": 60})
+    (settings.registry / "ofcam_pipelines.yaml").write_text(TRUE)
+    site = open_site(settings)
+    yield site
+    site.close()
+
+
+def queued_runs(site: Site, count: int) -> list[int]:
+    runs = RunStore(site.catalog)
+    made = []
+    for i in range(count):
+        key = GroupKey.of("toy_true", {"night": "2026-11-21", "file": f"f{i}"})
+        run_id = runs.create(NewRun("toy_true", key, date(2026, 11, 21), {}, "test"), site.clock())
+        assert run_id is not None
+        made.append(run_id)
+    return made
+
+
+def succeeded(run_id: int, site: Site) -> Finish:
+    now = site.clock()
+    step = StepRow("run", 0, StepState.SUCCEEDED, 1, ("true",), now, now, exit_status=0)
+    return Finish(run_id, RunState.SUCCEEDED, None, (step,))
+
+
+class Commits:
+    """Counts the transactions committed on the site's catalog (engine events)."""
+
+    def __init__(self, site: Site) -> None:
+        self.count = 0
+        self.engine = site.catalog.engine
+        event.listen(self.engine, "commit", self._commit)
+
+    def _commit(self, conn: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        event.remove(self.engine, "commit", self._commit)
+
+
+def test_several_ends_and_claims_are_booked_in_one_transaction(true_site: Site) -> None:
+    site = true_site
+    a, b, c, d = queued_runs(site, 4)
+    host = SiteHost(site)
+    assert host.claim(a, "w") is not None and host.claim(b, "w") is not None
+    commits = Commits(site)
+    try:
+        failed = Finish(b, RunState.FAILED, "it broke", ())
+        booking = host.book("w", [succeeded(a, site), failed], [c, d])
+    finally:
+        commits.close()
+    assert commits.count == 1
+    assert booking.ended == (True, True)
+    assert [claim.run_id if claim else None for claim in booking.claims] == [c, d]
+    assert all(claim is not None and claim.plan is not None for claim in booking.claims)
+    runs = RunStore(site.catalog)
+    states = {r.id: (r.state, r.error) for r in runs.find(run_ids=[a, b, c, d])}
+    assert states == {
+        a: (RunState.SUCCEEDED, None),
+        b: (RunState.FAILED, "it broke"),
+        c: (RunState.RUNNING, None),
+        d: (RunState.RUNNING, None),
+    }
+    assert [(s.step, s.state, s.exit_status) for s in runs.steps(a)] == [
+        ("run", StepState.SUCCEEDED, 0)
+    ]
+
+
+def test_a_claim_lost_to_another_worker_inside_a_booking_is_none(true_site: Site) -> None:
+    site = true_site
+    a, b, c = queued_runs(site, 3)
+    host = SiteHost(site)
+    assert host.claim(a, "w") is not None
+    assert SiteHost(site).claim(b, "other") is not None  # won first, by another worker
+    booking = host.book("w", [succeeded(a, site)], [b, c])
+    assert booking.ended == (True,)
+    assert booking.claims[0] is None
+    assert booking.claims[1] is not None and booking.claims[1].run_id == c
+    with site.catalog.read() as conn:
+        found = conn.execute(text("SELECT id, lease_owner FROM runs")).all()
+    owners = {int(row.id): row.lease_owner for row in found}
+    assert owners == {a: None, b: "other", c: "w"}
+
+
+def test_an_end_whose_lease_was_lost_writes_nothing_and_the_rest_is_booked(
+    true_site: Site,
+) -> None:
+    site = true_site
+    a, b = queued_runs(site, 2)
+    host = SiteHost(site)
+    assert host.claim(a, "w") is not None
+    runs = RunStore(site.catalog)
+    later = site.clock() + timedelta(hours=1)  # its lease expired, another worker took it
+    assert runs.recover(later, max_attempts=5) == ([a], [])
+    assert runs.claim(a, "other", later, 3600) is not None
+    booking = host.book("w", [succeeded(a, site)], [b])
+    assert booking.ended == (False,)
+    assert booking.claims[0] is not None
+    record = runs.get(a)
+    assert record is not None and record.state is RunState.RUNNING and runs.steps(a) == []
+
+
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+def test_a_booking_that_fails_inside_its_transaction_writes_nothing(true_site: Site) -> None:
+    """The catalog refuses the second claim (a trigger): the first run's end and the
+    other claim, written before it in the same transaction, are not kept either."""
+    site = true_site
+    a, b, c = queued_runs(site, 3)
+    host = SiteHost(site)
+    assert host.claim(a, "w") is not None
+    with site.catalog.write() as conn:
+        conn.execute(
+            text(
+                f"CREATE TRIGGER refuse BEFORE UPDATE OF state ON runs "
+                f"WHEN NEW.id = {c} AND NEW.state = 'running' "
+                f"BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            )
+        )
+    with pytest.raises(Exception, match="refused by the test"):
+        host.book("w", [succeeded(a, site)], [b, c])
+    runs = RunStore(site.catalog)
+    states = {r.id: r.state for r in runs.find(run_ids=[a, b, c])}
+    assert states == {a: RunState.RUNNING, b: RunState.QUEUED, c: RunState.QUEUED}
+    assert runs.steps(a) == []
+
+
+# A worker that books its first run's end with its second run's claim, and is killed
+# (SIGKILL) before it starts the second: between two bookings.
+KILLED_BETWEEN_BOOKINGS = """
+import os, signal, sys
+from pathlib import Path
+from obsflow.processing.lifecycle import Finish
+from obsflow.processing.sitehost import SiteHost
+from obsflow.settings import load_settings
+from obsflow.site import open_site
+from obsflow.states import RunState
+
+first, second = int(sys.argv[2]), int(sys.argv[3])
+host = SiteHost(open_site(load_settings(Path(sys.argv[1]))))
+assert host.claim(first, "doomed") is not None
+booking = host.book("doomed", [Finish(first, RunState.SUCCEEDED, None, ())], [second])
+assert booking.ended == (True,) and booking.claims[0] is not None
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_worker_killed_between_bookings_loses_and_duplicates_nothing(
+    true_site: Site,
+) -> None:
+    site = true_site
+    first, second = queued_runs(site, 2)
+    script = textwrap.dedent(KILLED_BETWEEN_BOOKINGS)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(site.settings.site), str(first), str(second)],
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    runs = RunStore(site.catalog)
+    record = runs.get(first)
+    assert record is not None and record.state is RunState.SUCCEEDED
+    # the second was claimed and never started: it comes back once its lease expires
+    later = site.clock() + timedelta(seconds=site.settings.processing.lease_seconds + 1)
+    assert runs.recover(later, max_attempts=5) == ([second], [])
+    host = SiteHost(site)
+    claim = host.claim(second, "survivor")
+    assert claim is not None and claim.plan is not None
+    assert host.book("survivor", [succeeded(second, site)], []).ended == (True,)
+    states = {r.id: (r.state, r.attempts) for r in runs.find()}
+    assert states == {first: (RunState.SUCCEEDED, 1), second: (RunState.SUCCEEDED, 2)}
