@@ -8,6 +8,7 @@ not imported it).
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from obsflow.processing.controller import Controller, RunOutcome
@@ -224,3 +226,14 @@ def test_the_settings_name_the_tools_and_default_to_warm() -> None:
     assert processing.warm is True
     assert "obsflow.tools.ccd" in processing.warm_modules
     assert os.path.basename(sys.executable).startswith("python")
+
+
+def test_a_runner_nobody_closed_ends_its_zygote_when_collected() -> None:
+    before = {p.pid for p in psutil.Process().children()}
+    runner = WarmRunner(("statistics",))
+    runner.warm_up()
+    (zygote,) = [p for p in psutil.Process().children() if p.pid not in before]
+    del runner  # an executor nobody closed: no zygote left behind, no ResourceWarning
+    gc.collect()
+    zygote.wait(timeout=10)  # psutil.TimeoutExpired if it lived on
+    assert not zygote.is_running()

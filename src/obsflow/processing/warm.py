@@ -59,6 +59,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,9 @@ class WarmRunner:
         self._zygote: subprocess.Popen[bytes] | None = None
         self._channel: socket.socket | None = None
         self._gone = False
+        self._ending: weakref.finalize[Any, WarmRunner] | None = None
+        """Ends the zygote: at :meth:`close`, or when the runner is collected (an executor
+        nobody closed) or the interpreter exits, whichever comes first."""
 
     @property
     def alive(self) -> bool:
@@ -148,6 +152,7 @@ class WarmRunner:
             finally:
                 theirs.close()
             self._channel = ours
+            self._ending = weakref.finalize(self, _end_zygote, self._zygote, ours)
         if self._zygote is not None and self._zygote.poll() is not None:
             log.warning(
                 "the warm step runner's zygote ended (status %s): steps run cold",
@@ -178,9 +183,9 @@ class WarmRunner:
         if len(request) > _MESSAGE:
             return None
         try:
-            out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             try:
-                err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             except OSError:
                 os.close(out)
                 raise
@@ -215,15 +220,18 @@ class WarmRunner:
         """End the zygote (steps it started live on with their supervisors)."""
         with self._lock:
             self._gone = True
-            if self._channel is not None:
-                self._channel.close()  # the zygote reads end-of-file and exits
-                self._channel = None
-            if self._zygote is not None:
-                try:
-                    self._zygote.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self._zygote.kill()
-                    self._zygote.wait()
+            self._channel = None
+            if self._ending is not None:
+                self._ending()
+
+
+def _end_zygote(zygote: subprocess.Popen[bytes], channel: socket.socket) -> None:
+    channel.close()  # the zygote reads end-of-file and exits
+    try:
+        zygote.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        zygote.kill()
+        zygote.wait()
 
 
 @dataclass(eq=False)
