@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -237,3 +238,18 @@ def test_a_runner_nobody_closed_ends_its_zygote_when_collected() -> None:
     gc.collect()
     zygote.wait(timeout=10)  # psutil.TimeoutExpired if it lived on
     assert not zygote.is_running()
+
+
+def test_a_zygote_still_importing_ends_with_its_worker(tmp_path: Path) -> None:
+    (tmp_path / "slowimport.py").write_text("import time\ntime.sleep(120)\n")
+    worker = (
+        "import os, psutil\n"
+        "from obsflow.processing.warm import WarmRunner\n"
+        "runner = WarmRunner(('slowimport',))\nrunner.warm_up()\n"
+        "print(psutil.Process().children()[0].pid, flush=True)\n"
+        "os._exit(0)  # dies as a killed worker does: nobody closes anything\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", worker], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert gone(int(done.stdout)), "the zygote lived on, importing, after its worker died"
