@@ -16,7 +16,9 @@ first step), each step split into **its own work** (the floor's figure for that 
 and **process start and imports** (the rest of the step's wall time), the waits between
 steps, publishing, and the archive copy of the catalog. The **floor**: the same tools'
 work (``obsflow.tools.ccd`` / ``sources`` ``main``) run back to back on the same frames in
-this one warm Python process. Target: p50 ≤ 10 s on this 2-core machine.
+one warm Python process, at the run workers' priority (``processing.nice`` and
+``ionice``: on a machine others load, a niced step gets a small share of the CPU, and so
+does its floor). Target: p50 ≤ 10 s on this 2-core machine.
 
 By default it runs twice: with the warm step runner (``processing.warm: true``, the
 default) and without it (``--cold``-only: ``processing.warm: false``, each Python tool
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import shutil
 import signal
 import statistics
@@ -38,6 +41,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,7 +56,8 @@ from obsflow.catalog import Catalog, schema
 from obsflow.catalog.records import FileRecord
 from obsflow.catalog.runs import RunRecord, RunStore
 from obsflow.catalog.steps import StepRecord
-from obsflow.settings import SETTINGS_FILE, load_settings
+from obsflow.processing.priority import lower_priority
+from obsflow.settings import SETTINGS_FILE, Processing, load_settings
 from obsflow.sim.live import frame_bytes
 from obsflow.sim.simulate import night_frames
 from obsflow.site import init_site
@@ -360,9 +365,14 @@ def main() -> None:
             f"{args.frames} frames, one per {args.cadence:g} s ({load()})",
             flush=True,
         )
-        work_per_step, chains = floor(frames, work / "floor")
+        # in a process of the run workers' priority (processing.nice, .ionice): the steps
+        # and their floor compete alike with whatever else the machine runs
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=spawn, initializer=lower_priority,
+                                 initargs=(Processing(),)) as pool:  # fmt: skip
+            work_per_step, chains = pool.submit(floor, frames, work / "floor").result()
         print(
-            "floor, the tools' own work back to back in one warm process: "
+            "floor, the tools' own work back to back in one warm process (niced): "
             + ", ".join(f"{name} {sec:.2f} s" for name, sec in work_per_step.items())
             + f"; per frame p50 {statistics.median(chains):.2f} s, max {max(chains):.2f} s",
             flush=True,

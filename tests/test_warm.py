@@ -8,7 +8,9 @@ not imported it).
 
 from __future__ import annotations
 
+import gc
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from obsflow.processing.controller import Controller, RunOutcome
@@ -224,3 +227,29 @@ def test_the_settings_name_the_tools_and_default_to_warm() -> None:
     assert processing.warm is True
     assert "obsflow.tools.ccd" in processing.warm_modules
     assert os.path.basename(sys.executable).startswith("python")
+
+
+def test_a_runner_nobody_closed_ends_its_zygote_when_collected() -> None:
+    before = {p.pid for p in psutil.Process().children()}
+    runner = WarmRunner(("statistics",))
+    runner.warm_up()
+    (zygote,) = [p for p in psutil.Process().children() if p.pid not in before]
+    del runner  # an executor nobody closed: no zygote left behind, no ResourceWarning
+    gc.collect()
+    zygote.wait(timeout=10)  # psutil.TimeoutExpired if it lived on
+    assert not zygote.is_running()
+
+
+def test_a_zygote_still_importing_ends_with_its_worker(tmp_path: Path) -> None:
+    (tmp_path / "slowimport.py").write_text("import time\ntime.sleep(120)\n")
+    worker = (
+        "import os, psutil\n"
+        "from obsflow.processing.warm import WarmRunner\n"
+        "runner = WarmRunner(('slowimport',))\nrunner.warm_up()\n"
+        "print(psutil.Process().children()[0].pid, flush=True)\n"
+        "os._exit(0)  # dies as a killed worker does: nobody closes anything\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", worker], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert gone(int(done.stdout)), "the zygote lived on, importing, after its worker died"

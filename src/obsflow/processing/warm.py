@@ -4,7 +4,8 @@ A step such as ``{python} -m obsflow.tools.ccd calibrate ...`` spends about a se
 its life importing numpy, scipy and astropy before its own work begins, on every step of
 every run. :class:`WarmRunner` is a :class:`~obsflow.processing.controller.StepRunner`
 for those steps: each run worker holds one, which starts a **zygote**, a fresh
-interpreter (``python -m obsflow.processing.warm``) that imports
+interpreter (``python -m obsflow.processing.zygote``, which imports nothing of obsflow)
+that imports
 ``processing.warm_modules`` once and then waits for requests. For each step::
 
     worker ──request (argv, cwd, env) + the log files' and a step socket's fds──► zygote
@@ -46,9 +47,6 @@ exactly like the subprocess it replaces.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
-import io
 import json
 import logging
 import os
@@ -58,13 +56,14 @@ import socket
 import subprocess
 import sys
 import threading
-import traceback
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from obsflow.errors import RunError
+from obsflow.processing import zygote
 from obsflow.processing.controller import SUBPROCESSES, StepProcess
 from obsflow.processing.profile import RuntimeStep
 from obsflow.settings import Processing
@@ -73,8 +72,6 @@ log = logging.getLogger(__name__)
 
 START_SECONDS: Final = 120.0
 """A step waits this long at most for the zygote to answer (it may still be importing)."""
-_MESSAGE: Final = 1 << 20
-"""The largest request (argv and environment, as JSON) the zygote reads."""
 
 
 def tool_module(step: RuntimeStep, python: str = sys.executable) -> str | None:
@@ -117,6 +114,9 @@ class WarmRunner:
         self._zygote: subprocess.Popen[bytes] | None = None
         self._channel: socket.socket | None = None
         self._gone = False
+        self._ending: weakref.finalize[Any, WarmRunner] | None = None
+        """Ends the zygote: at :meth:`close`, or when the runner is collected (an executor
+        nobody closed) or the interpreter exits, whichever comes first."""
 
     @property
     def alive(self) -> bool:
@@ -135,7 +135,7 @@ class WarmRunner:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 self._zygote = subprocess.Popen(
-                    [sys.executable, "-m", __name__, str(theirs.fileno()), *self.modules],
+                    [sys.executable, "-m", zygote.__name__, str(theirs.fileno()), *self.modules],
                     stdin=subprocess.DEVNULL,
                     pass_fds=(theirs.fileno(),),
                     close_fds=True,
@@ -148,6 +148,7 @@ class WarmRunner:
             finally:
                 theirs.close()
             self._channel = ours
+            self._ending = weakref.finalize(self, _end_zygote, self._zygote, ours)
         if self._zygote is not None and self._zygote.poll() is not None:
             log.warning(
                 "the warm step runner's zygote ended (status %s): steps run cold",
@@ -175,12 +176,12 @@ class WarmRunner:
         request = json.dumps(
             {"argv": list(step.argv), "module": module, "cwd": str(work), "env": env}
         ).encode()
-        if len(request) > _MESSAGE:
+        if len(request) > zygote.MESSAGE:
             return None
         try:
-            out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             try:
-                err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             except OSError:
                 os.close(out)
                 raise
@@ -215,15 +216,18 @@ class WarmRunner:
         """End the zygote (steps it started live on with their supervisors)."""
         with self._lock:
             self._gone = True
-            if self._channel is not None:
-                self._channel.close()  # the zygote reads end-of-file and exits
-                self._channel = None
-            if self._zygote is not None:
-                try:
-                    self._zygote.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self._zygote.kill()
-                    self._zygote.wait()
+            self._channel = None
+            if self._ending is not None:
+                self._ending()
+
+
+def _end_zygote(zygote: subprocess.Popen[bytes], channel: socket.socket) -> None:
+    channel.close()  # the zygote reads end-of-file and exits
+    try:
+        zygote.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        zygote.kill()
+        zygote.wait()
 
 
 @dataclass(eq=False)
@@ -287,142 +291,3 @@ class _WarmStep:
 
 def _no_status() -> NoReturn:
     raise RunError("the warm step runner lost the step (its supervisor died): no exit status")
-
-
-# ------------------------------------------------------------------ in the zygote
-
-
-def _zygote(channel_fd: int, modules: Sequence[str]) -> NoReturn:
-    """Import ``modules``, then fork a supervisor per request until the worker goes (the
-    channel's end-of-file: its only other end is the worker's, whichever way it ends)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when steps stop
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # a module of the list missing here: the others still help
-            print(f"obsflow warm runner: cannot import {name}: {exc}", file=sys.stderr)
-    channel = socket.socket(fileno=channel_fd)
-    while True:
-        try:
-            request, fds, _, _ = socket.recv_fds(channel, _MESSAGE, 3)
-        except OSError:
-            os._exit(0)
-        if not request:
-            os._exit(0)  # the worker closed the channel, or died
-        if len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
-            continue
-        step_fd, out, err = fds
-        if os.fork() == 0:
-            channel.close()
-            _supervise(json.loads(request), step_fd, out, err)
-        for fd in fds:
-            os.close(fd)
-
-
-def _supervise(request: dict[str, Any], step_fd: int, out: int, err: int) -> NoReturn:
-    """Fork the step, tell the worker its pid, then its exit status; reap it when the
-    worker is done with it (or gone)."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # this process waits for its step
-    sock = socket.socket(fileno=step_fd)
-    pid = os.fork()
-    if pid == 0:
-        sock.close()
-        _step(request, out, err)
-    os.close(out)
-    os.close(err)
-    try:
-        sock.sendall(f"{pid}\n".encode())
-        pidfd = os.pidfd_open(pid)
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        poller.register(sock, select.POLLIN)
-        ended = {fd for fd, _ in poller.poll()}
-        if pidfd in ended:
-            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-            assert info is not None
-            killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
-            sock.sendall(f"{-info.si_status if killed else info.si_status}\n".encode())
-            while sock.recv(4096):  # the worker signals the group until it closes
-                pass
-    except OSError:
-        pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)  # the worker went away: the step dies with it
-    os.waitpid(pid, 0)
-    os._exit(0)
-
-
-def _step(request: dict[str, Any], out: int, err: int) -> NoReturn:
-    """Become the step: what ``python -m MODULE ARGS`` in its cwd and env would be."""
-    code = 1
-    try:
-        os.setsid()
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        for fd in (null, out, err):
-            os.close(fd)
-        sys.stdin = sys.__stdin__ = _text(0)  # type: ignore[misc]
-        sys.stdout = sys.__stdout__ = _text(1)  # type: ignore[misc]
-        sys.stderr = sys.__stderr__ = _text(2, errors="backslashreplace", line_buffering=True)  # type: ignore[misc]
-        cwd = request["cwd"]
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(request["env"])
-        sys.path[0] = cwd  # as `python -m` puts the current directory first
-        if "numpy" in sys.modules:  # the zygote's seed would be every step's
-            sys.modules["numpy"].random.seed()
-        code = _run_module(request["module"], request["argv"])
-    except BaseException:  # nothing may return into the zygote's loop
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
-
-
-def _text(fd: int, **options: Any) -> io.TextIOWrapper:
-    """A fresh text stream on ``fd`` (0: reading), as an interpreter whose streams are no
-    terminal makes them."""
-    raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
-    buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
-    return io.TextIOWrapper(buffered, encoding="utf-8", **options)
-
-
-def _run_module(module: str, argv: Sequence[str]) -> int:
-    """``runpy.run_module`` as ``python -m`` runs it; the exit status, as Python's own."""
-    import runpy
-
-    if importlib.util.find_spec(module) is None:
-        print(f"{argv[0]}: No module named {module}", file=sys.stderr)
-        return 1
-    sys.argv = ["-m", *argv[3:]]  # run_module puts the module's path first
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as exc:
-        if exc.code is None:
-            return 0
-        if isinstance(exc.code, int):
-            return exc.code & 0xFF
-        print(exc.code, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        return 128 + signal.SIGINT
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    _zygote(int(sys.argv[1]), sys.argv[2:])
