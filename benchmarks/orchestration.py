@@ -16,6 +16,7 @@ Three measurements, in one run on one machine:
    * **floors**, the same commands: (a) a plain loop of ``subprocess.run``; (b)
      ``concurrent.futures.ProcessPoolExecutor(2)``, one task per run (a chain is one task
      doing its 5 ``cp`` in order). The pool is started and warmed before the clock starts.
+     Both run at the CPU priority of obsflow's run workers (``processing.nice``).
 
    The site (so the runs' work directories) and the floors' files are on the same file
    system: ``/dev/shm`` if it exists, else the temporary directory (printed). Each side
@@ -145,8 +146,24 @@ def warm(_: int) -> None:
     """Nothing: makes the pool start its workers before the clock starts."""
 
 
+def at_workers_priority() -> None:
+    """Lower this process to the CPU priority of obsflow's run workers
+    (``processing.nice``, by default 10): the floors compete for the CPU as obsflow's
+    workers do, so that a machine loaded by others slows both sides alike (a niced
+    obsflow against un-niced floors measured the others' load, not orchestration)."""
+    wanted = Processing().nice
+    if wanted > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, wanted)
+
+
 def floor_loop(runs: int, chains: int, source: Path, out: Path) -> tuple[float, float]:
-    """Seconds for the fan-out and for the chains, one process after another."""
+    """Seconds for the fan-out and for the chains, one process after another (in a
+    process of its own, at the workers' priority)."""
+    with ProcessPoolExecutor(1, initializer=at_workers_priority) as one:
+        return one.submit(loop_in_process, runs, chains, source, out).result()
+
+
+def loop_in_process(runs: int, chains: int, source: Path, out: Path) -> tuple[float, float]:
     start = time.perf_counter()
     for i in range(runs):
         run_true(i)
@@ -159,7 +176,7 @@ def floor_loop(runs: int, chains: int, source: Path, out: Path) -> tuple[float, 
 
 def floor_pool(runs: int, chains: int, source: Path, out: Path) -> tuple[float, float]:
     """Seconds for the fan-out and for the chains on ``ProcessPoolExecutor(2)``."""
-    with ProcessPoolExecutor(WORKERS) as pool:
+    with ProcessPoolExecutor(WORKERS, initializer=at_workers_priority) as pool:
         list(pool.map(warm, range(WORKERS)))
         start = time.perf_counter()
         list(pool.map(run_true, range(runs)))
@@ -424,7 +441,9 @@ def plain_true(marker: str) -> None:
 
 
 def plain_worker(broker: str, queue: str) -> None:
-    """``--plain-worker``: a Celery worker of plain tasks, configured as obsflow's."""
+    """``--plain-worker``: a Celery worker of plain tasks, configured as obsflow's (and,
+    as its workers, at their CPU priority)."""
+    at_workers_priority()
     app = make_app(Processing(broker=broker, queue=queue))
     app.task(name=PLAIN_TRUE)(plain_true)
     app.task(name=PLAIN_CHAIN)(run_chain)

@@ -50,7 +50,7 @@ from obsflow.catalog.steps import StepRow
 from obsflow.errors import ObsflowError
 from obsflow.processing.controller import Controller, StepResult, StopFlag
 from obsflow.processing.plan import RunPlan
-from obsflow.processing.profile import OUTPUT_DIR, ParameterValue, RuntimeProfile, build_profile
+from obsflow.processing.profile import ParameterValue, RuntimeProfile, build_profile
 from obsflow.receipt.receiver import utcnow
 from obsflow.settings import Processing
 from obsflow.states import RunState, StepState
@@ -254,7 +254,7 @@ def execute_claimed(
         log.warning("run %d failed: %s", run_id, end.error, extra={"run_id": run_id})
         return RunState.FAILED
     if not processing.keep_work and work is not None:
-        _remove(work)
+        shutil.rmtree(work, ignore_errors=True)
     log.info("run %d succeeded: %s", run_id, plan.pipeline.id, extra={"run_id": run_id})
     return RunState.SUCCEEDED
 
@@ -313,17 +313,6 @@ def _execute(
         return Finish(run_id, RunState.FAILED, str(exc), tuple(steps), logged, stored), None
     steps, stored = recorder.flush()
     return Finish(run_id, RunState.SUCCEEDED, None, tuple(steps), log_path, stored), work
-
-
-def _remove(work: Path) -> None:
-    """Remove a run's work directory. Most runs of a busy night leave it as it was made
-    (the outputs moved to the cache): two rmdirs, where shutil.rmtree's scan, opens and
-    stats cost a short run a twentieth of its time."""
-    try:
-        os.rmdir(work / OUTPUT_DIR)
-        os.rmdir(work)
-    except OSError:  # files left in it: the general way
-        shutil.rmtree(work, ignore_errors=True)
 
 
 class _Either:
