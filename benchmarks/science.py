@@ -13,16 +13,17 @@ Reported: acquired → L2 archived p50 and p99 (``obsflow status --latency --jso
 per frame, medians over the frames, from the catalog's own stamps: receipt, the tracker
 (a file cached → its run queued), the executor (queued → claimed), staging (claimed →
 first step), each step split into **its own work** (the floor's figure for that step)
-and **process start and imports** (the rest of the step's wall time), the waits between
-steps, publishing, and the archive copy of the catalog. The **floor**: the same tools'
+and **process start, imports and waits** (the rest of the step's wall time: the floor is
+timed apart, so on a machine others load this is noisy, and may come out negative), the
+waits between steps, publishing, and the archive copy of the catalog. The **floor**: the same tools'
 work (``obsflow.tools.ccd`` / ``sources`` ``main``) run back to back on the same frames in
 one warm Python process, at the run workers' priority (``processing.nice`` and
 ``ionice``: on a machine others load, a niced step gets a small share of the CPU, and so
 does its floor). Target: p50 ≤ 10 s on this 2-core machine.
 
-By default it runs twice: with the warm step runner (``processing.warm: true``, the
-default) and without it (``--cold``-only: ``processing.warm: false``, each Python tool
-step a fresh interpreter), so the report shows both; ``--warm`` or ``--cold`` runs one.
+By default it runs twice, so the report shows both: with the warm step runner
+(``processing.warm: true``, the default) and without it (``processing.warm: false``: each
+Python tool step a fresh interpreter); ``--warm`` or ``--cold`` runs only that one.
 
     python benchmarks/science.py                         # 8 frames, one per 30 s, warm and cold
     python benchmarks/science.py --frames 4 --cadence 10 --cold
