@@ -282,6 +282,29 @@ def test_find_cosmics_finds_more_in_longer_exposures(night: Night) -> None:
     assert counts[300.0] > counts[30.0]
 
 
+def test_find_cosmics_in_strips_finds_what_the_whole_frame_does(night: Night) -> None:
+    # a tall frame, five long exposures one above the other, with cosmic rays on and across
+    # the rows where the strips of three threads meet (640, 1280) and a hole of no data there
+    frame = max(night.science, key=lambda f: f.exptime)
+    data, header = image(frame.calibrated)
+    tall = np.concatenate([data] * 5)
+    sky = float(np.median(data))
+    for edge in (640, 1280):
+        tall[edge - 4 : edge + 4, 50] += 2000.0  # a track across the edge
+        tall[edge - 1, 120] += 1500.0  # single hits on either side of it
+        tall[edge, 200] += 1500.0
+        tall[edge - 2 : edge + 2, 300:304] = np.nan
+    noise = {"gain": header["GAIN"], "rdnoise": header["RDNOISE"], "saturate": header["SATURATE"]}
+    whole = find_cosmics(tall, **noise, threads=1)
+    assert whole.mask[636:644, 50].all() and whole.mask[639, 120] and whole.mask[640, 200]
+    for threads in (2, 3):
+        strips = find_cosmics(tall, **noise, threads=threads)
+        assert np.array_equal(strips.mask, whole.mask), threads
+        assert np.array_equal(strips.cleaned, whole.cleaned, equal_nan=True), threads
+        assert (strips.count, strips.sky) == (whole.count, whole.sky)
+    assert whole.sky == pytest.approx(sky, rel=0.05)
+
+
 # ------------------------------------------------------------------ detect
 
 
