@@ -149,7 +149,7 @@ def obsflow(*args: str | Path) -> str:
 def render(directory: Path, count: int, size: int) -> tuple[list[bytes], list[str]]:
     """``count`` distinct frames as bytes, to be replayed (rendered untimed), and the
     frame type (IMAGETYP) of each."""
-    frames = night_frames(directory, count, seed=5, shape=(size, size))
+    frames = list(night_frames(directory, count, seed=5, shape=(size, size)))  # read twice
     return (
         [frame_bytes(data, header) for _, data, header in frames],
         [str(header["IMAGETYP"]) for _, _, header in frames],

@@ -10,16 +10,22 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import pytest
 
 from obsflow.catalog.runs import RunStore
 from obsflow.processing.executor import SHORT_RUN, BatchDone, LocalExecutor, execute_batch
 from obsflow.processing.sitehost import SiteHost
+from obsflow.processing.warm import uses_tools
+from obsflow.registry import load_registry
 from obsflow.site import Site, open_site
 from obsflow.states import RunState, StepState
 from tests.conftest import SiteFactory
 from tests.test_sitehost import TRUE, queued_runs
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "registry"
 
 # one step that outlasts a batch's short run; one that waits for a file the test writes
 SLOW = TRUE.replace('command: ["true"]', f'command: [sleep, "{SHORT_RUN + 0.2}"]')
@@ -135,6 +141,9 @@ def test_the_local_pool_executes_many_short_runs_in_batches(true_site: Site) -> 
         for run_id in run_ids:
             executor.submit(run_id)
             executor.submit(run_id)  # twice: harmless
+        assert woken.wait(60)
+        # the registry's steps are no Python tools: its workers start no warm zygote
+        assert warm_zygotes() == []
         executor.close()  # waits for every run submitted
     finally:
         executor.close()
@@ -144,6 +153,24 @@ def test_the_local_pool_executes_many_short_runs_in_batches(true_site: Site) -> 
     ends = {r.finished for r in records}
     booked_with_an_end = [r for r in records if r.started in ends]
     assert len(booked_with_an_end) >= len(run_ids) // 2
+
+
+def warm_zygotes() -> list[psutil.Process]:
+    """This process's descendants that are warm step runners' zygotes."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "obsflow.processing.zygote" in process.cmdline():
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_a_zygote_starts_with_a_worker_only_where_steps_are_python_tools(true_site: Site) -> None:
+    assert uses_tools(load_registry(EXAMPLES))  # its steps are {python} -m obsflow.tools...
+    assert not uses_tools(true_site.registry)
+    assert not uses_tools(None)  # a worker over HTTP: its first Python step starts it
 
 
 def test_a_work_directory_with_files_left_in_it_is_removed(make_site: SiteFactory) -> None:

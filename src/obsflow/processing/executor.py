@@ -47,7 +47,7 @@ from obsflow.processing.controller import StepRunner, StopFlag, kill_every_step
 from obsflow.processing.lifecycle import Claim, Finish, execute_claimed, execute_run
 from obsflow.processing.priority import lower_priority
 from obsflow.processing.sitehost import SiteHost
-from obsflow.processing.warm import WarmRunner, warm_runner
+from obsflow.processing.warm import WarmRunner, uses_tools, warm_runner
 from obsflow.receipt.intake import Wakeable
 from obsflow.receipt.receiver import utcnow
 from obsflow.settings import Processing, Settings
@@ -293,11 +293,12 @@ def _worker_start(settings: Settings, stop: StopFlag, daemon: int, published: Wa
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when runs stop
     _die_with(daemon)
     lower_priority(settings.processing)  # the daemon's own work (frames arriving) first
-    warm = warm_runner(settings.processing, now=True)  # after: it inherits the priority
     owner = f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     from obsflow.processing.container import ContainerRunner  # docker-py: at use
 
     site = open_site(settings)
+    # after lowering the priority: the zygote inherits it
+    warm = warm_runner(settings.processing, now=uses_tools(site.registry))
     host = SiteHost(site, on_published=published.set)
     containers = ContainerRunner(settings.containers, owner=owner)
     _WORKER["worker"] = _Worker(site, host, stop, containers, warm)

@@ -66,6 +66,7 @@ from obsflow.errors import RunError
 from obsflow.processing import zygote
 from obsflow.processing.controller import SUBPROCESSES, StepProcess
 from obsflow.processing.profile import RuntimeStep
+from obsflow.registry import Registry
 from obsflow.settings import Processing
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,21 @@ def tool_module(step: RuntimeStep, python: str = sys.executable) -> str | None:
     if not module or module.startswith("-") or not all(p.isidentifier() for p in module.split(".")):
         return None
     return module
+
+
+def uses_tools(registry: Registry | None) -> bool:
+    """Whether a profile of ``registry`` has a Python tool step (``{python} -m MODULE``, not
+    in a container). A worker starts its zygote at once only then: the zygote imports
+    numpy, scipy and astropy, one to two seconds of CPU that a site whose steps are other
+    programs should not pay (with no registry, a worker over HTTP, the first such step
+    starts it)."""
+    if registry is None:
+        return False
+    return any(
+        step.image is None and step.command[:2] == ("{python}", "-m")
+        for profile in registry.profiles.values()
+        for step in profile.steps
+    )
 
 
 def warm_runner(processing: Processing, *, now: bool) -> WarmRunner | None:

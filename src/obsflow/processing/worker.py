@@ -73,7 +73,7 @@ from obsflow.processing.controller import kill_every_step
 from obsflow.processing.lifecycle import RunHost, execute_run
 from obsflow.processing.priority import lower_priority
 from obsflow.processing.sitehost import SiteHost
-from obsflow.processing.warm import WarmRunner, warm_runner
+from obsflow.processing.warm import WarmRunner, uses_tools, warm_runner
 from obsflow.receipt.receiver import utcnow
 from obsflow.registry import Registry
 from obsflow.settings import DEFAULT_CACHE_BYTES, Containers, Processing, Settings
@@ -432,7 +432,8 @@ class PoolProcess:
         lower_priority(self.config.processing)
         if os.getppid() != self.main_pid:  # the main process died before the line above
             os._exit(1)
-        self.warm = warm_runner(self.config.processing, now=True)  # with the lower priority
+        # with the lower priority; at once if the registry's steps are Python tools
+        self.warm = warm_runner(self.config.processing, now=uses_tools(self.registry))
         try:
             self._open()
         except Exception:
