@@ -64,8 +64,11 @@ def test_the_readme_usage_lines_work_as_written(tmp_path: Path) -> None:
             name, _, value = line.removeprefix("export ").partition("=")
             env[name] = os.path.expanduser(value.replace("~", str(tmp_path), 1))
             continue
+        # a pipe into head: head closes it when it has its lines, and the writer's broken
+        # pipe is how that ends (its output is still checked below), not a failure
+        pipefail = [] if re.search(r"\|\s*head\b", line) else ["-o", "pipefail"]
         done = subprocess.run(
-            ["bash", "-o", "pipefail", "-c", line],
+            ["bash", *pipefail, "-c", line],
             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False,
         )  # fmt: skip
         assert done.returncode == 0, f"README: {line!r} failed:\n{done.stdout}\n{done.stderr}"
