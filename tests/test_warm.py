@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import gc
 import os
+import select
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +26,7 @@ import pytest
 
 from obsflow.processing.controller import Controller, RunOutcome
 from obsflow.processing.profile import RuntimeProfile, RuntimeStep
-from obsflow.processing.warm import WarmRunner, tool_module, warm_runner
+from obsflow.processing.warm import WarmRunner, _WarmStep, tool_module, warm_runner
 from obsflow.settings import Processing
 from obsflow.states import StepState
 
@@ -155,6 +158,25 @@ def test_an_uncaught_exception_prints_its_traceback_and_exits_1(
     outcome = run(tmp_path, missing, warm=warm)
     assert outcome.steps[0].exit_status == 1
     assert "No module named no_such_tool_here" in outcome.steps[0].stderr_tail
+
+
+def test_a_step_whose_pid_and_exit_status_arrive_together_is_seen_to_end() -> None:
+    # A step that ends at once (a missing module) has its supervisor send the pid and the
+    # exit status back to back. The handle must leave the status on the socket, where the
+    # controller's poll sees it: CI once waited 300 s on a status read along with the pid.
+    ours, supervisor = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    step = subprocess.Popen(["sleep", "60"], start_new_session=True)  # its own group
+    try:
+        handle = _WarmStep(ours)
+        supervisor.sendall(f"{step.pid}\n1\n".encode())
+        assert handle.read_pid(5.0) and handle.pid == step.pid
+        assert select.select([handle.fd], [], [], 0)[0] == [handle.fd]
+        assert handle.finish() == 1
+        assert step.wait(timeout=10) == -signal.SIGKILL  # what was left of the group
+    finally:
+        step.kill()
+        step.wait()
+        supervisor.close()
 
 
 def test_a_module_level_change_in_one_step_is_not_seen_by_the_next(

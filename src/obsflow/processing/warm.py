@@ -261,19 +261,28 @@ class _WarmStep:
         self.fd = self.sock.fileno()
 
     def _line(self, timeout: float | None) -> str | None:
-        """The next line the supervisor sent; None at end-of-file or after ``timeout``."""
-        while b"\n" not in self._buffer:
+        """The next line the supervisor sent; None at end-of-file or after ``timeout``.
+
+        It takes from the socket no byte past the line's end: a step that ends at once
+        has its pid and exit status sent back to back, and an exit status read along
+        with the pid would sit here while the controller waits for :attr:`fd` to become
+        readable, which it then never does."""
+        while True:
             if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
                 return None
             try:
-                data = self.sock.recv(4096)
+                data = self.sock.recv(4096, socket.MSG_PEEK)
+                end = data.find(b"\n")
+                # with no line's end in it, what is there is all of this line so far
+                data = self.sock.recv(end + 1 if end >= 0 else len(data))
             except OSError:
                 return None
             if not data:
                 return None
             self._buffer += data
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
+            if end >= 0:
+                line, self._buffer = self._buffer[:-1], b""
+                return line.decode()
 
     def read_pid(self, timeout: float) -> bool:
         line = self._line(timeout)
