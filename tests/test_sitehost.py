@@ -1,6 +1,8 @@
 """SiteHost.book: the ends and claims of several runs in ONE catalog transaction, on
 SQLite and PostgreSQL; a claim inside it is still a compare-and-set, a failure inside it
 writes nothing, and a worker killed between two bookings loses and duplicates nothing.
+HeldEnds (a Celery worker's runs, one at a time): each end is written with the next
+claim, or alone when none comes in time, at a stop, or at close.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
@@ -20,7 +24,7 @@ from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.runs import NewRun, RunStore
 from obsflow.catalog.steps import StepRow
 from obsflow.processing.lifecycle import Finish
-from obsflow.processing.sitehost import SiteHost
+from obsflow.processing.sitehost import HeldEnds, SiteHost
 from obsflow.site import Site, open_site
 from obsflow.states import RunState, StepState
 from tests.conftest import SiteFactory
@@ -173,7 +177,7 @@ KILLED_BETWEEN_BOOKINGS = """
 import os, signal, sys
 from pathlib import Path
 from obsflow.processing.lifecycle import Finish
-from obsflow.processing.sitehost import SiteHost
+from obsflow.processing.sitehost import HeldEnds, SiteHost
 from obsflow.settings import load_settings
 from obsflow.site import open_site
 from obsflow.states import RunState
@@ -212,3 +216,103 @@ def test_a_worker_killed_between_bookings_loses_and_duplicates_nothing(
     assert host.book("survivor", [succeeded(second, site)], []).ended == (True,)
     states = {r.id: (r.state, r.attempts) for r in runs.find()}
     assert states == {first: (RunState.SUCCEEDED, 1), second: (RunState.SUCCEEDED, 2)}
+
+
+def state_of(site: Site, run_id: int) -> RunState:
+    record = RunStore(site.catalog).get(run_id)
+    assert record is not None
+    return record.state
+
+
+def test_held_ends_are_written_with_the_next_claim_in_one_transaction(true_site: Site) -> None:
+    site = true_site
+    a, b, c = queued_runs(site, 3)
+    held = HeldEnds(SiteHost(site), "w", hold=60.0)
+    try:
+        assert held.claim(a) is not None
+        assert held.book(succeeded(a, site)) is True
+        assert state_of(site, a) is RunState.RUNNING  # held, not written yet
+        commits = Commits(site)
+        try:
+            claim = held.claim(b)
+        finally:
+            commits.close()
+        assert commits.count == 1 and claim is not None and claim.plan is not None
+        assert state_of(site, a) is RunState.SUCCEEDED
+        assert held.book(succeeded(b, site)) is True
+        assert held.claim(c) is not None
+        held.book(Finish(c, RunState.FAILED, "it broke", ()))
+    finally:
+        held.close()  # writes the last end
+    records = RunStore(site.catalog).find(run_ids=[a, b, c])
+    assert [(r.state, r.attempts) for r in records] == [
+        (RunState.SUCCEEDED, 1),
+        (RunState.SUCCEEDED, 1),
+        (RunState.FAILED, 1),
+    ]
+    assert records[1].started == records[0].finished  # one transaction, one moment
+    assert records[2].started == records[1].finished
+    assert [(s.step, s.state) for s in RunStore(site.catalog).steps(a)] == [
+        ("run", StepState.SUCCEEDED)
+    ]
+
+
+def test_a_held_end_no_claim_comes_for_is_written_alone(true_site: Site) -> None:
+    site = true_site
+    (a,) = queued_runs(site, 1)
+    held = HeldEnds(SiteHost(site), "w", hold=0.2)
+    try:
+        assert held.claim(a) is not None
+        held.book(succeeded(a, site))
+        deadline = time.monotonic() + 30
+        while state_of(site, a) is RunState.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert state_of(site, a) is RunState.SUCCEEDED
+    finally:
+        held.close()
+
+
+def test_a_stopping_worker_writes_its_end_at_once(true_site: Site) -> None:
+    site = true_site
+    a, b = queued_runs(site, 2)
+    stop = threading.Event()
+    held = HeldEnds(SiteHost(site), "w", hold=60.0, stop=stop)
+    try:
+        assert held.claim(a) is not None
+        stop.set()
+        assert held.book(succeeded(a, site)) is True
+        assert state_of(site, a) is RunState.SUCCEEDED
+        assert SiteHost(site).claim(a, "other") is None  # ended: nobody claims it again
+        assert held.claim(b) is not None  # a lost lease is said by book, as by finish
+        later = site.clock() + timedelta(hours=1)
+        assert RunStore(site.catalog).recover(later, max_attempts=5) == ([b], [])
+        assert held.book(succeeded(b, site)) is False
+    finally:
+        held.close()
+
+
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
+def test_a_claim_the_catalog_refuses_keeps_the_held_end_to_write_alone(
+    true_site: Site,
+) -> None:
+    site = true_site
+    a, b = queued_runs(site, 2)
+    with site.catalog.write() as conn:
+        conn.execute(
+            text(
+                f"CREATE TRIGGER refuse BEFORE UPDATE OF state ON runs "
+                f"WHEN NEW.id = {b} AND NEW.state = 'running' "
+                f"BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            )
+        )
+    held = HeldEnds(SiteHost(site), "w", hold=60.0)
+    try:
+        assert held.claim(a) is not None
+        held.book(succeeded(a, site))
+        with pytest.raises(Exception, match="refused by the test"):
+            held.claim(b)
+        assert state_of(site, a) is RunState.RUNNING  # the transaction wrote nothing
+    finally:
+        held.close()  # the end was kept: written alone
+    assert state_of(site, a) is RunState.SUCCEEDED
+    assert state_of(site, b) is RunState.QUEUED

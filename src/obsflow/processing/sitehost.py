@@ -17,16 +17,24 @@ finish, whoever calls it.
   executes runs one after another pays one transaction per run, its end and its
   successor's claim, not two. The transaction commits whole or not at all; each claim
   in it is still a compare-and-set that another worker may have won.
+* :class:`HeldEnds` does the same for a worker that is handed its runs one at a time (a
+  Celery worker: it learns its next run only once the last one's message is
+  acknowledged): each run's end waits, at most :data:`HOLD_SECONDS`, to be written with
+  the claim of the next run that comes.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Final
 
 from sqlalchemy import Connection
 
@@ -40,6 +48,12 @@ from obsflow.processing.profile import OUTPUT_DIR, ParameterValue
 from obsflow.receipt.receiver import Outcome, Prepared
 from obsflow.site import Site
 from obsflow.states import RunState
+
+log = logging.getLogger(__name__)
+
+HOLD_SECONDS: Final = 0.02
+"""The longest a run's end waits for the next claim to be written with (the run's
+lease, a minute, outlives it by far)."""
 
 
 @dataclass(frozen=True)
@@ -265,3 +279,125 @@ class SiteHost:
         """Queued again; its steps are forgotten (the next attempt starts afresh), so
         ``steps`` are not kept."""
         self.runs.release(run_id, owner)
+
+
+class HeldEnds:
+    """One worker's runs handed to it one at a time (a Celery pool process): each run's end
+    is held back, at most ``hold`` seconds, and written with the next run's claim in one
+    transaction (:meth:`SiteHost.book`), as the local pool's batches do; an end that no
+    claim comes for in time is written alone, by a thread of its own.
+
+    A held end is the run's only unwritten state: its steps and outputs are written, its
+    lease still holds (a minute, against ``hold``'s fraction of a second). A worker killed
+    while it holds one loses nothing: the lease expires and the tracker queues the run
+    again, whose next claim finds its outputs published (or runs it again, if it has none).
+    :meth:`close` writes what it holds; a ``stop`` makes :meth:`book` write at once."""
+
+    def __init__(
+        self,
+        host: SiteHost,
+        owner: str,
+        *,
+        hold: float = HOLD_SECONDS,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.host = host
+        self.owner = owner
+        self.hold = hold
+        self.stop = stop
+        self._held: Finish | None = None
+        self._due = 0.0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._writing = threading.Lock()
+        """Held while an end is written: :meth:`close` waits for the thread's write."""
+        self._thread = threading.Thread(target=self._write_when_due, name="held-ends", daemon=True)
+        self._thread.start()
+
+    def claim(self, run_id: int) -> Claim | None:
+        """Claim ``run_id`` (as :meth:`SiteHost.claim`), writing the held end, if any, in
+        the same transaction. An error writes neither; the end stays held (the thread
+        tries it alone)."""
+        with self._writing:
+            end = self._take()
+            if end is None:
+                return self.host.claim(run_id, self.owner)
+            try:
+                booking = self.host.book(self.owner, [end], [run_id])
+            except BaseException:
+                self._give_back(end)
+                raise
+            self._lost(end, booking.ended[0])
+            return booking.claims[0]
+
+    def book(self, end: Finish) -> bool:
+        """The :data:`~obsflow.processing.lifecycle.Book` of this worker's runs: hold
+        ``end`` for the next claim (True: it will be written); written at once, its
+        lease's answer returned, once stopping or closed."""
+        if self._closed or (self.stop is not None and self.stop.is_set()):
+            with self._writing:
+                return self._write(end)
+        with self._cond:
+            earlier, self._held = self._held, end
+            self._due = time.monotonic() + self.hold
+            self._cond.notify()
+        if earlier is not None:  # (not so: each claim takes what is held)
+            with self._writing:
+                self._write(earlier)
+        return True
+
+    def close(self) -> None:
+        """Write what is held, and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        with self._writing:
+            end = self._take()
+            if end is not None:
+                self._write(end)
+
+    def _take(self) -> Finish | None:
+        with self._cond:
+            end, self._held = self._held, None
+            return end
+
+    def _give_back(self, end: Finish) -> None:
+        with self._cond:
+            if self._held is None:
+                self._held, self._due = end, time.monotonic() + self.hold
+                self._cond.notify()
+
+    def _write(self, end: Finish) -> bool:
+        moved = self.host.finish(
+            end.run_id, self.owner, end.state, end.error, end.steps, end.log_path, end.profile
+        )
+        self._lost(end, moved)
+        return moved
+
+    def _lost(self, end: Finish, moved: bool) -> None:
+        if not moved:
+            log.warning(
+                "run %d: lease lost before its end was written; it will be checked again",
+                end.run_id, extra={"run_id": end.run_id},
+            )  # fmt: skip
+
+    def _write_when_due(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (self._held is None or self._due > time.monotonic()):
+                    wait = None if self._held is None else self._due - time.monotonic()
+                    self._cond.wait(wait)
+                if self._closed:
+                    return
+            with self._writing:
+                end = self._take()  # (unless a claim took it meanwhile)
+                if end is None:
+                    continue
+                try:
+                    self._write(end)
+                except Exception:  # the lease expires; the tracker queues the run again
+                    log.exception(
+                        "run %d: its end could not be written", end.run_id,
+                        extra={"run_id": end.run_id},
+                    )  # fmt: skip

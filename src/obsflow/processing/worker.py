@@ -8,7 +8,8 @@ daemon's own pool runs. Two kinds, by :class:`WorkerConfig`:
 * **shared storage** (the site's directories mounted here, e.g. NFS or Lustre; its
   catalog reachable, PostgreSQL past one machine): each pool process opens the site
   once and executes runs through a :class:`~obsflow.processing.sitehost.SiteHost`, with
-  the inputs read from the cache;
+  the inputs read from the cache; each run's end is written with the next run's claim
+  in one transaction (:class:`~obsflow.processing.sitehost.HeldEnds`);
 * **no shared storage** (only the archive server's URL and a token): each pool process
   holds a :class:`~obsflow.processing.serverhost.ServerHost`, which fetches inputs over
   HTTP into a local input cache (by sha256, within a size budget), runs the steps in a
@@ -49,6 +50,7 @@ Stopping:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -70,9 +72,9 @@ from obsflow.catalog import Catalog
 from obsflow.catalog.processes import Health, Identity, ProcessKind, ProcessStore, Workers
 from obsflow.processing.celery import TASK, make_app, require_broker, shown
 from obsflow.processing.controller import kill_every_step
-from obsflow.processing.lifecycle import RunHost, execute_run
+from obsflow.processing.lifecycle import RunHost, execute_claimed, execute_run
 from obsflow.processing.priority import lower_priority
-from obsflow.processing.sitehost import SiteHost
+from obsflow.processing.sitehost import HeldEnds, SiteHost
 from obsflow.processing.warm import WarmRunner, uses_tools, warm_runner
 from obsflow.receipt.receiver import utcnow
 from obsflow.registry import Registry
@@ -416,6 +418,8 @@ class PoolProcess:
         self.owner = ""
         self.containers: ContainerRunner | None = None
         self.warm: WarmRunner | None = None
+        self.held: HeldEnds | None = None
+        """With the site's catalog: each run's end is written with the next run's claim."""
         self.stop = threading.Event()
         """Set when this process is told to stop: the run's steps are killed and the run is
         queued again."""
@@ -448,6 +452,7 @@ class PoolProcess:
                 config.site, registry=self.registry, retry_seconds=self.start_seconds
             )
             self.host = SiteHost(self.site)
+            self.held = HeldEnds(self.host, self.owner, stop=self.stop)
         elif config.server is not None:
             # written alongside; imported only by a worker that uses it
             from obsflow.processing.serverhost import ServerHost
@@ -467,17 +472,24 @@ class PoolProcess:
         # which would leave the run's steps running and its lease to expire
         signal.signal(signal.SIGTERM, self._terminated)
         self.idle.clear()
+        how: dict[str, Any] = {
+            "processing": self.config.processing,
+            "containers": self.containers,
+            "stop": self.stop,
+            "clock": self.site.clock if self.site is not None else utcnow,
+            "warm": self.warm,
+        }
         try:
-            state: RunState | None = execute_run(
-                self.host,
-                run_id,
-                self.owner,
-                processing=self.config.processing,
-                containers=self.containers,
-                stop=self.stop,
-                clock=self.site.clock if self.site is not None else utcnow,
-                warm=self.warm,
-            )
+            state: RunState | None
+            if self.held is not None:  # its claim written with the last run's end
+                claim = self.held.claim(run_id)
+                state = None
+                if claim is not None:
+                    state = execute_claimed(
+                        self.host, claim, self.owner, book=self.held.book, **how
+                    )
+            else:
+                state = execute_run(self.host, run_id, self.owner, **how)
         finally:
             self.idle.set()
         if state is None:
@@ -485,6 +497,8 @@ class PoolProcess:
         return None if state is None else state.value
 
     def close(self) -> None:
+        if self.held is not None:
+            self.held.close()
         if self.warm is not None:
             self.warm.close()
         if self.containers is not None:
@@ -505,6 +519,9 @@ class PoolProcess:
         if not self.idle.wait(EXIT_GRACE):
             log.warning("pool process %d: its run did not stop in %g s", os.getpid(), EXIT_GRACE)
         time.sleep(0.2)  # let the task's end reach the main process, if it lives
+        if self.held is not None:
+            with contextlib.suppress(Exception):  # (else its lease expires: queued again)
+                self.held.close()
         kill_every_step()
         os._exit(0)
 
