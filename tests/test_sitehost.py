@@ -20,13 +20,14 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 
+from obsflow.catalog import NewFile
 from obsflow.catalog.groupkey import GroupKey
 from obsflow.catalog.runs import NewRun, RunStore
 from obsflow.catalog.steps import StepRow
 from obsflow.processing.lifecycle import Finish
 from obsflow.processing.sitehost import HeldEnds, SiteHost
 from obsflow.site import Site, open_site
-from obsflow.states import RunState, StepState
+from obsflow.states import LedgerEvent, RunState, StepState
 from tests.conftest import SiteFactory
 
 # Runs with no inputs (created directly, as the orchestration benchmark does) of a
@@ -316,3 +317,58 @@ def test_a_claim_the_catalog_refuses_keeps_the_held_end_to_write_alone(
         held.close()  # the end was kept: written alone
     assert state_of(site, a) is RunState.SUCCEEDED
     assert state_of(site, b) is RunState.QUEUED
+
+
+@pytest.mark.parametrize("catalog_url", ["postgresql"], indirect=True)
+def test_two_runs_of_one_input_end_in_concurrent_transactions(true_site: Site) -> None:
+    """Two flats of one master bias, ending at once on two workers: each stamps the bias
+    ``processed`` in its own transaction, neither seeing the other's stamp; the second
+    waits for the first and then skips its stamp (it failed with a duplicate key)."""
+    site = true_site
+    now = site.clock()
+    bias = site.catalog.record_cached(
+        NewFile(
+            product="ofcam_raw",
+            instrument="OFCAM",
+            level=0,
+            original_name="ofc_20261121_0001.fits",
+            source_path="/in/ofc_20261121_0001.fits",
+            size=1000,
+            sha256="1" * 64,
+            night=date(2026, 11, 21),
+        ),
+        make_archive_id=lambda bump: f"OF.0001.{bump:02d}.fits",
+        cache_path=lambda aid: f"OFCAM/2026-11-21/{aid}",
+        place=lambda aid: None,
+        ledger={LedgerEvent.CACHED: now},
+        now=now,
+    ).file_id
+    runs = RunStore(site.catalog)
+    made = []
+    for name in ("B", "V"):
+        key = GroupKey.of("toy_true", {"night": "2026-11-21", "file": name})
+        run_id = runs.create(NewRun("toy_true", key, date(2026, 11, 21), {"in": (bias,)}, "t"), now)
+        assert run_id is not None and runs.claim(run_id, "w", now, 3600) is not None
+        made.append(run_id)
+    first, second = made
+    errors: list[BaseException] = []
+    with site.catalog.engine.connect() as one, site.catalog.engine.connect() as two:
+        began = one.begin()
+        assert runs.finish(first, "w", RunState.SUCCEEDED, now, None, one)
+
+        def end_second() -> None:
+            try:
+                with two.begin():  # waits on the first's stamp until it commits
+                    assert runs.finish(second, "w", RunState.SUCCEEDED, now, None, two)
+            except BaseException as exc:
+                errors.append(exc)
+
+        other = threading.Thread(target=end_second)
+        other.start()
+        time.sleep(0.5)  # the second is inside its transaction, waiting
+        began.commit()
+        other.join(30)
+    assert errors == []
+    assert {r.state for r in runs.find(run_ids=made)} == {RunState.SUCCEEDED}
+    stamps = [e for e in site.catalog.ledger(bias) if e.event is LedgerEvent.PROCESSED]
+    assert len(stamps) == 1

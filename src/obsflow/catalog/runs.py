@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from obsflow.catalog import Catalog, schema
@@ -119,8 +120,7 @@ _FINISH_WITH_PROFILE = _FINISH.values(
 
 
 _LEDGER = schema.ledger
-_STAMP_PROCESSED = insert(_LEDGER).from_select(
-    ["file_id", "event", "at"],
+_UNSTAMPED_INPUTS = (
     select(
         run_inputs.c.file_id,
         literal(LedgerEvent.PROCESSED.value),
@@ -133,8 +133,16 @@ _STAMP_PROCESSED = insert(_LEDGER).from_select(
             _LEDGER.c.event == LedgerEvent.PROCESSED.value,
         ),
     )
-    .distinct(),
+    .distinct()
 )
+# ON CONFLICT DO NOTHING as well: on PostgreSQL two runs of one input (two flats of one
+# master bias) may end in concurrent transactions, each seeing no stamp yet
+_STAMP_PROCESSED = {
+    name: insert_of(_LEDGER)
+    .on_conflict_do_nothing()
+    .from_select(["file_id", "event", "at"], _UNSTAMPED_INPUTS)
+    for name, insert_of in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
 
 
 REDUCTION_PREFIX: Final = "reduction-"
@@ -674,4 +682,4 @@ def _records(conn: Connection, rows: Sequence[Row[Any]]) -> list[RunRecord]:
 
 def _stamp_processed(conn: Connection, run_id: int, now: datetime) -> None:
     """The ledger's ``processed`` moment of each input: its first successful run."""
-    conn.execute(_STAMP_PROCESSED, {"b_run": run_id, "b_now": now})
+    conn.execute(_STAMP_PROCESSED[conn.dialect.name], {"b_run": run_id, "b_now": now})

@@ -42,7 +42,7 @@ from obsflow.catalog.cachestate import CacheState
 from obsflow.catalog.runs import REDUCTION_PREFIX, RunStore
 from obsflow.catalog.steps import StepRow
 from obsflow.errors import NotFoundError, ObsflowError, RunError
-from obsflow.processing.lifecycle import Claim, Finish, StoredProfile
+from obsflow.processing.lifecycle import Claim, Finish, StoredProfile, finish_alone
 from obsflow.processing.plan import RunPlan, plan_run
 from obsflow.processing.profile import OUTPUT_DIR, ParameterValue
 from obsflow.receipt.receiver import Outcome, Prepared
@@ -309,6 +309,7 @@ class HeldEnds:
         self._due = 0.0
         self._closed = False
         self._cond = threading.Condition()
+        self._alone = finish_alone(host, owner)
         self._writing = threading.Lock()
         """Held while an end is written: :meth:`close` waits for the thread's write."""
         self._thread = threading.Thread(target=self._write_when_due, name="held-ends", daemon=True)
@@ -369,9 +370,7 @@ class HeldEnds:
                 self._cond.notify()
 
     def _write(self, end: Finish) -> bool:
-        moved = self.host.finish(
-            end.run_id, self.owner, end.state, end.error, end.steps, end.log_path, end.profile
-        )
+        moved = self._alone(end)
         self._lost(end, moved)
         return moved
 
