@@ -125,6 +125,8 @@ class Result:
     """Why this run counts as a backlog (empty: it kept up)."""
     runs: dict[str, int] = field(default_factory=dict)
     """Pipeline runs by state at the end (with pipelines)."""
+    stages: str = ""
+    """Each stage of the way, p50/p99 in ms: where the time goes."""
 
     @property
     def backlog(self) -> bool:
@@ -254,6 +256,7 @@ def run_daemon(
         reasons=backlog_reasons(count, report["count"], in_flight, report["p99_ms"]),
         slowest=slowest_stage(report["stages"]),
         runs=by_state,
+        stages=stage_figures(report["stages"]),
     )
 
 
@@ -284,6 +287,18 @@ def slowest_stage(stages: dict[str, dict[str, float | None]]) -> str:
         return "no stage measured"
     name = max(p99, key=lambda n: p99[n])
     return f"{name.replace('_to_', ' → ')} p99 {p99[name]:.0f} ms"
+
+
+def stage_figures(stages: dict[str, dict[str, float | None]]) -> str:
+    """``stages`` of ``obsflow status --latency --json``, each as ``name p50/p99 ms``."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    return ", ".join(
+        f"{name.split('_to_')[1]} {ms(value['p50_ms'])}/{ms(value['p99_ms'])}"
+        for name, value in stages.items()
+    )
 
 
 def floor(bases: list[bytes], work: Path) -> float:
@@ -324,7 +339,8 @@ def show(result: Result, frame_mb: float) -> str:
         f"p50 {ms(result.p50_ms)} ms  p99 {ms(result.p99_ms)} ms  max {ms(result.max_ms)} ms"
         f"  [{'; '.join(verdict)}]\n"
         f"          in flight {readings(result.in_flight)}; "
-        f"slowest stage {result.slowest}"
+        f"slowest stage {result.slowest}\n"
+        f"          stages, p50/p99 ms to each moment from the one before: {result.stages}"
         + (
             "\n          pipeline runs meanwhile: "
             + ", ".join(f"{n} {state}" for state, n in sorted(result.runs.items()))

@@ -380,6 +380,31 @@ def test_a_fresh_complete_frame_is_taken_without_waiting_the_settle_time(
         assert time.monotonic() - started < 10  # far less than the 30 s settle time
 
 
+def test_a_frame_being_written_is_looked_at_every_few_ms_and_taken_at_the_first_look_once_whole(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    """Real time: receipt's wait for a frame's last byte costs at most a few ms."""
+    content = frames[4].read_bytes()
+    with opened(make_site(receipt={"settle_seconds": 30.0})) as site:
+        source = site.settings.incoming / frames[4].name
+        source.write_bytes(content[: 2880 * 2])  # fresh and incomplete
+        naps: list[float] = []
+        after_whole: list[float] = []
+
+        def sleep(seconds: float) -> None:  # the receiver's clock seam
+            (after_whole if len(naps) >= 5 else naps).append(seconds)
+            if len(naps) == 5 and not after_whole:
+                source.write_bytes(content)  # the last byte lands during the 5th nap
+            time.sleep(seconds)
+
+        site.receiver.sleep = sleep
+        result = site.receiver.receive(source)
+        assert result.outcome is Outcome.CACHED, result
+        assert result.size == len(content)
+        assert naps and max(naps) <= 0.005, naps
+        assert after_whole == [], "the whole frame was not taken at the first look"
+
+
 def test_a_file_still_being_written_is_taken_only_once_complete(
     make_site: SiteFactory, frames: list[Path]
 ) -> None:
