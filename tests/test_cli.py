@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,35 @@ def test_bad_arguments_are_refused_clearly(make_site: SiteFactory) -> None:
     assert missing.returncode == 1 and "no file" in missing.stderr
     typo = obsflow("ingest", "--site", site, site / "incomming")
     assert typo.returncode == 2 and "no such file or directory" in typo.stderr
+
+
+def test_a_time_option_takes_a_time_ago_as_well_as_an_iso_date_time(
+    make_site: SiteFactory, frames: list[Path]
+) -> None:
+    site = make_site().site
+    assert obsflow("ingest", "--site", site, *frames).returncode == 0
+    found = as_json(obsflow("find", "--site", site, "--json"))
+    first = min(datetime.fromisoformat(f["start"]) for f in found)
+    last = max(datetime.fromisoformat(f["stop"] or f["start"]) for f in found)
+    now = datetime.now(UTC)
+    hours_before = math.floor((now - first).total_seconds() / 3600) + 1  # before the night
+    minutes_after = math.floor((now - last).total_seconds() / 60) - 1  # after it
+    assert minutes_after > 0, "the simulated night is not in the past"
+
+    def names(*args: str) -> set[str]:
+        listed = as_json(obsflow("find", "--site", site, "--json", *args))
+        return {f["original_name"] for f in listed}
+
+    everything = {f["original_name"] for f in found}
+    assert names("--since", f"{hours_before}h") == everything
+    assert names("--since", f"{minutes_after}m") == set()
+    assert names("--until", f"{minutes_after}M") == everything  # units in either case
+    assert names("--since", f"{hours_before / 24:.3f}d", "--until", "1s") == everything
+    assert names("--since", first.isoformat()) == everything
+    for typo, says in [("3x", "time ago"), ("-3d", "time ago"), ("9" * 30 + "d", "too long ago")]:
+        refused = obsflow("find", "--site", site, f"--since={typo}")
+        assert refused.returncode == 2, typo
+        assert says in " ".join(refused.stderr.split()), refused.stderr
 
 
 def test_a_misspelt_name_is_an_error_that_lists_the_known_ones_not_an_empty_answer(

@@ -22,7 +22,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
@@ -138,13 +138,32 @@ def _main(
     logs.configure(level, fmt or LogFormat.TEXT, log_file, err)
 
 
+_AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
+_UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+TIME_HELP: Final = "an ISO date-time (UTC unless it says), or a time ago: 30m, 6h, 7d"
+
+
 def _time(value: str | None, option: str) -> datetime | None:
+    """``value`` of a time option: an ISO date-time, or how long ago (``90s``, ``30m``,
+    ``6h``, ``7d``, ``2w``): an operator asks for the last hours more often than for an
+    instant."""
     if value is None:
         return None
+    ago = _AGO.fullmatch(value.strip())
+    if ago is not None:
+        seconds = float(ago.group(1)) * _UNIT_SECONDS[ago.group(2).lower()]
+        try:
+            return datetime.now(UTC) - timedelta(seconds=seconds)
+        except OverflowError:
+            raise typer.BadParameter(f"{value!r} is too long ago", param_hint=option) from None
     try:
         return parse_time(value)
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not an ISO date-time", param_hint=option) from None
+        raise typer.BadParameter(
+            f"{value!r} is neither an ISO date-time (e.g. 2026-11-22T05:00:00) nor a time "
+            "ago (e.g. 30m, 6h, 7d)",
+            param_hint=option,
+        ) from None
 
 
 def known(value: str | None, names: Iterable[str], what: str, option: str) -> str | None:

@@ -13,6 +13,7 @@ from obsflow.catalog.records import Cone, FileQuery, FileRecord
 from obsflow.catalog.runs import RunStore
 from obsflow.catalog.tags import Tags
 from obsflow.cli import (
+    TIME_HELP,
     JsonOption,
     SiteOption,
     _site,
@@ -65,10 +66,10 @@ def find(
     product: Annotated[str | None, typer.Option(help="Product ID.")] = None,
     instrument: Annotated[str | None, typer.Option(help="Instrument name.")] = None,
     since: Annotated[
-        str | None, typer.Option(help="Overlapping this time or later (ISO, UTC).")
+        str | None, typer.Option(help="Overlapping this time or later: " + TIME_HELP + ".")
     ] = None,
     until: Annotated[
-        str | None, typer.Option(help="Overlapping this time or earlier (ISO, UTC).")
+        str | None, typer.Option(help="Overlapping this time or earlier: " + TIME_HELP + ".")
     ] = None,
     night: Annotated[str | None, typer.Option(help="Observing night, YYYY-MM-DD.")] = None,
     tag: Annotated[str | None, typer.Option(help="A tag.")] = None,

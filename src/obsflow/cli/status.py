@@ -15,7 +15,7 @@ from rich.table import Table
 from obsflow.catalog import latency as latency_ledger
 from obsflow.catalog.processes import ProcessRecord
 from obsflow.catalog.status import site_status
-from obsflow.cli import JsonOption, SiteOption, _site, _time, app, out
+from obsflow.cli import TIME_HELP, JsonOption, SiteOption, _site, _time, app, out
 
 
 @app.command()
@@ -32,8 +32,9 @@ def status(
     since: Annotated[
         str | None,
         typer.Option(
-            help="With --latency: files that reached a stage at or after this time "
-            "(ISO, UTC; default: 24 hours ago).",
+            help="With --latency: files that reached a stage at or after this time: "
+            + TIME_HELP
+            + " (default: 24h).",
             show_default=False,
         ),
     ] = None,

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from obsflow.catalog.fixity import FixityCheck
-from obsflow.cli import JsonOption, SiteOption, _site, _time, app, err, out
+from obsflow.cli import TIME_HELP, JsonOption, SiteOption, _site, _time, app, err, out
 from obsflow.states import FixityOutcome
 
 
@@ -35,7 +35,9 @@ def verify(
     ] = None,
     since: Annotated[
         str | None,
-        typer.Option(help="Only files whose observation started at this time or later (ISO, UTC)."),
+        typer.Option(
+            help="Only files whose observation started at this time or later: " + TIME_HELP + "."
+        ),
     ] = None,
     sample: Annotated[
         str | None,
